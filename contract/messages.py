@@ -1,0 +1,314 @@
+"""Wire messages, version 1. Frozen pydantic models; the JSON Schema in contract/schema is
+generated from them (``python -m contract.schema_export``) and a test keeps the two equal.
+
+Decoding is strict (``model_validate_json(raw, strict=True)``): a string where a number belongs
+is a rejection, not a coercion. Unknown fields are kept (``extra="allow"``), never fatal.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+ALERT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+TYPE_CODE_PATTERN = r"^[a-z][a-z0-9_]{1,63}$"
+JPEG_MAGIC = b"\xff\xd8\xff"
+# Snapshots are capped so that one alert stays well under the broker's packet limit.
+SNAPSHOT_MAX_BYTES = 512 * 1024
+
+
+class Severity(StrEnum):
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+    @property
+    def rank(self) -> int:
+        return _SEVERITY_RANK[self]
+
+
+_SEVERITY_RANK = {Severity.LOW: 0, Severity.MEDIUM: 1, Severity.HIGH: 2, Severity.CRITICAL: 3}
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
+DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN, description="device id, topic-safe")]
+
+
+class _Message(BaseModel):
+    """Frozen, keeps unknown fields, refuses NaN and infinity."""
+
+    model_config = ConfigDict(frozen=True, extra="allow", allow_inf_nan=False)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="allow", allow_inf_nan=False)
+
+
+class Location(_Part):
+    lat: float = Field(ge=-90, le=90, description="WGS-84 latitude, degrees")
+    lon: float = Field(ge=-180, le=180, description="WGS-84 longitude, degrees")
+    floor: int | None = Field(default=None, ge=-10, le=200, description="building floor")
+    accuracy_m: float | None = Field(default=None, ge=0, description="position accuracy, metres")
+
+
+class DetectedObject(_Part):
+    cls: str = Field(max_length=64, description="detector class, e.g. car, person, motorcycle")
+    score: float = Field(ge=0, le=1, description="detector confidence")
+    box: tuple[float, float, float, float] | None = Field(
+        default=None, description="x1, y1, x2, y2 in pixels of the snapshot"
+    )
+    track_id: int | None = Field(default=None, ge=0, description="tracker identity")
+
+
+class SensorReading(_Part):
+    quantity: str = Field(max_length=64, description="e.g. noise_db, water_level_m, gas_ppm")
+    value: float
+    unit: str = Field(max_length=16)
+    threshold: float | None = Field(default=None, description="the limit that was crossed")
+
+
+class Evidence(_Part):
+    detector: str | None = Field(default=None, max_length=64, description="detector or rule")
+    model: str | None = Field(default=None, max_length=128, description="model id")
+    model_version: str | None = Field(default=None, max_length=64)
+    objects: list[DetectedObject] = Field(default_factory=list, max_length=256)
+    zone: str | None = Field(default=None, max_length=128, description="configured zone name")
+    dwell_s: float | None = Field(default=None, ge=0, description="seconds in the zone")
+    reading: SensorReading | None = None
+
+
+class AlertV1(_Message):
+    """One warning raised by one device (topic ``<prefix>/v1/devices/<device_id>/alert``)."""
+
+    schema_: Literal["alert/v1"] = Field(alias="schema", default="alert/v1")
+    alert_id: str = Field(pattern=ALERT_ID_PATTERN, description="globally unique; idempotency key")
+    device_id: DeviceId
+    seq: int = Field(ge=0, description="per-device, monotonic")
+    type: str = Field(pattern=TYPE_CODE_PATTERN, description="code from the warning catalogue")
+    severity: Severity | None = Field(default=None, description="defaults to the catalogue's")
+    confidence: float = Field(ge=0, le=1)
+    observed_at: UtcDatetime = Field(description="UTC, device clock, RFC 3339")
+    location: Location
+    description: str = Field(default="", max_length=1000)
+    evidence: Evidence = Field(default_factory=Evidence)
+    snapshot: str | None = Field(
+        default=None,
+        max_length=(SNAPSHOT_MAX_BYTES * 4) // 3 + 4,
+        description="JPEG, base64 (standard alphabet)",
+    )
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    @field_validator("snapshot")
+    @classmethod
+    def _snapshot_is_jpeg(cls, value: str | None) -> str | None:
+        if value is not None:
+            decode_snapshot(value)
+        return value
+
+    def snapshot_bytes(self) -> bytes | None:
+        return None if self.snapshot is None else decode_snapshot(self.snapshot)
+
+
+def decode_snapshot(value: str) -> bytes:
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise PydanticCustomError(
+            "snapshot_not_jpeg", "snapshot is not valid base64: {err}", {"err": str(exc)}
+        ) from exc
+    if len(data) > SNAPSHOT_MAX_BYTES:
+        raise PydanticCustomError(
+            "snapshot_too_large",
+            "snapshot is {size} bytes, limit {limit}",
+            {"size": len(data), "limit": SNAPSHOT_MAX_BYTES},
+        )
+    if not data.startswith(JPEG_MAGIC):
+        raise PydanticCustomError("snapshot_not_jpeg", "snapshot does not start with a JPEG SOI")
+    return data
+
+
+def encode_snapshot(jpeg: bytes) -> str:
+    return base64.b64encode(jpeg).decode("ascii")
+
+
+class Reading(_Part):
+    quantity: str = Field(max_length=64)
+    value: float
+    unit: str = Field(max_length=16)
+    observed_at: UtcDatetime | None = None
+
+
+class TelemetryV1(_Message):
+    """A batch of sensor readings (topic ``.../telemetry``)."""
+
+    schema_: Literal["telemetry/v1"] = Field(alias="schema", default="telemetry/v1")
+    device_id: DeviceId
+    sent_at: UtcDatetime
+    location: Location | None = None
+    readings: list[Reading] = Field(max_length=1000)
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class DeviceState(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class Health(_Part):
+    fps: float | None = Field(default=None, ge=0)
+    inference_ms: float | None = Field(default=None, ge=0)
+    outbox_depth: int | None = Field(default=None, ge=0)
+    outbox_dropped: int | None = Field(default=None, ge=0)
+    frames_dropped: int | None = Field(default=None, ge=0)
+    uptime_s: float | None = Field(default=None, ge=0)
+    version: str | None = Field(default=None, max_length=64)
+
+
+class StatusV1(_Message):
+    """Retained device status; the same topic carries the Last Will (state offline)."""
+
+    schema_: Literal["status/v1"] = Field(alias="schema", default="status/v1")
+    device_id: DeviceId
+    state: DeviceState
+    at: UtcDatetime | None = Field(default=None, description="absent in a Last Will")
+    reason: str | None = Field(default=None, max_length=128, description="e.g. last_will")
+    kind: Literal["camera", "sensor", "hub"] | None = None
+    health: Health | None = None
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class Outcome(StrEnum):
+    ACCEPTED = "accepted"  # a new event was opened
+    MERGED = "merged"  # joined an open event
+    DUPLICATE = "duplicate"  # this alert_id was already stored: nothing changed
+    REJECTED = "rejected"  # kept as a dead letter; see reason
+    OUT_OF_AREA = "out_of_area"  # outside every grid of this pool (Longgang 7.1)
+
+
+class RejectReason(StrEnum):
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    UNSUPPORTED_SCHEMA = "unsupported_schema"
+    SCHEMA_VIOLATION = "schema_violation"
+    UNKNOWN_TYPE = "unknown_type"
+    INVALID_LOCATION = "invalid_location"
+    OBSERVED_IN_FUTURE = "observed_in_future"
+    DEVICE_MISMATCH = "device_mismatch"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    SNAPSHOT_NOT_JPEG = "snapshot_not_jpeg"
+    SNAPSHOT_TOO_LARGE = "snapshot_too_large"
+    BAD_TOPIC = "bad_topic"
+
+
+class FeedbackV1(_Message):
+    """Aggregator → device: what became of an alert (topic ``.../feedback``)."""
+
+    schema_: Literal["feedback/v1"] = Field(alias="schema", default="feedback/v1")
+    device_id: DeviceId
+    alert_id: str | None = Field(default=None, description="absent when it could not be read")
+    seq: int | None = None
+    outcome: Outcome
+    event_id: int | None = Field(default=None, description="for accepted, merged, duplicate")
+    reason: RejectReason | None = Field(default=None, description="for rejected")
+    detail: str | None = Field(default=None, max_length=2000)
+    dead_letter_id: int | None = Field(
+        default=None, description="where the rejected message is kept: /api/v1/dead-letters/<id>"
+    )
+    at: UtcDatetime
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class EventStatus(StrEnum):
+    REGISTERED = "registered"  # 登记 (7.1)
+    VERIFIED = "verified"  # 核实 (7.1)
+    DISPATCHED = "dispatched"  # 吹哨 / 派单 (7.3)
+    HANDLING = "handling"  # 处置中 (8)
+    CLOSED = "closed"  # 办结 (8.5); a closed event absorbs nothing
+
+    @property
+    def is_open(self) -> bool:
+        return self is not EventStatus.CLOSED
+
+
+class GridLevel(_Part):
+    level: Literal["county", "street", "community", "grid"]
+    code: str
+    name: str
+
+
+class EventSummary(_Part):
+    event_id: int
+    source: Literal["smart_community_warning"] = "smart_community_warning"
+    type: str
+    type_zh: str
+    type_en: str
+    severity: Severity
+    status: EventStatus
+    department: str
+    grid_code: str
+    grid_path: list[GridLevel]
+    location: Location
+    description: str
+    first_observed_at: UtcDatetime
+    last_observed_at: UtcDatetime
+    registered_at: UtcDatetime
+    deadline_at: UtcDatetime
+    alert_count: int
+    device_ids: list[str]
+    snapshot_sha256: str | None = None
+    recurrence_of: int | None = Field(default=None, description="the closed event this repeats")
+
+
+class EventNoticeV1(_Message):
+    """Aggregator → integrators: an event was created, updated or closed (topic ``.../events``)."""
+
+    schema_: Literal["event/v1"] = Field(alias="schema", default="event/v1")
+    change: Literal["created", "updated", "closed"]
+    event: EventSummary
+    at: UtcDatetime
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+MESSAGE_MODELS: dict[str, type[_Message]] = {
+    "alert": AlertV1,
+    "telemetry": TelemetryV1,
+    "status": StatusV1,
+    "feedback": FeedbackV1,
+    "event": EventNoticeV1,
+}
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """JSON-ready dict with wire names (``schema``, not ``schema_``)."""
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
