@@ -1,0 +1,1 @@
+"""The central aggregator: ingest, validation, geo-tagging, dedup, event pool, API."""

@@ -1,0 +1,103 @@
+"""Aggregator settings: pydantic-settings, from ``CWG_*`` environment variables and CLI flags.
+
+Unknown keys are refused; every field says what it is. Secrets come from the environment
+(``CWG_MQTT__PASSWORD``) or a file (``CWG_MQTT__PASSWORD_FILE``), never from a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contract.catalogue import CATALOGUE_PATH
+
+
+class MqttSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="broker host")
+    port: int = Field(1883, ge=1, le=65535, description="broker port")
+    username: str = Field("aggregator", description="the aggregator's broker account")
+    password: SecretStr | None = Field(None, description="its password (prefer password_file)")
+    password_file: Path | None = Field(None, description="file holding the password")
+    client_id: str = Field(
+        "cwg-aggregator-1",
+        description="MQTT client id; keep it stable: the broker queues for this session",
+    )
+    topic_prefix: str = Field("cwg", description="the contract's topic prefix")
+    share_group: str | None = Field(
+        None,
+        description="shared-subscription group ($share/<group>/…) for several replicas; "
+        "leave unset for a single aggregator",
+    )
+    session_expiry_s: int = Field(
+        7 * 86400, ge=60, description="how long the broker keeps our session while we are away"
+    )
+    receive_maximum: int = Field(
+        4000,
+        ge=1,
+        le=65535,
+        description="MQTT 5 Receive Maximum: unacknowledged alerts the broker may send us",
+    )
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    feedback_qos: int = Field(1, ge=0, le=1, description="QoS of feedback to devices")
+    tls_ca: Path | None = Field(None, description="CA file; enables TLS")
+
+    def secret(self) -> str | None:
+        if self.password_file is not None:
+            return self.password_file.read_text(encoding="utf-8").strip()
+        return self.password.get_secret_value() if self.password else None
+
+
+class BatchSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_messages: int = Field(1000, ge=1, le=20000, description="messages per transaction")
+    linger_ms: float = Field(
+        20, ge=0, le=5000, description="how long a batch waits to fill before it commits"
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CWG_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    data_dir: Path = Field(Path("var"), description="pool, snapshots and broker state live here")
+    pool_path: Path | None = Field(None, description="SQLite pool file (default data_dir/pool.db)")
+    snapshot_dir: Path | None = Field(None, description="default data_dir/snapshots")
+    grid_file: Path | None = Field(None, description="GeoJSON grids (default: the Longgang sample)")
+    catalogue_file: Path = Field(CATALOGUE_PATH, description="warning catalogue YAML")
+    max_payload_bytes: int = Field(
+        1024 * 1024, ge=1024, description="larger alerts are rejected (payload_too_large)"
+    )
+    max_clock_skew_s: float = Field(
+        300, ge=0, description="observed_at further ahead of our clock is rejected"
+    )
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)  # type: ignore[arg-type]
+    batch: BatchSettings = Field(default_factory=BatchSettings)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _defaults_under_data_dir(self) -> Settings:
+        if self.pool_path is None:
+            self.pool_path = self.data_dir / "pool.db"
+        if self.snapshot_dir is None:
+            self.snapshot_dir = self.data_dir / "snapshots"
+        if self.mqtt.receive_maximum < self.batch.max_messages:
+            raise ValueError(
+                f"mqtt.receive_maximum ({self.mqtt.receive_maximum}) must be at least "
+                f"batch.max_messages ({self.batch.max_messages}): otherwise a batch can never fill"
+            )
+        return self
+
+    @property
+    def pool(self) -> Path:
+        assert self.pool_path is not None
+        return self.pool_path
+
+    @property
+    def snapshots(self) -> Path:
+        assert self.snapshot_dir is not None
+        return self.snapshot_dir
