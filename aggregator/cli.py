@@ -1,0 +1,469 @@
+"""``gateway``: run and inspect the community warning gateway.
+
+Every command works on one data directory (``--data-dir``, default ``./var``)::
+
+    var/registry.yaml           devices and service accounts (password hashes only)
+    var/broker/                 the embedded Mosquitto's config, password file, ACL, log, state
+    var/devices/<id>.yaml       connection config handed to each provisioned device (mode 0600)
+    var/accounts/<name>.*       service account credentials (the aggregator's among them)
+    var/pool.db                 the community event pool (SQLite, WAL)
+    var/snapshots/              snapshots, content-addressed by sha256
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+log = logging.getLogger("gateway")
+
+EXAMPLES = """\
+examples:
+  gateway demo                              everything on this machine, live events in the terminal
+  gateway broker --port 1883                start the embedded Mosquitto (keeps running)
+  gateway run                               run the aggregator against that broker
+  gateway provision cam-gate-01 --kind camera --lat 27.5512 --lon 120.5498
+  gateway events --limit 20 --grid 330383001001
+  gateway dead-letters --reason invalid_json
+  gateway catalogue                         the warning types, departments and dedup windows
+  gateway grids                             streets, communities and grid counts
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("CWG_DATA_DIR", "var")),
+        help="where the registry, broker state, pool and snapshots live (default: ./var, "
+        "or $CWG_DATA_DIR)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="Community warning gateway: devices publish alerts over MQTT; the aggregator "
+        "deduplicates them, geo-tags them to management grids and registers events in the "
+        "community event pool.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "demo",
+        help="start broker, aggregator and a simulated fleet; show events live (Ctrl-C stops)",
+    )
+    _common(p)
+    p.add_argument("--devices", type=int, default=24, help="simulated devices (default 24)")
+    p.add_argument("--rate", type=float, default=2.0, help="alerts per second, fleet-wide")
+    p.add_argument("--http-port", type=int, default=8080, help="dashboard/API port (0: none)")
+    p.add_argument("--seed", type=int, default=7, help="fleet random seed")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=0,
+        help="stop after this many seconds (0: run until Ctrl-C)",
+    )
+
+    p = sub.add_parser("broker", help="start the embedded Mosquitto with generated config")
+    _common(p)
+    p.add_argument("--host", default="127.0.0.1", help="listener address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=1883, help="listener port (0: any free port)")
+
+    p = sub.add_parser("run", help="run the aggregator (and optionally the API/dashboard)")
+    _common(p)
+    p.add_argument(
+        "--broker",
+        default=None,
+        help="HOST:PORT of the broker (default: the one `gateway broker` started on --data-dir)",
+    )
+    p.add_argument(
+        "--password-file",
+        type=Path,
+        default=None,
+        help="the aggregator account's password (default: DATA_DIR/accounts/aggregator.password)",
+    )
+    p.add_argument("--client-id", default=None, help="MQTT client id (stable per replica)")
+    p.add_argument("--share-group", default=None, help="shared subscription group for replicas")
+    p.add_argument("--grid-file", type=Path, default=None, help="GeoJSON grids (default: sample)")
+    p.add_argument("--http-port", type=int, default=0, help="also serve API/dashboard on this port")
+
+    p = sub.add_parser("provision", help="register a device: credentials, ACL, its config file")
+    _common(p)
+    p.add_argument("device_id", help="the device's id (letters, digits, - _ .)")
+    p.add_argument("--kind", choices=["camera", "sensor", "hub"], required=True)
+    p.add_argument("--name", default=None, help="a human name, e.g. 'North gate camera'")
+    p.add_argument("--lat", type=float, default=None, help="installed position, WGS-84")
+    p.add_argument("--lon", type=float, default=None)
+    p.add_argument("--out", type=Path, default=None, help="where to write DEVICE_ID.yaml")
+
+    p = sub.add_parser("events", help="list events in the pool, newest first")
+    _common(p)
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--type", default=None, help="warning type code")
+    p.add_argument("--grid", default=None, help="grid code prefix (any level)")
+    p.add_argument("--status", default=None)
+    p.add_argument("--follow", action="store_true", help="keep refreshing (Ctrl-C stops)")
+
+    p = sub.add_parser("dead-letters", help="show rejected messages and why")
+    _common(p)
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--reason", default=None, help="e.g. invalid_json, unknown_type")
+    p.add_argument("--device", default=None)
+
+    sub.add_parser("catalogue", help="print the warning catalogue")
+    p = sub.add_parser("grids", help="print the grid hierarchy")
+    p.add_argument("--grid-file", type=Path, default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    handler = _COMMANDS[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from aggregator.errors import AggregatorError
+
+        if isinstance(exc, AggregatorError | sqlite3.Error | OSError):
+            log.error("%s", exc)
+            return 2
+        raise
+
+
+# ---------------------------------------------------------------------------- broker
+
+
+def _broker_settings(data_dir: Path, host: str = "127.0.0.1", port: int = 0) -> Any:
+    from aggregator.broker import BrokerSettings
+
+    return BrokerSettings(state_dir=(data_dir / "broker").absolute(), host=host, port=port)
+
+
+def ensure_aggregator_account(data_dir: Path) -> Path:
+    """The aggregator's own broker account, created on first use; returns its password file."""
+    from aggregator.broker import provision_account, write_auth_files
+    from aggregator.registry import DeviceRegistry, atomic_write
+
+    secret = data_dir / "accounts" / "aggregator.password"
+    registry_path = data_dir / "registry.yaml"
+    registry = DeviceRegistry.load(registry_path, missing_ok=True)
+    if "aggregator" in registry:
+        if not secret.exists():  # the secret file was lost: issue a new password
+            secret.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(secret, registry.set_password("aggregator") + "\n", mode=0o600)
+            registry.save()
+            write_auth_files(_broker_settings(data_dir), registry)
+        return secret
+    (data_dir / "accounts").mkdir(parents=True, exist_ok=True)
+    provision_account(
+        registry_path,
+        "aggregator",
+        "aggregator",
+        settings=_broker_settings(data_dir),
+        out_dir=data_dir / "accounts",
+        broker_port=1883,
+    )
+    return secret
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from aggregator.broker import MosquittoBroker
+    from aggregator.registry import DeviceRegistry
+
+    ensure_aggregator_account(args.data_dir)
+    registry = DeviceRegistry.load(args.data_dir / "registry.yaml")
+    settings = _broker_settings(args.data_dir, args.host, args.port)
+    with MosquittoBroker(settings, registry) as broker:
+        print(f"broker listening on {broker.host}:{broker.port} (state in {settings.state_dir})")
+        print("provision devices with: gateway provision DEVICE_ID --kind camera")
+        _wait_for_signal()
+    return 0
+
+
+def _wait_for_signal(duration: float = 0) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait(duration or None)
+
+
+# ---------------------------------------------------------------------------- aggregator
+
+
+def _broker_address(args: argparse.Namespace) -> tuple[str, int]:
+    from aggregator.broker import read_runtime
+
+    if args.broker:
+        host, _, port = args.broker.rpartition(":")
+        return host or "127.0.0.1", int(port)
+    runtime = read_runtime((args.data_dir / "broker").absolute())
+    if runtime is None:
+        raise SystemExit(
+            f"no broker is running on {args.data_dir}: start one with `gateway broker "
+            f"--data-dir {args.data_dir}` or pass --broker HOST:PORT"
+        )
+    return runtime.host, runtime.port
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from aggregator.config import Settings
+
+    host, port = _broker_address(args)
+    password_file = args.password_file or args.data_dir / "accounts" / "aggregator.password"
+    settings = Settings()
+    mqtt = settings.mqtt.model_copy(
+        update={
+            "host": host,
+            "port": port,
+            "password_file": password_file if settings.mqtt.password is None else None,
+            **({"client_id": args.client_id} if args.client_id else {}),
+            **({"share_group": args.share_group} if args.share_group else {}),
+        }
+    )
+    settings = Settings.model_validate(
+        {
+            **settings.model_dump(exclude={"mqtt", "pool_path", "snapshot_dir"}),
+            "data_dir": args.data_dir,
+            "pool_path": settings.pool_path if "CWG_POOL_PATH" in os.environ else None,
+            "snapshot_dir": settings.snapshot_dir if "CWG_SNAPSHOT_DIR" in os.environ else None,
+            "grid_file": args.grid_file or settings.grid_file,
+            "mqtt": mqtt.model_dump(),
+        }
+    )
+    return run_aggregator(settings, http_port=args.http_port)
+
+
+def run_aggregator(settings: Any, http_port: int = 0) -> int:
+    if http_port:
+        try:
+            from aggregator.api.server import run_service
+        except ImportError:
+            log.error("the API/dashboard is not available in this build; run without --http-port")
+            return 2
+        run_service(settings, host="127.0.0.1", port=http_port)
+        return 0
+    from aggregator.service import build_aggregator
+
+    agg = build_aggregator(settings)
+    agg.start()
+    log.info("aggregator running; Ctrl-C stops")
+    try:
+        _wait_for_signal()
+    finally:
+        agg.stop()
+    return 0
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from aggregator.broker import provision_device
+    from aggregator.registry import DeviceLocation
+
+    location = (
+        DeviceLocation(lat=args.lat, lon=args.lon)
+        if args.lat is not None and args.lon is not None
+        else None
+    )
+    out = args.out or args.data_dir / "devices"
+    out.mkdir(parents=True, exist_ok=True)
+    creds = provision_device(
+        args.data_dir / "registry.yaml",
+        args.device_id,
+        args.kind,
+        settings=_broker_settings(args.data_dir, port=1883),
+        out_dir=out,
+        name=args.name,
+        location=location,
+    )
+    print(f"provisioned {creds.device_id} ({creds.kind}); hand this file to the device:")
+    print(f"  {out / (creds.device_id + '.yaml')}  (contains its password; mode 0600)")
+    return 0
+
+
+# ---------------------------------------------------------------------------- inspecting
+
+
+def _open_pool(data_dir: Path) -> sqlite3.Connection:
+    from aggregator.pool import connect
+
+    path = data_dir / "pool.db"
+    if not path.exists():
+        raise SystemExit(f"no event pool at {path}: run the aggregator first (gateway run)")
+    return connect(path, readonly=True)
+
+
+def events_table(db: sqlite3.Connection, args: argparse.Namespace) -> Table:
+    where, params = ["1=1"], []
+    if args.type:
+        where.append("type = ?")
+        params.append(args.type)
+    if args.grid:
+        where.append("substr(grid_code, 1, ?) = ?")
+        params += [len(args.grid), args.grid]
+    if args.status:
+        where.append("status = ?")
+        params.append(args.status)
+    rows = db.execute(
+        f"SELECT e.*, (SELECT group_concat(device_id, ', ') FROM event_devices d"
+        f" WHERE d.event_id = e.id) AS devices FROM events e WHERE {' AND '.join(where)}"
+        " ORDER BY e.id DESC LIMIT ?",
+        [*params, args.limit],
+    ).fetchall()
+    return render_events(rows)
+
+
+def render_events(rows: Sequence[sqlite3.Row], title: str | None = None) -> Table:
+    from contract import default_catalogue
+
+    catalogue = default_catalogue()
+    table = Table(title=title, expand=False, header_style="bold")
+    for col in ("id", "time (UTC)", "type", "severity", "grid path", "alerts", "devices", "status"):
+        table.add_column(col, overflow="fold")
+    colours = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "green"}
+    for r in rows:
+        wt = catalogue.types.get(r["type"])
+        name = f"{wt.zh} {wt.en}" if wt else r["type"]
+        table.add_row(
+            str(r["id"]),
+            datetime.fromtimestamp(r["last_observed_at"], UTC).strftime("%H:%M:%S"),
+            name,
+            f"[{colours.get(r['severity'], '')}]{r['severity']}[/]",
+            r["address"],
+            str(r["alert_count"]),
+            r["devices"] or "",
+            r["status"],
+        )
+    return table
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    console = Console()
+    db = _open_pool(args.data_dir)
+    if not args.follow:
+        console.print(events_table(db, args))
+        return 0
+    from rich.live import Live
+
+    with Live(events_table(db, args), console=console, refresh_per_second=2) as live:
+        while True:
+            time.sleep(1)
+            live.update(events_table(db, args))
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    db = _open_pool(args.data_dir)
+    where, params = ["1=1"], []
+    if args.reason:
+        where.append("reason = ?")
+        params.append(args.reason)
+    if args.device:
+        where.append("device_id = ?")
+        params.append(args.device)
+    rows = db.execute(
+        f"SELECT * FROM dead_letters WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+        [*params, args.limit],
+    ).fetchall()
+    table = Table(header_style="bold")
+    for col in ("id", "received (UTC)", "device", "reason", "detail", "payload (start)"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        payload = bytes(r["payload"][:80]).decode("utf-8", "replace")
+        table.add_row(
+            str(r["id"]),
+            datetime.fromtimestamp(r["received_at"], UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            r["device_id"] or "?",
+            r["reason"],
+            r["detail"][:200],
+            payload,
+        )
+    Console().print(table)
+    return 0
+
+
+def cmd_catalogue(args: argparse.Namespace) -> int:
+    from contract import default_catalogue
+
+    cat = default_catalogue()
+    table = Table(header_style="bold", title="warning catalogue")
+    for col in ("code", "名称", "name", "source", "App. A", "department", "severity", "deadline",
+                "radius m", "window s"):  # fmt: skip
+        table.add_column(col)
+    for wt in cat.types.values():
+        dep = cat.departments[wt.department]
+        table.add_row(
+            wt.code,
+            wt.zh,
+            wt.en,
+            wt.source.value,
+            f"A.{wt.appendix_item}" if wt.appendix_item else "-",
+            f"{dep.zh} {dep.en}",
+            wt.severity.value,
+            str(wt.handling_deadline),
+            f"{wt.merge_radius_m:g}",
+            f"{wt.merge_window_s:g}",
+        )
+    Console().print(table)
+    return 0
+
+
+def cmd_grids(args: argparse.Namespace) -> int:
+    from aggregator.geo import GridIndex, default_grid_file
+
+    index = GridIndex.from_geojson(args.grid_file or default_grid_file())
+    table = Table(header_style="bold", title=f"{len(index)} grids")
+    for col in ("street code", "street", "community code", "community", "grids"):
+        table.add_column(col)
+    for street in index.streets():
+        for community in index.communities(street.code):
+            table.add_row(
+                street.code,
+                street.name,
+                community.code,
+                community.name,
+                str(len(index.by_prefix(community.code))),
+            )
+    Console().print(table)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from aggregator.demo import run_demo
+
+    return run_demo(args)
+
+
+_COMMANDS = {
+    "demo": cmd_demo,
+    "broker": cmd_broker,
+    "run": cmd_run,
+    "provision": cmd_provision,
+    "events": cmd_events,
+    "dead-letters": cmd_dead_letters,
+    "catalogue": cmd_catalogue,
+    "grids": cmd_grids,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

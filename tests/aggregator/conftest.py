@@ -1,0 +1,131 @@
+"""Fixtures for aggregator tests: a running aggregator on the test broker, alert builders."""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from aggregator.config import BatchSettings, MqttSettings, Settings
+from aggregator.geo import Grid, GridIndex, default_grid_file
+from aggregator.pool import connect
+from aggregator.service import Aggregator, build_aggregator
+from contract import AlertV1, Location, dump
+
+GRIDS = GridIndex.from_geojson(default_grid_file())
+OUTSIDE = (30.0, 118.0)  # far from the Longgang sample area
+
+
+def grid_in_community(n: int, k: int = 5) -> Grid:
+    """The k-th grid of the n-th community of the sample area."""
+    community = GRIDS.communities()[n]
+    return GRIDS.by_prefix(community.code)[k]
+
+
+def interior(grid: Grid) -> tuple[float, float]:
+    p = grid.polygon.representative_point()
+    return p.y, p.x
+
+
+def offset(lat: float, lon: float, north_m: float = 0.0, east_m: float = 0.0) -> tuple[float, float]:
+    return lat + north_m / 111_320.0, lon + east_m / (111_320.0 * np.cos(np.radians(lat)))
+
+
+def jpeg(seed: int = 0, size: int = 64) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".jpg", img)
+    assert ok
+    return buf.tobytes()
+
+
+def make_alert(
+    device_id: str,
+    lat: float,
+    lon: float,
+    *,
+    type: str = "smoke_fire",
+    seq: int = 1,
+    alert_id: str | None = None,
+    observed_at: datetime | None = None,
+    confidence: float = 0.8,
+    snapshot: bytes | None = None,
+    **extra: Any,
+) -> AlertV1:
+    return AlertV1(
+        alert_id=alert_id or f"{device_id}-{uuid.uuid4().hex}",
+        device_id=device_id,
+        seq=seq,
+        type=type,
+        confidence=confidence,
+        observed_at=observed_at or datetime.now(UTC),
+        location=Location(lat=lat, lon=lon),
+        description="test alert",
+        snapshot=base64.b64encode(snapshot).decode() if snapshot else None,
+        **extra,
+    )
+
+
+def alert_dict(device_id: str, **kw: Any) -> dict[str, Any]:
+    lat, lon = interior(grid_in_community(0))
+    return dump(make_alert(device_id, lat, lon, **kw))
+
+
+def aggregator_settings(broker: Any, data_dir: Path, **overrides: Any) -> Settings:
+    return Settings(
+        data_dir=data_dir,
+        mqtt=MqttSettings(
+            host=broker.host,
+            port=broker.port,
+            password=broker.password("aggregator"),
+            client_id=f"agg-{uuid.uuid4().hex[:8]}",
+            topic_prefix=broker.prefix,
+        ),
+        batch=BatchSettings(max_messages=200, linger_ms=10),
+        **overrides,
+    )
+
+
+@pytest.fixture
+def aggregator(broker: Any, tmp_path: Path) -> Iterator[Aggregator]:
+    agg = build_aggregator(aggregator_settings(broker, tmp_path / "agg"), grids=GRIDS)
+    agg.start()
+    assert agg.ingest.wait_connected(5), "aggregator did not connect to the test broker"
+    yield agg
+    agg.stop()
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def pool(agg: Aggregator) -> Iterator[sqlite3.Connection]:
+    with closing(connect(agg.settings.pool, readonly=True)) as db:
+        yield db
+
+
+def count(agg: Aggregator, sql: str, *params: Any) -> int:
+    with pool(agg) as db:
+        return int(db.execute(sql, params).fetchone()[0])
+
+
+def past(seconds: float) -> datetime:
+    return datetime.now(UTC) - timedelta(seconds=seconds)
