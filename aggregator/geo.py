@@ -371,6 +371,13 @@ class GridIndex:
     def __len__(self) -> int:
         return len(self._grids)
 
+    def reference_latitude(self) -> float:
+        """The middle latitude of the area: the dedup index projects distances about it."""
+        if not self._grids:
+            return 0.0
+        lats = [g.centroid[0] for g in self._grids]
+        return (min(lats) + max(lats)) / 2
+
     def get(self, code: str) -> Grid | None:
         return self._by_code.get(code)
 

@@ -28,7 +28,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from aggregator.config import BatchSettings, MqttSettings
 from aggregator.metrics import Metrics
 from aggregator.pipeline import Assembled, Inbound, Pipeline
-from aggregator.pool import BatchResult, EventPool, event_summaries
+from aggregator.pool import BatchResult, EventPool
 from contract import (
     DeviceChannel,
     EventNoticeV1,
@@ -282,17 +282,14 @@ class MqttIngest:
             m.rejections.labels(d.reason.value).inc()
         m.events_created.inc(len(result.created))
 
-    def _notices(self, result: BatchResult) -> list[EventNoticeV1]:
-        changed = result.created | result.updated
-        if not changed:
-            return []
+    @staticmethod
+    def _notices(result: BatchResult) -> list[EventNoticeV1]:
         now = utcnow()
-        summaries = event_summaries(self.pool.reader, changed, self.pool.catalogue)
         return [
             EventNoticeV1(
-                change="created" if s.event_id in result.created else "updated", event=s, at=now
+                change="created" if event_id in result.created else "updated", event=summary, at=now
             )
-            for s in summaries
+            for event_id, summary in sorted(result.summaries.items())
         ]
 
     def _feedback(self, result: BatchResult, assembled: Assembled) -> None:

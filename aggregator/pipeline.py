@@ -15,7 +15,7 @@ import orjson
 from pydantic import ValidationError
 
 from aggregator.decode import DecodeLimits, Rejection, decode_alert
-from aggregator.geo import GridIndex
+from aggregator.geo import Grid, GridIndex
 from aggregator.pool import AlertIn, Batch, DeadLetterIn, OutOfAreaIn, StatusIn
 from aggregator.snapshots import SnapshotStore
 from contract import (
@@ -67,6 +67,7 @@ class Pipeline:
         self.grids = grids
         self.snapshots = snapshots
         self.limits = limits
+        self._grid_text: dict[str, tuple[str, str]] = {}  # grid code → (path JSON, address)
 
     def assemble(self, messages: Sequence[Inbound]) -> Assembled:
         out = Assembled()
@@ -122,6 +123,7 @@ class Pipeline:
             if jpeg is not None:
                 sha = self.snapshots.put(jpeg)
             wt = self.catalogue.types[alert.type]
+            path_json, address = self._grid_text_of(grid)
             out.batch.alerts.append(
                 AlertIn(
                     alert_id=alert.alert_id,
@@ -135,14 +137,24 @@ class Pipeline:
                     lat=alert.location.lat,
                     lon=alert.location.lon,
                     grid_code=grid.code,
-                    grid_path=_grid_path_json(grid.path),
-                    address=" › ".join(level.name for level in grid.path),
+                    grid_path=path_json,
+                    address=address,
                     description=alert.description,
                     snapshot_sha256=sha,
                     payload=_without_snapshot(msg.payload, alert, sha),
                 )
             )
             out.alerts[alert.alert_id] = alert
+
+    def _grid_text_of(self, grid: Grid) -> tuple[str, str]:
+        text = self._grid_text.get(grid.code)
+        if text is None:
+            text = (
+                orjson.dumps([dump(level) for level in grid.path]).decode(),
+                " › ".join(level.name for level in grid.path),
+            )
+            self._grid_text[grid.code] = text
+        return text
 
     def _status(self, out: Assembled, msg: Inbound, device_id: str) -> None:
         if not msg.payload:
@@ -217,10 +229,6 @@ def _schema_rejection(exc: ValidationError) -> Rejection:
         return Rejection(RejectReason.INVALID_JSON, "payload is not valid JSON")
     detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
     return Rejection(RejectReason.SCHEMA_VIOLATION, detail[:2000])
-
-
-def _grid_path_json(path: Sequence[object]) -> str:
-    return orjson.dumps([dump(level) for level in path]).decode()  # type: ignore[arg-type]
 
 
 def _without_snapshot(payload: bytes, alert: AlertV1, sha: str | None) -> bytes:

@@ -19,11 +19,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from aggregator.dedup import DedupIndex, EventState, SpatialHash, haversine_m
 from aggregator.errors import PoolError
 from contract import (
     Catalogue,
@@ -39,7 +41,6 @@ from contract import (
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-EARTH_RADIUS_M = 6_371_008.8
 SOURCE = "smart_community_warning"  # Longgang 5.4
 
 _SCHEMA = """
@@ -175,13 +176,6 @@ def iso(value: float | None) -> str | None:
     return datetime.fromtimestamp(value, UTC).isoformat().replace("+00:00", "Z")
 
 
-def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    p1, p2 = math.radians(lat1), math.radians(lat2)
-    dp, dl = p2 - p1, math.radians(lon2 - lon1)
-    a = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
-    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(a)))
-
-
 # ---------------------------------------------------------------------------- batch input
 
 
@@ -279,6 +273,7 @@ class BatchResult:
     created: set[int] = field(default_factory=set)
     updated: set[int] = field(default_factory=set)
     committed_at: float = 0.0
+    summaries: dict[int, EventSummary] = field(default_factory=dict)  # created and updated
 
 
 # ---------------------------------------------------------------------------- the pool
@@ -303,14 +298,27 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
 
 
 class EventPool:
-    """The writer side of the pool. One instance per aggregator process."""
+    """The writer side of the pool. One instance per aggregator process: it is the only one
+    that creates or merges events, and it keeps the open ones in a ``DedupIndex``."""
 
-    def __init__(self, path: Path | str, catalogue: Catalogue) -> None:
+    # How long past its merge window an event stays in memory; older alerts ask SQL.
+    KEEP_S = 3600.0
+    EVICT_EVERY_S = 60.0
+
+    def __init__(self, path: Path | str, catalogue: Catalogue, ref_lat: float = 0.0) -> None:
         self.path = Path(path)
         self.catalogue = catalogue
         self._db = connect(self.path)
         self._db.executescript(_SCHEMA)
         self._check_version()
+        self._index = DedupIndex(
+            ref_lat,
+            {c: t.merge_radius_m for c, t in catalogue.types.items()},
+            {c: t.merge_window_s for c, t in catalogue.types.items()},
+        )
+        self._log_seen = 0
+        self._last_evict = time.time()
+        self._load_index()
 
     def _check_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -323,6 +331,21 @@ class EventPool:
                 f"{self.path}: pool schema version {row[0]}, this aggregator needs "
                 f"{SCHEMA_VERSION}; migrate the pool or point the aggregator at a new file"
             )
+
+    def _load_index(self) -> None:
+        now = time.time()
+        since = now - self.KEEP_S
+        longest = max(self._index.window_s.values(), default=0.0)
+        with self._transaction() as db:
+            self._log_seen = db.execute("SELECT COALESCE(MAX(id), 0) FROM event_log").fetchone()[0]
+            rows = db.execute(
+                "SELECT * FROM events WHERE (status != 'closed' AND last_observed_at >= ?)"
+                " OR (status = 'closed' AND closed_at >= ?)",
+                (since - longest, since - longest),
+            ).fetchall()
+            states = self._states(db, rows)
+        self._index.load(states, since)
+        log.info("dedup index loaded events=%s", len(states))
 
     def close(self) -> None:
         self._db.close()
@@ -348,35 +371,47 @@ class EventPool:
         """Pool a micro-batch in one transaction; returns what became of each message."""
         result = BatchResult()
         now = time.time()
+        work = _BatchWork(self._index)
         with self._transaction() as db:
-            cur = db.execute("INSERT INTO batches(started_at) VALUES (?)", (now,))
-            batch_id = cur.lastrowid
+            self._sync_lifecycle(db, work)
+            batch_id = db.execute("INSERT INTO batches(started_at) VALUES (?)", (now,)).lastrowid
             assert batch_id is not None
             known = self._known_alerts(db, [a.alert_id for a in batch.alerts])
-            for alert in batch.alerts:
-                if alert.alert_id in known:
+            next_id = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM events").fetchone()[0]
+            alert_rows: list[tuple[Any, ...]] = []
+            log_rows: list[tuple[Any, ...]] = []
+            for a in batch.alerts:
+                if a.alert_id in known:
                     result.alerts.append(
                         AlertResult(
-                            alert.alert_id,
-                            alert.device_id,
-                            alert.seq,
-                            Outcome.DUPLICATE,
-                            known[alert.alert_id],
+                            a.alert_id, a.device_id, a.seq, Outcome.DUPLICATE, known[a.alert_id]
                         )
                     )
                     continue
-                event_id, created = self._pool_alert(db, alert, now, batch_id)
-                known[alert.alert_id] = event_id
-                (result.created if created else result.updated).add(event_id)
-                result.alerts.append(
-                    AlertResult(
-                        alert.alert_id,
-                        alert.device_id,
-                        alert.seq,
-                        Outcome.ACCEPTED if created else Outcome.MERGED,
-                        event_id,
-                    )
-                )
+                state = self._find_open(db, work, a)
+                if state is None:
+                    state = self._new_event(a, next_id, now, self._recurrence_of(db, work, a))
+                    next_id += 1
+                    work.created(state, a)
+                    result.created.add(state.id)
+                    outcome = Outcome.ACCEPTED
+                    detail: dict[str, Any] = {"alert_id": a.alert_id, "device_id": a.device_id}
+                    if state.recurrence_of is not None:
+                        detail["recurrence_of"] = state.recurrence_of
+                    log_rows.append((state.id, now, "registered", "aggregator", _json(detail)))
+                else:
+                    work.merge(state, a)
+                    result.updated.add(state.id)
+                    outcome = Outcome.MERGED
+                known[a.alert_id] = state.id
+                alert_rows.append(_alert_row(a, state.id, outcome, batch_id))
+                result.alerts.append(AlertResult(a.alert_id, a.device_id, a.seq, outcome, state.id))
+            self._write_events(db, work, now)
+            db.executemany(_INSERT_ALERT, alert_rows)
+            db.executemany(
+                "INSERT INTO event_log(event_id, at, action, actor, detail) VALUES (?,?,?,?,?)",
+                log_rows,
+            )
             self._record_out_of_area(db, batch.out_of_area)
             result.out_of_area = batch.out_of_area
             for dl in batch.dead_letters:
@@ -406,7 +441,35 @@ class EventPool:
                 "UPDATE batches SET committed_at=?, size=? WHERE id=?",
                 (result.committed_at, len(batch), batch_id),
             )
+        # Committed: only now may the index learn what this batch did.
+        work.apply()
+        result.summaries = {
+            i: work.summary(i, self.catalogue) for i in result.created | result.updated
+        }
+        if now - self._last_evict > self.EVICT_EVERY_S:
+            self._index.evict(now, self.KEEP_S)
+            self._last_evict = now
         return result
+
+    def _sync_lifecycle(self, db: sqlite3.Connection, work: _BatchWork) -> None:
+        """Status changes other connections committed since our last batch (we hold the write
+        lock now, so none can happen until we commit)."""
+        rows = db.execute(
+            "SELECT id, event_id FROM event_log WHERE id > ? AND action LIKE 'status:%'"
+            " ORDER BY id",
+            (self._log_seen,),
+        ).fetchall()
+        if not rows:
+            self._log_seen = db.execute(
+                "SELECT COALESCE(MAX(id), ?) FROM event_log", (self._log_seen,)
+            ).fetchone()[0]
+            return
+        self._log_seen = rows[-1][0]
+        ids = sorted({r[1] for r in rows})
+        marks = ",".join("?" * len(ids))
+        fresh = db.execute(f"SELECT * FROM events WHERE id IN ({marks})", ids).fetchall()
+        for state in self._states(db, fresh):
+            work.refresh(state)
 
     @staticmethod
     def _known_alerts(db: sqlite3.Connection, ids: Sequence[str]) -> dict[str, int]:
@@ -422,175 +485,196 @@ class EventPool:
                 known[row[0]] = row[1]
         return known
 
-    def _pool_alert(
-        self, db: sqlite3.Connection, a: AlertIn, now: float, batch_id: int
-    ) -> tuple[int, bool]:
+    def _find_open(self, db: sqlite3.Connection, work: _BatchWork, a: AlertIn) -> EventState | None:
+        """The nearest open event of the type whose observed span, widened by the type's
+        window, holds the alert; ties go to the older event."""
         wt = self.catalogue.types[a.type]
-        window, radius = wt.merge_window_s, wt.merge_radius_m
-        dlat = radius / 111_320.0
-        dlon = radius / (111_320.0 * max(0.01, math.cos(math.radians(a.lat))))
-        # An alert joins an open event whose observed span, widened by the window, holds it.
-        rows = db.execute(
-            "SELECT id, lat, lon, status FROM events"
-            " WHERE type=? AND status != 'closed'"
-            " AND last_observed_at >= ? AND first_observed_at <= ?"
-            " AND lat BETWEEN ? AND ? AND lon BETWEEN ? AND ?",
-            (
-                a.type,
-                a.observed_at - window,
-                a.observed_at + window,
-                a.lat - dlat,
-                a.lat + dlat,
-                a.lon - dlon,
-                a.lon + dlon,
-            ),
-        ).fetchall()
-        best = _nearest(rows, a, radius)
-        if best is not None:
-            self._merge(db, best, a, now, batch_id)
-            return best, False
-        recurrence = self._recurrence_of(db, a, window, dlat, dlon, radius)
-        return self._create(db, a, now, batch_id, recurrence), True
+        if not self._index.covers(a.type, a.observed_at):
+            self._fetch_into(db, work, a, closed=False)
+        lo, hi = a.observed_at - wt.merge_window_s, a.observed_at + wt.merge_window_s
+        best: tuple[float, int] | None = None
+        for event_id in work.candidates(a.type, a.lat, a.lon, closed=False):
+            s = work.get(event_id)
+            if s.status == "closed" or s.last < lo or s.first > hi:
+                continue
+            d = haversine_m(a.lat, a.lon, s.lat, s.lon)
+            if d <= wt.merge_radius_m and (best is None or (d, s.id) < best):
+                best = (d, s.id)
+        return None if best is None else work.edit(best[1])
 
-    @staticmethod
-    def _recurrence_of(
-        db: sqlite3.Connection, a: AlertIn, window: float, dlat: float, dlon: float, radius: float
-    ) -> int | None:
+    def _recurrence_of(self, db: sqlite3.Connection, work: _BatchWork, a: AlertIn) -> int | None:
         """A closed event absorbs nothing; a recurrence near it opens a new event linked to it."""
+        wt = self.catalogue.types[a.type]
+        if not self._index.covers(a.type, a.observed_at):
+            self._fetch_into(db, work, a, closed=True)
+        best: tuple[float, int] | None = None
+        for event_id in work.candidates(a.type, a.lat, a.lon, closed=True):
+            s = work.get(event_id)
+            if s.status != "closed" or (s.closed_at or 0) < a.observed_at - wt.merge_window_s:
+                continue
+            d = haversine_m(a.lat, a.lon, s.lat, s.lon)
+            if d <= wt.merge_radius_m and (best is None or (d, -s.id) < best):
+                best = (d, -s.id)  # the latest closed event nearby
+        return None if best is None else -best[1]
+
+    def _fetch_into(
+        self, db: sqlite3.Connection, work: _BatchWork, a: AlertIn, closed: bool
+    ) -> None:
+        """An alert older than the index's horizon: bring its candidates in from SQL."""
+        wt = self.catalogue.types[a.type]
+        dlat = wt.merge_radius_m / 111_320.0
+        dlon = wt.merge_radius_m / (111_320.0 * max(0.01, math.cos(math.radians(a.lat))))
+        status = "status = 'closed'" if closed else "status != 'closed'"
         rows = db.execute(
-            "SELECT id, lat, lon, status FROM events"
-            " WHERE type=? AND status = 'closed' AND closed_at >= ?"
+            f"SELECT * FROM events WHERE type=? AND {status} AND last_observed_at >= ?"
             " AND lat BETWEEN ? AND ? AND lon BETWEEN ? AND ?",
             (
                 a.type,
-                a.observed_at - window,
+                a.observed_at - wt.merge_window_s if not closed else 0.0,
                 a.lat - dlat,
                 a.lat + dlat,
                 a.lon - dlon,
                 a.lon + dlon,
             ),
         ).fetchall()
-        return _nearest(rows, a, radius)
+        for state in self._states(db, rows):
+            work.refresh(state)
 
-    def _create(
-        self, db: sqlite3.Connection, a: AlertIn, now: float, batch_id: int, recurrence: int | None
-    ) -> int:
+    def _new_event(
+        self, a: AlertIn, event_id: int, now: float, recurrence: int | None
+    ) -> EventState:
         wt = self.catalogue.types[a.type]
-        cur = db.execute(
-            "INSERT INTO events(source, type, severity, status, department, grid_code, grid_path,"
-            " lat, lon, address, description, snapshot_sha256, snapshot_score, first_observed_at,"
-            " last_observed_at, registered_at, updated_at, deadline_at, alert_count, device_count,"
-            " recurrence_of) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,1,1,?)",
-            (
-                SOURCE,
-                a.type,
-                a.severity.value,
-                EventStatus.REGISTERED.value,
-                wt.department,
-                a.grid_code,
-                a.grid_path,
-                a.lat,
-                a.lon,
-                a.address,
-                a.description or f"{wt.zh} / {wt.en}",
-                a.snapshot_sha256,
-                a.confidence if a.snapshot_sha256 else None,
-                a.observed_at,
-                a.observed_at,
-                now,
-                now,
-                now + wt.handling_deadline.total_seconds(),
-                recurrence,
-            ),
-        )
-        event_id = cur.lastrowid
-        assert event_id is not None
-        self._insert_alert(db, a, event_id, Outcome.ACCEPTED, batch_id)
-        db.execute(
-            "INSERT INTO event_devices(event_id, device_id, first_alert_at, alert_count)"
-            " VALUES (?,?,?,1)",
-            (event_id, a.device_id, a.observed_at),
-        )
-        detail = {"alert_id": a.alert_id, "device_id": a.device_id}
-        if recurrence is not None:
-            detail["recurrence_of"] = str(recurrence)
-        db.execute(
-            "INSERT INTO event_log(event_id, at, action, actor, detail) VALUES (?,?,?,?,?)",
-            (event_id, now, "registered", "aggregator", orjson.dumps(detail).decode()),
-        )
-        return event_id
-
-    def _merge(
-        self, db: sqlite3.Connection, event_id: int, a: AlertIn, now: float, batch_id: int
-    ) -> None:
-        self._insert_alert(db, a, event_id, Outcome.MERGED, batch_id)
-        new_device = (
-            db.execute(
-                "INSERT INTO event_devices(event_id, device_id, first_alert_at, alert_count)"
-                " VALUES (?,?,?,1) ON CONFLICT(event_id, device_id)"
-                " DO UPDATE SET alert_count = alert_count + 1 RETURNING alert_count",
-                (event_id, a.device_id, a.observed_at),
-            ).fetchone()[0]
-            == 1
-        )
-        # Severity only rises; the snapshot kept is the one of the most confident alert.
-        db.execute(
-            "UPDATE events SET alert_count = alert_count + 1,"
-            " device_count = device_count + ?,"
-            " first_observed_at = MIN(first_observed_at, ?),"
-            " last_observed_at = MAX(last_observed_at, ?),"
-            " severity = CASE WHEN ? > (CASE severity WHEN 'low' THEN 0 WHEN 'medium' THEN 1"
-            "   WHEN 'high' THEN 2 ELSE 3 END) THEN ? ELSE severity END,"
-            " snapshot_sha256 = CASE WHEN ? IS NOT NULL AND (snapshot_score IS NULL"
-            "   OR ? > snapshot_score) THEN ? ELSE snapshot_sha256 END,"
-            " snapshot_score = CASE WHEN ? IS NOT NULL AND (snapshot_score IS NULL"
-            "   OR ? > snapshot_score) THEN ? ELSE snapshot_score END,"
-            " updated_at = ?, version = version + 1"
-            " WHERE id = ?",
-            (
-                1 if new_device else 0,
-                a.observed_at,
-                a.observed_at,
-                a.severity.rank,
-                a.severity.value,
-                a.snapshot_sha256,
-                a.confidence,
-                a.snapshot_sha256,
-                a.snapshot_sha256,
-                a.confidence,
-                a.confidence,
-                now,
-                event_id,
-            ),
+        return EventState(
+            id=event_id,
+            type=a.type,
+            status=EventStatus.REGISTERED.value,
+            severity=a.severity,
+            department=wt.department,
+            grid_code=a.grid_code,
+            grid_path=a.grid_path,
+            lat=a.lat,
+            lon=a.lon,
+            address=a.address,
+            description=a.description or f"{wt.zh} / {wt.en}",
+            first=a.observed_at,
+            last=a.observed_at,
+            registered_at=now,
+            deadline_at=now + wt.handling_deadline.total_seconds(),
+            alert_count=1,
+            devices={a.device_id: 1},
+            snapshot_sha256=a.snapshot_sha256,
+            snapshot_score=a.confidence if a.snapshot_sha256 else None,
+            recurrence_of=recurrence,
         )
 
     @staticmethod
-    def _insert_alert(
-        db: sqlite3.Connection, a: AlertIn, event_id: int, outcome: Outcome, batch_id: int
-    ) -> None:
-        db.execute(
-            "INSERT INTO alerts(alert_id, event_id, device_id, seq, type, severity, confidence,"
-            " observed_at, received_at, batch_id, lat, lon, grid_code, outcome,"
-            " snapshot_sha256, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                a.alert_id,
-                event_id,
-                a.device_id,
-                a.seq,
-                a.type,
-                a.severity.value,
-                a.confidence,
-                a.observed_at,
-                a.received_at,
-                batch_id,
-                a.lat,
-                a.lon,
-                a.grid_code,
-                outcome.value,
-                a.snapshot_sha256,
-                a.payload,
-            ),
+    def _write_events(db: sqlite3.Connection, work: _BatchWork, now: float) -> None:
+        new = [work.get(i) for i in work.new_ids]
+        db.executemany(
+            "INSERT INTO events(id, source, type, severity, status, department, grid_code,"
+            " grid_path, lat, lon, address, description, snapshot_sha256, snapshot_score,"
+            " first_observed_at, last_observed_at, registered_at, updated_at, deadline_at,"
+            " alert_count, device_count, recurrence_of)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [
+                (
+                    s.id,
+                    SOURCE,
+                    s.type,
+                    s.severity.value,
+                    s.status,
+                    s.department,
+                    s.grid_code,
+                    s.grid_path,
+                    s.lat,
+                    s.lon,
+                    s.address,
+                    s.description,
+                    s.snapshot_sha256,
+                    s.snapshot_score,
+                    s.first,
+                    s.last,
+                    s.registered_at,
+                    now,
+                    s.deadline_at,
+                    s.alert_count,
+                    len(s.devices),
+                    s.recurrence_of,
+                )
+                for s in new
+            ],
         )
+        changed = [work.get(i) for i in work.edited_ids if i not in work.new_ids]
+        db.executemany(
+            "UPDATE events SET severity=?, snapshot_sha256=?, snapshot_score=?,"
+            " first_observed_at=?, last_observed_at=?, updated_at=?, alert_count=?,"
+            " device_count=?, version=version+1 WHERE id=?",
+            [
+                (
+                    s.severity.value,
+                    s.snapshot_sha256,
+                    s.snapshot_score,
+                    s.first,
+                    s.last,
+                    now,
+                    s.alert_count,
+                    len(s.devices),
+                    s.id,
+                )
+                for s in changed
+            ],
+        )
+        db.executemany(
+            "INSERT INTO event_devices(event_id, device_id, first_alert_at, alert_count)"
+            " VALUES (?,?,?,?) ON CONFLICT(event_id, device_id)"
+            " DO UPDATE SET alert_count = alert_count + excluded.alert_count",
+            [
+                (event_id, device_id, first_at, n)
+                for (event_id, device_id), (first_at, n) in work.device_alerts.items()
+            ],
+        )
+
+    def _states(self, db: sqlite3.Connection, rows: Sequence[sqlite3.Row]) -> list[EventState]:
+        if not rows:
+            return []
+        ids = [r["id"] for r in rows]
+        devices: dict[int, dict[str, int]] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for d in db.execute(
+                "SELECT event_id, device_id, alert_count FROM event_devices"
+                f" WHERE event_id IN ({marks}) ORDER BY event_id, first_alert_at, device_id",
+                chunk,
+            ):
+                devices.setdefault(d[0], {})[d[1]] = d[2]
+        return [
+            EventState(
+                id=r["id"],
+                type=r["type"],
+                status=r["status"],
+                severity=Severity(r["severity"]),
+                department=r["department"],
+                grid_code=r["grid_code"],
+                grid_path=r["grid_path"],
+                lat=r["lat"],
+                lon=r["lon"],
+                address=r["address"],
+                description=r["description"],
+                first=r["first_observed_at"],
+                last=r["last_observed_at"],
+                registered_at=r["registered_at"],
+                deadline_at=r["deadline_at"],
+                alert_count=r["alert_count"],
+                devices=devices.get(r["id"], {}),
+                snapshot_sha256=r["snapshot_sha256"],
+                snapshot_score=r["snapshot_score"],
+                recurrence_of=r["recurrence_of"],
+                closed_at=r["closed_at"],
+            )
+            for r in rows
+            if r["type"] in self.catalogue.types
+        ]
 
     @staticmethod
     def _record_out_of_area(db: sqlite3.Connection, items: Iterable[OutOfAreaIn]) -> None:
@@ -646,39 +730,168 @@ class EventPool:
     def set_status(
         self, event_id: int, status: EventStatus, actor: str, note: str = ""
     ) -> dict[str, Any]:
-        """Move an event along its lifecycle; a closed event stays closed."""
-        now = time.time()
-        with self._transaction() as db:
-            row = db.execute("SELECT status FROM events WHERE id=?", (event_id,)).fetchone()
-            if row is None:
-                raise PoolError(f"no event {event_id}")
-            if row[0] == EventStatus.CLOSED.value:
-                raise PoolError(f"event {event_id} is closed; a recurrence opens a new event")
-            db.execute(
-                "UPDATE events SET status=?, updated_at=?, closed_at=?, version=version+1"
-                " WHERE id=?",
-                (status.value, now, now if status is EventStatus.CLOSED else None, event_id),
-            )
-            db.execute(
-                "INSERT INTO event_log(event_id, at, action, actor, detail) VALUES (?,?,?,?,?)",
-                (
-                    event_id,
-                    now,
-                    f"status:{status.value}",
-                    actor,
-                    orjson.dumps({"from": row[0], "note": note}).decode(),
-                ),
-            )
-        return {"event_id": event_id, "from": row[0], "to": status.value, "at": now}
+        return set_event_status(self._db, event_id, status, actor, note)
 
 
-def _nearest(rows: Sequence[sqlite3.Row], a: AlertIn, radius: float) -> int | None:
-    best: tuple[float, int] | None = None
-    for row in rows:
-        d = haversine_m(a.lat, a.lon, row[1], row[2])
-        if d <= radius and (best is None or (d, row[0]) < best):
-            best = (d, row[0])
-    return None if best is None else best[1]
+def set_event_status(
+    db: sqlite3.Connection, event_id: int, status: EventStatus, actor: str, note: str = ""
+) -> dict[str, Any]:
+    """Move an event along its lifecycle from any connection; a closed event stays closed.
+    The writer learns of it from ``event_log`` at its next batch."""
+    now = time.time()
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        row = db.execute("SELECT status FROM events WHERE id=?", (event_id,)).fetchone()
+        if row is None:
+            raise PoolError(f"no event {event_id}")
+        if row[0] == EventStatus.CLOSED.value:
+            raise PoolError(f"event {event_id} is closed; a recurrence opens a new event")
+        db.execute(
+            "UPDATE events SET status=?, updated_at=?, closed_at=?, version=version+1 WHERE id=?",
+            (status.value, now, now if status is EventStatus.CLOSED else None, event_id),
+        )
+        db.execute(
+            "INSERT INTO event_log(event_id, at, action, actor, detail) VALUES (?,?,?,?,?)",
+            (event_id, now, f"status:{status.value}", actor, _json({"from": row[0], "note": note})),
+        )
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return {"event_id": event_id, "from": row[0], "to": status.value, "at": now}
+
+
+_INSERT_ALERT = (
+    "INSERT INTO alerts(alert_id, event_id, device_id, seq, type, severity, confidence,"
+    " observed_at, received_at, batch_id, lat, lon, grid_code, outcome, snapshot_sha256, payload)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+def _alert_row(a: AlertIn, event_id: int, outcome: Outcome, batch_id: int) -> tuple[Any, ...]:
+    return (
+        a.alert_id,
+        event_id,
+        a.device_id,
+        a.seq,
+        a.type,
+        a.severity.value,
+        a.confidence,
+        a.observed_at,
+        a.received_at,
+        batch_id,
+        a.lat,
+        a.lon,
+        a.grid_code,
+        outcome.value,
+        a.snapshot_sha256,
+        a.payload,
+    )
+
+
+def _json(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
+class _BatchWork:
+    """One batch's view of the events: the index, overlaid with this batch's edits, new events
+    and rows re-read from SQL. Applied to the index only once the batch has committed, so a
+    rolled-back batch leaves the index as it was."""
+
+    def __init__(self, index: DedupIndex) -> None:
+        self.index = index
+        self.states: dict[int, EventState] = {}
+        self.new_ids: list[int] = []
+        self.edited_ids: dict[int, None] = {}
+        self.device_alerts: dict[tuple[int, str], list[Any]] = {}
+        self._local: dict[bool, SpatialHash] = {}
+
+    def _hash(self, closed: bool) -> SpatialHash:
+        if closed not in self._local:
+            self._local[closed] = self.index.new_hash()
+        return self._local[closed]
+
+    def get(self, event_id: int) -> EventState:
+        state = self.states.get(event_id)
+        return state if state is not None else self.index.events[event_id]
+
+    def candidates(self, type_: str, lat: float, lon: float, *, closed: bool) -> Iterator[int]:
+        yield from self.index.candidates(type_, lat, lon, closed=closed)
+        if closed in self._local:
+            yield from self._local[closed].near(type_, lat, lon)
+
+    def edit(self, event_id: int) -> EventState:
+        if event_id not in self.states:
+            self.states[event_id] = self.index.events[event_id].copy()
+        self.edited_ids[event_id] = None
+        return self.states[event_id]
+
+    def refresh(self, state: EventState) -> None:
+        """A row read from SQL inside this transaction: it wins over what the index holds."""
+        if state.id in self.edited_ids:
+            return  # we changed it in this batch already; our copy is newer
+        self.states[state.id] = state
+        self._hash(state.status == "closed").add(state.type, state.lat, state.lon, state.id)
+
+    def created(self, state: EventState, a: AlertIn) -> None:
+        self.states[state.id] = state
+        self.new_ids.append(state.id)
+        self.edited_ids[state.id] = None
+        self._hash(False).add(state.type, state.lat, state.lon, state.id)
+        self.device_alerts[(state.id, a.device_id)] = [a.observed_at, 1]
+
+    def merge(self, state: EventState, a: AlertIn) -> None:
+        state.alert_count += 1
+        state.devices[a.device_id] = state.devices.get(a.device_id, 0) + 1
+        state.first = min(state.first, a.observed_at)
+        state.last = max(state.last, a.observed_at)
+        # Severity only rises; the snapshot kept is the one of the most confident alert.
+        if a.severity.rank > state.severity.rank:
+            state.severity = a.severity
+        if a.snapshot_sha256 and (
+            state.snapshot_score is None or a.confidence > state.snapshot_score
+        ):
+            state.snapshot_sha256, state.snapshot_score = a.snapshot_sha256, a.confidence
+        entry = self.device_alerts.setdefault((state.id, a.device_id), [a.observed_at, 0])
+        entry[0] = min(entry[0], a.observed_at)
+        entry[1] += 1
+
+    def apply(self) -> None:
+        for state in self.states.values():
+            self.index.put(state)
+
+    def summary(self, event_id: int, catalogue: Catalogue) -> EventSummary:
+        return summary_of(self.get(event_id), catalogue)
+
+
+@lru_cache(maxsize=4096)
+def _grid_levels(grid_path: str) -> tuple[GridLevel, ...]:
+    return tuple(GridLevel.model_validate(g) for g in orjson.loads(grid_path))
+
+
+def summary_of(s: EventState, catalogue: Catalogue) -> EventSummary:
+    wt = catalogue.types.get(s.type)
+    return EventSummary(
+        event_id=s.id,
+        type=s.type,
+        type_zh=wt.zh if wt else s.type,
+        type_en=wt.en if wt else s.type,
+        severity=s.severity,
+        status=EventStatus(s.status),
+        department=s.department,
+        grid_code=s.grid_code,
+        grid_path=list(_grid_levels(s.grid_path)),
+        location=Location(lat=s.lat, lon=s.lon),
+        description=s.description,
+        first_observed_at=_dt(s.first),
+        last_observed_at=_dt(s.last),
+        registered_at=_dt(s.registered_at),
+        deadline_at=_dt(s.deadline_at),
+        alert_count=s.alert_count,
+        device_ids=list(s.devices),
+        snapshot_sha256=s.snapshot_sha256,
+        recurrence_of=s.recurrence_of,
+    )
 
 
 # ---------------------------------------------------------------------------- reading
@@ -716,7 +929,7 @@ def summary_from_row(row: sqlite3.Row, device_ids: list[str], catalogue: Catalog
         status=EventStatus(row["status"]),
         department=row["department"],
         grid_code=row["grid_code"],
-        grid_path=[GridLevel.model_validate(g) for g in orjson.loads(row["grid_path"])],
+        grid_path=list(_grid_levels(row["grid_path"])),
         location=Location(lat=row["lat"], lon=row["lon"]),
         description=row["description"],
         first_observed_at=_dt(row["first_observed_at"]),

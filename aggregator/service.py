@@ -56,7 +56,7 @@ def build_aggregator(
     """Validate every input, open the pool, wire the stages. Nothing connects until start()."""
     catalogue = load_catalogue(settings.catalogue_file)
     grids = grids or GridIndex.from_geojson(settings.grid_file or default_grid_file())
-    pool = EventPool(settings.pool, catalogue)
+    pool = EventPool(settings.pool, catalogue, ref_lat=grids.reference_latitude())
     snapshots = SnapshotStore(settings.snapshots)
     metrics = metrics or Metrics()
     pipeline = Pipeline(

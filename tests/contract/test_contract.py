@@ -1,0 +1,192 @@
+"""The wire contract: schema files match the models, topics round-trip, the catalogue is whole."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from contract import (
+    AlertV1,
+    DeviceChannel,
+    FeedbackV1,
+    Location,
+    Outcome,
+    StatusV1,
+    TopicError,
+    Topics,
+    default_catalogue,
+    load_catalogue,
+)
+from contract.catalogue import CATALOGUE_PATH
+from contract.schema_export import SCHEMA_DIR, render
+
+REQUIRED_TYPES = {
+    "fire_lane_occupied",
+    "ebike_in_lift",
+    "smoke_fire",
+    "crowd_gathering",
+    "zone_intrusion",
+    "thrown_object",
+    "street_vending",
+    "exposed_garbage",
+    "noise_over_limit",
+    "smoke_alarm",
+    "water_level",
+    "gas_leak",
+    "manhole_displaced",
+    "sewage_discharge",
+}
+
+
+def test_committed_json_schema_matches_the_models() -> None:
+    rendered = render()
+    on_disk = {p.name for p in SCHEMA_DIR.glob("*.json")}
+    assert on_disk == set(rendered), "run: python -m contract.schema_export"
+    for name, text in rendered.items():
+        assert (SCHEMA_DIR / name).read_text(encoding="utf-8") == text, (
+            f"{name} drifted from the models; run: python -m contract.schema_export"
+        )
+
+
+def test_schema_drift_is_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from contract import schema_export
+
+    for name, text in render().items():
+        (tmp_path / name).write_text(text.replace('"seq"', '"sequence"'), encoding="utf-8")
+    monkeypatch.setattr(schema_export, "SCHEMA_DIR", tmp_path)
+    assert schema_export.main(["--check"]) == 1
+
+
+def test_alert_schema_names_the_wire_fields() -> None:
+    schema = json.loads((SCHEMA_DIR / "alert-v1.json").read_text(encoding="utf-8"))
+    assert {"schema", "alert_id", "device_id", "seq", "type", "observed_at", "location"} <= set(
+        schema["properties"]
+    )
+    assert set(schema["required"]) >= {"alert_id", "device_id", "seq", "type", "confidence"}
+
+
+def _alert(**kw: object) -> AlertV1:
+    base: dict[str, object] = {
+        "alert_id": "a-1",
+        "device_id": "cam-1",
+        "seq": 1,
+        "type": "smoke_fire",
+        "confidence": 0.5,
+        "observed_at": datetime(2026, 1, 1, tzinfo=UTC),
+        "location": Location(lat=27.55, lon=120.55),
+    }
+    base.update(kw)
+    return AlertV1.model_validate(base)
+
+
+def test_alert_round_trips_on_the_wire_and_is_frozen() -> None:
+    alert = _alert(snapshot=None)
+    raw = alert.to_json()
+    assert b'"schema":"alert/v1"' in raw
+    again = AlertV1.model_validate_json(raw, strict=True)
+    assert again == alert
+    with pytest.raises(ValidationError):
+        alert.seq = 2  # type: ignore[misc]
+
+
+def test_observed_at_is_normalised_to_utc_and_must_carry_a_zone() -> None:
+    east8 = timezone(timedelta(hours=8))
+    alert = _alert(observed_at=datetime(2026, 1, 1, 8, tzinfo=east8))
+    assert alert.observed_at == datetime(2026, 1, 1, tzinfo=UTC)
+    assert alert.observed_at.utcoffset() == timedelta(0)
+    with pytest.raises(ValidationError, match="timezone"):
+        _alert(observed_at=datetime(2026, 1, 1))  # noqa: DTZ001 - the point of the test
+
+
+def test_strict_decoding_refuses_coercion() -> None:
+    raw = _alert().to_json().replace(b'"seq":1', b'"seq":"1"')
+    with pytest.raises(ValidationError, match="seq"):
+        AlertV1.model_validate_json(raw, strict=True)
+
+
+def test_unknown_fields_are_kept() -> None:
+    raw = _alert().to_json()[:-1] + b',"vendor":{"x":1}}'
+    alert = AlertV1.model_validate_json(raw, strict=True)
+    assert alert.model_extra == {"vendor": {"x": 1}}
+    assert b'"vendor":{"x":1}' in alert.to_json()
+
+
+@pytest.mark.parametrize(
+    ("lat", "lon"), [(90.1, 0), (-90.1, 0), (0, 180.5), (0, -180.5), (float("nan"), 0)]
+)
+def test_location_out_of_range_or_nan_is_refused(lat: float, lon: float) -> None:
+    with pytest.raises(ValidationError):
+        Location(lat=lat, lon=lon)
+
+
+def test_snapshot_must_be_base64_jpeg() -> None:
+    with pytest.raises(ValidationError, match="JPEG"):
+        _alert(snapshot="iVBORw0KGgo=")  # PNG magic
+    with pytest.raises(ValidationError, match="base64"):
+        _alert(snapshot="not base64 at all!")
+    assert _alert(snapshot="/9j/4AAQ").snapshot_bytes() == b"\xff\xd8\xff\xe0\x00\x10"
+
+
+def test_topics_build_and_parse() -> None:
+    t = Topics("city/longgang")
+    assert t.alert("cam-1") == "city/longgang/v1/devices/cam-1/alert"
+    assert t.events == "city/longgang/v1/events"
+    parsed = t.parse("city/longgang/v1/devices/cam-1/status")
+    assert (parsed.device_id, parsed.channel) == ("cam-1", DeviceChannel.STATUS)
+    assert t.device_filter(DeviceChannel.ALERT, "agg") == "$share/agg/city/longgang/v1/devices/+/alert"
+    for bad in (
+        "city/longgang/v1/devices/cam-1",
+        "city/longgang/v1/devices/cam-1/alert/x",
+        "other/v1/devices/cam-1/alert",
+        "city/longgang/v1/devices/cam-1/nope",
+    ):
+        with pytest.raises(TopicError):
+            t.parse(bad)
+    with pytest.raises(TopicError):
+        t.alert("cam/1")
+    with pytest.raises(TopicError):
+        Topics("bad/#")
+
+
+def test_feedback_and_status_models() -> None:
+    fb = FeedbackV1(device_id="cam-1", outcome=Outcome.REJECTED, reason="invalid_json",
+                    dead_letter_id=7, at=datetime.now(UTC))  # fmt: skip
+    assert FeedbackV1.model_validate_json(fb.to_json(), strict=True) == fb
+    will = StatusV1(device_id="cam-1", state="offline", reason="last_will")
+    assert will.at is None  # a Last Will is composed before the device knows when it dies
+
+
+def test_catalogue_covers_every_required_type_with_every_field() -> None:
+    cat = default_catalogue()
+    assert set(cat.types) >= REQUIRED_TYPES
+    for code, wt in cat.types.items():
+        assert wt.code == code
+        assert wt.zh and wt.en
+        assert wt.department in cat.departments
+        assert wt.merge_radius_m > 0 and wt.merge_window_s > 0
+        assert timedelta(0) < wt.handling_deadline <= timedelta(days=5)
+    # Appendix A items named in the design
+    assert cat.types["street_vending"].appendix_item == 8
+    assert cat.types["exposed_garbage"].appendix_item == 9
+    assert cat.types["noise_over_limit"].appendix_item == 13
+    assert cat.types["manhole_displaced"].appendix_item == 11
+    assert cat.types["sewage_discharge"].appendix_item == 15
+
+
+def test_catalogue_validation_names_the_key_path(tmp_path: Path) -> None:
+    data = yaml.safe_load(CATALOGUE_PATH.read_text(encoding="utf-8"))
+    data["types"]["smoke_fire"]["merge_radius_m"] = -5
+    bad = tmp_path / "cat.yaml"
+    bad.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(ValidationError, match=r"types\.smoke_fire\.merge_radius_m"):
+        load_catalogue(bad)
+    data["types"]["smoke_fire"]["merge_radius_m"] = 5
+    data["types"]["smoke_fire"]["department"] = "nobody"
+    bad.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(ValidationError, match="unknown department 'nobody'"):
+        load_catalogue(bad)
