@@ -1,0 +1,127 @@
+"""The writer's in-memory dedup index agrees with the pool across restarts, evictions and
+lifecycle changes made by other connections."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from aggregator.dedup import SpatialHash, haversine_m
+from aggregator.pool import EventPool, connect, set_event_status
+from contract import EventStatus, Outcome
+
+from .conftest import GRIDS, grid_in_community, interior, make_alert, offset, past
+from .test_pool import Harness
+
+
+@pytest.mark.parametrize("ref_lat", [0.0, 27.5, 60.0])
+@pytest.mark.parametrize("lat", [-45.0, 0.0, 27.55, 59.9, 75.0])
+def test_spatial_hash_never_misses_a_neighbour_within_the_radius(
+    ref_lat: float, lat: float
+) -> None:
+    radius = 100.0
+    h = SpatialHash(ref_lat, {"t": radius})
+    lon = 120.0
+    points = []
+    for k in range(72):  # a ring just inside the radius, every 5 degrees
+        bearing = math.radians(k * 5)
+        north, east = 0.99 * radius * math.cos(bearing), 0.99 * radius * math.sin(bearing)
+        plat = lat + north / 111_320.0
+        plon = lon + east / (111_320.0 * math.cos(math.radians(lat)))
+        points.append((plat, plon))
+        h.add("t", plat, plon, k)
+    found = set(h.near("t", lat, lon))
+    inside = {k for k, (a, b) in enumerate(points) if haversine_m(lat, lon, a, b) <= radius}
+    assert inside and inside <= found
+
+
+def test_restart_reloads_open_events(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    lat, lon = interior(grid_in_community(0))
+    h.send(make_alert("cam-1", lat, lon))
+    h.pool.close()
+    again = Harness(tmp_path)  # a new writer on the same file
+    assert again.send(make_alert("cam-2", *offset(lat, lon, 30))) == [Outcome.MERGED]
+    assert again.rows("SELECT alert_count, device_count FROM events") == [(2, 2)]
+
+
+def test_alerts_older_than_the_index_horizon_are_deduplicated_through_sql(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    lat, lon = interior(grid_in_community(1))
+    # a manhole cover: 15 m, one day. The first alert is 20 hours old.
+    h.send(make_alert("sensor-1", lat, lon, type="manhole_displaced", observed_at=past(72_000)))
+    # the writer forgets everything older than a few seconds…
+    h.pool._index.evict(time.time(), keep_s=-86_400 + 5)
+    assert not h.pool._index.events
+    # …and a backlog alert from 19 hours ago still joins the event, found through SQL
+    late = make_alert("sensor-2", lat, lon, type="manhole_displaced", observed_at=past(68_400))
+    assert h.send(late) == [Outcome.MERGED]
+    assert h.rows("SELECT count(*), sum(alert_count) FROM events") == [(1, 2)]
+
+
+def test_lifecycle_change_from_another_connection_is_seen_by_the_next_batch(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path)
+    lat, lon = interior(grid_in_community(2))
+    h.send(make_alert("cam-1", lat, lon, type="street_vending"))
+    [(event_id,)] = h.rows("SELECT id FROM events")
+    with closing(connect(h.pool.path)) as operator:  # e.g. the API process
+        set_event_status(operator, int(str(event_id)), EventStatus.VERIFIED, "op-1")
+        assert h.send(make_alert("cam-2", lat, lon, type="street_vending")) == [Outcome.MERGED]
+        set_event_status(operator, int(str(event_id)), EventStatus.CLOSED, "op-1", "cleared")
+    assert h.send(make_alert("cam-3", lat, lon, type="street_vending")) == [Outcome.ACCEPTED]
+    rows = h.rows("SELECT id, status, alert_count, recurrence_of FROM events ORDER BY id")
+    assert rows == [(event_id, "closed", 2, None), (rows[1][0], "registered", 1, event_id)]
+
+
+def test_a_rolled_back_batch_leaves_the_index_untouched(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    lat, lon = interior(grid_in_community(0))
+    with closing(connect(h.pool.path)) as other:
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock…
+        h.pool._db.execute("PRAGMA busy_timeout=100")
+        with pytest.raises(Exception, match="locked"):
+            h.send(make_alert("cam-1", lat, lon))
+        other.execute("ROLLBACK")
+    assert not h.pool._index.events
+    assert h.send(make_alert("cam-1", lat, lon)) == [Outcome.ACCEPTED]
+
+
+def test_index_and_pool_agree_after_many_random_alerts(tmp_path: Path) -> None:
+    """Dedup decided by the index equals dedup decided from the rows themselves."""
+    import random
+
+    rng = random.Random(5)
+    h = Harness(tmp_path)
+    grids = GRIDS.by_prefix(GRIDS.communities()[0].code)[:4]
+    alerts = []
+    for i in range(300):
+        lat, lon = interior(rng.choice(grids))
+        north, east = rng.uniform(-200, 200), rng.uniform(-200, 200)
+        kind = rng.choice(["crowd_gathering", "zone_intrusion"])
+        alerts.append(make_alert(f"cam-{i % 7}", *offset(lat, lon, north, east), type=kind,
+                                 observed_at=past(rng.uniform(0, 3000)), seq=i))  # fmt: skip
+    for start in range(0, 300, 37):
+        h.send(*alerts[start : start + 37])
+    # every alert is within its type's radius and window of its event's first position/span
+    cat = h.catalogue
+    for atype, alat, alon, aobs, elat, elon, first, last in h.rows(
+        "SELECT a.type, a.lat, a.lon, a.observed_at, e.lat, e.lon, e.first_observed_at,"
+        " e.last_observed_at FROM alerts a JOIN events e ON e.id = a.event_id"
+    ):
+        wt = cat.types[str(atype)]
+        assert haversine_m(float(alat), float(alon), float(elat), float(elon)) <= wt.merge_radius_m
+        assert float(first) <= float(aobs) <= float(last)
+    [(pooled,)] = h.rows("SELECT count(*) FROM alerts")
+    assert h.rows("SELECT sum(alert_count) FROM events") == [(pooled,)]
+    assert h.rows("SELECT count(*) FROM out_of_area") == [(300 - int(str(pooled)),)]
+    assert int(str(pooled)) > 200
+    # a fresh writer rebuilds the same view
+    h.pool.close()
+    reloaded = EventPool(h.pool.path, cat, ref_lat=27.5)
+    assert len(reloaded._index.events) == h.rows("SELECT count(*) FROM events")[0][0]
