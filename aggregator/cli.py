@@ -339,7 +339,8 @@ def render_events(rows: Sequence[sqlite3.Row], title: str | None = None) -> Tabl
 
     catalogue = default_catalogue()
     table = Table(title=title, expand=False, header_style="bold")
-    for col in ("id", "time (UTC)", "type", "severity", "grid path", "alerts", "devices", "status"):
+    for col in ("id", "time (UTC)", "type", "severity", "community › grid", "alerts", "devices",
+                "status"):  # fmt: skip
         table.add_column(col, overflow="fold")
     colours = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "green"}
     for r in rows:
@@ -350,7 +351,7 @@ def render_events(rows: Sequence[sqlite3.Row], title: str | None = None) -> Tabl
             datetime.fromtimestamp(r["last_observed_at"], UTC).strftime("%H:%M:%S"),
             name,
             f"[{colours.get(r['severity'], '')}]{r['severity']}[/]",
-            r["address"],
+            " › ".join(r["address"].split(" › ")[-2:]),
             str(r["alert_count"]),
             r["devices"] or "",
             r["status"],
@@ -449,7 +450,7 @@ def cmd_grids(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from aggregator.demo import run_demo
+    from simulators.demo import run_demo
 
     return run_demo(args)
 
