@@ -1,6 +1,7 @@
-"""Write the JSON Schema of every v1 message to contract/schema/ (``python -m contract.schema_export``).
+"""Write the JSON Schema of every v1 message to contract/schema/.
 
-``--check`` exits 1 when the committed files differ from the models, naming the files.
+Run ``python -m contract.schema_export``; ``--check`` exits 1 when the committed files differ
+from the models, naming the files.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ def render() -> dict[str, str]:
         schema = model.model_json_schema(by_alias=True, mode="validation")
         schema["$id"] = f"https://community-warning-gateway.invalid/schema/{name}-v1.json"
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-        out[f"{name}-v1.json"] = json.dumps(schema, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+        out[f"{name}-v1.json"] = (
+            json.dumps(schema, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+        )
     return out
 
 

@@ -37,7 +37,9 @@ def interior(grid: Grid) -> tuple[float, float]:
     return p.y, p.x
 
 
-def offset(lat: float, lon: float, north_m: float = 0.0, east_m: float = 0.0) -> tuple[float, float]:
+def offset(
+    lat: float, lon: float, north_m: float = 0.0, east_m: float = 0.0
+) -> tuple[float, float]:
     return lat + north_m / 111_320.0, lon + east_m / (111_320.0 * np.cos(np.radians(lat)))
 
 

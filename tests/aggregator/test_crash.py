@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -84,7 +85,7 @@ class AggregatorProcess:
         with closing(connect(path, readonly=True)) as db:
             try:
                 return int(db.execute("SELECT count(*) FROM alerts").fetchone()[0])
-            except Exception:  # the schema is not created yet
+            except sqlite3.OperationalError:  # the schema is not created yet
                 return 0
 
     def connected(self) -> bool:

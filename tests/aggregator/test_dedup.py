@@ -36,7 +36,8 @@ def test_spatial_hash_never_misses_a_neighbour_within_the_radius(
         h.add("t", plat, plon, k)
     found = set(h.near("t", lat, lon))
     inside = {k for k, (a, b) in enumerate(points) if haversine_m(lat, lon, a, b) <= radius}
-    assert inside and inside <= found
+    assert inside
+    assert inside <= found
 
 
 def test_restart_reloads_open_events(tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 
 import pytest

@@ -100,7 +100,7 @@ def test_observed_at_is_normalised_to_utc_and_must_carry_a_zone() -> None:
     assert alert.observed_at == datetime(2026, 1, 1, tzinfo=UTC)
     assert alert.observed_at.utcoffset() == timedelta(0)
     with pytest.raises(ValidationError, match="timezone"):
-        _alert(observed_at=datetime(2026, 1, 1))  # noqa: DTZ001 - the point of the test
+        _alert(observed_at=datetime(2026, 1, 1))
 
 
 def test_strict_decoding_refuses_coercion() -> None:
@@ -138,7 +138,9 @@ def test_topics_build_and_parse() -> None:
     assert t.events == "city/longgang/v1/events"
     parsed = t.parse("city/longgang/v1/devices/cam-1/status")
     assert (parsed.device_id, parsed.channel) == ("cam-1", DeviceChannel.STATUS)
-    assert t.device_filter(DeviceChannel.ALERT, "agg") == "$share/agg/city/longgang/v1/devices/+/alert"
+    assert (
+        t.device_filter(DeviceChannel.ALERT, "agg") == "$share/agg/city/longgang/v1/devices/+/alert"
+    )
     for bad in (
         "city/longgang/v1/devices/cam-1",
         "city/longgang/v1/devices/cam-1/alert/x",
@@ -166,9 +168,11 @@ def test_catalogue_covers_every_required_type_with_every_field() -> None:
     assert set(cat.types) >= REQUIRED_TYPES
     for code, wt in cat.types.items():
         assert wt.code == code
-        assert wt.zh and wt.en
+        assert wt.zh
+        assert wt.en
         assert wt.department in cat.departments
-        assert wt.merge_radius_m > 0 and wt.merge_window_s > 0
+        assert wt.merge_radius_m > 0
+        assert wt.merge_window_s > 0
         assert timedelta(0) < wt.handling_deadline <= timedelta(days=5)
     # Appendix A items named in the design
     assert cat.types["street_vending"].appendix_item == 8
