@@ -1,0 +1,114 @@
+"""What every route needs, handed in by ``create_app`` and reached through FastAPI dependencies."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from aggregator.api.models import Problem
+from aggregator.auth import AuthError, AuthStore, Operator
+from aggregator.geo import GridIndex
+from aggregator.metrics import Metrics
+from aggregator.pool import EventPool, connect
+from aggregator.snapshots import SnapshotStore
+from aggregator.stream import StreamHub
+from contract import Catalogue, EventNoticeV1
+
+
+class Readers:
+    """Read-only pool connections, one per server thread (WAL: reads never wait for ingest)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path, readonly=True)
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+
+@dataclass
+class ApiContext:
+    pool_path: Path
+    catalogue: Catalogue
+    grids: GridIndex
+    snapshots: SnapshotStore
+    metrics: Metrics
+    hub: StreamHub
+    auth: AuthStore
+    broker_connected: Callable[[], bool]
+    on_notice: Callable[[EventNoticeV1], None] | None
+    readers: Readers
+    # Lifecycle writes go through a writer connection of the API's own: the ingest writer's
+    # connection is busy inside its batch transactions on another thread.
+    writer: EventPool
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+    grid_features: list[dict[str, Any]] = field(default_factory=list)
+
+
+def get_ctx(request: Request) -> ApiContext:
+    ctx: ApiContext = request.app.state.ctx
+    return ctx
+
+
+Ctx = Annotated[ApiContext, Depends(get_ctx)]
+
+_bearer = HTTPBearer(auto_error=False, description="token from POST /api/v1/auth/token")
+
+UNAUTHORIZED = HTTPException(
+    status.HTTP_401_UNAUTHORIZED,
+    "missing or invalid bearer token: log in with POST /api/v1/auth/token",
+    headers={"WWW-Authenticate": "Bearer"},
+)
+
+
+def current_operator(
+    ctx: Ctx, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Operator:
+    if creds is None or creds.scheme.lower() != "bearer":
+        raise UNAUTHORIZED
+    try:
+        return ctx.auth.resolve(creds.credentials)
+    except AuthError as exc:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, str(exc), headers={"WWW-Authenticate": "Bearer"}
+        ) from exc
+
+
+CurrentOperator = Annotated[Operator, Depends(current_operator)]
+
+
+def db(ctx: Ctx) -> sqlite3.Connection:
+    return ctx.readers.get()
+
+
+Db = Annotated[sqlite3.Connection, Depends(db)]
+
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "no token, or an invalid or expired one"},
+}
+SCOPED_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **AUTH_RESPONSES,
+    404: {"model": Problem, "description": "no such item in the caller's scope"},
+}

@@ -1,0 +1,431 @@
+"""Events of the community event pool: list (filters, sort, cursor), detail, lifecycle steps."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import sqlite3
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Body, HTTPException, Path, Query, status
+
+from aggregator.api.deps import SCOPED_RESPONSES, ApiContext, Ctx, CurrentOperator, Db
+from aggregator.api.models import (
+    Action,
+    AlertOut,
+    EventDetail,
+    EventDeviceOut,
+    EventItem,
+    EventPage,
+    EventSort,
+    Problem,
+    TimelineEntry,
+    TransitionOut,
+    TransitionRequest,
+)
+from aggregator.auth import Level, Operator
+from aggregator.errors import PoolError
+from aggregator.pool import summary_from_row
+from contract import (
+    EventNoticeV1,
+    EventStatus,
+    Location,
+    Severity,
+    utcnow,
+)
+from contract.messages import DEVICE_ID_PATTERN
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/api/v1/events", tags=["events"])
+
+GRID_PREFIX = r"^[0-9]{1,20}$"
+DEPARTMENT = r"^[a-z][a-z0-9_]{0,63}$"
+TYPE_CODE = r"^[a-z][a-z0-9_]{1,63}$"
+_SEVERITY_RANK_SQL = (
+    "(CASE e.severity WHEN 'low' THEN 0 WHEN 'medium' THEN 1 WHEN 'high' THEN 2 ELSE 3 END)"
+)
+_SORT_SQL = {
+    "registered_at": "e.registered_at",
+    "last_observed_at": "e.last_observed_at",
+    "severity": _SEVERITY_RANK_SQL,
+    "deadline_at": "e.deadline_at",
+}
+_STATUS_RANK = {s: i for i, s in enumerate(EventStatus)}
+
+
+def snapshot_url(sha: str | None) -> str | None:
+    return None if sha is None else f"/api/v1/snapshots/{sha}"
+
+
+def to_ts(value: datetime | None, name: str) -> float | None:
+    """UNIX seconds; naive datetimes are read as UTC. Out-of-range dates are a 400."""
+    if value is None:
+        return None
+    try:
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.timestamp()
+    except (OverflowError, ValueError, OSError) as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{name}: date out of range") from exc
+
+
+def _dt(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+def event_item(
+    row: sqlite3.Row, devices: list[str], ctx: ApiContext, now: float | None = None
+) -> EventItem:
+    summary = summary_from_row(row, devices, ctx.catalogue)
+    now = time.time() if now is None else now
+    return EventItem(
+        **summary.model_dump(),
+        address=row["address"],
+        device_count=row["device_count"],
+        updated_at=_dt(row["updated_at"]),
+        closed_at=_dt(row["closed_at"]) if row["closed_at"] is not None else None,
+        overdue=row["status"] != EventStatus.CLOSED.value and row["deadline_at"] < now,
+        snapshot_url=snapshot_url(row["snapshot_sha256"]),
+        version=row["version"],
+    )
+
+
+def devices_of(conn: sqlite3.Connection, ids: list[int]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    if not ids:
+        return out
+    marks = ",".join("?" * len(ids))
+    for row in conn.execute(
+        f"SELECT event_id, device_id FROM event_devices WHERE event_id IN ({marks})"
+        " ORDER BY event_id, first_alert_at, device_id",
+        ids,
+    ):
+        out.setdefault(row[0], []).append(row[1])
+    return out
+
+
+def scoped_event_row(
+    conn: sqlite3.Connection, operator: Operator, event_id: int
+) -> sqlite3.Row | None:
+    scope, params = operator.event_filter("e")
+    row: sqlite3.Row | None = conn.execute(
+        f"SELECT e.* FROM events e WHERE e.id = ? AND {scope}", [event_id, *params]
+    ).fetchone()
+    return row
+
+
+# -- cursor ----------------------------------------------------------------------------------
+
+
+def encode_cursor(payload: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(payload)).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> dict[str, Any]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        data = orjson.loads(raw)
+    except (binascii.Error, ValueError, orjson.JSONDecodeError) as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "invalid cursor") from exc
+    if not isinstance(data, dict):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "invalid cursor")
+    return data
+
+
+# -- routes ----------------------------------------------------------------------------------
+
+
+@router.get(
+    "",
+    response_model=EventPage,
+    responses={**SCOPED_RESPONSES, 400: {"model": Problem, "description": "bad cursor or date"}},
+    summary="List events in the caller's scope",
+)
+def list_events(
+    ctx: Ctx,
+    conn: Db,
+    operator: CurrentOperator,
+    status_: Annotated[
+        list[EventStatus] | None,
+        Query(alias="status", max_length=10, description="any of these statuses"),
+    ] = None,
+    type_: Annotated[
+        list[Annotated[str, Query(pattern=TYPE_CODE)]] | None,
+        Query(alias="type", max_length=100, description="warning type codes"),
+    ] = None,
+    severity: Annotated[list[Severity] | None, Query(max_length=10)] = None,
+    grid: Annotated[
+        str | None,
+        Query(pattern=GRID_PREFIX, description="grid code prefix: county, street, community, grid"),
+    ] = None,
+    department: Annotated[str | None, Query(pattern=DEPARTMENT)] = None,
+    device: Annotated[str | None, Query(pattern=DEVICE_ID_PATTERN)] = None,
+    since: Annotated[datetime | None, Query(description="observed at or after (RFC 3339)")] = None,
+    until: Annotated[datetime | None, Query(description="observed before (RFC 3339)")] = None,
+    open_only: Annotated[bool, Query(alias="open", description="only events not closed")] = False,
+    sort: EventSort = EventSort.REGISTERED_DESC,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> EventPage:
+    scope, params = operator.event_filter("e")
+    where: list[str] = [scope]
+    args: list[Any] = list(params)
+    if status_:
+        where.append(f"e.status IN ({','.join('?' * len(status_))})")
+        args += [s.value for s in status_]
+    if open_only:
+        where.append("e.status != 'closed'")
+    if type_:
+        where.append(f"e.type IN ({','.join('?' * len(type_))})")
+        args += type_
+    if severity:
+        where.append(f"e.severity IN ({','.join('?' * len(severity))})")
+        args += [s.value for s in severity]
+    if grid:
+        where.append(f"substr(e.grid_code, 1, {len(grid)}) = ?")
+        args.append(grid)
+    if department:
+        where.append("e.department = ?")
+        args.append(department)
+    if device:
+        where.append(
+            "EXISTS (SELECT 1 FROM event_devices d WHERE d.event_id = e.id AND d.device_id = ?)"
+        )
+        args.append(device)
+    t0, t1 = to_ts(since, "since"), to_ts(until, "until")
+    if t0 is not None:
+        where.append("e.last_observed_at >= ?")
+        args.append(t0)
+    if t1 is not None:
+        where.append("e.first_observed_at < ?")
+        args.append(t1)
+    descending = sort.value.startswith("-")
+    key = sort.value.lstrip("-")
+    expr = _SORT_SQL[key]
+    if cursor:
+        data = decode_cursor(cursor)
+        value, last_id = data.get("v"), data.get("i")
+        if (
+            data.get("s") != sort.value
+            or not isinstance(value, int | float)
+            or not isinstance(last_id, int)
+        ):
+            raise HTTPException(
+                status.HTTP_400_BAD_REQUEST, "invalid cursor (or sort changed between pages)"
+            )
+        where.append(f"({expr}, e.id) {'<' if descending else '>'} (?, ?)")
+        args += [value, last_id]
+    order = "DESC" if descending else "ASC"
+    rows = conn.execute(
+        f"SELECT e.*, {expr} AS sort_value FROM events e WHERE {' AND '.join(where)}"
+        f" ORDER BY sort_value {order}, e.id {order} LIMIT ?",
+        [*args, limit + 1],
+    ).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    devices = devices_of(conn, [r["id"] for r in rows])
+    now = time.time()
+    items = [event_item(r, devices.get(r["id"], []), ctx, now) for r in rows]
+    next_cursor = None
+    if more and rows:
+        last = rows[-1]
+        next_cursor = encode_cursor({"s": sort.value, "v": last["sort_value"], "i": last["id"]})
+    return EventPage(items=items, next_cursor=next_cursor)
+
+
+@router.get(
+    "/{event_id}",
+    response_model=EventDetail,
+    responses=SCOPED_RESPONSES,
+    summary="One event with its alerts, devices, snapshots and timeline",
+)
+def get_event(
+    ctx: Ctx,
+    conn: Db,
+    operator: CurrentOperator,
+    event_id: Annotated[int, Path(ge=1, le=2**62)],
+    alerts_limit: Annotated[int, Query(ge=1, le=2000)] = 200,
+) -> EventDetail:
+    row = scoped_event_row(conn, operator, event_id)
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no event {event_id} in your scope")
+    return _detail(ctx, conn, row, alerts_limit)
+
+
+def _detail(ctx: ApiContext, conn: sqlite3.Connection, row: sqlite3.Row, limit: int) -> EventDetail:
+    event_id = row["id"]
+    alert_rows = conn.execute(
+        "SELECT * FROM alerts WHERE event_id = ? ORDER BY observed_at, alert_id LIMIT ?",
+        (event_id, limit + 1),
+    ).fetchall()
+    truncated = len(alert_rows) > limit
+    alert_rows = alert_rows[:limit]
+    alerts = [
+        AlertOut(
+            alert_id=a["alert_id"],
+            device_id=a["device_id"],
+            seq=a["seq"],
+            type=a["type"],
+            severity=Severity(a["severity"]),
+            confidence=a["confidence"],
+            observed_at=_dt(a["observed_at"]),
+            received_at=_dt(a["received_at"]),
+            outcome=a["outcome"],
+            location=Location(lat=a["lat"], lon=a["lon"]),
+            grid_code=a["grid_code"],
+            snapshot_url=snapshot_url(a["snapshot_sha256"]),
+            payload=_payload(a["payload"]),
+        )
+        for a in alert_rows
+    ]
+    device_rows = conn.execute(
+        "SELECT ed.device_id, ed.first_alert_at, ed.alert_count, d.kind, d.state, d.last_seen"
+        " FROM event_devices ed LEFT JOIN devices d ON d.device_id = ed.device_id"
+        " WHERE ed.event_id = ? ORDER BY ed.first_alert_at, ed.device_id",
+        (event_id,),
+    ).fetchall()
+    devices = [
+        EventDeviceOut(
+            device_id=d["device_id"],
+            first_alert_at=_dt(d["first_alert_at"]),
+            alert_count=d["alert_count"],
+            kind=d["kind"],
+            state=d["state"],
+            last_seen=_dt(d["last_seen"]) if d["last_seen"] is not None else None,
+        )
+        for d in device_rows
+    ]
+    shas = [
+        r[0]
+        for r in conn.execute(
+            "SELECT DISTINCT snapshot_sha256 FROM alerts"
+            " WHERE event_id = ? AND snapshot_sha256 IS NOT NULL",
+            (event_id,),
+        )
+    ]
+    if row["snapshot_sha256"] and row["snapshot_sha256"] not in shas:
+        shas.insert(0, row["snapshot_sha256"])
+    elif row["snapshot_sha256"]:
+        shas.remove(row["snapshot_sha256"])
+        shas.insert(0, row["snapshot_sha256"])
+    timeline = [
+        TimelineEntry(
+            at=_dt(r["at"]),
+            kind="log",
+            action=r["action"],
+            actor=r["actor"],
+            detail=_json_object(r["detail"]),
+        )
+        for r in conn.execute(
+            "SELECT at, action, actor, detail FROM event_log WHERE event_id = ? ORDER BY at, id",
+            (event_id,),
+        )
+    ]
+    timeline += [
+        TimelineEntry(
+            at=a.observed_at,
+            kind="alert",
+            action=a.outcome,
+            actor=a.device_id,
+            detail={"alert_id": a.alert_id, "confidence": a.confidence, "seq": a.seq},
+        )
+        for a in alerts
+    ]
+    timeline.sort(key=lambda t: t.at)
+    item = event_item(row, [d.device_id for d in devices], ctx)
+    return EventDetail(
+        **item.model_dump(),
+        alerts=alerts,
+        alerts_truncated=truncated,
+        devices=devices,
+        snapshot_urls=[u for u in (snapshot_url(s) for s in shas) if u],
+        timeline=timeline,
+    )
+
+
+def _json_object(raw: str | bytes) -> dict[str, Any]:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {"text": raw if isinstance(raw, str) else raw.decode("utf-8", "replace")}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def _payload(raw: bytes) -> dict[str, Any]:
+    return _json_object(raw)
+
+
+@router.post(
+    "/{event_id}/{action}",
+    response_model=TransitionOut,
+    responses={
+        **SCOPED_RESPONSES,
+        400: {"model": Problem, "description": "closing without a handling summary"},
+        403: {"model": Problem, "description": "this level may not take this step"},
+        409: {"model": Problem, "description": "the event is closed or already past this step"},
+    },
+    summary="Move an event along its lifecycle: verify, dispatch, handle, close",
+)
+def transition(
+    ctx: Ctx,
+    conn: Db,
+    operator: CurrentOperator,
+    event_id: Annotated[int, Path(ge=1, le=2**62)],
+    action: Action,
+    body: Annotated[TransitionRequest | None, Body()] = None,
+) -> TransitionOut:
+    note = (body.note if body else "").strip()
+    row = scoped_event_row(conn, operator, event_id)
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no event {event_id} in your scope")
+    if operator.level is Level.DEPARTMENT and action in (Action.VERIFY, Action.DISPATCH):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "verifying and dispatching are the community's steps (Longgang 7.1, 7.3)",
+        )
+    if action is Action.CLOSE and not note:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            "closing needs a handling summary in 'note' (Longgang 8.5)",
+        )
+    target = action.target
+    current = EventStatus(row["status"])
+    if _STATUS_RANK[target] <= _STATUS_RANK[current]:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"event {event_id} is {current.value}; it cannot move to {target.value}",
+        )
+    with ctx.write_lock:
+        try:
+            done = ctx.writer.set_status(event_id, target, operator.username, note)
+        except PoolError as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    log.info("event %s %s -> %s by %s", event_id, current, target, operator.username)
+    fresh = scoped_event_row(conn, operator, event_id)
+    assert fresh is not None
+    item = event_item(fresh, devices_of(conn, [event_id]).get(event_id, []), ctx)
+    notice = EventNoticeV1(
+        change="closed" if target is EventStatus.CLOSED else "updated",
+        event=summary_from_row(fresh, item.device_ids, ctx.catalogue),
+        at=utcnow(),
+    )
+    ctx.hub.publish_notice(notice)
+    if ctx.on_notice is not None:
+        try:
+            ctx.on_notice(notice)
+        except Exception:
+            # The step is committed; a failed side channel must not turn it into an error.
+            log.exception("notice hook failed for event %s", event_id)
+    return TransitionOut(
+        event_id=event_id,
+        from_status=EventStatus(done["from"]),
+        to_status=target,
+        at=_dt(done["at"]),
+        actor=operator.username,
+        event=item,
+    )

@@ -1,0 +1,194 @@
+"""The live stream over WebSocket (``/api/v1/stream``) and Server-Sent Events
+(``/api/v1/stream/sse``). Browsers cannot set headers on either, so the token travels as
+``?token=``; the filters (``grid``, ``type``, ``severity``, ``kind``) apply on the server,
+always inside the operator's own scope."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request, WebSocket, status
+from fastapi.responses import StreamingResponse
+from starlette.responses import Response
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from aggregator.api.deps import AUTH_RESPONSES, ApiContext, Ctx
+from aggregator.api.events import GRID_PREFIX
+from aggregator.api.models import Problem
+from aggregator.auth import AuthError, Operator
+from aggregator.stream import DROPPED_CLOSE_CODE, DROPPED_MESSAGE, StreamClient, StreamFilter
+from contract import Severity
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/api/v1/stream", tags=["stream"])
+
+_GRID = re.compile(GRID_PREFIX)
+_TYPE = re.compile(r"^[a-z][a-z0-9_]{1,63}$")
+_KINDS = {"event", "alert"}
+POLICY_VIOLATION = 1008
+
+
+class FilterError(ValueError):
+    pass
+
+
+def parse_filter(
+    grid: str | None, types: list[str], severities: list[str], kinds: list[str]
+) -> StreamFilter:
+    if grid and not _GRID.match(grid):
+        raise FilterError("grid must be a grid code prefix (digits)")
+    for t in types:
+        if not _TYPE.match(t):
+            raise FilterError(f"bad type {t!r}")
+    try:
+        sev = frozenset(Severity(s) for s in severities)
+    except ValueError as exc:
+        raise FilterError(f"severity must be one of {[s.value for s in Severity]}") from exc
+    if not set(kinds) <= _KINDS:
+        raise FilterError(f"kind must be among {sorted(_KINDS)}")
+    return StreamFilter(
+        grid=grid or "",
+        types=frozenset(types),
+        severities=sev,
+        kinds=frozenset(kinds) if kinds else frozenset(_KINDS),
+    )
+
+
+def _resolve(ctx: ApiContext, token: str | None) -> Operator:
+    if not token:
+        raise AuthError("missing token: pass ?token=<bearer token>")
+    return ctx.auth.resolve(token)
+
+
+@router.websocket("")
+async def stream_ws(websocket: WebSocket) -> None:
+    ctx: ApiContext = websocket.app.state.ctx
+    q = websocket.query_params
+    try:
+        operator = await asyncio.to_thread(_resolve, ctx, q.get("token"))
+        flt = parse_filter(q.get("grid"), q.getlist("type"), q.getlist("severity"),
+                           q.getlist("kind"))  # fmt: skip
+    except AuthError as exc:
+        await _deny(websocket, status.HTTP_401_UNAUTHORIZED, str(exc))
+        return
+    except FilterError as exc:
+        await _deny(websocket, status.HTTP_400_BAD_REQUEST, str(exc))
+        return
+    await websocket.accept()
+    client = ctx.hub.connect(operator, flt)
+    receiver = asyncio.create_task(_drain_incoming(websocket))
+    try:
+        while True:
+            getter = asyncio.create_task(client.queue.get())
+            done, _ = await asyncio.wait({getter, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                break  # the browser went away
+            text = getter.result()
+            await websocket.send_text(text)
+            client.sent += 1
+            if text is DROPPED_MESSAGE and client.dropped:
+                await websocket.close(DROPPED_CLOSE_CODE, "slow consumer")
+                break
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass  # the socket closed under us; nothing left to tell
+    finally:
+        receiver.cancel()
+        ctx.hub.disconnect(client)
+        if websocket.application_state is WebSocketState.CONNECTED:
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                await websocket.close()
+
+
+async def _drain_incoming(websocket: WebSocket) -> None:
+    """Read (and ignore) what the client sends, so its close is noticed at once."""
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+    except (WebSocketDisconnect, RuntimeError):
+        return
+
+
+async def _deny(websocket: WebSocket, code: int, detail: str) -> None:
+    # With the HTTP-response extension the handshake is refused with a real 401/400; otherwise
+    # the socket closes with 1008 (policy violation) before it is accepted.
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        body = Problem(detail=detail).model_dump_json().encode()
+        await websocket.send_denial_response(
+            Response(body, status_code=code, media_type="application/json")
+        )
+    else:
+        await websocket.close(POLICY_VIOLATION, detail[:120])
+
+
+@router.get(
+    "/sse",
+    response_class=StreamingResponse,
+    responses={
+        **AUTH_RESPONSES,
+        400: {"model": Problem, "description": "bad filter"},
+        200: {"content": {"text/event-stream": {}}, "description": "the live stream"},
+    },
+    summary="The live stream as Server-Sent Events (same messages as the WebSocket)",
+)
+async def stream_sse(
+    request: Request,
+    ctx: Ctx,
+    token: Annotated[str, Query(min_length=1, max_length=256)],
+    grid: Annotated[str | None, Query(pattern=GRID_PREFIX)] = None,
+    type_: Annotated[list[str] | None, Query(alias="type")] = None,
+    severity: Annotated[list[Severity] | None, Query()] = None,
+    kind: Annotated[list[str] | None, Query()] = None,
+    max_seconds: Annotated[
+        float, Query(gt=0, le=86400, description="end the stream after this long")
+    ] = 3600,
+) -> StreamingResponse:
+    try:
+        operator = await asyncio.to_thread(_resolve, ctx, token)
+    except AuthError as exc:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, str(exc), headers={"WWW-Authenticate": "Bearer"}
+        ) from exc
+    try:
+        flt = parse_filter(grid, type_ or [], [s.value for s in severity or []], kind or [])
+    except FilterError as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from exc
+    client = ctx.hub.connect(operator, flt)
+    return StreamingResponse(
+        _sse(request, ctx, client, max_seconds),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _sse(
+    request: Request, ctx: ApiContext, client: StreamClient, max_seconds: float
+) -> AsyncIterator[str]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max_seconds
+    try:
+        yield ": connected\n\n"
+        while loop.time() < deadline:
+            try:
+                text = await asyncio.wait_for(
+                    client.queue.get(), timeout=min(15.0, deadline - loop.time())
+                )
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return
+                yield ": keep-alive\n\n"
+                continue
+            yield f"data: {text}\n\n"
+            client.sent += 1
+            if text is DROPPED_MESSAGE and client.dropped:
+                return
+    finally:
+        ctx.hub.disconnect(client)

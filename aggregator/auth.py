@@ -1,0 +1,519 @@
+"""Operator accounts and graded access (GB/T 34300 §7.2: 一级一权限、一机一帐号、一人一密码).
+
+Every operator has an account of their own with an argon2 password hash, kept in the pool file
+beside the events it grants access to (tables ``operators`` and ``operator_tokens``). An account
+has a level and a scope:
+
+=============  ===========================================================================
+level          sees
+=============  ===========================================================================
+admin          everything, including dead letters and out-of-area reports
+county         events whose grid code starts with its 6-digit county code
+street         … its 9-digit street code
+community      … its 12-digit community code
+department     events routed to its department (catalogue code), optionally within a prefix
+=============  ===========================================================================
+
+Logging in (``POST /api/v1/auth/token``) issues a random bearer token; only its SHA-256 is
+stored, with an expiry. No account exists until an administrator provisions one with
+``gateway accounts add``; only development mode (``CWG_DEV=1``) creates ``admin``/``admin`` for
+the demo, and says so loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import hashlib
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from aggregator.errors import AggregatorError
+from aggregator.pool import connect
+
+__all__ = [
+    "DEV_ENV",
+    "AccountError",
+    "AuthError",
+    "AuthStore",
+    "IssuedToken",
+    "Level",
+    "Operator",
+    "create_account",
+    "dev_mode",
+    "main_accounts",
+]
+
+log = logging.getLogger(__name__)
+
+DEV_ENV = "CWG_DEV"
+MIN_PASSWORD_LENGTH = 10
+USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{1,63}$")
+DEPARTMENT_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS operators (
+    username            TEXT PRIMARY KEY,
+    level               TEXT NOT NULL CHECK (level IN
+                          ('admin','county','street','community','department')),
+    scope_code          TEXT NOT NULL DEFAULT '',   -- grid code prefix; '' = every grid
+    department          TEXT,                       -- catalogue department code
+    display_name        TEXT NOT NULL,
+    password_hash       TEXT NOT NULL,              -- argon2id, PHC string
+    disabled            INTEGER NOT NULL DEFAULT 0,
+    created_at          REAL NOT NULL,
+    password_changed_at REAL NOT NULL,
+    last_login_at       REAL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS operator_tokens (
+    token_hash   TEXT PRIMARY KEY,                  -- sha256 of the bearer token, hex
+    username     TEXT NOT NULL REFERENCES operators(username),
+    issued_at    REAL NOT NULL,
+    expires_at   REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS operator_tokens_user ON operator_tokens(username);
+"""
+
+
+class AuthError(AggregatorError):
+    """Credentials or a token were refused; the message is safe to show to the caller."""
+
+
+class AccountError(AggregatorError):
+    """An account could not be created or changed; the message says why."""
+
+
+class Level(StrEnum):
+    ADMIN = "admin"
+    COUNTY = "county"  # 县级
+    STREET = "street"  # 街道 / 片区
+    COMMUNITY = "community"  # 社区
+    DEPARTMENT = "department"  # 主管部门 (whistle events routed to it)
+
+
+# Digits of the grid code each area level fixes (see aggregator.geo).
+SCOPE_LENGTH = {Level.COUNTY: 6, Level.STREET: 9, Level.COMMUNITY: 12}
+
+
+def dev_mode() -> bool:
+    return os.environ.get(DEV_ENV, "") == "1"
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    """An authenticated operator and what they may see."""
+
+    username: str
+    level: Level
+    scope_code: str
+    department: str | None
+    display_name: str
+    disabled: bool = False
+
+    @property
+    def is_admin(self) -> bool:
+        return self.level is Level.ADMIN
+
+    def sees_grid(self, grid_code: str) -> bool:
+        """Whether a grid (or any code below it) lies in this operator's area."""
+        return grid_code.startswith(self.scope_code)
+
+    def sees_event(self, grid_code: str, department: str) -> bool:
+        if not self.sees_grid(grid_code):
+            return False
+        return self.level is not Level.DEPARTMENT or department == self.department
+
+    def narrows(self, prefix: str) -> bool:
+        """Whether a requested prefix overlaps this operator's area at all."""
+        return prefix.startswith(self.scope_code) or self.scope_code.startswith(prefix)
+
+    def event_filter(self, alias: str = "e") -> tuple[str, list[str]]:
+        """A SQL condition (and its parameters) keeping only the events this operator sees."""
+        clauses: list[str] = []
+        params: list[str] = []
+        if self.scope_code:
+            clauses.append(f"substr({alias}.grid_code, 1, {len(self.scope_code)}) = ?")
+            params.append(self.scope_code)
+        if self.level is Level.DEPARTMENT:
+            clauses.append(f"{alias}.department = ?")
+            params.append(self.department or "")
+        return (" AND ".join(clauses) or "1=1"), params
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    token: str
+    expires_at: datetime
+    operator: Operator
+
+
+def _token_hash(token: str) -> str:
+    # Tokens are 256 random bits: a fast hash is enough to make a stolen table useless.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _row_operator(row: sqlite3.Row) -> Operator:
+    return Operator(
+        username=row["username"],
+        level=Level(row["level"]),
+        scope_code=row["scope_code"],
+        department=row["department"],
+        display_name=row["display_name"],
+        disabled=bool(row["disabled"]),
+    )
+
+
+def check_scope(level: Level, scope_code: str, department: str | None) -> None:
+    """Raise AccountError unless level, scope and department fit together."""
+    if scope_code and (not scope_code.isascii() or not scope_code.isdigit()):
+        raise AccountError(f"scope {scope_code!r} must be a grid code prefix (ASCII digits)")
+    if level is Level.ADMIN:
+        if scope_code or department:
+            raise AccountError("an admin account has neither scope nor department")
+    elif level is Level.DEPARTMENT:
+        if not department or not DEPARTMENT_PATTERN.match(department):
+            raise AccountError("a department account needs --department <catalogue code>")
+        if scope_code and len(scope_code) not in SCOPE_LENGTH.values():
+            raise AccountError(
+                f"a department's scope must be a county, street or community code, "
+                f"not {len(scope_code)} digits"
+            )
+    else:
+        if department:
+            raise AccountError(f"a {level.value} account has no department")
+        want = SCOPE_LENGTH[level]
+        if len(scope_code) != want:
+            raise AccountError(
+                f"a {level.value} account needs a {want}-digit {level.value} code as its scope, "
+                f"got {scope_code!r}"
+            )
+
+
+class AuthStore:
+    """Accounts and tokens in the pool file. Thread-safe; one connection behind a lock."""
+
+    def __init__(
+        self,
+        pool_path: Path | str,
+        *,
+        token_ttl: timedelta = timedelta(hours=12),
+        hasher: PasswordHasher | None = None,
+    ) -> None:
+        self.path = Path(pool_path)
+        self.token_ttl = token_ttl
+        self._hasher = hasher or PasswordHasher()
+        self._lock = threading.Lock()
+        self._db = connect(self.path)
+        self._db.executescript(_SCHEMA)
+        # Verifying against this when the user is unknown keeps the answer time the same, so
+        # timing does not reveal which usernames exist.
+        self._dummy_hash = self._hasher.hash(secrets.token_hex(16))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- accounts -------------------------------------------------------------------------
+
+    def create_account(
+        self,
+        username: str,
+        level: Level | str,
+        *,
+        scope_code: str = "",
+        department: str | None = None,
+        display_name: str | None = None,
+        password: str | None = None,
+        allow_weak_password: bool = False,
+    ) -> tuple[Operator, str]:
+        """Add an account; returns it and its password (generated when none is given)."""
+        level = Level(level)
+        if not USERNAME_PATTERN.match(username):
+            raise AccountError(
+                f"username {username!r} must be 2-64 letters, digits or _.@- "
+                "and start with a letter or digit"
+            )
+        check_scope(level, scope_code, department)
+        if password is None:
+            password = secrets.token_urlsafe(12)
+        elif not allow_weak_password and (
+            len(password) < MIN_PASSWORD_LENGTH or password.casefold() == username.casefold()
+        ):
+            raise AccountError(
+                f"password refused: at least {MIN_PASSWORD_LENGTH} characters and not the "
+                "username (omit it to have one generated)"
+            )
+        now = time.time()
+        password_hash = self._hasher.hash(password)
+        try:
+            with self._lock:
+                self._db.execute(
+                    "INSERT INTO operators(username, level, scope_code, department, display_name,"
+                    " password_hash, created_at, password_changed_at) VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        username,
+                        level.value,
+                        scope_code,
+                        department,
+                        display_name or username,
+                        password_hash,
+                        now,
+                        now,
+                    ),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise AccountError(f"account {username!r} already exists") from exc
+        log.info("operator account %s created level=%s scope=%s", username, level, scope_code)
+        operator = Operator(username, level, scope_code, department, display_name or username)
+        return operator, password
+
+    def accounts(self) -> list[Operator]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM operators ORDER BY username").fetchall()
+        return [_row_operator(r) for r in rows]
+
+    def account(self, username: str) -> Operator | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM operators WHERE username=?", (username,)
+            ).fetchone()
+        return None if row is None else _row_operator(row)
+
+    def set_disabled(self, username: str, disabled: bool) -> None:
+        """Disable (and log out everywhere) or re-enable an account."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE operators SET disabled=? WHERE username=?", (int(disabled), username)
+            )
+            if cur.rowcount == 0:
+                raise AccountError(f"no account {username!r}")
+            if disabled:
+                self._db.execute("DELETE FROM operator_tokens WHERE username=?", (username,))
+        log.info("operator account %s %s", username, "disabled" if disabled else "enabled")
+
+    def set_password(self, username: str, password: str | None = None) -> str:
+        if password is None:
+            password = secrets.token_urlsafe(12)
+        elif len(password) < MIN_PASSWORD_LENGTH or password.casefold() == username.casefold():
+            raise AccountError(f"password refused: at least {MIN_PASSWORD_LENGTH} characters")
+        password_hash = self._hasher.hash(password)
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE operators SET password_hash=?, password_changed_at=? WHERE username=?",
+                (password_hash, time.time(), username),
+            )
+            if cur.rowcount == 0:
+                raise AccountError(f"no account {username!r}")
+            self._db.execute("DELETE FROM operator_tokens WHERE username=?", (username,))
+        return password
+
+    def ensure_dev_admin(self) -> str | None:
+        """In development mode only: create ``admin``/``admin`` if no account exists yet.
+
+        Returns a line to print, or None when nothing was created."""
+        if not dev_mode():
+            return None
+        with self._lock:
+            count = self._db.execute("SELECT count(*) FROM operators").fetchone()[0]
+        if count:
+            return None
+        self.create_account(
+            "admin",
+            Level.ADMIN,
+            display_name="Demo administrator",
+            password="admin",  # noqa: S106 - development mode only, announced loudly
+            allow_weak_password=True,
+        )
+        message = (
+            f"{DEV_ENV}=1: created the demo account admin/admin. Never run like this in "
+            "production: unset CWG_DEV and provision accounts with `gateway accounts add`."
+        )
+        log.warning("%s", message)
+        return message
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    def login(self, username: str, password: str) -> IssuedToken:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM operators WHERE username=?", (username,)
+            ).fetchone()
+        stored = row["password_hash"] if row is not None else self._dummy_hash
+        try:
+            self._hasher.verify(stored, password)
+            ok = row is not None
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            ok = False
+        if not ok or row is None:
+            log.info("login refused for %r", username)
+            raise AuthError("wrong username or password")
+        if row["disabled"]:
+            raise AuthError("this account is disabled")
+        # Hashes made with older (cheaper) parameters are upgraded while the password is known.
+        rehashed = self._hasher.hash(password) if self._hasher.check_needs_rehash(stored) else None
+        token = secrets.token_urlsafe(32)
+        now = time.time()
+        expires = now + self.token_ttl.total_seconds()
+        with self._lock:
+            # Expired tokens are swept at login: the table stays as small as the live sessions.
+            self._db.execute("DELETE FROM operator_tokens WHERE expires_at < ?", (now,))
+            self._db.execute(
+                "INSERT INTO operator_tokens(token_hash, username, issued_at, expires_at)"
+                " VALUES (?,?,?,?)",
+                (_token_hash(token), username, now, expires),
+            )
+            self._db.execute(
+                "UPDATE operators SET last_login_at=? WHERE username=?", (now, username)
+            )
+            if rehashed is not None:
+                self._db.execute(
+                    "UPDATE operators SET password_hash=? WHERE username=?", (rehashed, username)
+                )
+        log.info("operator %s logged in", username)
+        return IssuedToken(token, datetime.fromtimestamp(expires, UTC), _row_operator(row))
+
+    def resolve(self, token: str) -> Operator:
+        """The operator a bearer token belongs to; AuthError if unknown, expired or disabled."""
+        if not token or len(token) > 256:
+            raise AuthError("invalid token")
+        with self._lock:
+            row = self._db.execute(
+                "SELECT o.*, t.expires_at FROM operator_tokens t"
+                " JOIN operators o ON o.username = t.username WHERE t.token_hash=?",
+                (_token_hash(token),),
+            ).fetchone()
+        if row is None:
+            raise AuthError("invalid token")
+        if row["expires_at"] < time.time():
+            raise AuthError("token expired; log in again")
+        if row["disabled"]:
+            raise AuthError("this account is disabled")
+        return _row_operator(row)
+
+    def revoke(self, token: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "DELETE FROM operator_tokens WHERE token_hash=?", (_token_hash(token),)
+            )
+
+
+def create_account(
+    pool_path: Path | str,
+    username: str,
+    level: Level | str,
+    *,
+    scope_code: str = "",
+    department: str | None = None,
+    display_name: str | None = None,
+    password: str | None = None,
+) -> tuple[Operator, str]:
+    """Provision one operator account in the pool file; returns it and its password."""
+    store = AuthStore(pool_path)
+    try:
+        return store.create_account(
+            username,
+            level,
+            scope_code=scope_code,
+            department=department,
+            display_name=display_name,
+            password=password,
+        )
+    finally:
+        store.close()
+
+
+# -- CLI: gateway accounts add|list|disable|enable|passwd ------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gateway accounts",
+        description="Operator accounts of the dashboard and API: one person, one account.",
+    )
+    p.add_argument(
+        "--pool",
+        type=Path,
+        default=None,
+        help="pool file (default: the aggregator's, from CWG_DATA_DIR / CWG_POOL_PATH)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    add = sub.add_parser("add", help="create an account; prints its password once")
+    add.add_argument("username")
+    add.add_argument("--level", required=True, choices=[lv.value for lv in Level])
+    add.add_argument(
+        "--scope", default="", help="grid code prefix: county 6, street 9 or community 12 digits"
+    )
+    add.add_argument("--department", default=None, help="department code from the catalogue")
+    add.add_argument("--name", default=None, help="display name")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    sub.add_parser("list", help="list accounts")
+    for name, text in (("disable", "disable an account and end its sessions"),
+                       ("enable", "enable a disabled account"),
+                       ("passwd", "set a new (generated) password")):  # fmt: skip
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("username")
+    return p
+
+
+def _default_pool() -> Path:
+    from aggregator.config import Settings
+
+    return Settings().pool  # type: ignore[call-arg]  # every field has a default or env
+
+
+def main_accounts(argv: Sequence[str] | None = None) -> int:
+    """``gateway accounts …``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    pool: Path = args.pool or _default_pool()
+    store = AuthStore(pool)
+    try:
+        if args.command == "add":
+            password = None
+            if args.password_stdin:
+                password = sys.stdin.readline().rstrip("\n") or getpass.getpass()
+            operator, password = store.create_account(
+                args.username,
+                args.level,
+                scope_code=args.scope,
+                department=args.department,
+                display_name=args.name,
+                password=password,
+            )
+            print(f"created {operator.level.value} account {operator.username}")
+            if not args.password_stdin:
+                print(f"password (shown once): {password}")
+        elif args.command == "list":
+            print(f"{'username':<24} {'level':<11} {'scope':<14} {'department':<12} state")
+            for op in store.accounts():
+                state = "disabled" if op.disabled else "active"
+                print(
+                    f"{op.username:<24} {op.level.value:<11} {op.scope_code or '*':<14} "
+                    f"{op.department or '-':<12} {state}"
+                )
+        elif args.command in ("disable", "enable"):
+            store.set_disabled(args.username, args.command == "disable")
+            print(f"{args.username} {args.command}d")
+        elif args.command == "passwd":
+            print(f"new password for {args.username} (shown once): "
+                  f"{store.set_password(args.username)}")  # fmt: skip
+    except AccountError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    return 0

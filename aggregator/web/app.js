@@ -1,0 +1,709 @@
+/* Community event pool dashboard: login, live event list, grid map, event detail with lifecycle
+ * steps, device board. Plain JS, no dependencies, nothing loaded from outside this server.
+ * Data is always inserted with textContent / attributes, never as HTML. */
+"use strict";
+
+const API = "/api/v1";
+
+const I18N = {
+  zh: {
+    title: "社区事件池", subtitle: "智慧社区预警 · 5.4", tab_events: "事件", tab_devices: "设备",
+    live: "实时", offline: "离线", live_title: "实时推送连接", logout: "退出",
+    login_title: "操作员登录", login_hint: "一人一帐号、一人一密码（GB/T 34300）",
+    username: "用户名", password: "密码", login: "登录", login_failed: "登录失败",
+    f_type: "类型", f_severity: "等级", f_status: "状态", f_community: "社区", all: "全部",
+    no_events: "暂无事件", more: "更多",
+    sev_critical: "特急", sev_high: "紧急", sev_medium: "较急", sev_low: "一般",
+    st_registered: "已登记", st_verified: "已核实", st_dispatched: "已吹哨派单",
+    st_handling: "处置中", st_closed: "已办结",
+    a_verify: "核实", a_dispatch: "吹哨派单", a_handle: "处置", a_close: "办结",
+    note: "备注 / 办结说明（办结必填）", overdue: "超时", open: "未办结", total: "事件",
+    alerts_n: "预警", devices_n: "设备",
+    k_status: "状态", k_severity: "等级", k_department: "责任部门", k_address: "事发位置",
+    k_description: "问题描述", k_observed: "发现时间", k_registered: "登记时间",
+    k_deadline: "处置时限", k_alerts: "预警数", k_devices: "设备", k_grid: "网格编码",
+    k_recurrence: "复发自事件",
+    h_alerts: "预警记录", h_timeline: "处置时间线", h_snapshots: "实时照片",
+    c_device: "设备", c_time: "时间", c_conf: "置信度", c_outcome: "结果",
+    accepted: "立案", merged: "合并", registered: "登记",
+    devices_title: "设备状态", d_device: "设备", d_kind: "类型", d_state: "状态",
+    d_last_seen: "最后通信", d_grid: "网格", d_health: "运行状况", d_alerts: "预警",
+    d_rejected: "拒收", online: "在线", offline_state: "离线", unknown: "未知",
+    camera: "摄像头", sensor: "传感器", hub: "网关",
+    no_snapshot: "无照片", error: "出错了", dropped: "实时推送过慢，已重新连接",
+    ago_s: "秒前", ago_m: "分钟前", ago_h: "小时前", ago_d: "天前",
+  },
+  en: {
+    title: "Community event pool", subtitle: "Smart-community warnings · 5.4",
+    tab_events: "Events", tab_devices: "Devices", live: "Live", offline: "Offline",
+    live_title: "live stream connection", logout: "Log out",
+    login_title: "Operator login", login_hint: "One person, one account, one password (GB/T 34300)",
+    username: "Username", password: "Password", login: "Log in", login_failed: "Login failed",
+    f_type: "Type", f_severity: "Severity", f_status: "Status", f_community: "Community",
+    all: "All", no_events: "No events", more: "More",
+    sev_critical: "Critical", sev_high: "High", sev_medium: "Medium", sev_low: "Low",
+    st_registered: "Registered", st_verified: "Verified", st_dispatched: "Dispatched",
+    st_handling: "Handling", st_closed: "Closed",
+    a_verify: "Verify", a_dispatch: "Dispatch", a_handle: "Handle", a_close: "Close",
+    note: "Note / closing summary (required to close)", overdue: "Overdue", open: "Open",
+    total: "Events", alerts_n: "alerts", devices_n: "devices",
+    k_status: "Status", k_severity: "Severity", k_department: "Department",
+    k_address: "Location", k_description: "Description", k_observed: "Observed",
+    k_registered: "Registered", k_deadline: "Deadline", k_alerts: "Alerts", k_devices: "Devices",
+    k_grid: "Grid code", k_recurrence: "Recurrence of",
+    h_alerts: "Alerts", h_timeline: "Timeline", h_snapshots: "Snapshots",
+    c_device: "Device", c_time: "Time", c_conf: "Conf.", c_outcome: "Outcome",
+    accepted: "opened", merged: "merged", registered: "registered",
+    devices_title: "Device status", d_device: "Device", d_kind: "Kind", d_state: "State",
+    d_last_seen: "Last seen", d_grid: "Grid", d_health: "Health", d_alerts: "Alerts",
+    d_rejected: "Rejected", online: "online", offline_state: "offline", unknown: "unknown",
+    camera: "camera", sensor: "sensor", hub: "hub",
+    no_snapshot: "No snapshot", error: "Error", dropped: "Live stream too slow; reconnected",
+    ago_s: "s ago", ago_m: "min ago", ago_h: "h ago", ago_d: "d ago",
+  },
+};
+const SEVERITIES = ["critical", "high", "medium", "low"];
+const STATUSES = ["registered", "verified", "dispatched", "handling", "closed"];
+const ACTIONS = [
+  ["verify", "verified"], ["dispatch", "dispatched"], ["handle", "handling"], ["close", "closed"],
+];
+
+const state = {
+  lang: localStorage.getItem("cwg.lang") || "zh",
+  token: sessionStorage.getItem("cwg.token"),
+  operator: null,
+  events: new Map(), // event_id → EventItem, in the current filter
+  order: [], // event ids as listed
+  cursor: null,
+  selected: null,
+  grids: null,
+  types: new Map(), // code → {zh, en}
+  departments: new Map(), // code → {zh, en}
+  places: new Map(), // county / street / community / grid code → {zh, en}
+  ws: null,
+  wsRetry: 0,
+  tab: "events",
+  deviceTimer: null,
+  blobUrls: [],
+};
+
+// -- small helpers --------------------------------------------------------------------------
+
+const $ = (id) => document.getElementById(id);
+const t = (key) => (I18N[state.lang][key] ?? key);
+
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElementNS(
+    tag === "svg" || attrs.svg ? "http://www.w3.org/2000/svg" : "http://www.w3.org/1999/xhtml",
+    tag,
+  );
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "svg" || v === null || v === undefined || v === false) continue;
+    if (k === "class") el.setAttribute("class", v);
+    else if (k === "text") el.textContent = v;
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+const svg = (tag, attrs = {}, ...c) => h(tag, { ...attrs, svg: true }, ...c);
+
+function fmtTime(iso) {
+  if (!iso) return "—";
+  const d = new Date(iso);
+  return d.toLocaleString(state.lang === "zh" ? "zh-CN" : "en-GB", { hour12: false });
+}
+function ago(iso) {
+  const s = Math.max(0, (Date.now() - new Date(iso).getTime()) / 1000);
+  if (s < 60) return `${Math.round(s)} ${t("ago_s")}`;
+  if (s < 3600) return `${Math.round(s / 60)} ${t("ago_m")}`;
+  if (s < 86400) return `${Math.round(s / 3600)} ${t("ago_h")}`;
+  return `${Math.round(s / 86400)} ${t("ago_d")}`;
+}
+const typeName = (ev) => (state.lang === "zh" ? ev.type_zh : ev.type_en) || ev.type;
+const placeName = (level) => { const p = state.places.get(level.code); return (p && p[state.lang]) || level.name; };
+const addressOf = (ev) => ev.grid_path.map(placeName).join(" › ");
+const departmentName = (code) => { const d = state.departments.get(code); return d ? d[state.lang] : code; };
+
+function learnPlaces() {
+  state.places.clear();
+  for (const f of state.grids?.features ?? []) {
+    const p = f.properties;
+    for (const level of ["county", "street", "community"]) {
+      const zh = p[`${level}_name`];
+      state.places.set(p[`${level}_code`], { zh, en: p[`${level}_name_en`] || zh });
+    }
+    state.places.set(p.code, { zh: p.name, en: p.name_en || p.name });
+  }
+}
+
+class HttpError extends Error {
+  constructor(status, detail) { super(detail); this.status = status; }
+}
+
+async function api(path, { method = "GET", body, raw = false } = {}) {
+  const headers = {};
+  if (state.token) headers.Authorization = `Bearer ${state.token}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const res = await fetch(API + path, {
+    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (res.status === 401 && state.token) { logout(); throw new HttpError(401, "logged out"); }
+  if (!res.ok) {
+    let detail = res.statusText;
+    try { detail = (await res.json()).detail; } catch (_) { /* not JSON */ }
+    throw new HttpError(res.status, typeof detail === "string" ? detail : JSON.stringify(detail));
+  }
+  if (raw) return res;
+  return res.status === 204 ? null : res.json();
+}
+
+// -- i18n -------------------------------------------------------------------------------------
+
+function applyLang() {
+  document.documentElement.lang = state.lang === "zh" ? "zh-CN" : "en";
+  for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
+  for (const el of document.querySelectorAll("[data-i18n-title]")) el.title = t(el.dataset.i18nTitle);
+  $("lang").textContent = state.lang === "zh" ? "EN" : "中文";
+  $("live-text").textContent = t(state.ws && state.ws.readyState === 1 ? "live" : "offline");
+  if (state.operator) {
+    fillFilters();
+    renderList();
+    drawMap();
+    if (state.selected) openDetail(state.selected, false);
+    if (state.tab === "devices") loadDevices();
+    loadSummary();
+  }
+}
+
+// -- login ------------------------------------------------------------------------------------
+
+async function login(ev) {
+  ev.preventDefault();
+  $("login-error").textContent = "";
+  try {
+    const res = await fetch(`${API}/auth/token`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ username: $("username").value, password: $("password").value }),
+    });
+    const data = await res.json();
+    if (!res.ok) throw new Error(data.detail || t("login_failed"));
+    state.token = data.access_token;
+    sessionStorage.setItem("cwg.token", state.token);
+    $("password").value = "";
+    await start();
+  } catch (err) {
+    $("login-error").textContent = `${t("login_failed")}: ${err.message}`;
+  }
+}
+
+function logout() {
+  const token = state.token;
+  state.token = null;
+  state.operator = null;
+  sessionStorage.removeItem("cwg.token");
+  if (token) fetch(`${API}/auth/logout`, { method: "POST", headers: { Authorization: `Bearer ${token}` } }).catch(() => {});
+  if (state.ws) { state.ws.onclose = null; state.ws.close(); state.ws = null; }
+  clearInterval(state.deviceTimer);
+  setLive(false);
+  $("login-view").hidden = false;
+  $("events-view").hidden = true;
+  $("devices-view").hidden = true;
+  $("tabs").hidden = true;
+  $("logout").hidden = true;
+  $("who").textContent = "";
+}
+
+async function start() {
+  try {
+    state.operator = await api("/auth/me");
+  } catch (_) {
+    logout();
+    return;
+  }
+  const op = state.operator;
+  $("who").textContent = `${op.display_name} · ${op.level}${op.scope_code ? " " + op.scope_code : ""}${op.department ? " " + op.department : ""}`;
+  $("login-view").hidden = true;
+  $("tabs").hidden = false;
+  $("logout").hidden = false;
+  showTab("events");
+  const [grids, catalogue] = await Promise.all([api("/grids"), api("/catalogue")]);
+  state.grids = grids;
+  learnPlaces();
+  for (const ty of catalogue.types) state.types.set(ty.code, { zh: ty.zh, en: ty.en });
+  for (const d of catalogue.departments) state.departments.set(d.code, { zh: d.zh, en: d.en });
+  fillFilters();
+  fitMap();
+  await loadEvents(true);
+  loadSummary();
+  connectStream();
+}
+
+// -- filters and list -------------------------------------------------------------------------
+
+function fillFilters() {
+  const keep = (sel) => sel.value;
+  const typeSel = $("f-type"), sevSel = $("f-severity"), stSel = $("f-status"), comSel = $("f-community");
+  const values = [keep(typeSel), keep(sevSel), keep(stSel), keep(comSel)];
+  for (const sel of [typeSel, sevSel, stSel, comSel]) sel.replaceChildren(h("option", { value: "", text: t("all") }));
+  for (const [code, names] of state.types) typeSel.append(h("option", { value: code, text: names[state.lang] }));
+  for (const s of SEVERITIES) sevSel.append(h("option", { value: s, text: t("sev_" + s) }));
+  for (const s of STATUSES) stSel.append(h("option", { value: s, text: t("st_" + s) }));
+  const communities = new Map();
+  for (const f of state.grids?.features ?? []) {
+    const p = f.properties;
+    communities.set(p.community_code, state.lang === "zh" ? p.community_name : (p.community_name_en || p.community_name));
+  }
+  for (const [code, name] of [...communities].sort()) comSel.append(h("option", { value: code, text: name }));
+  [typeSel.value, sevSel.value, stSel.value, comSel.value] = values;
+}
+
+function filterParams() {
+  const p = new URLSearchParams();
+  for (const [name, id] of [["type", "f-type"], ["severity", "f-severity"], ["status", "f-status"], ["grid", "f-community"]]) {
+    const v = $(id).value;
+    if (v) p.set(name, v);
+  }
+  return p;
+}
+
+function matchesFilters(ev) {
+  const p = filterParams();
+  if (p.get("type") && ev.type !== p.get("type")) return false;
+  if (p.get("severity") && ev.severity !== p.get("severity")) return false;
+  if (p.get("status") && ev.status !== p.get("status")) return false;
+  if (p.get("grid") && !ev.grid_code.startsWith(p.get("grid"))) return false;
+  return true;
+}
+
+async function loadEvents(reset) {
+  const params = filterParams();
+  params.set("limit", "100");
+  if (!reset && state.cursor) params.set("cursor", state.cursor);
+  const page = await api(`/events?${params}`);
+  if (reset) { state.events.clear(); state.order = []; }
+  for (const ev of page.items) {
+    rememberType(ev);
+    if (!state.events.has(ev.event_id)) state.order.push(ev.event_id);
+    state.events.set(ev.event_id, ev);
+  }
+  state.cursor = page.next_cursor;
+  $("more").hidden = !state.cursor;
+  if (reset && state.types.size) fillFilters();
+  renderList();
+  drawMarkers();
+}
+
+function rememberType(ev) {
+  if (!state.types.has(ev.type)) {
+    state.types.set(ev.type, { zh: ev.type_zh, en: ev.type_en });
+    fillFilters();
+  }
+}
+
+function renderList(freshId) {
+  const list = $("event-list");
+  list.replaceChildren(...state.order.map((id) => eventRow(state.events.get(id), id === freshId)));
+  $("list-empty").hidden = state.order.length > 0;
+}
+
+function eventRow(ev, fresh) {
+  const grid = ev.grid_path[ev.grid_path.length - 1];
+  const community = ev.grid_path.find((g) => g.level === "community");
+  const where = `${community ? placeName(community) + " › " : ""}${placeName(grid)}`;
+  const badges = [];
+  if (ev.status === "closed") badges.push(h("span", { class: "badge closed", text: t("st_closed") }));
+  else if (ev.overdue) badges.push(h("span", { class: "badge overdue", text: t("overdue") }));
+  else badges.push(h("span", { class: "badge", text: t("st_" + ev.status) }));
+  return h("li", {
+    class: `event${fresh ? " fresh" : ""}${ev.event_id === state.selected ? " selected" : ""}`,
+    "data-event-id": ev.event_id,
+    onclick: () => openDetail(ev.event_id, true),
+  },
+  h("span", { class: `bar ${ev.severity}` }),
+  h("span", { class: "name" }, typeName(ev), ...badges),
+  h("span", { class: "when", text: ago(ev.last_observed_at) }),
+  h("span", { class: "where", text: `#${ev.event_id} · ${where} · ${ev.alert_count} ${t("alerts_n")}` }));
+}
+
+async function loadSummary() {
+  try {
+    const s = await api("/stats");
+    $("summary").replaceChildren(
+      h("div", { class: "stat" }, h("b", { text: s.events }), h("span", { text: t("total") })),
+      h("div", { class: "stat" }, h("b", { text: s.open_events }), h("span", { text: t("open") })),
+      h("div", { class: "stat overdue" }, h("b", { text: s.overdue_events }), h("span", { text: t("overdue") })),
+    );
+    for (const ty of s.by_type) if (!state.types.has(ty.type)) state.types.set(ty.type, { zh: ty.zh, en: ty.en });
+  } catch (_) { /* the summary is a nicety */ }
+}
+
+// -- live stream ------------------------------------------------------------------------------
+
+function setLive(on) {
+  $("live").classList.toggle("on", on);
+  $("live").classList.toggle("off", !on);
+  $("live-text").textContent = t(on ? "live" : "offline");
+}
+
+function connectStream() {
+  if (!state.token) return;
+  const proto = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(`${proto}//${location.host}${API}/stream?token=${encodeURIComponent(state.token)}`);
+  state.ws = ws;
+  ws.onopen = () => { state.wsRetry = 0; setLive(true); };
+  ws.onmessage = (m) => {
+    let msg;
+    try { msg = JSON.parse(m.data); } catch (_) { return; }
+    if (msg.kind === "event") onEventNotice(msg);
+    else if (msg.kind === "dropped") console.warn(t("dropped"));
+  };
+  ws.onclose = (e) => {
+    setLive(false);
+    if (!state.token) return;
+    // Dropped as a slow consumer (1013) or a network blip: reconnect, and reload the list so
+    // nothing missed while away stays missing.
+    const delay = Math.min(10000, 500 * 2 ** state.wsRetry++);
+    setTimeout(() => { if (state.token) { loadEvents(true).catch(() => {}); connectStream(); } }, e.code === 1013 ? 200 : delay);
+  };
+}
+
+function onEventNotice(msg) {
+  const summary = msg.event;
+  rememberType(summary);
+  const known = state.events.get(summary.event_id);
+  const ev = { ...(known || {}), ...summary };
+  ev.overdue = ev.status !== "closed" && new Date(ev.deadline_at) < new Date();
+  ev.snapshot_url = summary.snapshot_sha256 ? `${API}/snapshots/${summary.snapshot_sha256}` : null;
+  if (!matchesFilters(ev)) {
+    if (known) { state.events.delete(ev.event_id); state.order = state.order.filter((id) => id !== ev.event_id); renderList(); }
+    return;
+  }
+  state.events.set(ev.event_id, ev);
+  if (!known) state.order.unshift(ev.event_id);
+  renderList(msg.change === "created" ? ev.event_id : undefined);
+  const cell = state.grids?.features.find((f) => f.id === ev.grid_code);
+  if (cell && (msg.change === "created" || msg.change === "closed")) {
+    // Keep the grid shading in step with the stream instead of reloading the polygons.
+    const p = cell.properties;
+    if (msg.change === "created") { p.event_count += 1; p.open_event_count += 1; }
+    else p.open_event_count = Math.max(0, p.open_event_count - 1);
+    drawMap();
+  }
+  drawMarkers(msg.change === "created" ? ev.event_id : undefined);
+  if (state.selected === ev.event_id) openDetail(ev.event_id, false);
+  loadSummary();
+}
+
+// -- map --------------------------------------------------------------------------------------
+
+// touched: the operator panned or zoomed; until then the map keeps fitting its panel.
+const view = { k: 1, tx: 0, ty: 0, lon0: 0, lat0: 0, cos: 1, touched: false };
+
+function project(lon, lat) {
+  return [(lon - view.lon0) * view.cos * 1e4, -(lat - view.lat0) * 1e4];
+}
+
+function fitMap() {
+  const box = state.grids?.bbox;
+  const el = $("map");
+  if (!box) return;
+  const [w, s, e, n] = box;
+  view.lon0 = (w + e) / 2;
+  view.lat0 = (s + n) / 2;
+  view.cos = Math.cos((view.lat0 * Math.PI) / 180);
+  const width = el.clientWidth || 800, height = el.clientHeight || 600;
+  const [x0, y0] = project(w, n), [x1, y1] = project(e, s);
+  view.k = 0.92 * Math.min(width / (x1 - x0 || 1), height / (y1 - y0 || 1));
+  view.tx = width / 2 - ((x0 + x1) / 2) * view.k;
+  view.ty = height / 2 - ((y0 + y1) / 2) * view.k;
+  drawMap();
+}
+
+function ringPath(ring) {
+  return ring.map(([lon, lat], i) => { const [x, y] = project(lon, lat); return `${i ? "L" : "M"}${x.toFixed(2)},${y.toFixed(2)}`; }).join("") + "Z";
+}
+function geometryPath(g) {
+  const polys = g.type === "Polygon" ? [g.coordinates] : g.coordinates;
+  return polys.map((rings) => rings.map(ringPath).join("")).join("");
+}
+
+function drawMap() {
+  const el = $("map");
+  if (!state.grids) return;
+  const layer = svg("g", { id: "world", transform: `translate(${view.tx},${view.ty}) scale(${view.k})` });
+  const cells = svg("g", { id: "grids" });
+  const labels = svg("g", { id: "labels" });
+  const communities = new Map();
+  const active = $("f-community").value;
+  for (const f of state.grids.features) {
+    const p = f.properties;
+    const open = p.open_event_count > 0;
+    cells.append(svg("path", {
+      d: geometryPath(f.geometry),
+      class: `gridcell${open ? " has-open" : ""}${active && p.community_code === active ? " active" : ""}`,
+      "data-code": p.code,
+      onmousemove: (e) => tip(e, `${state.lang === "zh" ? p.name : p.name_en || p.name}\n${p.code}\n${t("open")}: ${p.open_event_count} / ${t("total")}: ${p.event_count}`),
+      onmouseleave: () => { $("map-tip").hidden = true; },
+    }));
+    const c = communities.get(p.community_code) || { n: 0, x: 0, y: 0, name: state.lang === "zh" ? p.community_name : p.community_name_en || p.community_name };
+    const ring = f.geometry.type === "Polygon" ? f.geometry.coordinates[0] : f.geometry.coordinates[0][0];
+    for (const [lon, lat] of ring) { const [x, y] = project(lon, lat); c.x += x; c.y += y; c.n++; }
+    communities.set(p.community_code, c);
+  }
+  for (const c of communities.values()) {
+    labels.append(svg("text", { x: c.x / c.n, y: c.y / c.n, "text-anchor": "middle", class: "community-label", "font-size": 13 / view.k, "stroke-width": 3 / view.k, text: c.name }));
+  }
+  layer.append(cells, labels, svg("g", { id: "markers" }));
+  el.replaceChildren(layer);
+  drawMarkers();
+}
+
+function drawMarkers(pulseId) {
+  const layer = document.getElementById("markers");
+  if (!layer) return;
+  const r = 7 / view.k;
+  const nodes = [];
+  for (const id of [...state.order].reverse()) {
+    const ev = state.events.get(id);
+    const [x, y] = project(ev.location.lon, ev.location.lat);
+    if (id === pulseId) nodes.push(svg("circle", { cx: x, cy: y, r: r * 2.6, class: "pulse" }));
+    nodes.push(svg("circle", {
+      cx: x, cy: y, r, class: `marker ${ev.severity}${ev.status === "closed" ? " closed" : ""}${id === state.selected ? " selected" : ""}`,
+      "data-event-id": id,
+      onclick: (e) => { e.stopPropagation(); openDetail(id, true); },
+      onmousemove: (e) => tip(e, `#${id} ${typeName(ev)}\n${addressOf(ev)}`),
+      onmouseleave: () => { $("map-tip").hidden = true; },
+    }));
+  }
+  layer.replaceChildren(...nodes);
+}
+
+function tip(e, text) {
+  const box = $("map").getBoundingClientRect();
+  const el = $("map-tip");
+  el.hidden = false;
+  el.replaceChildren(...text.split("\n").flatMap((line, i) => (i ? [h("br"), line] : [line])));
+  el.style.left = `${e.clientX - box.left + 12}px`;
+  el.style.top = `${e.clientY - box.top + 12}px`;
+}
+
+function refit() {
+  if (state.grids && !view.touched) requestAnimationFrame(fitMap);
+}
+
+function zoomAt(factor, cx, cy) {
+  view.touched = true;
+  const k = Math.max(0.05, Math.min(view.k * factor, 2000));
+  factor = k / view.k;
+  view.tx = cx - (cx - view.tx) * factor;
+  view.ty = cy - (cy - view.ty) * factor;
+  view.k = k;
+  drawMap();
+}
+
+function setupMapControls() {
+  const el = $("map");
+  let drag = null;
+  el.addEventListener("wheel", (e) => {
+    e.preventDefault();
+    const box = el.getBoundingClientRect();
+    zoomAt(e.deltaY < 0 ? 1.2 : 1 / 1.2, e.clientX - box.left, e.clientY - box.top);
+  }, { passive: false });
+  el.addEventListener("pointerdown", (e) => { drag = { x: e.clientX, y: e.clientY, tx: view.tx, ty: view.ty }; el.classList.add("dragging"); });
+  window.addEventListener("pointermove", (e) => {
+    if (!drag) return;
+    const dx = e.clientX - drag.x, dy = e.clientY - drag.y;
+    if (!view.touched && Math.hypot(dx, dy) < 4) return; // a click, not a drag
+    view.touched = true;
+    view.tx = drag.tx + dx;
+    view.ty = drag.ty + dy;
+    const world = document.getElementById("world");
+    if (world) world.setAttribute("transform", `translate(${view.tx},${view.ty}) scale(${view.k})`);
+  });
+  window.addEventListener("pointerup", () => { drag = null; el.classList.remove("dragging"); });
+  const centre = () => [el.clientWidth / 2, el.clientHeight / 2];
+  $("zoom-in").onclick = () => zoomAt(1.5, ...centre());
+  $("zoom-out").onclick = () => zoomAt(1 / 1.5, ...centre());
+  $("zoom-fit").onclick = () => { view.touched = false; fitMap(); };
+  window.addEventListener("resize", refit);
+}
+
+// -- detail -----------------------------------------------------------------------------------
+
+async function openDetail(id, fromClick) {
+  state.selected = id;
+  for (const el of document.querySelectorAll(".event.selected, .marker.selected")) el.classList.remove("selected");
+  for (const el of document.querySelectorAll(`[data-event-id="${id}"]`)) el.classList.add("selected");
+  let d;
+  try {
+    d = await api(`/events/${id}`);
+  } catch (err) {
+    $("d-body").replaceChildren(h("p", { class: "error", text: `${t("error")}: ${err.message}` }));
+    return;
+  }
+  if (state.selected !== id) return;
+  if ($("detail").hidden) { $("detail").hidden = false; refit(); }
+  $("d-title").textContent = `#${d.event_id} ${typeName(d)}`;
+  for (const u of state.blobUrls) URL.revokeObjectURL(u);
+  state.blobUrls = [];
+
+  const img = h("img", { class: "snapshot", id: "d-snapshot", alt: t("h_snapshots") });
+  const thumbs = h("div", { class: "thumbs" });
+  if (d.snapshot_url) showSnapshot(img, d.snapshot_url);
+  else img.replaceWith(h("p", { class: "muted", text: t("no_snapshot") }));
+  if (d.snapshot_urls.length > 1) {
+    for (const url of d.snapshot_urls) {
+      const th = h("img", { alt: "", class: url === d.snapshot_url ? "current" : "" });
+      th.onclick = () => { showSnapshot(img, url); for (const x of thumbs.children) x.classList.toggle("current", x === th); };
+      loadBlob(url).then((u) => { th.src = u; }).catch(() => {});
+      thumbs.append(th);
+    }
+  }
+  const facts = h("dl", { class: "facts" });
+  const fact = (k, v) => facts.append(h("dt", { text: t(k) }), h("dd", {}, v));
+  fact("k_status", h("span", {}, t("st_" + d.status), d.overdue ? h("span", { class: "badge overdue", text: t("overdue") }) : null));
+  fact("k_severity", t("sev_" + d.severity));
+  fact("k_department", departmentName(d.department));
+  fact("k_address", addressOf(d));
+  fact("k_grid", d.grid_code);
+  fact("k_description", d.description);
+  fact("k_observed", `${fmtTime(d.first_observed_at)} – ${fmtTime(d.last_observed_at)}`);
+  fact("k_registered", fmtTime(d.registered_at));
+  fact("k_deadline", fmtTime(d.deadline_at));
+  fact("k_alerts", `${d.alert_count} · ${d.device_count} ${t("devices_n")}: ${d.devices.map((x) => x.device_id).join(", ")}`);
+  if (d.recurrence_of) fact("k_recurrence", `#${d.recurrence_of}`);
+
+  const note = h("textarea", { id: "d-note", placeholder: t("note"), maxlength: 2000 });
+  const rank = STATUSES.indexOf(d.status);
+  const buttons = h("div", { class: "buttons" }, ACTIONS.map(([action, target]) => h("button", {
+    type: "button",
+    "data-action": action,
+    disabled: STATUSES.indexOf(target) <= rank,
+    text: t("a_" + action),
+    onclick: () => transition(d.event_id, action, note.value),
+  })));
+  const actionError = h("p", { class: "error", id: "d-action-error" });
+  const actions = d.status === "closed" ? null : h("div", { class: "actions" }, note, buttons, actionError);
+
+  const alerts = h("table", { class: "small" },
+    h("thead", {}, h("tr", {}, ["c_device", "c_time", "c_conf", "c_outcome"].map((k) => h("th", { text: t(k) })))),
+    h("tbody", {}, d.alerts.map((a) => h("tr", {},
+      h("td", { text: a.device_id }), h("td", { text: fmtTime(a.observed_at) }),
+      h("td", { text: a.confidence.toFixed(2) }), h("td", { text: t(a.outcome) }))))
+  );
+  const timeline = h("ol", { class: "timeline" }, d.timeline.map((e) => h("li", {},
+    h("time", { text: fmtTime(e.at) }),
+    e.kind === "alert" ? `${e.actor} · ${t(e.action)}` : `${e.actor} · ${e.action.startsWith("status:") ? t("st_" + e.action.slice(7)) : t(e.action)}${e.detail && e.detail.note ? " — " + e.detail.note : ""}`)));
+
+  $("d-body").replaceChildren(
+    img, thumbs, facts, actions,
+    h("h3", { text: t("h_alerts") }), alerts,
+    h("h3", { text: t("h_timeline") }), timeline,
+  );
+  if (fromClick) {
+    const row = document.querySelector(`.event[data-event-id="${id}"]`);
+    if (row) row.scrollIntoView({ block: "nearest" });
+  }
+}
+
+async function loadBlob(url) {
+  const res = await fetch(url, { headers: { Authorization: `Bearer ${state.token}` } });
+  if (!res.ok) throw new HttpError(res.status, res.statusText);
+  const u = URL.createObjectURL(await res.blob());
+  state.blobUrls.push(u);
+  return u;
+}
+
+function showSnapshot(img, url) {
+  loadBlob(url).then((u) => { img.src = u; }).catch(() => { img.alt = t("no_snapshot"); });
+}
+
+async function transition(id, action, note) {
+  try {
+    await api(`/events/${id}/${action}`, { method: "POST", body: { note } });
+    // The stream brings the new state to every other operator; this one refreshes at once.
+    const ev = await api(`/events/${id}`);
+    state.events.set(id, ev);
+    renderList();
+    drawMarkers();
+    await openDetail(id, false);
+    loadSummary();
+  } catch (err) {
+    const el = $("d-action-error");
+    if (el) el.textContent = `${t("error")}: ${err.message}`;
+  }
+}
+
+// -- devices ----------------------------------------------------------------------------------
+
+async function loadDevices() {
+  let data;
+  try { data = await api("/devices"); } catch (_) { return; }
+  $("device-counts").textContent = `${t("online")} ${data.online} · ${t("offline_state")} ${data.offline} · ${t("unknown")} ${data.unknown}`;
+  $("device-rows").replaceChildren(...data.items.map((d) => {
+    const hl = d.health || {};
+    const health = [
+      hl.fps != null ? `${hl.fps} fps` : null,
+      hl.inference_ms != null ? `${hl.inference_ms} ms` : null,
+      hl.outbox_depth != null ? `outbox ${hl.outbox_depth}` : null,
+      hl.version ? `v${hl.version}` : null,
+    ].filter(Boolean).join(" · ");
+    const stateKey = d.state === "offline" ? "offline_state" : d.state;
+    return h("tr", { "data-device-id": d.device_id },
+      h("td", { text: d.device_id }),
+      h("td", { text: d.kind ? t(d.kind) : "—" }),
+      h("td", {}, h("span", { class: `state ${d.state}`, text: t(stateKey) + (d.state_reason ? ` (${d.state_reason})` : "") })),
+      h("td", { text: ago(d.last_seen), title: fmtTime(d.last_seen) }),
+      h("td", { text: d.grid_code || "—" }),
+      h("td", { text: health || "—" }),
+      h("td", { text: d.alerts_total }),
+      h("td", { text: d.rejected_total }));
+  }));
+}
+
+function showTab(tab) {
+  state.tab = tab;
+  for (const b of document.querySelectorAll(".tab")) b.classList.toggle("active", b.dataset.tab === tab);
+  $("events-view").hidden = tab !== "events";
+  $("devices-view").hidden = tab !== "devices";
+  clearInterval(state.deviceTimer);
+  if (tab === "devices") {
+    loadDevices();
+    state.deviceTimer = setInterval(loadDevices, 10000);
+  } else {
+    refit();
+  }
+}
+
+// -- wiring -----------------------------------------------------------------------------------
+
+function init() {
+  $("login-form").addEventListener("submit", login);
+  $("logout").onclick = logout;
+  $("lang").onclick = () => {
+    state.lang = state.lang === "zh" ? "en" : "zh";
+    localStorage.setItem("cwg.lang", state.lang);
+    applyLang();
+  };
+  for (const b of document.querySelectorAll(".tab")) b.onclick = () => showTab(b.dataset.tab);
+  $("filters").addEventListener("change", () => { loadEvents(true).catch(() => {}); drawMap(); });
+  $("more").onclick = () => loadEvents(false);
+  $("d-close").onclick = () => {
+    $("detail").hidden = true;
+    state.selected = null;
+    for (const el of document.querySelectorAll(".selected")) el.classList.remove("selected");
+    refit();
+  };
+  setupMapControls();
+  applyLang();
+  setInterval(() => { if (state.operator && state.tab === "events") renderList(); }, 30000);
+  if (state.token) start();
+}
+
+init();

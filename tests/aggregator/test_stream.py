@@ -1,0 +1,196 @@
+"""The live stream (WebSocket and SSE) fed by the real ingest pipeline."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from aggregator.api.server import Service
+
+from .conftest import grid_in_community, interior, make_alert, offset, wait_until
+from .operator_support import COMMUNITY_A, COMMUNITY_B, Api, publish, running_service
+
+
+@pytest.fixture
+def service(broker: Any, tmp_path: Path) -> Iterator[Service]:
+    with running_service(broker, tmp_path) as s:
+        yield s
+
+
+@pytest.fixture
+def api(service: Service) -> Iterator[Api]:
+    a = Api(service.url)
+    yield a
+    a.close()
+
+
+def ws_url(service: Service, token: str | None, **params: str) -> str:
+    query = httpx.QueryParams({**({"token": token} if token else {}), **params})
+    return f"{service.url.replace('http', 'ws', 1)}/api/v1/stream?{query}"
+
+
+def collect(ws: ClientConnection, seconds: float) -> list[dict[str, Any]]:
+    """Every message that arrives within ``seconds``."""
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + seconds
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            out.append(orjson.loads(ws.recv(timeout=remaining)))
+        except TimeoutError:
+            break
+    return out
+
+
+def until(ws: ClientConnection, pred: Any, seconds: float = 3.0) -> dict[str, Any]:
+    deadline = time.monotonic() + seconds
+    while (remaining := deadline - time.monotonic()) > 0:
+        msg: dict[str, Any] = orjson.loads(ws.recv(timeout=remaining))
+        if pred(msg):
+            return msg
+    raise AssertionError("no matching stream message in time")
+
+
+def read_until_closed(ws: ClientConnection) -> tuple[list[dict[str, Any]], ConnectionClosed]:
+    received: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            received.append(orjson.loads(ws.recv(timeout=5)))
+        except ConnectionClosed as exc:
+            return received, exc
+    raise AssertionError("the server never closed the slow client's socket")
+
+
+def test_stream_is_scoped_filtered_and_carries_events_alerts_and_lifecycle(
+    broker: Any, service: Service, api: Api
+) -> None:
+    with (
+        connect(ws_url(service, api.token("comm_a"))) as comm_a,
+        connect(ws_url(service, api.token("comm_b"))) as comm_b,
+        connect(ws_url(service, api.token("admin"), type="smoke_fire")) as admin_fire,
+        connect(ws_url(service, api.token("police"))) as police,
+    ):
+        wait_until(lambda: service.hub.client_count == 4, what="four stream clients")
+        lat, lon = interior(grid_in_community(0, 4))
+        publish(broker, make_alert("cam-001", lat, lon, type="smoke_fire"))
+        publish(broker, make_alert("cam-002", *interior(grid_in_community(1, 4)), type="gas_leak"))
+        first = until(comm_a, lambda m: m["kind"] == "event")
+        publish(broker, make_alert("cam-002", *offset(lat, lon, east_m=20), seq=2))  # merges
+
+        got_a = [first, *collect(comm_a, 2.0)]
+        kinds = [(m["kind"], m.get("change") or m.get("outcome")) for m in got_a]
+        assert kinds.count(("event", "created")) == 1
+        assert kinds.count(("event", "updated")) == 1
+        assert ("alert", "accepted") in kinds
+        assert ("alert", "merged") in kinds
+        for m in got_a:
+            code = m["event"]["grid_code"] if m["kind"] == "event" else m["grid_code"]
+            assert code.startswith(COMMUNITY_A)
+        notice = next(m for m in got_a if m.get("change") == "created")
+        assert notice["schema"] == "event/v1"
+        created = notice["event"]
+        assert created["type"] == "smoke_fire"
+
+        got_b = collect(comm_b, 0.5)
+        assert {m["event"]["type"] for m in got_b if m["kind"] == "event"} == {"gas_leak"}
+        assert all(
+            (m["event"]["grid_code"] if m["kind"] == "event" else m["grid_code"]).startswith(
+                COMMUNITY_B
+            )
+            for m in got_b
+        )
+        got_admin = collect(admin_fire, 0.5)
+        assert got_admin
+        assert {m["event"]["type"] if m["kind"] == "event" else m["type"] for m in got_admin} == {
+            "smoke_fire"
+        }
+        assert collect(police, 0.5) == []  # neither fire nor gas is the police's
+
+        # An operator's lifecycle step reaches the stream too.
+        r = api.post(f"/api/v1/events/{created['event_id']}/verify", "comm_a")
+        assert r.status_code == 200
+        step = until(comm_a, lambda m: m["kind"] == "event" and m["change"] == "updated")
+        assert step["event"]["status"] == "verified"
+        assert collect(comm_b, 0.3) == []
+
+
+def test_stream_refuses_missing_bad_token_and_bad_filters(service: Service, api: Api) -> None:
+    for url in (ws_url(service, None), ws_url(service, "forged-token")):
+        with pytest.raises(InvalidStatus) as info, connect(url):
+            pass
+        assert info.value.response.status_code == 401
+    with (
+        pytest.raises(InvalidStatus) as info,
+        connect(ws_url(service, api.token("admin"), grid="x")),
+    ):
+        pass
+    assert info.value.response.status_code == 400
+    r = api.http.get("/api/v1/stream/sse", params={"token": "forged"})
+    assert r.status_code == 401
+
+
+def test_slow_consumer_is_dropped_told_why_and_ingest_goes_on(broker: Any, tmp_path: Path) -> None:
+    # Queue of one message: the event and the alert outcome of a single alert already overflow.
+    with running_service(broker, tmp_path, stream_queue=1) as service:
+        api = Api(service.url)
+        try:
+            with connect(ws_url(service, api.token("admin"))) as ws:
+                wait_until(lambda: service.hub.client_count == 1, what="the stream client")
+                cam = broker.client("cam-001")
+                alerts = [
+                    make_alert(
+                        "cam-001", *interior(grid_in_community(0, i)), type="thrown_object", seq=i
+                    )
+                    for i in range(10)
+                ]
+                codes = cam.publish_many(
+                    broker.topics.alert("cam-001"), [a.to_json() for a in alerts]
+                )
+                assert not any(c.is_failure for c in codes)
+                received, closed = read_until_closed(ws)
+                assert received[-1] == {"kind": "dropped", "reason": "slow consumer"}
+                assert closed.rcvd is not None
+                assert closed.rcvd.code == 1013
+            # Ingest did not wait for the slow client: every alert is pooled.
+            items = wait_until(
+                lambda: (lambda xs: xs if len(xs) >= 10 else None)(
+                    api.get("/api/v1/events", "admin", type="thrown_object").json()["items"]
+                ),
+                what="ten events",
+            )
+            assert len(items) == 10
+            assert "cwg_stream_dropped_clients_total 1" in api.get("/metrics").text
+        finally:
+            api.close()
+
+
+def test_server_sent_events(broker: Any, service: Service, api: Api) -> None:
+    params = {"token": api.token("comm_a"), "max_seconds": "5"}
+    with httpx.stream(
+        "GET", f"{service.url}/api/v1/stream/sse", params=params, timeout=10
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = response.iter_lines()
+        assert next(lines) == ": connected"
+        publish(
+            broker, make_alert("cam-001", *interior(grid_in_community(0, 1)), type="smoke_alarm")
+        )
+        for line in lines:
+            if line.startswith("data: "):
+                message = orjson.loads(line[6:])
+                break
+        else:
+            raise AssertionError("the stream ended without a message")
+    assert message["kind"] in {"event", "alert"}
+    assert service.hub.client_count == 0 or wait_until(
+        lambda: service.hub.client_count == 0, what="SSE client gone"
+    )

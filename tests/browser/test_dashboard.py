@@ -1,0 +1,170 @@
+"""The dashboard in a real headless Chromium against the real service, broker and pool."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+
+from aggregator.api.server import Service
+from contract import DeviceState, Health, StatusV1
+from tests.aggregator.conftest import grid_in_community, interior, jpeg, make_alert
+from tests.aggregator.operator_support import (
+    COMMUNITY_A,
+    PASSWORD,
+    publish,
+    running_service,
+)
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail("Chromium is missing: apt-get install -y chromium")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def service(broker: Any, tmp_path: Path) -> Iterator[Service]:
+    with running_service(broker, tmp_path) as s:
+        yield s
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1440, "height": 900}, locale="zh-CN")
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    # Everything the page needs comes from the service itself: refuse anything else.
+    outside: list[str] = []
+
+    def only_local(route: Route) -> None:
+        url = route.request.url
+        if url.startswith(("http://127.0.0.1", "data:", "blob:")):
+            route.continue_()
+        else:
+            outside.append(url)
+            route.abort()
+
+    pg.route("**/*", only_local)
+    yield pg
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not outside, f"the page tried to reach outside the service: {outside}"
+
+
+def login(page: Page, service: Service, username: str) -> None:
+    page.goto(service.url + "/")
+    page.fill("#username", username)
+    page.fill("#password", PASSWORD)
+    page.click("#login-button")
+    expect(page.locator("#events-view")).to_be_visible()
+
+
+def test_login_map_list_live_event_and_detail_with_snapshot(
+    broker: Any, service: Service, page: Page
+) -> None:
+    publish(broker, make_alert("cam-001", *interior(grid_in_community(0, 5)), type="ebike_in_lift"))
+    login(page, service, "admin")
+    expect(page.locator("#map path.gridcell")).to_have_count(144)
+    expect(page.locator("#event-list .event")).to_have_count(1, timeout=10_000)
+    expect(page.locator("#live.on")).to_be_visible()
+
+    # A new alert through the broker appears on the page, without reload, within 3 s.
+    snapshot = jpeg(7, size=320)
+    started = time.monotonic()
+    publish(
+        broker,
+        make_alert(
+            "cam-002",
+            *interior(grid_in_community(0, 9)),
+            type="smoke_fire",
+            seq=2,
+            confidence=0.93,
+            snapshot=snapshot,
+        ),
+    )
+    expect(page.locator("#event-list .event")).to_have_count(2, timeout=3_000)
+    assert time.monotonic() - started < 3.0
+    newest = page.locator("#event-list .event").first
+    expect(newest).to_contain_text("烟火")
+    expect(page.locator("#map circle.marker")).to_have_count(2)
+
+    newest.click()
+    expect(page.locator("#detail")).to_be_visible()
+    expect(page.locator("#d-title")).to_contain_text("烟火")
+    page.wait_for_function(
+        "() => { const i = document.getElementById('d-snapshot');"
+        " return i && i.complete && i.naturalWidth === 320; }",
+        timeout=5_000,
+    )
+    expect(page.locator("#d-body")).to_contain_text("cam-002")
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-zh.png"))
+
+    # A lifecycle step from the detail panel.
+    page.click("button[data-action=verify]")
+    expect(page.locator("#d-body")).to_contain_text("已核实")
+    expect(page.locator("button[data-action=verify]")).to_be_disabled()
+
+    # English labels.
+    page.click("#lang")
+    expect(page.locator("[data-tab=events]")).to_have_text("Events")
+    expect(page.locator("#d-title")).to_contain_text("Smoke or fire")
+    page.screenshot(path=str(ARTIFACTS / "dashboard-en.png"))
+
+    # The device board, with a status and health report arriving over MQTT.
+    cam = broker.client("cam-002")
+    status = StatusV1(
+        device_id="cam-002",
+        state=DeviceState.ONLINE,
+        at=datetime.now(UTC),
+        kind="camera",
+        health=Health(fps=9.8, inference_ms=38.5, outbox_depth=0, version="1.4.2"),
+    )
+    assert not cam.publish(broker.topics.status("cam-002"), status.to_json()).is_failure
+    page.click("[data-tab=devices]")
+    expect(page.locator("#device-rows tr")).to_have_count(2)
+    row = page.locator('#device-rows tr[data-device-id="cam-002"]')
+    expect(row).to_contain_text("9.8 fps", timeout=12_000)
+    expect(row.locator(".state.online")).to_be_visible()
+    page.screenshot(path=str(ARTIFACTS / "devices-en.png"))
+
+
+def test_community_operator_sees_only_its_community(
+    broker: Any, service: Service, page: Page
+) -> None:
+    publish(broker, make_alert("cam-001", *interior(grid_in_community(0, 2)), type="smoke_fire"))
+    publish(broker, make_alert("cam-002", *interior(grid_in_community(1, 2)), type="smoke_fire"))
+    login(page, service, "comm_a")
+    expect(page.locator("#map path.gridcell")).to_have_count(40)
+    expect(page.locator("#event-list .event")).to_have_count(1, timeout=10_000)
+    codes = page.locator("#map path.gridcell").evaluate_all("els => els.map(e => e.dataset.code)")
+    assert all(code.startswith(COMMUNITY_A) for code in codes)
+    # Live: another community's alert never reaches this page; its own does.
+    publish(broker, make_alert("cam-002", *interior(grid_in_community(1, 7)), type="gas_leak"))
+    publish(broker, make_alert("cam-001", *interior(grid_in_community(0, 7)), type="gas_leak"))
+    expect(page.locator("#event-list .event")).to_have_count(2, timeout=3_000)
+    page.wait_for_timeout(500)
+    expect(page.locator("#event-list .event")).to_have_count(2)
