@@ -38,6 +38,8 @@ examples:
   gateway provision cam-gate-01 --kind camera --lat 27.5512 --lon 120.5498
   gateway events --limit 20 --grid 330383001001
   gateway dead-letters --reason invalid_json
+  gateway run --http-port 8080              aggregator + operator API and dashboard
+  gateway accounts add lx-op --level community --scope 330383001001
   gateway catalogue                         the warning types, departments and dedup windows
   gateway grids                             streets, communities and grid counts
 """
@@ -103,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share-group", default=None, help="shared subscription group for replicas")
     p.add_argument("--grid-file", type=Path, default=None, help="GeoJSON grids (default: sample)")
     p.add_argument("--http-port", type=int, default=0, help="also serve API/dashboard on this port")
+    p.add_argument("--http-host", default="127.0.0.1", help="address the API/dashboard binds to")
+    p.add_argument(
+        "--tsdb-url",
+        default=os.environ.get("CWG_TSDB_URL"),
+        help="InfluxDB v2 write API base URL for time series (InfluxDB 2.x/3.x, VictoriaMetrics); "
+        "token from $CWG_TSDB_TOKEN",
+    )
+    p.add_argument("--tsdb-org", default=os.environ.get("CWG_TSDB_ORG", "cwg"))
+    p.add_argument("--tsdb-bucket", default=os.environ.get("CWG_TSDB_BUCKET", "cwg"))
 
     p = sub.add_parser("provision", help="register a device: credentials, ACL, its config file")
     _common(p)
@@ -127,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default=None, help="e.g. invalid_json, unknown_type")
     p.add_argument("--device", default=None)
 
+    p = sub.add_parser(
+        "accounts",
+        help="operator accounts: add, list, disable, enable, passwd (gateway accounts --help)",
+        add_help=False,
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
     sub.add_parser("catalogue", help="print the warning catalogue")
     p = sub.add_parser("grids", help="print the grid hierarchy")
     p.add_argument("--grid-file", type=Path, default=None)
@@ -134,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["accounts"]:  # its own parser, with its own --help
+        from aggregator.auth import main_accounts
+
+        return main_accounts(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -253,18 +276,26 @@ def cmd_run(args: argparse.Namespace) -> int:
             "mqtt": mqtt.model_dump(),
         }
     )
-    return run_aggregator(settings, http_port=args.http_port)
+    if args.http_port:
+        from aggregator.api.server import run_service
+        from aggregator.timeseries import TimeSeriesSettings
+
+        token = os.environ.get("CWG_TSDB_TOKEN")
+        timeseries = (
+            TimeSeriesSettings(
+                url=args.tsdb_url,
+                token=token,  # type: ignore[arg-type]
+                org=args.tsdb_org,
+                bucket=args.tsdb_bucket,
+            )
+            if args.tsdb_url
+            else None
+        )
+        return run_service(settings, args.http_host, args.http_port, timeseries=timeseries)
+    return run_aggregator(settings)
 
 
-def run_aggregator(settings: Any, http_port: int = 0) -> int:
-    if http_port:
-        try:
-            from aggregator.api.server import run_service
-        except ImportError:
-            log.error("the API/dashboard is not available in this build; run without --http-port")
-            return 2
-        run_service(settings, host="127.0.0.1", port=http_port)
-        return 0
+def run_aggregator(settings: Any) -> int:
     from aggregator.service import build_aggregator
 
     agg = build_aggregator(settings)

@@ -142,6 +142,10 @@ class MqttIngest:
         self._client.disconnect()
         self._client.loop_stop()
 
+    def publish_notice(self, notice: EventNoticeV1) -> None:
+        """Tell integrators of an event change made elsewhere (an operator's lifecycle step)."""
+        self._client.publish(self.topics.events, notice.to_json(), qos=1)
+
     def stats(self) -> IngestStats:
         return IngestStats(
             self._batches, self._messages, self._connected.is_set(), self._queue.qsize()

@@ -106,6 +106,8 @@ CREATE TABLE IF NOT EXISTS alerts (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS alerts_event ON alerts(event_id);
 CREATE INDEX IF NOT EXISTS alerts_device ON alerts(device_id, seq);
+CREATE INDEX IF NOT EXISTS alerts_snapshot ON alerts(snapshot_sha256)
+    WHERE snapshot_sha256 IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS event_devices (
     event_id       INTEGER NOT NULL REFERENCES events(id),
@@ -443,6 +445,7 @@ class EventPool:
             )
         # Committed: only now may the index learn what this batch did.
         work.apply()
+        self._log_seen = max(self._log_seen, work.log_seen)
         result.summaries = {
             i: work.summary(i, self.catalogue) for i in result.created | result.updated
         }
@@ -459,12 +462,13 @@ class EventPool:
             " ORDER BY id",
             (self._log_seen,),
         ).fetchall()
+        # The cursor moves only once this batch has committed (see commit_batch): a rolled-back
+        # batch must see these changes again.
+        work.log_seen = db.execute(
+            "SELECT COALESCE(MAX(id), ?) FROM event_log", (self._log_seen,)
+        ).fetchone()[0]
         if not rows:
-            self._log_seen = db.execute(
-                "SELECT COALESCE(MAX(id), ?) FROM event_log", (self._log_seen,)
-            ).fetchone()[0]
             return
-        self._log_seen = rows[-1][0]
         ids = sorted({r[1] for r in rows})
         marks = ",".join("?" * len(ids))
         fresh = db.execute(f"SELECT * FROM events WHERE id IN ({marks})", ids).fetchall()
@@ -700,14 +704,23 @@ class EventPool:
                 counts.setdefault(d.device_id, [0, 0, 0])[1] += 1
         for o in batch.out_of_area:
             counts.setdefault(o.device_id, [0, 0, 0])[2] += 1
+        # A device's position is where its latest alert placed it (a camera: its own position
+        # or the object's; a sensor: where it is installed).
+        position: dict[str, tuple[float, float, float]] = {}
+        for a in batch.alerts:
+            if a.observed_at >= position.get(a.device_id, (0.0, 0.0, -1.0))[2]:
+                position[a.device_id] = (a.lat, a.lon, a.observed_at)
         rows = []
         for device_id, seen in batch.seen.items():
             c = counts.get(device_id, [0, 0, 0])
-            rows.append((device_id, seen, last_seq.get(device_id), c[0], c[1], c[2]))
+            lat, lon, _ = position.get(device_id, (None, None, None))
+            rows.append((device_id, seen, last_seq.get(device_id), c[0], c[1], c[2], lat, lon))
         db.executemany(
             "INSERT INTO devices(device_id, last_seen, last_seq, alerts_total, rejected_total,"
-            " out_of_area_total) VALUES (?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
+            " out_of_area_total, lat, lon) VALUES (?,?,?,?,?,?,?,?)"
+            " ON CONFLICT(device_id) DO UPDATE SET"
             " last_seen = MAX(last_seen, excluded.last_seen),"
+            " lat = COALESCE(excluded.lat, lat), lon = COALESCE(excluded.lon, lon),"
             " last_seq = COALESCE(MAX(last_seq, excluded.last_seq), last_seq, excluded.last_seq),"
             " alerts_total = alerts_total + excluded.alerts_total,"
             " rejected_total = rejected_total + excluded.rejected_total,"
@@ -804,6 +817,7 @@ class _BatchWork:
         self.new_ids: list[int] = []
         self.edited_ids: dict[int, None] = {}
         self.device_alerts: dict[tuple[int, str], list[Any]] = {}
+        self.log_seen = 0
         self._local: dict[bool, SpatialHash] = {}
 
     def _hash(self, closed: bool) -> SpatialHash:

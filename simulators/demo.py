@@ -9,25 +9,30 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
-from typing import Any
 
+from pydantic import SecretStr
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
+from aggregator.api.server import Service
+from aggregator.auth import DEV_ENV
+from aggregator.broker import BrokerSettings, MosquittoBroker
 from aggregator.cli import render_events
+from aggregator.config import MqttSettings, Settings
 from aggregator.pool import connect
+from aggregator.registry import AccountRole, DeviceRegistry
 from simulators.fleet import Fleet, FleetConfig
-from simulators.stack import GatewayStack, StackOptions
+from simulators.stack import CredentialsDir
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +76,31 @@ def run_demo(args: argparse.Namespace) -> int:
     previous = {
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
     }
-    stack = GatewayStack(root, StackOptions(batch_linger_ms=20))
-    http: Callable[[], None] | None = None
+    # The demo's dashboard login is admin/admin: development mode, never the default elsewhere.
+    os.environ.setdefault(DEV_ENV, "1")
+    registry = DeviceRegistry(root / "registry.yaml")
+    _, agg_password = registry.add_account("aggregator", AccountRole.AGGREGATOR)
+    registry.save()
+    broker = MosquittoBroker(BrokerSettings(state_dir=root / "broker"), registry)
+    service: Service | None = None
     try:
-        console.print("[bold]starting Mosquitto and the aggregator…[/]")
-        stack.start()
-        url = None
-        if args.http_port:
-            http, url = _start_http(stack, args.http_port)
+        console.print("[bold]starting Mosquitto, the aggregator and the dashboard…[/]")
+        broker.start()
+        settings = Settings(
+            data_dir=root / "data",
+            mqtt=MqttSettings(
+                port=broker.port, password=SecretStr(agg_password), client_id="cwg-demo"
+            ),
+        )
+        service = Service(settings, port=args.http_port or 0, log_level="warning")
+        service.start()
+        provisioner = CredentialsDir(
+            root / "devices",
+            registry=root / "registry.yaml",
+            broker_state=root / "broker",
+            broker_host=broker.host,
+            broker_port=broker.port,
+        )
         fleet = Fleet(
             FleetConfig(
                 seed=args.seed,
@@ -91,24 +113,23 @@ def run_demo(args: argparse.Namespace) -> int:
                 malformed_share=0.02,
                 offline_per_hour=2.0,
             ),
-            stack,
+            provisioner,
             console=console,
             progress=False,
         )
         fleet_thread = threading.Thread(target=fleet.run, args=(stop,), name="demo-fleet")
         fleet_thread.start()
+        pool_path = settings.pool
         header = (
-            f"broker [bold]{stack.host}:{stack.port}[/]   pool [bold]{stack.pool_path}[/]   "
-            f"fleet {args.devices} devices at {args.rate:g} alerts/s"
-            + (f"\ndashboard [bold]{url}[/]" if url else "")
-            + "\n[dim]Ctrl-C stops everything[/]"
+            f"broker [bold]{broker.host}:{broker.port}[/]   pool [bold]{pool_path}[/]   "
+            f"fleet {args.devices} devices at {args.rate:g} alerts/s\n"
+            f"dashboard [bold]{service.url}/[/] (login admin / admin)   "
+            "[dim]Ctrl-C stops everything[/]"
         )
         started = time.monotonic()
-        with Live(
-            _screen(stack.pool_path, header, 15), console=console, refresh_per_second=2
-        ) as live:
+        with Live(_screen(pool_path, header, 15), console=console, refresh_per_second=2) as live:
             while not stop.wait(0.5):
-                live.update(_screen(stack.pool_path, header, 15))
+                live.update(_screen(pool_path, header, 15))
                 if args.duration and time.monotonic() - started > args.duration:
                     stop.set()
         console.print("[bold]stopping…[/]")
@@ -116,22 +137,10 @@ def run_demo(args: argparse.Namespace) -> int:
         console.print(fleet.summary.table())
     finally:
         stop.set()
-        if http is not None:
-            http()
-        stack.stop()
+        if service is not None:
+            service.stop()
+        broker.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    console.print(f"stopped; see the pool with: gateway events --data-dir {stack.root / 'data'}")
+    console.print(f"stopped; see the pool with: gateway events --data-dir {root / 'data'}")
     return 0
-
-
-def _start_http(stack: GatewayStack, port: int) -> tuple[Callable[[], None] | None, str | None]:
-    """The operators' dashboard and API on the stack's pool, if this build has them."""
-    try:
-        from aggregator.api.server import start_background  # type: ignore[attr-defined]
-    except ImportError:
-        log.info("no API/dashboard in this build; the terminal shows the events")
-        return None, None
-    agg: Any = stack.aggregator
-    stopper, url = start_background(agg, host="127.0.0.1", port=port, dev=True)
-    return stopper, url
