@@ -473,7 +473,7 @@ def _parser() -> argparse.ArgumentParser:
 def _default_pool() -> Path:
     from aggregator.config import Settings
 
-    return Settings().pool  # type: ignore[call-arg]  # every field has a default or env
+    return Settings().pool
 
 
 def main_accounts(argv: Sequence[str] | None = None) -> int:

@@ -284,7 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         timeseries = (
             TimeSeriesSettings(
                 url=args.tsdb_url,
-                token=token,  # type: ignore[arg-type]
+                token=token,
                 org=args.tsdb_org,
                 bucket=args.tsdb_bucket,
             )

@@ -76,8 +76,8 @@ class Settings(BaseSettings):
     max_clock_skew_s: float = Field(
         300, ge=0, description="observed_at further ahead of our clock is rejected"
     )
-    mqtt: MqttSettings = Field(default_factory=MqttSettings)  # type: ignore[arg-type]
-    batch: BatchSettings = Field(default_factory=BatchSettings)  # type: ignore[arg-type]
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
 
     @model_validator(mode="after")
     def _defaults_under_data_dir(self) -> Settings:

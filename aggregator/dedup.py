@@ -59,7 +59,7 @@ class EventState:
     closed_at: float | None = None
 
     def copy(self) -> EventState:
-        clone = EventState(**{f: getattr(self, f) for f in self.__slots__})  # type: ignore[attr-defined]
+        clone = EventState(**{f: getattr(self, f) for f in self.__slots__})
         clone.devices = dict(self.devices)
         return clone
 

@@ -114,7 +114,7 @@ class MqttIngest:
 
     def start(self) -> None:
         s = self.settings
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = s.session_expiry_s
         props.ReceiveMaximum = s.receive_maximum
         self._worker = threading.Thread(target=self._run, name="cwg-ingest", daemon=True)
@@ -199,7 +199,7 @@ class MqttIngest:
         # Blocks when the worker falls behind: that is the backpressure we want (TCP flow
         # control and Receive Maximum stop the broker), never an unbounded buffer.
         self._queue.put(
-            Inbound(msg.topic, msg.payload, time.time(), msg.mid, msg.qos, self._generation)
+            Inbound(msg.topic, bytes(msg.payload), time.time(), msg.mid, msg.qos, self._generation)
         )
 
     # -- the worker ----------------------------------------------------------

@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 
 
 def _counts(db: sqlite3.Connection) -> dict[str, int]:
-    one = lambda sql: int(db.execute(sql).fetchone()[0])  # noqa: E731
+    def one(sql: str) -> int:
+        return int(db.execute(sql).fetchone()[0])
+
     return {
         "events": one("SELECT count(*) FROM events"),
         "alerts": one("SELECT count(*) FROM alerts"),

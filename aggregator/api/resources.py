@@ -241,7 +241,7 @@ def _dead_letter(r: sqlite3.Row, limit: int | None) -> DeadLetterOut:
         reason=r["reason"],
         detail=r["detail"],
         payload_bytes=len(raw),
-        payload_encoding=encoding,  # type: ignore[arg-type]
+        payload_encoding=encoding,
         payload=text[:limit] if truncated and limit is not None else text,
         truncated=truncated,
     )
