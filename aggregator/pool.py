@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -87,7 +88,10 @@ CREATE INDEX IF NOT EXISTS events_grid ON events(grid_code);
 CREATE INDEX IF NOT EXISTS events_registered ON events(registered_at);
 
 CREATE TABLE IF NOT EXISTS alerts (
-    alert_id        TEXT PRIMARY KEY,
+    -- rowid order is arrival order: appends stay cheap; the idempotency key is the unique
+    -- index on alert_id
+    id              INTEGER PRIMARY KEY,
+    alert_id        TEXT NOT NULL UNIQUE,
     event_id        INTEGER NOT NULL REFERENCES events(id),
     device_id       TEXT NOT NULL,
     seq             INTEGER NOT NULL,
@@ -103,7 +107,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     outcome         TEXT NOT NULL,
     snapshot_sha256 TEXT,
     payload         BLOB NOT NULL      -- the message as received, its snapshot replaced by the hash
-) WITHOUT ROWID;
+);
 CREATE INDEX IF NOT EXISTS alerts_event ON alerts(event_id);
 CREATE INDEX IF NOT EXISTS alerts_device ON alerts(device_id, seq);
 CREATE INDEX IF NOT EXISTS alerts_snapshot ON alerts(snapshot_sha256)
@@ -294,6 +298,7 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA busy_timeout=10000")
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+    conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: index pages stay hot under load
     conn.execute("PRAGMA foreign_keys=ON")
     conn.row_factory = sqlite3.Row
     return conn
@@ -313,6 +318,12 @@ class EventPool:
         self._db = connect(self.path)
         self._db.executescript(_SCHEMA)
         self._check_version()
+        # Checkpoints copy the WAL back into the database file; done on the committing thread
+        # they would stall ingest every thousand pages. A background connection does them (the
+        # sqlite3 module releases the GIL while SQLite works); the high autocheckpoint is only
+        # a safety net should that thread ever fall behind.
+        self._db.execute("PRAGMA wal_autocheckpoint=20000")
+        self._checkpointer = _Checkpointer(self.path)
         self._index = DedupIndex(
             ref_lat,
             {c: t.merge_radius_m for c, t in catalogue.types.items()},
@@ -350,6 +361,11 @@ class EventPool:
         log.info("dedup index loaded events=%s", len(states))
 
     def close(self) -> None:
+        self._checkpointer.stop()
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.OperationalError as exc:  # a reader still holds a snapshot: fine
+            log.info("final checkpoint deferred: %s", exc)
         self._db.close()
 
     @property
@@ -774,6 +790,32 @@ def set_event_status(
     return {"event_id": event_id, "from": row[0], "to": status.value, "at": now}
 
 
+class _Checkpointer:
+    """Passive WAL checkpoints on a connection and thread of their own."""
+
+    def __init__(self, path: Path, every_s: float = 0.5) -> None:
+        self._path = path
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cwg-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        db = connect(self._path)
+        try:
+            while not self._stop.wait(self._every_s):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:  # busy or I/O: the next round retries
+                    log.warning("WAL checkpoint failed: %s", exc)
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 _INSERT_ALERT = (
     "INSERT INTO alerts(alert_id, event_id, device_id, seq, type, severity, confidence,"
     " observed_at, received_at, batch_id, lat, lon, grid_code, outcome, snapshot_sha256, payload)"
@@ -884,9 +926,12 @@ def _grid_levels(grid_path: str) -> tuple[GridLevel, ...]:
 
 
 def summary_of(s: EventState, catalogue: Catalogue) -> EventSummary:
+    """The wire summary of the writer's state. Built without re-validation: every value came
+    from a validated alert or from the pool itself (a test compares it with the row's)."""
     wt = catalogue.types.get(s.type)
-    return EventSummary(
+    return EventSummary.model_construct(
         event_id=s.id,
+        source=SOURCE,
         type=s.type,
         type_zh=wt.zh if wt else s.type,
         type_en=wt.en if wt else s.type,
@@ -895,7 +940,7 @@ def summary_of(s: EventState, catalogue: Catalogue) -> EventSummary:
         department=s.department,
         grid_code=s.grid_code,
         grid_path=list(_grid_levels(s.grid_path)),
-        location=Location(lat=s.lat, lon=s.lon),
+        location=Location.model_construct(lat=s.lat, lon=s.lon, floor=None, accuracy_m=None),
         description=s.description,
         first_observed_at=_dt(s.first),
         last_observed_at=_dt(s.last),

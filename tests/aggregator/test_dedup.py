@@ -11,11 +11,16 @@ from pathlib import Path
 import pytest
 
 from aggregator.dedup import SpatialHash, haversine_m
+from aggregator.pipeline import Inbound
 from aggregator.pool import EventPool, connect, set_event_status
-from contract import EventStatus, Outcome
+from contract import AlertV1, EventStatus, Outcome
 
-from .conftest import GRIDS, grid_in_community, interior, make_alert, offset, past
-from .test_pool import Harness
+from .conftest import GRIDS, grid_in_community, interior, jpeg, make_alert, offset, past
+from .test_pool import TOPICS, Harness
+
+
+def inbound(alert: AlertV1) -> Inbound:
+    return Inbound(TOPICS.alert(alert.device_id), alert.to_json(), time.time())
 
 
 @pytest.mark.parametrize("ref_lat", [0.0, 27.5, 60.0])
@@ -126,3 +131,21 @@ def test_index_and_pool_agree_after_many_random_alerts(tmp_path: Path) -> None:
     h.pool.close()
     reloaded = EventPool(h.pool.path, cat, ref_lat=27.5)
     assert len(reloaded._index.events) == h.rows("SELECT count(*) FROM events")[0][0]
+
+
+def test_summary_from_the_writer_equals_summary_from_the_row(tmp_path: Path) -> None:
+    from aggregator.pool import event_summaries
+
+    h = Harness(tmp_path)
+    lat, lon = interior(grid_in_community(1))
+    h.send(make_alert("cam-1", lat, lon, type="smoke_fire", snapshot=jpeg(4)))
+    batch_result = h.pool.commit_batch(
+        h.pipeline.assemble(
+            [inbound(make_alert("cam-2", *offset(lat, lon, 20), type="smoke_fire"))]
+        ).batch
+    )
+    [(event_id, from_writer)] = batch_result.summaries.items()
+    with closing(connect(h.pool.path, readonly=True)) as db:
+        [from_row] = event_summaries(db, [event_id], h.catalogue)
+    assert from_writer.model_dump() == from_row.model_dump()
+    assert from_writer.model_dump_json() == from_row.model_dump_json()

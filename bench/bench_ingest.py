@@ -1,0 +1,137 @@
+"""Ingest throughput and latency: alerts through the real broker into the pool, next to a bare
+paho subscriber counting the same stream in the same run.
+
+Starts Mosquitto and the aggregator (``simulators.stack.GatewayStack``) under a temporary
+directory, pushes N valid alerts with the load generator (``mosquitto_pub`` publishers by
+default), and reports alerts/s, p50/p99 latency from ``observed_at`` to the commit of the
+alert's batch, the zero-loss check, and the ratio to the bare subscriber's rate.
+
+    python bench/bench_ingest.py [--alerts 100000] [--rate 12000] [--batch-size 1000]
+        [--linger-ms 20] [--receive-maximum 4000] [--feedback-qos 1] [--json report.json]
+
+Target on a 2-core machine: ≥ 10,000 alerts/s sustained, p99 ≤ 250 ms, zero loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import queue
+import time
+from pathlib import Path
+from typing import Any
+
+from aggregator.registry import AccountRole
+from contract import DeviceChannel
+from simulators.loadgen import LoadConfig, count_subscriber, machine_description, run_load
+from simulators.stack import GatewayStack, StackOptions
+
+TARGET_RATE = 10_000
+TARGET_P99_MS = 250.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--alerts", type=int, default=100_000, help="alerts to push (≤ 2,000,000)")
+    parser.add_argument("--rate", type=float, default=12_000, help="offered alerts per second")
+    parser.add_argument("--mode", choices=["mosquitto_pub", "paho"], default="mosquitto_pub")
+    parser.add_argument("--publishers", type=int, default=None, help="publishing clients")
+    parser.add_argument(
+        "--batch-size", type=int, default=1000, help="aggregator batch.max_messages"
+    )
+    parser.add_argument("--linger-ms", type=float, default=20, help="aggregator batch.linger_ms")
+    parser.add_argument(
+        "--receive-maximum", type=int, default=4000, help="aggregator mqtt.receive_maximum"
+    )
+    parser.add_argument("--feedback-qos", type=int, choices=[0, 1], default=1)
+    parser.add_argument("--no-baseline", action="store_true", help="skip the bare subscriber")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    args = parser.parse_args()
+    if not 1 <= args.alerts <= 2_000_000:
+        parser.error("--alerts must be between 1 and 2,000,000")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    machine = machine_description()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}")
+    print(
+        f"aggregator: batch {args.batch_size}, linger {args.linger_ms} ms, receive_maximum "
+        f"{args.receive_maximum}, feedback QoS {args.feedback_qos}"
+    )
+    options = StackOptions(
+        batch_max_messages=args.batch_size,
+        batch_linger_ms=args.linger_ms,
+        receive_maximum=args.receive_maximum,
+        feedback_qos=args.feedback_qos,
+    )
+    ctx = mp.get_context("spawn")
+    with GatewayStack(options=options) as stack:
+        baseline: Any = None
+        results: Any = ctx.Queue()
+        if not args.no_baseline:
+            account = stack.add_account("bench-counter", AccountRole.AGGREGATOR)
+            ready = ctx.Event()
+            baseline = ctx.Process(
+                target=count_subscriber,
+                args=(
+                    account.host,
+                    account.port,
+                    account.username,
+                    account.password,
+                    stack.topics.device_filter(DeviceChannel.ALERT),
+                    args.alerts,
+                    ready,
+                    results,
+                ),
+                daemon=True,
+            )
+            baseline.start()
+            if not ready.wait(30):
+                print("the bare subscriber did not subscribe within 30 s")
+                return 2
+        config = LoadConfig(
+            rate=args.rate, count=args.alerts, mode=args.mode, publishers=args.publishers
+        )
+        started = time.monotonic()
+        report = run_load(config, stack, stack.pool_path)
+        print(report.summary())
+        bare: dict[str, float] | None = None
+        if baseline is not None:
+            try:
+                bare = results.get(timeout=60)
+            except queue.Empty:
+                bare = None
+            baseline.join(5)
+            if baseline.is_alive():
+                baseline.kill()
+        elapsed = time.monotonic() - started
+
+    p99 = report.latency_ms.get("p99", float("inf"))
+    print(
+        f"aggregator      {report.ingest_rate:>9,.0f} alerts/s  p50 "
+        f"{report.latency_ms.get('p50', float('nan')):,.1f} ms  p99 {p99:,.1f} ms"
+    )
+    if bare:
+        ratio = report.ingest_rate / bare["rate"] if bare["rate"] else 0.0
+        print(f"bare paho sub   {bare['rate']:>9,.0f} msgs/s   ({bare['count']:,} counted)")
+        print(f"ratio           {ratio:>9.2f}  (aggregator / bare subscriber, same stream)")
+    verdict = report.zero_loss and report.ingest_rate >= TARGET_RATE and p99 <= TARGET_P99_MS
+    print(
+        f"target ≥ {TARGET_RATE:,}/s, p99 ≤ {TARGET_P99_MS:.0f} ms, zero loss: "
+        f"{'MET' if verdict else 'NOT MET'}  (run took {elapsed:.1f} s)"
+    )
+    if args.json is not None:
+        out = {
+            "machine": machine,
+            "aggregator": vars(args) | {"json": str(args.json)},
+            "load": json.loads(report.to_json()),
+            "bare_subscriber": bare,
+            "target_met": verdict,
+        }
+        args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    return 0 if report.zero_loss else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,649 @@
+"""Load generator: valid alerts at a target rate through the real broker, measured end to end.
+
+Always bounded (a count, a duration, or both). Two publishing paths:
+
+* ``mosquitto_pub`` (default, the raw path): each publisher is a ``mosquitto_pub -l`` process
+  with its own device credentials, QoS 1, reading one alert per line from its stdin. Feeder
+  processes render the lines lazily at the paced rate, so ``observed_at`` is stamped just
+  before the line is handed over.
+* ``paho``: publisher processes with one paho client each, in-flight capped (paho stalls past
+  ~65k unacknowledged QoS 1 messages).
+
+Payloads are pre-rendered AlertV1 JSON templates (one per device × type × position) in which
+only ``alert_id``, ``seq`` and ``observed_at`` are filled in per message. Results come from the
+pool: every alert of the run counted (zero-loss check) and, per alert, ``observed_at`` → commit
+of its batch (``alerts.batch_id = batches.id``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import platform
+import queue
+import random
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from multiprocessing.synchronize import Event as MpEvent
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from aggregator.geo import GridIndex, default_grid_file
+from aggregator.registry import DeviceKind
+from contract import Catalogue, default_catalogue
+from simulators.errors import LoadError
+from simulators.messages import make_alert
+from simulators.poolview import PoolView
+from simulators.stack import DeviceSpec, Provisioner
+
+__all__ = [
+    "LoadConfig",
+    "LoadReport",
+    "Template",
+    "count_subscriber",
+    "machine_description",
+    "render",
+    "run_load",
+]
+
+log = logging.getLogger(__name__)
+
+_AID = "QQAIDQQ"
+_SEQ = 987654321
+_TS = datetime(2001, 2, 3, 4, 5, 6, 789012, tzinfo=UTC)
+_TS_JSON = b'"2001-02-03T04:05:06.789012Z"'
+_TICK_S = 0.005
+_PAHO_INFLIGHT = 1000
+
+
+class LoadConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rate: float = Field(
+        default=2000, gt=0, le=200_000, description="target alerts per second, in total"
+    )
+    count: int | None = Field(default=None, ge=1, le=5_000_000, description="alerts to send")
+    duration_s: float | None = Field(default=None, gt=0, le=3600, description="seconds to send for")
+    mode: Literal["mosquitto_pub", "paho"] = "mosquitto_pub"
+    publishers: int | None = Field(
+        default=None, ge=1, le=64, description="publishing clients (default: enough for the rate)"
+    )
+    snapshot: bool = Field(default=False, description="attach a small JPEG to every alert")
+    templates_per_device: int = Field(default=64, ge=1, le=4096)
+    drain_timeout_s: float | None = Field(
+        default=None, gt=0, description="how long to wait for the pool to hold everything sent"
+    )
+    seed: int = 7
+
+    @model_validator(mode="after")
+    def _bounded(self) -> LoadConfig:
+        if self.count is None and self.duration_s is None:
+            raise ValueError("give count or duration_s (or both): a load run is always bounded")
+        return self
+
+    @property
+    def total(self) -> int:
+        by_time = math.inf if self.duration_s is None else self.rate * self.duration_s
+        return int(min(self.count or math.inf, by_time))
+
+    @property
+    def n_publishers(self) -> int:
+        if self.publishers is not None:
+            return self.publishers
+        per = 6000 if self.mode == "mosquitto_pub" else 4000
+        return max(2, min(32, math.ceil(self.rate / per)))
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """An AlertV1 JSON cut around its three per-message fields."""
+
+    head: bytes  # ... "alert_id":"
+    mid1: bytes  # ...,"seq":
+    mid2: bytes  # ...,"observed_at":
+    tail: bytes
+
+
+def make_template(payload: bytes) -> Template:
+    a = payload.index(f'"{_AID}"'.encode())
+    s = payload.index(f'"seq":{_SEQ}'.encode())
+    t = payload.index(_TS_JSON)
+    if not a < s < t:
+        raise LoadError("unexpected field order in AlertV1 JSON")
+    return Template(
+        payload[: a + 1],
+        payload[a + 1 + len(_AID) : s + 6],
+        payload[s + 6 + len(str(_SEQ)) : t + 1],
+        payload[t + len(_TS_JSON) - 1 :],
+    )
+
+
+def render(tpl: Template, alert_id: str, seq: int, stamp: bytes) -> bytes:
+    return b"".join(
+        (tpl.head, alert_id.encode(), tpl.mid1, str(seq).encode(), tpl.mid2, stamp, tpl.tail)
+    )
+
+
+def stamp_now() -> bytes:
+    now = time.time()
+    whole = int(now)
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((now - whole) * 1e6):06d}Z"
+    ).encode()
+
+
+def build_templates(
+    device_id: str,
+    n: int,
+    rng: random.Random,
+    grids: GridIndex,
+    catalogue: Catalogue,
+    *,
+    snapshot: bool,
+) -> list[Template]:
+    """``n`` templates for one device: types and grid positions drawn at random, so that the
+    pool sees a realistic mix of new events and merges."""
+    all_grids = sorted(grids.grids, key=lambda g: g.code)
+    types = list(catalogue.types.values())
+    out = []
+    for i in range(n):
+        grid = rng.choice(all_grids)
+        lat, lon = grid.centroid
+        alert = make_alert(
+            alert_id=_AID,
+            device_id=device_id,
+            seq=_SEQ,
+            wt=rng.choice(types),
+            observed_at=_TS,
+            lat=lat,
+            lon=lon,
+            snapshot=snapshot,
+            variant=i,
+        )
+        out.append(make_template(alert.to_json()))
+    return out
+
+
+# ------------------------------------------------------------------------------- workers
+
+
+@dataclass(frozen=True, slots=True)
+class Publisher:
+    device_id: str
+    username: str
+    password: str
+    host: str
+    port: int
+    topic: str
+    templates: list[Template]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerJob:
+    mode: str
+    run_tag: str
+    publishers: list[Publisher]
+    rate: float  # this worker's share
+    count: int  # this worker's share
+
+
+@dataclass(slots=True)
+class _Sync:
+    """Workers report ready (publishers connected), then all start at one wall-clock time."""
+
+    ready: Any  # multiprocessing Queue
+    start_at: Any  # multiprocessing Value('d'); 0 until the parent sets it
+    stop: MpEvent
+
+    def wait_start(self) -> None:
+        self.ready.put(os.getpid())
+        while (at := self.start_at.value) == 0 or time.time() < at:
+            if self.stop.is_set():
+                return
+            time.sleep(0.001)
+
+
+def _worker(job: WorkerJob, results: Any, sync: _Sync) -> None:
+    window: list[float] = []
+    try:
+        if job.mode == "mosquitto_pub":
+            sent, errors = _feed_mosquitto_pub(job, sync, window)
+        else:
+            sent, errors = _publish_paho(job, sync, window)
+        results.put({"sent": sent, "errors": errors, "window": window})
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        results.put({"sent": 0, "errors": [f"{type(exc).__name__}: {exc}"], "window": window})
+
+
+def _pace(job: WorkerJob, sync: _Sync, emit: Any, window: list[float]) -> int:
+    """Call ``emit(n)`` so that ``job.count`` messages go out at ``job.rate``; returns sent and
+    records the wall-clock window it took in ``window``."""
+    sync.wait_start()
+    stop = sync.stop
+    window.append(time.time())
+    t0 = time.monotonic()
+    sent = 0
+    while sent < job.count and not stop.is_set():
+        due = min(job.count, int((time.monotonic() - t0) * job.rate) + 1)
+        if due > sent:
+            sent += emit(due - sent)
+        else:
+            time.sleep(_TICK_S)
+    window.append(time.time())
+    return sent
+
+
+def _feed_mosquitto_pub(job: WorkerJob, sync: _Sync, window: list[float]) -> tuple[int, list[str]]:
+    exe = shutil.which("mosquitto_pub")
+    if exe is None:
+        raise LoadError("mosquitto_pub not found; apt-get install -y mosquitto-clients")
+    procs = []
+    # Credentials go in each publisher's own options file (mosquitto_pub reads
+    # $XDG_CONFIG_HOME/mosquitto_pub), not on its command line where `ps` would show them.
+    conf_root = Path(tempfile.mkdtemp(prefix="cwg-load-"))
+    for p in job.publishers:
+        home = conf_root / p.device_id
+        home.mkdir(mode=0o700)
+        opts = home / "mosquitto_pub"
+        opts.touch(mode=0o600)
+        opts.write_text(f"-u {p.username}\n-P {p.password}\n", encoding="utf-8")
+        procs.append(
+            subprocess.Popen(
+                [
+                    exe,
+                    "-h",
+                    p.host,
+                    "-p",
+                    str(p.port),
+                    "-V",
+                    "mqttv5",
+                    "-i",
+                    f"load-{p.device_id}",
+                    "-t",
+                    p.topic,
+                    "-q",
+                    "1",
+                    "-M",
+                    str(_PAHO_INFLIGHT),
+                    "-l",
+                    "--quiet",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env={**os.environ, "XDG_CONFIG_HOME": str(home)},
+            )
+        )
+    seqs = [0] * len(procs)
+    turn = 0
+
+    def emit(n: int) -> int:
+        nonlocal turn
+        stamp = stamp_now()  # fresh for this slice of lines
+        per = [n // len(procs) + (1 if i < n % len(procs) else 0) for i in range(len(procs))]
+        for k in range(len(procs)):
+            i = (turn + k) % len(procs)
+            if per[k] == 0:
+                continue
+            pub = job.publishers[i]
+            lines = []
+            for _ in range(per[k]):
+                seqs[i] += 1
+                s = seqs[i]
+                tpl = pub.templates[s % len(pub.templates)]
+                lines.append(render(tpl, f"{job.run_tag}-{pub.device_id}-{s}", s, stamp))
+            stdin = procs[i].stdin
+            assert stdin is not None
+            stdin.write(b"\n".join(lines) + b"\n")
+            stdin.flush()
+        turn += 1
+        return n
+
+    errors: list[str] = []
+    try:
+        sent = _pace(job, sync, emit, window)
+    finally:
+        for proc in procs:
+            if proc.stdin:
+                proc.stdin.close()  # EOF: mosquitto_pub finishes its in-flight QoS 1 and exits
+        for proc in procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            err = proc.stderr.read() if proc.stderr else b""
+            if proc.returncode != 0:
+                errors.append(
+                    f"mosquitto_pub exited {proc.returncode}: {err.decode(errors='replace')[:300]}"
+                )
+        shutil.rmtree(conf_root, ignore_errors=True)
+    return sent, errors
+
+
+def _publish_paho(job: WorkerJob, sync: _Sync, window: list[float]) -> tuple[int, list[str]]:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    clients = []
+    inflight = [threading.Semaphore(_PAHO_INFLIGHT) for _ in job.publishers]
+    for i, p in enumerate(job.publishers):
+        c = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"load-{p.device_id}",
+            protocol=mqtt.MQTTv5,
+        )
+        c.username_pw_set(p.username, p.password)
+        c.max_inflight_messages_set(_PAHO_INFLIGHT)
+        c.max_queued_messages_set(0)
+        sem = inflight[i]
+        c.on_publish = lambda _c, _u, _mid, _rc, _props, sem=sem: sem.release()
+        c.connect(p.host, p.port, keepalive=30)
+        c.loop_start()
+        clients.append(c)
+    seqs = [0] * len(clients)
+    turn = 0
+
+    def emit(n: int) -> int:
+        nonlocal turn
+        stamp = stamp_now()
+        for _ in range(n):
+            i = turn % len(clients)
+            turn += 1
+            pub = job.publishers[i]
+            inflight[i].acquire()  # at most _PAHO_INFLIGHT unacknowledged per client
+            seqs[i] += 1
+            s = seqs[i]
+            tpl = pub.templates[s % len(pub.templates)]
+            clients[i].publish(
+                pub.topic, render(tpl, f"{job.run_tag}-{pub.device_id}-{s}", s, stamp), qos=1
+            )
+        return n
+
+    try:
+        sent = _pace(job, sync, emit, window)
+        deadline = time.monotonic() + 60
+        for sem in inflight:  # wait for every PUBACK
+            for _ in range(_PAHO_INFLIGHT):
+                if not sem.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    return sent, ["not every PUBACK arrived within 60 s"]
+    finally:
+        for c in clients:
+            c.disconnect()
+            c.loop_stop()
+    return sent, []
+
+
+# ------------------------------------------------------------------------------- the run
+
+
+@dataclass(slots=True)
+class LoadReport:
+    mode: str
+    target_rate: float
+    publishers: int
+    sent: int
+    pooled: int
+    lost: int
+    zero_loss: bool
+    send_seconds: float
+    send_rate: float
+    ingest_seconds: float
+    ingest_rate: float
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    run_tag: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def summary(self) -> str:
+        lat = self.latency_ms
+        return "\n".join(
+            [
+                f"load run {self.run_tag} ({self.mode}, {self.publishers} publishers, "
+                f"target {self.target_rate:,.0f}/s)",
+                f"  sent     {self.sent:>9,} in {self.send_seconds:6.2f} s = "
+                f"{self.send_rate:>9,.0f}/s",
+                f"  pooled   {self.pooled:>9,} in {self.ingest_seconds:6.2f} s = "
+                f"{self.ingest_rate:>9,.0f}/s (first send → last commit)",
+                f"  loss     {self.lost:>9,}  {'ZERO LOSS' if self.zero_loss else 'LOSS!'}",
+                "  latency  observed_at → committed: "
+                + "  ".join(f"{k} {v:,.1f} ms" for k, v in lat.items()),
+            ]
+            + [f"  error: {e}" for e in self.errors]
+        )
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    v = sorted(values)
+
+    def pct(p: float) -> float:
+        return v[min(len(v) - 1, max(0, math.ceil(p / 100 * len(v)) - 1))] * 1000
+
+    return {
+        "p50": pct(50),
+        "p90": pct(90),
+        "p99": pct(99),
+        "max": v[-1] * 1000,
+        "mean": sum(v) / len(v) * 1000,
+    }
+
+
+def run_load(
+    config: LoadConfig,
+    provisioner: Provisioner,
+    pool_path: Path | str,
+    *,
+    grids: GridIndex | None = None,
+    catalogue: Catalogue | None = None,
+    run_tag: str | None = None,
+    on_sent: Any = None,
+) -> LoadReport:
+    """Provision publishers, send ``config.total`` alerts at ``config.rate``, wait until the
+    pool holds them (or the drain timeout passes), and measure."""
+    tag = run_tag or f"ld{uuid.uuid4().hex[:6]}"
+    grids = grids or GridIndex.from_geojson(default_grid_file())
+    catalogue = catalogue or default_catalogue()
+    total = config.total
+    n_pub = min(config.n_publishers, total)
+    specs = [DeviceSpec(f"{tag}-p{i:02d}", DeviceKind.CAMERA) for i in range(n_pub)]
+    creds = provisioner.provision(specs)
+    rng = random.Random(config.seed)
+    pubs = [
+        Publisher(
+            c.device_id,
+            c.username,
+            c.password.get_secret_value(),
+            c.broker.host,
+            c.broker.port,
+            c.topics.alert,
+            build_templates(
+                c.device_id,
+                config.templates_per_device,
+                rng,
+                grids,
+                catalogue,
+                snapshot=config.snapshot,
+            ),
+        )
+        for c in (creds[s.device_id] for s in specs)
+    ]
+    # Two feeder processes are enough for mosquitto_pub (the feeders only write lines); paho
+    # needs one process per ~4k/s since each client's network loop is Python.
+    n_workers = min(n_pub, 2 if config.mode == "mosquitto_pub" else max(2, n_pub))
+    # spawn, not fork: the caller may run the aggregator's threads in this very process.
+    ctx = mp.get_context("spawn")
+    results: Any = ctx.Queue()
+    stop = ctx.Event()
+    sync = _Sync(ctx.Queue(), ctx.Value("d", 0.0), stop)
+    jobs = []
+    for w in range(n_workers):
+        mine = pubs[w::n_workers]
+        share = len(mine) / n_pub
+        count = total * len(mine) // n_pub + (1 if w < total * len(mine) % n_pub else 0)
+        jobs.append(WorkerJob(config.mode, tag, mine, config.rate * share, count))
+    fixed = total - sum(j.count for j in jobs)
+    if fixed:
+        j0 = jobs[0]
+        jobs[0] = WorkerJob(j0.mode, j0.run_tag, j0.publishers, j0.rate, j0.count + fixed)
+    procs = [ctx.Process(target=_worker, args=(j, results, sync), daemon=True) for j in jobs]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        try:
+            sync.ready.get(timeout=60)
+        except queue.Empty:
+            stop.set()
+            break
+    sync.start_at.value = time.time() + 0.2
+    errors: list[str] = []
+    windows: list[float] = []
+    sent = 0
+    send_deadline = time.monotonic() + (config.duration_s or total / config.rate) * 3 + 60
+    got = 0
+    try:
+        while got < len(procs):
+            try:
+                r = results.get(timeout=0.5)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    errors.append(
+                        f"{len(dead)} publisher process(es) died: exit {dead[0].exitcode}"
+                    )
+                    break
+                if time.monotonic() > send_deadline:
+                    errors.append("publishers did not finish in time")
+                    break
+                continue
+            got += 1
+            sent += r["sent"]
+            errors += r["errors"]
+            windows += r["window"]
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    send_seconds = (max(windows) - min(windows)) if windows else 0.0
+    if on_sent is not None:
+        on_sent(sent)
+    view = PoolView(pool_path, catalogue)
+    like = f"{tag}-%"
+    # Enough for an aggregator ingesting 1,000 alerts/s to catch up; a real stall still ends.
+    drain = config.drain_timeout_s or 60 + total / 1000
+    deadline = time.monotonic() + drain
+    pooled = view.alert_count(like=like)
+    while pooled < sent and time.monotonic() < deadline:
+        time.sleep(0.25)
+        pooled = view.alert_count(like=like)
+    lat = view.latencies(like=like)
+    span = view.commit_span(like=like)
+    ingest_seconds = (span[1] - min(windows)) if span and windows else 0.0
+    return LoadReport(
+        mode=config.mode,
+        target_rate=config.rate,
+        publishers=n_pub,
+        sent=sent,
+        pooled=pooled,
+        lost=sent - pooled,
+        zero_loss=pooled == sent == total,
+        send_seconds=send_seconds,
+        send_rate=sent / send_seconds if send_seconds > 0 else 0.0,
+        ingest_seconds=ingest_seconds,
+        ingest_rate=pooled / ingest_seconds if ingest_seconds > 0 else 0.0,
+        latency_ms=percentiles(lat),
+        errors=errors,
+        run_tag=tag,
+    )
+
+
+# ------------------------------------------------------------------------------- baseline
+
+
+def count_subscriber(
+    host: str,
+    port: int,
+    username: str,
+    password: str,
+    topic_filter: str,
+    expected: int,
+    ready: MpEvent,
+    results: Any,
+    idle_timeout_s: float = 10.0,
+    limit_s: float = 600.0,
+) -> None:
+    """A bare paho subscriber (QoS 1, automatic acks) that only counts: the ceiling a Python
+    consumer reaches on this machine. Runs in its own process; puts count and rate."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    state = {"n": 0, "first": 0.0, "last": 0.0}
+    done = threading.Event()
+
+    def on_message(_c: Any, _u: Any, _m: Any) -> None:
+        now = time.time()
+        if state["n"] == 0:
+            state["first"] = now
+        state["n"] += 1
+        state["last"] = now
+        if state["n"] >= expected:
+            done.set()
+
+    def on_connect(c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        c.subscribe(topic_filter, qos=1)
+
+    c = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=f"bare-counter-{os.getpid()}",
+        protocol=mqtt.MQTTv5,
+    )
+    c.username_pw_set(username, password)
+    c.on_message = on_message
+    c.on_connect = on_connect
+    c.on_subscribe = lambda *_a: ready.set()
+    c.connect(host, port, keepalive=30)
+    c.loop_start()
+    started = time.monotonic()
+    while not done.wait(0.5):
+        idle = state["n"] and time.time() - state["last"] > idle_timeout_s
+        if idle or time.monotonic() - started > limit_s:
+            break
+    c.disconnect()
+    c.loop_stop()
+    span = state["last"] - state["first"]
+    results.put(
+        {"count": state["n"], "seconds": span, "rate": state["n"] / span if span > 0 else 0.0}
+    )
+
+
+def machine_description() -> dict[str, str]:
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }

@@ -1,0 +1,355 @@
+"""A whole gateway on one machine, for tests and benchmarks: a real Mosquitto on a free
+loopback port and the real aggregator, both under one temporary directory.
+
+``GatewayStack`` is a context manager. It also provisions devices in bulk (one registry write and
+one broker reload for many devices) and hands out their credentials, so simulated devices
+connect exactly as real ones do: with their own username, password and ACL.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol, Self
+
+from pydantic import SecretStr
+
+from aggregator.broker import (
+    BrokerEndpoint,
+    BrokerError,
+    BrokerSettings,
+    DeviceCredentials,
+    DeviceTopics,
+    MosquittoBroker,
+    provision_device,
+)
+from aggregator.config import BatchSettings, MqttSettings, Settings
+from aggregator.registry import (
+    AccountRole,
+    DeviceKind,
+    DeviceLocation,
+    DeviceRegistry,
+    RegistryError,
+)
+from aggregator.service import Aggregator, build_aggregator
+from contract import Topics
+from simulators.errors import StackError
+
+__all__ = [
+    "AccountSecret",
+    "CredentialsDir",
+    "DeviceSpec",
+    "GatewayStack",
+    "Provisioner",
+    "StackOptions",
+]
+
+log = logging.getLogger(__name__)
+
+AGGREGATOR_USER = "aggregator"
+INTEGRATOR_USER = "integrator"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    """A device to provision: id, kind and (optionally) where it is installed."""
+
+    device_id: str
+    kind: DeviceKind
+    lat: float | None = None
+    lon: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSecret:
+    """A service account's broker login (the integrator account reads the events topic)."""
+
+    username: str
+    password: str
+    host: str
+    port: int
+
+
+class Provisioner(Protocol):
+    """Hands out device credentials; where they come from is the implementation's business."""
+
+    @property
+    def topics(self) -> Topics: ...
+
+    def provision(self, specs: Sequence[DeviceSpec]) -> dict[str, DeviceCredentials]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StackOptions:
+    """The aggregator knobs a test or benchmark turns; the rest keeps the service defaults."""
+
+    topic_prefix: str = "cwg"
+    batch_max_messages: int = 1000
+    batch_linger_ms: float = 20
+    receive_maximum: int = 4000
+    feedback_qos: int = 1
+    max_clock_skew_s: float = 300
+    max_payload_bytes: int = 1024 * 1024
+    grid_file: Path | None = None
+
+
+class GatewayStack:
+    """Mosquitto + aggregator under ``root`` (a fresh temporary directory by default)."""
+
+    def __init__(self, root: Path | None = None, options: StackOptions | None = None) -> None:
+        self.options = options or StackOptions()
+        self._own_root = root is None
+        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="cwg-stack-"))
+        # model_validate: the aggregator's models give defaults positionally, which mypy
+        # (without the pydantic plugin) reads as required arguments.
+        self.broker_settings = BrokerSettings.model_validate(
+            {"state_dir": self.root / "broker", "topic_prefix": self.options.topic_prefix}
+        )
+        self.registry_path = self.root / "registry.yaml"
+        self.registry = DeviceRegistry(self.registry_path)
+        self.broker: MosquittoBroker | None = None
+        self.aggregator: Aggregator | None = None
+        self.integrator: AccountSecret | None = None
+        self._credentials: dict[str, DeviceCredentials] = {}
+        self._lock = threading.Lock()
+
+    # -- where it is -----------------------------------------------------------------------
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.options.topic_prefix)
+
+    @property
+    def host(self) -> str:
+        return self.broker_settings.host
+
+    @property
+    def port(self) -> int:
+        if self.broker is None:
+            raise StackError("the stack is not started")
+        return self.broker.port
+
+    @property
+    def pool_path(self) -> Path:
+        if self.aggregator is None:
+            raise StackError("the stack is not started")
+        return self.aggregator.settings.pool
+
+    # -- life cycle ------------------------------------------------------------------------
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self, connect_timeout_s: float = 15.0) -> None:
+        """Start the broker, then the aggregator; return once the aggregator is subscribed."""
+        try:
+            self._start(connect_timeout_s)
+        except BaseException:
+            self.stop()  # never leave a broker behind when the aggregator fails to come up
+            raise
+
+    def _start(self, connect_timeout_s: float) -> None:
+        opts = self.options
+        _, agg_password = self.registry.add_account(AGGREGATOR_USER, AccountRole.AGGREGATOR)
+        _, int_password = self.registry.add_account(INTEGRATOR_USER, AccountRole.INTEGRATOR)
+        self.registry.save()
+        self.broker = MosquittoBroker(self.broker_settings, self.registry)
+        try:
+            self.broker.start()
+        except BrokerError as exc:
+            raise StackError(f"mosquitto did not start: {exc}") from exc
+        self.integrator = AccountSecret(INTEGRATOR_USER, int_password, self.host, self.port)
+        settings = Settings.model_validate(
+            {
+                "data_dir": self.root / "data",
+                "grid_file": opts.grid_file,
+                "max_clock_skew_s": opts.max_clock_skew_s,
+                "max_payload_bytes": opts.max_payload_bytes,
+                "mqtt": MqttSettings.model_validate(
+                    {
+                        "host": self.host,
+                        "port": self.port,
+                        "username": AGGREGATOR_USER,
+                        "password": SecretStr(agg_password),
+                        "client_id": f"cwg-aggregator-{self.port}",
+                        "topic_prefix": opts.topic_prefix,
+                        "receive_maximum": opts.receive_maximum,
+                        "feedback_qos": opts.feedback_qos,
+                    }
+                ),
+                "batch": BatchSettings.model_validate(
+                    {"max_messages": opts.batch_max_messages, "linger_ms": opts.batch_linger_ms}
+                ),
+            }
+        )
+        self.aggregator = build_aggregator(settings)
+        self.aggregator.start()
+        if not self.aggregator.ingest.wait_connected(connect_timeout_s):
+            raise StackError(
+                f"the aggregator did not connect within {connect_timeout_s:.0f} s; broker log:\n"
+                f"{self.broker.log_tail()}"
+            )
+        # The subscription is sent right after CONNACK; give the broker a moment to register it
+        # so that the first alert of a test is not published before anyone listens.
+        time.sleep(0.1)
+        log.info("gateway stack up: broker %s:%s pool %s", self.host, self.port, self.pool_path)
+
+    def stop(self) -> None:
+        """Stop the aggregator (it commits what it holds), then the broker. Idempotent."""
+        if self.aggregator is not None:
+            self.aggregator.stop()
+            self.aggregator = None
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def add_account(self, username: str, role: AccountRole) -> AccountSecret:
+        """One more service account (a benchmark's bare counting subscriber, say)."""
+        with self._lock:
+            _, password = self.registry.add_account(username, role)
+            self._reload()
+        return AccountSecret(username, password, self.host, self.port)
+
+    # -- provisioning ----------------------------------------------------------------------
+    def provision(self, specs: Sequence[DeviceSpec]) -> dict[str, DeviceCredentials]:
+        """Credentials for every spec; new devices are registered with one broker reload."""
+        with self._lock:
+            # Re-read the file: devices provisioned into it by others (the gateway CLI, a
+            # simulator pointed at this stack from outside) must survive our save.
+            if self.registry_path.exists():
+                self.registry = DeviceRegistry.load(self.registry_path)
+            fresh = [s for s in specs if s.device_id not in self._credentials]
+            for spec in fresh:
+                location = (
+                    DeviceLocation(lat=spec.lat, lon=spec.lon)
+                    if spec.lat is not None and spec.lon is not None
+                    else None
+                )
+                try:
+                    device, password = self.registry.add_device(
+                        spec.device_id, spec.kind, location=location
+                    )
+                except RegistryError as exc:
+                    raise StackError(f"cannot provision {spec.device_id!r}: {exc}") from exc
+                self._credentials[spec.device_id] = DeviceCredentials(
+                    device_id=device.device_id,
+                    kind=device.kind,
+                    username=device.username,
+                    password=SecretStr(password),
+                    broker=BrokerEndpoint(host=self.host, port=self.port),
+                    topic_prefix=self.options.topic_prefix,
+                    topics=DeviceTopics.for_device(self.topics, device.device_id),
+                )
+            if fresh:
+                self._reload()
+            return {s.device_id: self._credentials[s.device_id] for s in specs}
+
+    def _reload(self) -> None:
+        self.registry.save()
+        if self.broker is None:
+            raise StackError("the stack is not started")
+        try:
+            self.broker.reload(self.registry)
+        except BrokerError as exc:
+            raise StackError(f"the broker did not reload its accounts: {exc}") from exc
+
+
+class CredentialsDir:
+    """Device credentials for a stack someone else runs.
+
+    Reads ``<dir>/<device_id>.yaml`` files as written by ``gateway devices add`` (the
+    aggregator's ``provision_device``). With ``registry`` and ``broker_state`` given, a device
+    without a file is provisioned on the spot, which reloads that broker's password file.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        topic_prefix: str = "cwg",
+        registry: Path | None = None,
+        broker_state: Path | None = None,
+        broker_host: str | None = None,
+        broker_port: int | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self._topics = Topics(topic_prefix)
+        self.registry = registry
+        self.broker_settings = (
+            BrokerSettings.model_validate({"state_dir": broker_state, "topic_prefix": topic_prefix})
+            if broker_state is not None
+            else None
+        )
+        self.broker_host = broker_host
+        self.broker_port = broker_port
+
+    @property
+    def topics(self) -> Topics:
+        return self._topics
+
+    def provision(self, specs: Sequence[DeviceSpec]) -> dict[str, DeviceCredentials]:
+        out: dict[str, DeviceCredentials] = {}
+        for spec in specs:
+            path = self.directory / f"{spec.device_id}.yaml"
+            if path.exists():
+                try:
+                    creds = DeviceCredentials.load(path)
+                except BrokerError as exc:
+                    raise StackError(str(exc)) from exc
+            elif self.registry is not None and self.broker_settings is not None:
+                location = (
+                    DeviceLocation(lat=spec.lat, lon=spec.lon)
+                    if spec.lat is not None and spec.lon is not None
+                    else None
+                )
+                try:
+                    creds = provision_device(
+                        self.registry,
+                        spec.device_id,
+                        spec.kind,
+                        settings=self.broker_settings,
+                        out_dir=self.directory,
+                        location=location,
+                        broker_host=self.broker_host,
+                        broker_port=self.broker_port,
+                    )
+                except (BrokerError, RegistryError) as exc:
+                    raise StackError(f"cannot provision {spec.device_id!r}: {exc}") from exc
+            else:
+                raise StackError(
+                    f"no credentials for device {spec.device_id!r}: expected {path} "
+                    "(provision it with the gateway CLI, or pass --registry and --broker-state "
+                    "so the simulator provisions it)"
+                )
+            if self.broker_host or self.broker_port:
+                creds = creds.model_copy(
+                    update={
+                        "broker": BrokerEndpoint(
+                            host=self.broker_host or creds.broker.host,
+                            port=self.broker_port or creds.broker.port,
+                        )
+                    }
+                )
+            out[spec.device_id] = creds
+        return out
+
+
+def device_specs(items: Iterable[tuple[str, str, float | None, float | None]]) -> list[DeviceSpec]:
+    """Specs from ``(device_id, kind, lat, lon)`` tuples."""
+    return [DeviceSpec(d, DeviceKind(k), lat, lon) for d, k, lat, lon in items]
