@@ -290,48 +290,61 @@ class MqttIngest:
     def _notices(result: BatchResult) -> list[EventNoticeV1]:
         now = utcnow()
         return [
-            EventNoticeV1(
+            EventNoticeV1.model_construct(
                 change="created" if event_id in result.created else "updated", event=summary, at=now
             )
             for event_id, summary in sorted(result.summaries.items())
         ]
 
     def _feedback(self, result: BatchResult, assembled: Assembled) -> None:
+        # Built with model_construct: every value comes from a validated message or from the
+        # pool, and this runs once per alert on the hot path (tests decode every kind strictly).
         now = utcnow()
         qos = self.settings.feedback_qos
         publish: Callable[..., Any] = self._client.publish
+        topic = self.topics.feedback
+        make = FeedbackV1.model_construct
         for r in result.alerts:
-            fb = FeedbackV1(
+            fb = make(
                 device_id=r.device_id,
                 alert_id=r.alert_id,
                 seq=r.seq,
                 outcome=r.outcome,
                 event_id=r.event_id,
+                reason=None,
+                detail=None,
+                dead_letter_id=None,
                 at=now,
             )
-            publish(self.topics.feedback(r.device_id), fb.to_json(), qos=qos)
+            publish(topic(r.device_id), fb.to_json(), qos=qos)
         for o in result.out_of_area:
-            fb = FeedbackV1(
+            alert = assembled.alerts.get(o.alert_id)
+            fb = make(
                 device_id=o.device_id,
                 alert_id=o.alert_id,
-                seq=assembled.alerts[o.alert_id].seq if o.alert_id in assembled.alerts else None,
+                seq=alert.seq if alert else None,
                 outcome=Outcome.OUT_OF_AREA,
+                event_id=None,
+                reason=None,
                 detail=f"({o.lat:.6f}, {o.lon:.6f}) lies outside every grid of this community "
                 "pool; no event was registered (Longgang 7.1): check the device's configured "
                 "position",
+                dead_letter_id=None,
                 at=now,
             )
-            publish(self.topics.feedback(o.device_id), fb.to_json(), qos=qos)
+            publish(topic(o.device_id), fb.to_json(), qos=qos)
         for d in result.dead_letters:
             if d.device_id is None:
                 continue
-            fb = FeedbackV1(
+            fb = make(
                 device_id=d.device_id,
                 alert_id=d.alert_id,
+                seq=None,
                 outcome=Outcome.REJECTED,
+                event_id=None,
                 reason=d.reason,
                 detail=d.detail,
                 dead_letter_id=d.id,
                 at=now,
             )
-            publish(self.topics.feedback(d.device_id), fb.to_json(), qos=qos)
+            publish(topic(d.device_id), fb.to_json(), qos=qos)

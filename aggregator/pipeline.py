@@ -22,6 +22,7 @@ from contract import (
     AlertV1,
     Catalogue,
     DeviceChannel,
+    ParsedTopic,
     RejectReason,
     StatusV1,
     TelemetryV1,
@@ -68,17 +69,23 @@ class Pipeline:
         self.snapshots = snapshots
         self.limits = limits
         self._grid_text: dict[str, tuple[str, str]] = {}  # grid code → (path JSON, address)
+        self._parsed: dict[str, ParsedTopic] = {}  # topics repeat: one per device and channel
 
     def assemble(self, messages: Sequence[Inbound]) -> Assembled:
         out = Assembled()
         now = datetime.now(UTC)
         pending: list[tuple[Inbound, AlertV1]] = []
         for msg in messages:
-            try:
-                parsed = self.topics.parse(msg.topic)
-            except TopicError as exc:
-                self._reject(out, msg, None, Rejection(RejectReason.BAD_TOPIC, str(exc)))
-                continue
+            parsed = self._parsed.get(msg.topic)
+            if parsed is None:
+                try:
+                    parsed = self.topics.parse(msg.topic)
+                except TopicError as exc:
+                    self._reject(out, msg, None, Rejection(RejectReason.BAD_TOPIC, str(exc)))
+                    continue
+                if len(self._parsed) > 100_000:  # bounded: a fleet has fewer device topics
+                    self._parsed.clear()
+                self._parsed[msg.topic] = parsed
             device_id = parsed.device_id
             seen = out.batch.seen
             seen[device_id] = max(seen.get(device_id, 0.0), msg.received_at)
