@@ -66,9 +66,9 @@ def test_same_alert_id_twice_is_one_row(h: Harness) -> None:
     alert = make_alert("cam-1", lat, lon)
     assert h.send(alert, alert) == [Outcome.ACCEPTED, Outcome.DUPLICATE]
     assert h.send(alert) == [Outcome.DUPLICATE]
-    assert h.rows("SELECT count(*), sum(alert_count) FROM alerts JOIN events ON events.id = alerts.event_id") == [
-        (1, 1)
-    ]
+    assert h.rows(
+        "SELECT count(*), sum(alert_count) FROM alerts JOIN events ON events.id = alerts.event_id"
+    ) == [(1, 1)]
 
 
 def test_three_devices_within_radius_and_window_make_one_event(h: Harness) -> None:
