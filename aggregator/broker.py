@@ -123,7 +123,9 @@ class BrokerSettings(BaseModel):
         ge=1024,
         description="largest payload the broker forwards. Kept above the aggregator's own limit so "
         "that oversized alerts reach the aggregator and are dead-lettered with a reason instead "
-        "of vanishing in the broker; beyond it a QoS 1 publisher gets a failing PUBACK",
+        "of vanishing in the broker. Beyond it Mosquitto 2.0.11 answers a QoS 1 publish with "
+        "PUBACK 0x95, which paho 2.x cannot parse and answers by reconnecting: devices must cap "
+        "their own payloads (the edge agent drops the snapshot of an oversized alert)",
     )
     max_packet_size: int = Field(
         4 * MiB + 64 * 1024,
@@ -234,10 +236,11 @@ def render_config(settings: BrokerSettings) -> str:
     lines += [
         f"max_queued_messages {settings.max_queued_messages}",
         f"max_inflight_messages {settings.max_inflight_messages}",
-        # message_size_limit (not only max_packet_size) so that an oversized QoS 1 alert is
-        # answered with a failing PUBACK the device can act on, rather than a disconnect that
-        # would make it resend the same message forever. Mosquitto notes it as "deprecated"
-        # in its log; the behaviour is the one we want.
+        # message_size_limit (not only max_packet_size): an oversized QoS 1 alert is refused
+        # with a PUBACK rather than the broker closing the connection. Mosquitto 2.0.11 uses
+        # reason 0x95 there, which paho 2.x treats as malformed and reconnects on, so the edge
+        # agent keeps its payloads under its own limit; the aggregator's lower limit means
+        # every payload the broker forwards can still be dead-lettered with a reason.
         f"message_size_limit {settings.message_size_limit}",
         f"max_packet_size {settings.max_packet_size}",
         "set_tcp_nodelay true",
