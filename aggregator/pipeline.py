@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import orjson
 from pydantic import ValidationError
@@ -32,6 +33,8 @@ from contract import (
 )
 
 log = logging.getLogger(__name__)
+
+_M = TypeVar("_M", StatusV1, TelemetryV1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,21 +169,8 @@ class Pipeline:
     def _status(self, out: Assembled, msg: Inbound, device_id: str) -> None:
         if not msg.payload:
             return  # a cleared retained status: nothing to record
-        try:
-            status = StatusV1.model_validate_json(msg.payload, strict=True)
-        except ValidationError as exc:
-            self._reject(out, msg, device_id, _schema_rejection(exc))
-            return
-        if status.device_id != device_id:
-            self._reject(
-                out,
-                msg,
-                device_id,
-                Rejection(
-                    RejectReason.DEVICE_MISMATCH,
-                    f"status device_id {status.device_id!r} differs from the topic's {device_id!r}",
-                ),
-            )
+        status = self._decode(out, msg, device_id, StatusV1, "status")
+        if status is None:
             return
         at = status.at.timestamp() if status.at else msg.received_at
         health = orjson.dumps(dump(status.health)).decode() if status.health else None
@@ -189,24 +179,32 @@ class Pipeline:
         )
 
     def _telemetry(self, out: Assembled, msg: Inbound, device_id: str) -> None:
+        telemetry = self._decode(out, msg, device_id, TelemetryV1, "telemetry")
+        if telemetry is not None:
+            out.telemetry.append(telemetry)
+
+    def _decode(
+        self, out: Assembled, msg: Inbound, device_id: str, model: type[_M], what: str
+    ) -> _M | None:
+        """A status or telemetry message, or None after dead-lettering it with its reason."""
         try:
-            telemetry = TelemetryV1.model_validate_json(msg.payload, strict=True)
+            decoded = model.model_validate_json(msg.payload, strict=True)
         except ValidationError as exc:
             self._reject(out, msg, device_id, _schema_rejection(exc))
-            return
-        if telemetry.device_id != device_id:
+            return None
+        if decoded.device_id != device_id:
             self._reject(
                 out,
                 msg,
                 device_id,
                 Rejection(
                     RejectReason.DEVICE_MISMATCH,
-                    f"telemetry device_id {telemetry.device_id!r} differs from the topic's "
+                    f"{what} device_id {decoded.device_id!r} differs from the topic's "
                     f"{device_id!r}",
                 ),
             )
-            return
-        out.telemetry.append(telemetry)
+            return None
+        return decoded
 
     @staticmethod
     def _reject(out: Assembled, msg: Inbound, device_id: str | None, rej: Rejection) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -42,7 +42,7 @@ from contract import (
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-SOURCE = "smart_community_warning"  # Longgang 5.4
+SOURCE: Final = "smart_community_warning"  # Longgang 5.4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
