@@ -80,8 +80,12 @@ CREATE TABLE IF NOT EXISTS events (
     alert_count       INTEGER NOT NULL,
     device_count      INTEGER NOT NULL,
     recurrence_of     INTEGER REFERENCES events(id),
-    version           INTEGER NOT NULL DEFAULT 1
+    version           INTEGER NOT NULL DEFAULT 1,
+    -- the pool-wide change number (meta 'change_seq') of the commit that last changed the row:
+    -- every writer reads the rows others changed since its own last commit
+    change_seq        INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS events_change ON events(change_seq);
 CREATE INDEX IF NOT EXISTS events_open ON events(type, last_observed_at) WHERE status != 'closed';
 CREATE INDEX IF NOT EXISTS events_closed ON events(type, closed_at) WHERE status = 'closed';
 CREATE INDEX IF NOT EXISTS events_grid ON events(grid_code);
@@ -329,7 +333,7 @@ class EventPool:
             {c: t.merge_radius_m for c, t in catalogue.types.items()},
             {c: t.merge_window_s for c, t in catalogue.types.items()},
         )
-        self._log_seen = 0
+        self._seen_seq = 0
         self._last_evict = time.time()
         self._load_index()
 
@@ -337,7 +341,8 @@ class EventPool:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
             self._db.execute(
-                "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?), ('change_seq', '0')",
+                (str(SCHEMA_VERSION),),
             )
         elif int(row[0]) != SCHEMA_VERSION:
             raise PoolError(
@@ -350,7 +355,7 @@ class EventPool:
         since = now - self.KEEP_S
         longest = max(self._index.window_s.values(), default=0.0)
         with self._transaction() as db:
-            self._log_seen = db.execute("SELECT COALESCE(MAX(id), 0) FROM event_log").fetchone()[0]
+            self._seen_seq = _current_change(db)
             rows = db.execute(
                 "SELECT * FROM events WHERE (status != 'closed' AND last_observed_at >= ?)"
                 " OR (status = 'closed' AND closed_at >= ?)",
@@ -391,7 +396,8 @@ class EventPool:
         now = time.time()
         work = _BatchWork(self._index)
         with self._transaction() as db:
-            self._sync_lifecycle(db, work)
+            self._sync_changes(db, work)
+            work.change_seq = _next_change(db)
             batch_id = db.execute("INSERT INTO batches(started_at) VALUES (?)", (now,)).lastrowid
             assert batch_id is not None
             known = self._known_alerts(db, [a.alert_id for a in batch.alerts])
@@ -461,7 +467,7 @@ class EventPool:
             )
         # Committed: only now may the index learn what this batch did.
         work.apply()
-        self._log_seen = max(self._log_seen, work.log_seen)
+        self._seen_seq = work.change_seq
         result.summaries = {
             i: work.summary(i, self.catalogue) for i in result.created | result.updated
         }
@@ -470,25 +476,12 @@ class EventPool:
             self._last_evict = now
         return result
 
-    def _sync_lifecycle(self, db: sqlite3.Connection, work: _BatchWork) -> None:
-        """Status changes other connections committed since our last batch (we hold the write
-        lock now, so none can happen until we commit)."""
-        rows = db.execute(
-            "SELECT id, event_id FROM event_log WHERE id > ? AND action LIKE 'status:%'"
-            " ORDER BY id",
-            (self._log_seen,),
-        ).fetchall()
-        # The cursor moves only once this batch has committed (see commit_batch): a rolled-back
-        # batch must see these changes again.
-        work.log_seen = db.execute(
-            "SELECT COALESCE(MAX(id), ?) FROM event_log", (self._log_seen,)
-        ).fetchone()[0]
-        if not rows:
-            return
-        ids = sorted({r[1] for r in rows})
-        marks = ",".join("?" * len(ids))
-        fresh = db.execute(f"SELECT * FROM events WHERE id IN ({marks})", ids).fetchall()
-        for state in self._states(db, fresh):
+    def _sync_changes(self, db: sqlite3.Connection, work: _BatchWork) -> None:
+        """Events other connections changed since our last commit: operators' lifecycle steps,
+        and the alerts another aggregator replica pooled into this file. We hold the write lock,
+        so nothing else changes until we commit; a rolled-back batch reads them again."""
+        rows = db.execute("SELECT * FROM events WHERE change_seq > ?", (self._seen_seq,)).fetchall()
+        for state in self._states(db, rows):
             work.refresh(state)
 
     @staticmethod
@@ -594,8 +587,8 @@ class EventPool:
             "INSERT INTO events(id, source, type, severity, status, department, grid_code,"
             " grid_path, lat, lon, address, description, snapshot_sha256, snapshot_score,"
             " first_observed_at, last_observed_at, registered_at, updated_at, deadline_at,"
-            " alert_count, device_count, recurrence_of)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " alert_count, device_count, recurrence_of, change_seq)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             [
                 (
                     s.id,
@@ -620,15 +613,17 @@ class EventPool:
                     s.alert_count,
                     len(s.devices),
                     s.recurrence_of,
+                    work.change_seq,
                 )
                 for s in new
             ],
         )
-        changed = [work.get(i) for i in work.edited_ids if i not in work.new_ids]
+        new_ids = set(work.new_ids)
+        changed = [work.get(i) for i in work.edited_ids if i not in new_ids]
         db.executemany(
             "UPDATE events SET severity=?, snapshot_sha256=?, snapshot_score=?,"
             " first_observed_at=?, last_observed_at=?, updated_at=?, alert_count=?,"
-            " device_count=?, version=version+1 WHERE id=?",
+            " device_count=?, change_seq=?, version=version+1 WHERE id=?",
             [
                 (
                     s.severity.value,
@@ -639,6 +634,7 @@ class EventPool:
                     now,
                     s.alert_count,
                     len(s.devices),
+                    work.change_seq,
                     s.id,
                 )
                 for s in changed
@@ -776,8 +772,15 @@ def set_event_status(
         if row[0] == EventStatus.CLOSED.value:
             raise PoolError(f"event {event_id} is closed; a recurrence opens a new event")
         db.execute(
-            "UPDATE events SET status=?, updated_at=?, closed_at=?, version=version+1 WHERE id=?",
-            (status.value, now, now if status is EventStatus.CLOSED else None, event_id),
+            "UPDATE events SET status=?, updated_at=?, closed_at=?, version=version+1,"
+            " change_seq=? WHERE id=?",
+            (
+                status.value,
+                now,
+                now if status is EventStatus.CLOSED else None,
+                _next_change(db),
+                event_id,
+            ),
         )
         db.execute(
             "INSERT INTO event_log(event_id, at, action, actor, detail) VALUES (?,?,?,?,?)",
@@ -814,6 +817,20 @@ class _Checkpointer:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+def _current_change(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT value FROM meta WHERE key='change_seq'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _next_change(db: sqlite3.Connection) -> int:
+    """The next pool-wide change number; call inside the write transaction."""
+    db.execute(
+        "INSERT INTO meta(key, value) VALUES ('change_seq', '1') ON CONFLICT(key)"
+        " DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+    )
+    return _current_change(db)
 
 
 _INSERT_ALERT = (
@@ -859,7 +876,7 @@ class _BatchWork:
         self.new_ids: list[int] = []
         self.edited_ids: dict[int, None] = {}
         self.device_alerts: dict[tuple[int, str], list[Any]] = {}
-        self.log_seen = 0
+        self.change_seq = 0  # this batch's pool-wide change number
         self._local: dict[bool, SpatialHash] = {}
 
     def _hash(self, closed: bool) -> SpatialHash:
