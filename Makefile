@@ -10,6 +10,7 @@ demo:
 test:
 	@scripts/bootstrap.sh test
 	.venv/bin/ruff check .
+	.venv/bin/mypy contract aggregator edge simulators
 	.venv/bin/python -m pytest
 
 lint:
