@@ -758,6 +758,22 @@ class EventPool:
         return set_event_status(self._db, event_id, status, actor, note)
 
 
+class LifecycleWriter:
+    """Operators' lifecycle steps on a connection of its own: no dedup index, no checkpoints.
+    The ingest writer reads the steps at its next batch (the change number)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self._db = connect(path)
+
+    def set_status(
+        self, event_id: int, status: EventStatus, actor: str, note: str = ""
+    ) -> dict[str, Any]:
+        return set_event_status(self._db, event_id, status, actor, note)
+
+    def close(self) -> None:
+        self._db.close()
+
+
 def set_event_status(
     db: sqlite3.Connection, event_id: int, status: EventStatus, actor: str, note: str = ""
 ) -> dict[str, Any]:

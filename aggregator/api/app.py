@@ -20,7 +20,7 @@ from aggregator.api.models import Health, OperatorOut, Ready, TokenOut, TokenReq
 from aggregator.auth import AuthError, AuthStore, Operator
 from aggregator.geo import GridIndex
 from aggregator.metrics import Metrics
-from aggregator.pool import EventPool
+from aggregator.pool import LifecycleWriter
 from aggregator.snapshots import SnapshotStore
 from aggregator.stream import StreamHub
 from contract import Catalogue, EventNoticeV1
@@ -62,7 +62,7 @@ def create_app(
         broker_connected=broker_connected,
         on_notice=on_notice,
         readers=Readers(pool_path),
-        writer=EventPool(pool_path, catalogue),
+        writer=LifecycleWriter(pool_path),
         grid_features=grids.to_geojson()["features"],
     )
 

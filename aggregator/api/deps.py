@@ -16,7 +16,7 @@ from aggregator.api.models import Problem
 from aggregator.auth import AuthError, AuthStore, Operator
 from aggregator.geo import GridIndex
 from aggregator.metrics import Metrics
-from aggregator.pool import EventPool, connect
+from aggregator.pool import LifecycleWriter, connect
 from aggregator.snapshots import SnapshotStore
 from aggregator.stream import StreamHub
 from contract import Catalogue, EventNoticeV1
@@ -62,7 +62,7 @@ class ApiContext:
     readers: Readers
     # Lifecycle writes go through a writer connection of the API's own: the ingest writer's
     # connection is busy inside its batch transactions on another thread.
-    writer: EventPool
+    writer: LifecycleWriter
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     grid_features: list[dict[str, Any]] = field(default_factory=list)
 
