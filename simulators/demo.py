@@ -71,6 +71,9 @@ def _screen(pool_path: Path, header: str, rows: int) -> Group:
 
 def run_demo(args: argparse.Namespace) -> int:
     console = Console()
+    if not getattr(args, "verbose", False):
+        # the live table is the demo's output; `gateway -v demo` shows the service's logs too
+        logging.getLogger().setLevel(logging.WARNING)
     root: Path = (args.data_dir / "demo").absolute()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
