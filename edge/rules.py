@@ -67,6 +67,22 @@ def ground_point(box: tuple[float, float, float, float]) -> Point:
     return ((x1 + x2) / 2.0, max(_y1, y2))
 
 
+def tracks_in_zone(
+    tracks: Sequence[TrackLike],
+    classes: frozenset[str],
+    min_score: float,
+    polygon: Polygon,
+) -> list[TrackLike]:
+    """Tracks of the given classes whose ground point (bottom centre) lies in the polygon."""
+    return [
+        t
+        for t in tracks
+        if t.cls in classes
+        and t.score >= min_score
+        and point_in_polygon(ground_point(t.box), polygon)
+    ]
+
+
 def point_in_polygon(point: Point, polygon: Polygon) -> bool:
     """Even-odd ray casting; points exactly on an edge may fall either way."""
     x, y = point
@@ -162,13 +178,7 @@ class ZoneDwellRule:
             self.severity = default_severity(self.type_code)
 
     def evaluate(self, tracks: Sequence[TrackLike], now: float) -> list[AlertIntent]:
-        in_zone = [
-            t
-            for t in tracks
-            if t.cls in self.classes
-            and t.score >= self.min_score
-            and point_in_polygon(ground_point(t.box), self.polygon)
-        ]
+        in_zone = tracks_in_zone(tracks, self.classes, self.min_score, self.polygon)
         for t in in_zone:
             self._entered.setdefault(t.track_id, now)
             self._seen[t.track_id] = now
@@ -238,13 +248,7 @@ class CrowdRule:
             self.severity = default_severity(self.type_code)
 
     def evaluate(self, tracks: Sequence[TrackLike], now: float) -> list[AlertIntent]:
-        people = [
-            t
-            for t in tracks
-            if t.cls in self.classes
-            and t.score >= self.min_score
-            and point_in_polygon(ground_point(t.box), self.polygon)
-        ]
+        people = tracks_in_zone(tracks, self.classes, self.min_score, self.polygon)
         if len(people) < self.min_count:
             self._since = None
             return []
