@@ -44,6 +44,11 @@ class MqttSettings(BaseModel):
     keepalive_s: int = Field(30, ge=5, le=3600)
     feedback_qos: int = Field(1, ge=0, le=1, description="QoS of feedback to devices")
     tls_ca: Path | None = Field(None, description="CA file; enables TLS")
+    io_process: bool = Field(
+        True,
+        description="run MQTT I/O in a child process, so that it and the pool writer each have "
+        "a core (false: a thread of the aggregator process)",
+    )
 
     def secret(self) -> str | None:
         if self.password_file is not None:

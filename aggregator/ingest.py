@@ -1,9 +1,10 @@
 """MQTT ingest: at-least-once in, exactly-once out.
 
-paho's network thread only queues messages. One worker thread takes them in micro-batches,
-assembles and commits each batch in one pool transaction, and only then acknowledges every
-message of it (``manual_ack``). A crash before the commit leaves the messages unacknowledged in
-our persistent session, so the broker sends them again; the pool's alert_id key makes the
+The transport (``aggregator/transport.py``: paho in a child process by default) only receives
+and queues messages. One worker thread takes them in micro-batches, assembles and commits each
+batch in one pool transaction, and only then acknowledges every message of it
+(``manual_ack``). A crash before the commit leaves the messages unacknowledged in our
+persistent session, so the broker sends them again; the pool's alert_id key makes the
 redelivery a no-op. The queue is bounded by Receive Maximum: the broker never sends more
 unacknowledged alerts than we announced.
 """
@@ -11,26 +12,19 @@ unacknowledged alerts than we announced.
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
+from typing import Protocol
 
 from aggregator.config import BatchSettings, MqttSettings
 from aggregator.metrics import Metrics
 from aggregator.pipeline import Assembled, Inbound, Pipeline
 from aggregator.pool import BatchResult, EventPool
+from aggregator.transport import Outgoing, Transport, make_transport
 from contract import (
-    DeviceChannel,
     EventNoticeV1,
     FeedbackV1,
     Outcome,
@@ -80,157 +74,49 @@ class MqttIngest:
         self.metrics = metrics
         self.sinks = list(sinks)
         self.topics = Topics(mqtt_settings.topic_prefix)
-        # Receive Maximum bounds what the broker sends; the extra room is for status/telemetry
-        # (QoS 0 telemetry is not counted by Receive Maximum).
-        self._queue: queue.Queue[Inbound] = queue.Queue(maxsize=mqtt_settings.receive_maximum * 2)
+        self._transport: Transport = make_transport(mqtt_settings, batch_settings)
         self._stop = threading.Event()
-        self._connected = threading.Event()
-        self._generation = 0
         self._batches = 0
         self._messages = 0
         self._worker: threading.Thread | None = None
-        self._client = self._make_client()
 
     # -- lifecycle -----------------------------------------------------------
 
-    def _make_client(self) -> mqtt.Client:
-        s = self.settings
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=s.client_id,
-            protocol=mqtt.MQTTv5,
-            manual_ack=True,
-        )
-        client.username_pw_set(s.username, s.secret())
-        if s.tls_ca is not None:
-            client.tls_set(ca_certs=str(s.tls_ca))
-        # Outgoing feedback and notices: paho's default of 20 in flight would throttle them.
-        client.max_inflight_messages_set(1000)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        return client
-
     def start(self) -> None:
-        s = self.settings
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = s.session_expiry_s
-        props.ReceiveMaximum = s.receive_maximum
+        self._transport.start()
         self._worker = threading.Thread(target=self._run, name="cwg-ingest", daemon=True)
         self._worker.start()
-        log.info(
-            "connecting broker=%s:%s client_id=%s receive_maximum=%s",
-            s.host,
-            s.port,
-            s.client_id,
-            s.receive_maximum,
-        )
-        self._client.connect_async(
-            s.host, s.port, keepalive=s.keepalive_s, clean_start=False, properties=props
-        )
-        self._client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
+        ok = self._transport.wait_connected(timeout)
+        self.metrics.connected.set(1 if ok else 0)
+        return ok
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the batch in hand, commit and acknowledge it, then disconnect."""
         self._stop.set()
         if self._worker is not None:
             self._worker.join(timeout)
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._transport.stop()
 
     def publish_notice(self, notice: EventNoticeV1) -> None:
         """Tell integrators of an event change made elsewhere (an operator's lifecycle step)."""
-        self._client.publish(self.topics.events, notice.to_json(), qos=1)
+        self._transport.publish([(self.topics.events, notice.to_json(), 1)])
 
     def stats(self) -> IngestStats:
-        return IngestStats(
-            self._batches, self._messages, self._connected.is_set(), self._queue.qsize()
-        )
-
-    # -- paho callbacks (network thread) -------------------------------------
-
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        if reason_code.is_failure:
-            log.error(
-                "broker refused connection reason=%s: check the aggregator's username/password "
-                "and the broker's ACL",
-                reason_code,
-            )
-            return
-        self._generation += 1
-        group = self.settings.share_group
-        subs = [
-            (self.topics.device_filter(DeviceChannel.ALERT, group), 1),
-            (self.topics.device_filter(DeviceChannel.STATUS, group), 1),
-            (self.topics.device_filter(DeviceChannel.TELEMETRY, group), 1),
-        ]
-        client.subscribe(subs)
-        self._connected.set()
-        self.metrics.connected.set(1)
-        log.info(
-            "connected session_present=%s generation=%s", flags.session_present, self._generation
-        )
-
-    def _on_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.DisconnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        self._connected.clear()
-        self.metrics.connected.set(0)
-        if not self._stop.is_set():
-            log.warning("disconnected from broker reason=%s; paho reconnects", reason_code)
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        # Blocks when the worker falls behind: that is the backpressure we want (TCP flow
-        # control and Receive Maximum stop the broker), never an unbounded buffer.
-        self._queue.put(
-            Inbound(msg.topic, bytes(msg.payload), time.time(), msg.mid, msg.qos, self._generation)
-        )
+        connected = self._transport.connected()
+        self.metrics.connected.set(1 if connected else 0)
+        return IngestStats(self._batches, self._messages, connected, self._transport.depth())
 
     # -- the worker ----------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            batch = self._take_batch()
+            batch = self._transport.take(0.2)
             if batch:
                 self._process_with_retry(batch)
             elif self._stop.is_set():
                 return
-
-    def _take_batch(self) -> list[Inbound]:
-        try:
-            first = self._queue.get(timeout=0.2)
-        except queue.Empty:
-            return []
-        batch = [first]
-        deadline = time.monotonic() + self.batching.linger_ms / 1000
-        limit = self.batching.max_messages
-        while len(batch) < limit:
-            remaining = deadline - time.monotonic()
-            try:
-                batch.append(
-                    self._queue.get(timeout=remaining)
-                    if remaining > 0
-                    else self._queue.get_nowait()
-                )
-            except queue.Empty:
-                break
-        return batch
 
     def _process_with_retry(self, batch: list[Inbound]) -> None:
         delay = 0.1
@@ -251,21 +137,18 @@ class MqttIngest:
         assembled = self.pipeline.assemble(batch)
         result = self.pool.commit_batch(assembled.batch)
         # Committed: now, and only now, the broker may forget these messages.
-        generation = self._generation
-        for msg in batch:
-            if msg.qos > 0 and msg.generation == generation:
-                self._client.ack(msg.mid, msg.qos)
+        self._transport.ack(batch)
         elapsed = time.perf_counter() - started
         self._batches += 1
         self._messages += len(batch)
         self._count(batch, result)
         self.metrics.batch_seconds.observe(elapsed)
         self.metrics.batch_size.observe(len(batch))
-        self.metrics.queue_depth.set(self._queue.qsize())
+        self.metrics.queue_depth.set(self._transport.depth())
         notices = self._notices(result)
-        self._feedback(result, assembled)
-        for notice in notices:
-            self._client.publish(self.topics.events, notice.to_json(), qos=1)
+        outgoing = self._feedback(result, assembled)
+        outgoing += [(self.topics.events, notice.to_json(), 1) for notice in notices]
+        self._transport.publish(outgoing)
         for sink in self.sinks:
             try:
                 sink.on_batch(result, notices, assembled.telemetry, assembled)
@@ -296,12 +179,12 @@ class MqttIngest:
             for event_id, summary in sorted(result.summaries.items())
         ]
 
-    def _feedback(self, result: BatchResult, assembled: Assembled) -> None:
+    def _feedback(self, result: BatchResult, assembled: Assembled) -> list[Outgoing]:
         # Built with model_construct: every value comes from a validated message or from the
         # pool, and this runs once per alert on the hot path (tests decode every kind strictly).
         now = utcnow()
         qos = self.settings.feedback_qos
-        publish: Callable[..., Any] = self._client.publish
+        out: list[Outgoing] = []
         topic = self.topics.feedback
         make = FeedbackV1.model_construct
         for r in result.alerts:
@@ -316,7 +199,7 @@ class MqttIngest:
                 dead_letter_id=None,
                 at=now,
             )
-            publish(topic(r.device_id), fb.to_json(), qos=qos)
+            out.append((topic(r.device_id), fb.to_json(), qos))
         for o in result.out_of_area:
             alert = assembled.alerts.get(o.alert_id)
             fb = make(
@@ -332,7 +215,7 @@ class MqttIngest:
                 dead_letter_id=None,
                 at=now,
             )
-            publish(topic(o.device_id), fb.to_json(), qos=qos)
+            out.append((topic(o.device_id), fb.to_json(), qos))
         for d in result.dead_letters:
             if d.device_id is None:
                 continue
@@ -347,4 +230,5 @@ class MqttIngest:
                 dead_letter_id=d.id,
                 at=now,
             )
-            publish(topic(d.device_id), fb.to_json(), qos=qos)
+            out.append((topic(d.device_id), fb.to_json(), qos))
+        return out

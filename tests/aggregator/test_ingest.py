@@ -266,3 +266,32 @@ def test_channel_counters_and_dedup_ratio(broker: Any, aggregator: Aggregator) -
     assert math.isclose(aggregator.metrics.dedup_ratio(), 3 / 4)
     sample = aggregator.metrics.messages.labels(DeviceChannel.ALERT.value)._value.get()
     assert sample == 4
+
+
+def test_in_process_transport_pools_acknowledges_and_answers(broker: Any, tmp_path: Any) -> None:
+    """``mqtt.io_process = false``: paho on a thread of the aggregator process."""
+    from aggregator.config import MqttSettings
+    from aggregator.service import build_aggregator
+
+    from .conftest import GRIDS, aggregator_settings
+
+    settings = aggregator_settings(broker, tmp_path / "inproc")
+    mqtt = settings.mqtt.model_dump()
+    mqtt["io_process"] = False
+    settings = settings.model_copy(update={"mqtt": MqttSettings.model_validate(mqtt)})
+    agg = build_aggregator(settings, grids=GRIDS)
+    agg.start()
+    try:
+        assert agg.ingest.wait_connected(5)
+        cam = device(broker, "cam-001")
+        lat, lon = interior(grid_in_community(3))
+        alerts = [make_alert("cam-001", lat, lon, seq=i) for i in range(50)]
+        for alert in alerts:
+            cam.paho.publish(broker.topics.alert("cam-001"), alert.to_json(), qos=1)
+        outcomes = [fb.outcome for fb in feedback_of(cam, 50)]
+        assert outcomes.count(Outcome.ACCEPTED) == 1
+        assert outcomes.count(Outcome.MERGED) == 49
+        assert count(agg, "SELECT count(*) FROM alerts") == 50
+        assert agg.ingest.stats().connected
+    finally:
+        agg.stop()
