@@ -15,7 +15,6 @@ redelivered to the next session (same client id), and the pool's alert_id key ab
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
 import os
@@ -208,58 +207,101 @@ class ThreadTransport:
 class ProcessTransport:
     """A ``ThreadTransport`` in a child process, relayed over a pipe."""
 
+    # A message's generation is (child incarnation << 32) | connection generation in the
+    # child, so that an acknowledgement never reaches a child that did not receive the message.
+    _SHIFT = 32
+
     def __init__(self, settings: MqttSettings, batching: BatchSettings) -> None:
         self.settings = settings
         self.batching = batching
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child_conn = ctx.Pipe(duplex=True)
-        # The secret is resolved here and handed over in the pipe's first message, never in
-        # the child's command line or environment.
-        self._process = ctx.Process(
-            target=_child_main,
-            args=(child_conn,),
-            name=f"cwg-mqtt-{settings.client_id}",
-            daemon=True,
-        )
-        self._child_conn = child_conn
+        self._ctx = multiprocessing.get_context("spawn")
         self._send_lock = threading.Lock()
         self._connected = threading.Event()
         self._depth = 0
+        self._incarnation = 0
+        self._stopping = False
+        self._conn: Connection | None = None
+        self._process: Any = None
 
     def start(self) -> None:
-        self._process.start()
-        self._child_conn.close()  # the child's end lives in the child now
+        self._spawn()
+
+    def _spawn(self) -> None:
+        conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=_child_main,
+            args=(child_conn,),
+            name=f"cwg-mqtt-{self.settings.client_id}",
+            daemon=True,
+        )
+        process.start()
+        child_conn.close()  # the child's end lives in the child now
+        with self._send_lock:
+            self._conn, self._process = conn, process
+            self._incarnation += 1
+            self._connected.clear()
+        # The secret is handed over in the pipe's first message, never in the child's command
+        # line or environment.
         config = self.settings.model_dump(mode="json", exclude={"password", "password_file"})
         level = logging.getLogger().getEffectiveLevel()
         self._send(("start", config, self.settings.secret(), self.batching.model_dump(), level))
 
     def _send(self, message: tuple[Any, ...]) -> None:
         with self._send_lock:
-            self._conn.send(message)
+            assert self._conn is not None
+            try:
+                self._conn.send(message)
+            except OSError as exc:
+                # The child is gone: its messages were never acknowledged and the broker sends
+                # them to the next one, which take() starts.
+                log.warning("MQTT I/O process unreachable (%s); it is restarted", exc)
 
     def take(self, timeout: float) -> list[Inbound]:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._conn.poll(remaining):
-                return []
+            assert self._conn is not None
             try:
+                if remaining <= 0 or not self._conn.poll(remaining):
+                    return []
                 kind, *body = self._conn.recv()
-            except EOFError:
-                if self._process.is_alive():
-                    raise
-                raise RuntimeError(
-                    f"the MQTT I/O process exited (code {self._process.exitcode}); "
-                    "see its log lines above"
-                ) from None
+            except (EOFError, OSError):
+                self._respawn()
+                return []
             if kind == "batch":
                 rows, self._depth = body
-                return [Inbound(*row) for row in rows]
+                tag = self._incarnation << self._SHIFT
+                return [Inbound(t, p, r, mid, qos, tag | gen) for t, p, r, mid, qos, gen in rows]
             if kind == "state":
                 (self._connected.set if body[0] else self._connected.clear)()
 
+    def _respawn(self) -> None:
+        if self._stopping:
+            return
+        code = self._process.exitcode if self._process is not None else None
+        log.error(
+            "the MQTT I/O process exited (code %s); starting a new one: unacknowledged messages "
+            "are redelivered to it and the pool absorbs any it already holds",
+            code,
+        )
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+        time.sleep(0.5)  # no tight loop if the child keeps failing at start
+        self._spawn()
+
     def ack(self, messages: Sequence[Inbound]) -> None:
-        self._send(("ack", [(m.mid, m.qos, m.generation) for m in messages if m.qos > 0]))
+        mine = self._incarnation
+        mask = (1 << self._SHIFT) - 1
+        self._send(
+            (
+                "ack",
+                [
+                    (m.mid, m.qos, m.generation & mask)
+                    for m in messages
+                    if m.qos > 0 and m.generation >> self._SHIFT == mine
+                ],
+            )
+        )
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         if messages:
@@ -283,8 +325,10 @@ class ProcessTransport:
         return self._depth
 
     def stop(self) -> None:
-        with contextlib.suppress(OSError, BrokenPipeError):
-            self._send(("stop",))
+        self._stopping = True
+        if self._process is None or self._conn is None:
+            return
+        self._send(("stop",))
         self._process.join(10)
         if self._process.is_alive():
             self._process.terminate()

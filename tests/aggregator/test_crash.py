@@ -128,3 +128,49 @@ def test_sigkill_with_1000_alerts_in_flight_loses_none_and_counts_none_twice(
         # every alert counted once in the events it joined
         assert db.execute("SELECT sum(alert_count) FROM events").fetchone()[0] == N
         assert db.execute("SELECT sum(alert_count) FROM event_devices").fetchone()[0] == N
+
+
+def test_io_process_killed_mid_stream_is_replaced_and_nothing_is_lost(
+    broker: Any, tmp_path: Path
+) -> None:
+    """The MQTT I/O child dies with alerts in flight: a new one takes over the session, the
+    broker redelivers what was never acknowledged, and every alert is pooled exactly once."""
+    cam = broker.client("cam-002")
+    lat, lon = interior(grid_in_community(2))
+    alerts = [make_alert("cam-002", lat, lon, seq=i, type="crowd_gathering") for i in range(N)]
+    agg = _started_aggregator(broker, tmp_path)
+    try:
+        first_child = agg.ingest._transport._process  # type: ignore[attr-defined]
+        for alert in alerts[:600]:
+            cam.paho.publish(broker.topics.alert("cam-002"), alert.to_json(), qos=1)
+        at_kill = wait_until(lambda: _pooled(agg), timeout=20, what="first commits")
+        os.kill(first_child.pid, signal.SIGKILL)
+        assert at_kill < 600, "everything was pooled before the kill; nothing was in flight"
+        for alert in alerts[600:]:
+            cam.paho.publish(broker.topics.alert("cam-002"), alert.to_json(), qos=1)
+        wait_until(lambda: _pooled(agg) >= N, timeout=60, what=f"{N} alerts pooled")
+        time.sleep(1.0)
+        assert agg.ingest._transport._process is not first_child  # type: ignore[attr-defined]
+        assert agg.ingest.stats().connected
+        with closing(connect(agg.settings.pool, readonly=True)) as db:
+            stored = {r[0] for r in db.execute("SELECT alert_id FROM alerts")}
+            assert stored == {a.alert_id for a in alerts}
+            assert db.execute("SELECT sum(alert_count) FROM events").fetchone()[0] == N
+    finally:
+        agg.stop()
+
+
+def _started_aggregator(broker: Any, data_dir: Path) -> Any:
+    from aggregator.service import build_aggregator
+
+    from .conftest import GRIDS, aggregator_settings
+
+    agg = build_aggregator(aggregator_settings(broker, data_dir), grids=GRIDS)
+    agg.start()
+    assert agg.ingest.wait_connected(10)
+    return agg
+
+
+def _pooled(agg: Any) -> int:
+    with closing(connect(agg.settings.pool, readonly=True)) as db:
+        return int(db.execute("SELECT count(*) FROM alerts").fetchone()[0])
