@@ -253,8 +253,9 @@ class ProcessTransport:
                 self._conn.send(message)
             except OSError as exc:
                 # The child is gone: its messages were never acknowledged and the broker sends
-                # them to the next one, which take() starts.
-                log.warning("MQTT I/O process unreachable (%s); it is restarted", exc)
+                # them to the next one, which take() starts (unless we are stopping).
+                if not self._stopping:
+                    log.warning("MQTT I/O process unreachable (%s); it is restarted", exc)
 
     def take(self, timeout: float) -> list[Inbound]:
         deadline = time.monotonic() + timeout
@@ -311,8 +312,7 @@ class ProcessTransport:
         return self._connected.is_set()
 
     def wait_connected(self, timeout: float) -> bool:
-        # The state arrives on the pipe, which the worker reads in take(); until the worker
-        # runs (tests call this right after start) read it here.
+        # The state arrives on the pipe, which the ingest worker reads in take().
         deadline = time.monotonic() + timeout
         while not self._connected.is_set():
             remaining = deadline - time.monotonic()
@@ -365,7 +365,6 @@ def _child_main(conn: Connection) -> None:
             os._exit(0)  # the parent is gone: leave every message unacknowledged
 
     threading.Thread(target=forward, name="cwg-io-forward", daemon=True).start()
-    generation_acks = transport.ack
     while True:
         try:
             kind, *body = conn.recv()
@@ -374,7 +373,7 @@ def _child_main(conn: Connection) -> None:
             # so the broker keeps the session's unacknowledged messages for the next aggregator.
             os._exit(0)
         if kind == "ack":
-            generation_acks(
+            transport.ack(
                 [Inbound("", b"", 0.0, mid, qos, generation) for mid, qos, generation in body[0]]
             )
         elif kind == "publish":
