@@ -176,10 +176,6 @@ CREATE INDEX IF NOT EXISTS dead_letters_device ON dead_letters(device_id, receiv
 """
 
 
-def ts(value: datetime) -> float:
-    return value.timestamp()
-
-
 def iso(value: float | None) -> str | None:
     if value is None:
         return None

@@ -78,13 +78,6 @@ class Catalogue(_Strict):
                 )
         return self
 
-    def get(self, code: str) -> WarningType | None:
-        return self.types.get(code)
-
-    @property
-    def max_merge_window_s(self) -> float:
-        return max(t.merge_window_s for t in self.types.values())
-
 
 def load_catalogue(path: Path | str | None = None) -> Catalogue:
     """Load and validate a catalogue file; raises pydantic.ValidationError naming the key path."""
