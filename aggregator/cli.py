@@ -256,7 +256,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     host, port = _broker_address(args)
     password_file = args.password_file or args.data_dir / "accounts" / "aggregator.password"
-    settings = Settings()
+    # Command-line values win over CWG_* variables; paths not given derive from --data-dir.
+    overrides: dict[str, Any] = {"data_dir": args.data_dir}
+    if args.grid_file:
+        overrides["grid_file"] = args.grid_file
+    settings = Settings(**overrides)
     mqtt = settings.mqtt.model_copy(
         update={
             "host": host,
@@ -266,16 +270,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             **({"share_group": args.share_group} if args.share_group else {}),
         }
     )
-    settings = Settings.model_validate(
-        {
-            **settings.model_dump(exclude={"mqtt", "pool_path", "snapshot_dir"}),
-            "data_dir": args.data_dir,
-            "pool_path": settings.pool_path if "CWG_POOL_PATH" in os.environ else None,
-            "snapshot_dir": settings.snapshot_dir if "CWG_SNAPSHOT_DIR" in os.environ else None,
-            "grid_file": args.grid_file or settings.grid_file,
-            "mqtt": mqtt.model_dump(),
-        }
-    )
+    settings = settings.model_copy(update={"mqtt": mqtt})
     if args.http_port:
         from aggregator.api.server import run_service
         from aggregator.timeseries import TimeSeriesSettings

@@ -15,6 +15,7 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -158,11 +159,11 @@ class MqttIngest:
 
     def _count(self, batch: list[Inbound], result: BatchResult) -> None:
         m = self.metrics
-        for msg in batch:
-            channel = msg.topic.rsplit("/", 1)[-1]
-            m.messages.labels(channel).inc()
-        for r in result.alerts:
-            m.alerts.labels(r.outcome.value).inc()
+        # tallied per batch: one labelled increment per channel and outcome, not per message
+        for channel, n in Counter(msg.topic.rsplit("/", 1)[-1] for msg in batch).items():
+            m.messages.labels(channel).inc(n)
+        for outcome, n in Counter(r.outcome.value for r in result.alerts).items():
+            m.alerts.labels(outcome).inc(n)
         if result.out_of_area:
             m.alerts.labels("out_of_area").inc(len(result.out_of_area))
         for d in result.dead_letters:
