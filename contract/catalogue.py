@@ -78,6 +78,9 @@ class Catalogue(_Strict):
                 )
         return self
 
+    def get(self, code: str) -> WarningType | None:
+        return self.types.get(code)
+
 
 def load_catalogue(path: Path | str | None = None) -> Catalogue:
     """Load and validate a catalogue file; raises pydantic.ValidationError naming the key path."""
