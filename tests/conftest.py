@@ -163,10 +163,16 @@ class MqttTestClient:
         return self.connect_reason
 
     def publish(
-        self, topic: str, payload: bytes | str, qos: int = 1, *, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = 1,
+        *,
+        retain: bool = False,
+        properties: Properties | None = None,
     ) -> ReasonCode:
         """Publish and wait for the broker's PUBACK (QoS 1) or the send (QoS 0)."""
-        info = self.paho.publish(topic, payload, qos=qos, retain=retain)
+        info = self.paho.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         return self._wait(self._published, info.mid, f"PUBACK for {topic}")
 
     def publish_many(self, topic: str, payloads: Sequence[bytes], qos: int = 1) -> list[ReasonCode]:

@@ -1,0 +1,515 @@
+"""The aggregator's MQTT session: paho-mqtt driven by a select loop of our own.
+
+``IoLoop`` owns one paho client and one ``FrameChannel`` to the ingest worker. It receives
+PUBLISHes into rows, hands them over in frames, and carries out what the worker sends back:
+acknowledgements (``manual_ack``) once a batch is committed, and feedback/notice publishes. It
+runs single-threaded, in the MQTT I/O process (``ProcessTransport``) or on a thread of the
+aggregator (``ThreadTransport``), and reconnects with a growing, jittered delay.
+
+``LeanClient`` is paho's ``Client`` with three hot paths made lean for a consumer that takes
+thousands of QoS 1 messages a second (measured with ``bench/bench_mqtt_client.py``):
+
+* reads: one ``recv`` per wakeup into a buffer, instead of three or four per packet;
+* an incoming PUBLISH (QoS 0 or 1, no MQTT 5 properties) is decoded directly and handed to
+  ``on_row``; paho builds a ``Properties`` object for each, which costs more than the rest of
+  the packet;
+* a PUBACK without properties reuses one ``ReasonCode`` per code.
+
+Everything else (properties present, QoS 2, per-topic callbacks, every other packet) goes
+through paho unchanged. The overrides touch private methods of paho 2.1–2.2, so pyproject pins
+``paho-mqtt<2.3`` and ``tests/aggregator/test_mqttio.py`` checks both paths.
+
+Outgoing QoS 1 publishes are paced by the loop, never queued inside paho: paho's own queue
+rescans every in-flight message on each PUBACK, which made a burst of 1,000 feedback messages
+cost about 200 µs each.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import select
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from aggregator.config import BatchSettings, MqttSettings
+from contract import DeviceChannel, Topics
+
+log = logging.getLogger(__name__)
+
+# (topic, payload, received_at, mid, qos, generation): one received message
+Row = tuple[str, bytes, float, int, int, int]
+# (topic, payload, qos): one message to publish
+Outgoing = tuple[str, bytes, int]
+
+_READ_CHUNK = 1 << 18
+_HEADER = struct.Struct("!I")
+_PUBACK_PROPS = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+_PUBACK_CODES: dict[int, ReasonCode] = {}
+
+
+class LeanClient(mqtt.Client):
+    """paho's Client with lean read, PUBLISH-in and PUBACK-in paths (see the module text)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rbuf = bytearray()
+        self._rbuf_sock: object = None
+        # topic bytes, payload, mid, qos: set it to receive PUBLISHes without an MQTTMessage
+        self.on_row: Callable[[bytes, bytes, int, int], None] | None = None
+
+    def buffered(self) -> bool:
+        """Bytes already read from the socket but not yet parsed (select will not see them)."""
+        if self._rbuf and self._rbuf_sock is self._sock:
+            return True
+        pending = getattr(self._sock, "pending", None)  # TLS: decrypted, not yet read
+        return bool(pending is not None and pending() > 0)
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        """paho's loop_read, going on while packets wait in the read buffer (paho's own loop
+        selects on the socket, which does not see them). Bounded, so writes get their turn."""
+        rc = super().loop_read(max_packets)
+        for _ in range(5_000):
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or not self.buffered():
+                break
+            rc = super().loop_read(max_packets)
+        return rc
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._sock is not self._rbuf_sock:  # a new connection: nothing of the old one
+            self._rbuf = bytearray()
+            self._rbuf_sock = self._sock
+        buf = self._rbuf
+        if not buf:
+            data = super()._sock_recv(_READ_CHUNK)
+            if len(data) <= bufsize:
+                return data  # b"" (closed) included
+            buf += data
+        out = bytes(buf[:bufsize])
+        del buf[:bufsize]
+        return out
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        on_row = self.on_row
+        packet = self._in_packet["packet"]
+        header = self._in_packet["command"]
+        qos = (header & 0x06) >> 1
+        if on_row is not None and qos < 2 and not self._on_message_filtered._root._children:
+            try:
+                end = 2 + ((packet[0] << 8) | packet[1])
+                topic = bytes(packet[2:end])
+                mid = 0
+                if qos:
+                    mid = (packet[end] << 8) | packet[end + 1]
+                    end += 2
+                props_len = packet[end]
+            except IndexError:
+                return super()._handle_publish()  # malformed: paho reports it
+            if props_len == 0 and topic:
+                on_row(topic, bytes(packet[end + 1 :]), mid, qos)
+                if qos and not self._manual_ack:
+                    return self._send_puback(mid)
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._handle_publish()
+
+    def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        n = len(packet)
+        if cmd == "PUBACK" and (n <= 3 or (n == 4 and packet[3] == 0)) and n >= 2:
+            mid = (packet[0] << 8) | packet[1]
+            code = packet[2] if n > 2 else 0
+            reason = _PUBACK_CODES.get(code)
+            if reason is None:
+                reason = ReasonCode(PacketTypes.PUBACK, identifier=code)
+                _PUBACK_CODES[code] = reason
+            with self._out_message_mutex:
+                if mid in self._out_messages:
+                    return self._do_on_publish(mid, reason, _PUBACK_PROPS)
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._handle_pubackcomp(cmd)
+
+
+class ChannelClosedError(Exception):
+    """The other end of a frame channel is gone."""
+
+
+class FrameChannel:
+    """Length-prefixed pickle frames over a stream socket.
+
+    ``put`` never blocks: frames wait in a buffer until ``flush`` gets them out, so the I/O loop
+    keeps serving the broker while the worker is busy. ``send`` (the worker's side) blocks.
+    """
+
+    def __init__(self, sock: socket.socket, *, blocking: bool) -> None:
+        self.sock = sock
+        sock.setblocking(blocking)
+        self._rbuf = bytearray()
+        self._wbuf = bytearray()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @staticmethod
+    def _frame(message: tuple[Any, ...]) -> bytes:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        return _HEADER.pack(len(data)) + data
+
+    def put(self, message: tuple[Any, ...]) -> None:
+        self._wbuf += self._frame(message)
+
+    def pending_bytes(self) -> int:
+        return len(self._wbuf)
+
+    def flush(self) -> None:
+        """Send what the socket takes now (non-blocking sockets)."""
+        buf = self._wbuf
+        while buf:
+            try:
+                n = self.sock.send(buf)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                raise ChannelClosedError(str(exc)) from exc
+            del buf[:n]
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        """Send one frame, waiting for room (blocking sockets)."""
+        try:
+            self.sock.sendall(self._frame(message))
+        except OSError as exc:
+            raise ChannelClosedError(str(exc)) from exc
+
+    def receive(self) -> list[Any]:
+        """Every complete frame readable now; call when select says the socket is readable."""
+        try:
+            data = self.sock.recv(1 << 20)
+        except BlockingIOError:
+            data = None
+        except OSError as exc:
+            raise ChannelClosedError(str(exc)) from exc
+        if data is not None:
+            if not data:
+                raise ChannelClosedError("closed by the other end")
+            self._rbuf += data
+        out = []
+        buf = self._rbuf
+        pos = 0
+        while len(buf) - pos >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buf, pos)
+            if len(buf) - pos - _HEADER.size < size:
+                break
+            start = pos + _HEADER.size
+            # frames come only from the other end of our own socket pair
+            out.append(pickle.loads(buf[start : start + size]))  # noqa: S301
+            pos = start + size
+        del buf[:pos]
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class IoLoop:
+    """One MQTT session and one channel to the worker, served by a select loop (module text).
+
+    To the worker: ``("state", connected)`` and ``("rows", [Row, ...], depth)``.
+    From the worker: ``("ack", [(mid, qos, generation), ...])``, ``("publish", [Outgoing])``
+    and ``("stop",)``.
+    """
+
+    # rows waiting for the worker beyond which we stop reading the broker (TCP holds the rest)
+    _MAX_CHANNEL_BYTES = 16 << 20
+    # outgoing messages kept while the broker is unreachable; beyond, the oldest are dropped
+    _MAX_PENDING_OUT = 200_000
+
+    def __init__(self, settings: MqttSettings, batching: BatchSettings, channel: FrameChannel):
+        self.settings = settings
+        self.batching = batching
+        self.channel = channel
+        self.topics = Topics(settings.topic_prefix)
+        self._rows: list[Row] = []
+        self._first_row_at = 0.0
+        self._flush_after = min(batching.linger_ms, 5.0) / 1000
+        self._topic_text: dict[bytes, str] = {}
+        self._generation = 0
+        self._connected = False
+        self._reported: bool | None = None
+        self._out: deque[Outgoing] = deque()
+        self._inflight = 0
+        self._window = 1000
+        self._dropped_out = 0
+        self._stopping = False
+        self._next_connect = 0.0
+        self._delay = 1.0
+        self._connect_called = False
+        self.client = self._make_client()
+
+    def _make_client(self) -> LeanClient:
+        s = self.settings
+        client = LeanClient(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=s.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        client.username_pw_set(s.username, s.secret())
+        if s.tls_ca is not None:
+            client.tls_set(ca_certs=str(s.tls_ca))
+        client.max_inflight_messages_set(0)  # paced here instead (module text)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_row = self._on_row
+        # Writes are made by this loop, after each round, not one send() per packet queued.
+        client.on_socket_register_write = _ignore
+        client.on_socket_unregister_write = _ignore
+        return client
+
+    # -- paho callbacks
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            log.error(
+                "broker refused connection reason=%s: check the aggregator's username/password "
+                "and the broker's ACL",
+                reason_code,
+            )
+            return
+        self._generation += 1
+        self._connected = True
+        self._delay = 1.0
+        server_max = getattr(properties, "ReceiveMaximum", 65535) if properties else 65535
+        self._window = max(1, min(int(server_max), 65535))
+        group = self.settings.share_group
+        client.subscribe(
+            [
+                (self.topics.device_filter(DeviceChannel.ALERT, group), 1),
+                (self.topics.device_filter(DeviceChannel.STATUS, group), 1),
+                (self.topics.device_filter(DeviceChannel.TELEMETRY, group), 1),
+            ]
+        )
+        log.info(
+            "connected session_present=%s generation=%s out_window=%s",
+            flags.session_present,
+            self._generation,
+            self._window,
+        )
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._connected = False
+        if not self._stopping:
+            log.warning("disconnected from broker reason=%s; reconnecting", reason_code)
+
+    def _on_publish(self, client: mqtt.Client, *_: Any) -> None:
+        if self._inflight:
+            self._inflight -= 1
+
+    def _on_row(self, topic: bytes, payload: bytes, mid: int, qos: int) -> None:
+        text = self._topic_text.get(topic)
+        if text is None:
+            if len(self._topic_text) > 100_000:  # bounded: a fleet has fewer device topics
+                self._topic_text.clear()
+            text = self._topic_text[topic] = topic.decode("utf-8", "replace")
+        if not self._rows:
+            self._first_row_at = time.monotonic()
+        self._rows.append((text, payload, time.time(), mid, qos, self._generation))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # PUBLISHes the lean path leaves to paho (those with MQTT 5 properties)
+        self._on_row(msg._topic, bytes(msg.payload), msg.mid, msg.qos)  # raw topic bytes
+
+    # -- the loop
+
+    def run(self) -> None:
+        """Serve until the worker says stop or its channel closes."""
+        client = self.client
+        channel = self.channel
+        try:
+            while not self._stopping:
+                sock = client.socket()
+                now = time.monotonic()
+                if sock is None and now >= self._next_connect:
+                    self._connect()
+                    sock = client.socket()
+                self._report_state()
+                rlist: list[Any] = [channel]
+                wlist: list[Any] = []
+                timeout = 1.0
+                if sock is not None:
+                    if channel.pending_bytes() < self._MAX_CHANNEL_BYTES:
+                        rlist.append(sock)
+                    if client.want_write():
+                        wlist.append(sock)
+                    if client.buffered():
+                        timeout = 0.0
+                else:
+                    timeout = max(0.0, min(timeout, self._next_connect - now))
+                if channel.pending_bytes():
+                    wlist.append(channel)
+                if self._rows:
+                    timeout = max(0.0, min(timeout, self._first_row_at + self._flush_after - now))
+                readable, _, _ = select.select(rlist, wlist, [], timeout)
+                if channel in readable:
+                    for command in channel.receive():
+                        self._command(command)
+                if sock is not None and client.socket() is sock:
+                    if sock in readable or client.buffered():
+                        self._read()
+                    self._pump_out()
+                    if client.want_write() and client.socket() is not None:
+                        client.loop_write()
+                    if client.socket() is not None:
+                        client.loop_misc()
+                self._flush_rows()
+                channel.flush()
+        except ChannelClosedError:
+            # The worker is gone. Nothing more is acknowledged: the broker keeps the session's
+            # unacknowledged messages for the next aggregator.
+            self._stopping = True
+            log.debug("worker channel closed; I/O loop ends")
+        finally:
+            if client.socket() is not None:
+                client.disconnect()
+                client.loop_write()
+
+    def _connect(self) -> None:
+        s = self.settings
+        try:
+            if not self._connect_called:
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = s.session_expiry_s
+                props.ReceiveMaximum = s.receive_maximum
+                log.info(
+                    "connecting broker=%s:%s client_id=%s receive_maximum=%s",
+                    s.host,
+                    s.port,
+                    s.client_id,
+                    s.receive_maximum,
+                )
+                self.client.connect(
+                    s.host, s.port, keepalive=s.keepalive_s, clean_start=False, properties=props
+                )
+                self._connect_called = True
+            else:
+                self.client.reconnect()
+        except OSError as exc:
+            delay = self._delay * random.uniform(0.8, 1.2)
+            log.warning(
+                "cannot reach broker %s:%s (%s); retrying in %.1f s", s.host, s.port, exc, delay
+            )
+            self._next_connect = time.monotonic() + delay
+            self._delay = min(self._delay * 2, 30.0)
+            return
+        # the next attempt, should this session fail before CONNACK, waits the current delay
+        self._next_connect = time.monotonic() + self._delay * random.uniform(0.8, 1.2)
+        self._delay = min(self._delay * 2, 30.0)
+
+    def _read(self) -> None:
+        # LeanClient.loop_read goes on while its buffer holds packets (bounded)
+        self.client.loop_read()
+
+    def _command(self, command: tuple[Any, ...]) -> None:
+        kind = command[0]
+        if kind == "ack":
+            generation = self._generation
+            ack = self.client.ack
+            for mid, qos, gen in command[1]:
+                # A message from an earlier connection is not ours to acknowledge any more: the
+                # broker redelivers it on this one, and the pool's key makes that a no-op.
+                if qos and gen == generation and self._connected:
+                    ack(mid, qos)
+        elif kind == "publish":
+            self._out.extend(command[1])
+            excess = len(self._out) - self._MAX_PENDING_OUT
+            if excess > 0:
+                for _ in range(excess):
+                    self._out.popleft()
+                self._dropped_out += excess
+                log.warning(
+                    "broker unreachable: dropped %s oldest feedback/notice messages (%s in all)",
+                    excess,
+                    self._dropped_out,
+                )
+        elif kind == "stop":
+            self._stopping = True
+        else:  # pragma: no cover - both ends are this module
+            log.error("unknown command %r from the worker", kind)
+
+    def _pump_out(self) -> None:
+        if not self._connected:
+            return
+        out = self._out
+        publish = self.client.publish
+        room = self._window - self._inflight
+        while out and room > 0:
+            topic, payload, qos = out.popleft()
+            publish(topic, payload, qos=qos)
+            if qos:
+                self._inflight += 1
+                room -= 1
+
+    def _flush_rows(self) -> None:
+        if self._rows and (
+            len(self._rows) >= self.batching.max_messages
+            or time.monotonic() - self._first_row_at >= self._flush_after
+        ):
+            self.channel.put(("rows", self._rows, len(self._rows)))
+            self._rows = []
+
+    def _report_state(self) -> None:
+        if self._connected != self._reported:
+            self._reported = self._connected
+            self.channel.put(("state", self._connected))
+
+
+def _ignore(*_: Any) -> None:
+    return None
+
+
+def serve(settings: MqttSettings, batching: BatchSettings, sock: socket.socket) -> None:
+    """Run an ``IoLoop`` on ``sock`` (one end of a socket pair) until told to stop."""
+    try:
+        IoLoop(settings, batching, FrameChannel(sock, blocking=False)).run()
+    finally:
+        sock.close()  # the worker sees the end of the channel, whatever ended the loop
+
+
+def child_main(conn: Any, config: dict[str, Any], secret: str | None, level: int) -> None:
+    """The MQTT I/O process. ``conn`` is the child's end of a ``multiprocessing.Pipe``; the
+    password comes in the spawn arguments (a pipe), never on the command line or in the
+    environment."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s[io] %(message)s")
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    conn.close()
+    settings = MqttSettings.model_validate({**config["mqtt"], "password": secret})
+    batching = BatchSettings.model_validate(config["batch"])
+    serve(settings, batching, sock)
+    # Told to stop, or the parent is gone (SIGKILL): leave at once, acknowledging nothing more.
+    os._exit(0)
