@@ -27,10 +27,10 @@ from aggregator.pool import BatchResult, EventPool
 from aggregator.transport import Outgoing, Transport, make_transport
 from contract import (
     EventNoticeV1,
-    FeedbackV1,
     Outcome,
     TelemetryV1,
     Topics,
+    feedback_json,
     utcnow,
 )
 
@@ -80,6 +80,7 @@ class MqttIngest:
         self._batches = 0
         self._messages = 0
         self._worker: threading.Thread | None = None
+        self._feedback_topics: dict[str, str] = {}
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -181,55 +182,54 @@ class MqttIngest:
         ]
 
     def _feedback(self, result: BatchResult, assembled: Assembled) -> list[Outgoing]:
-        # Built with model_construct: every value comes from a validated message or from the
-        # pool, and this runs once per alert on the hot path (tests decode every kind strictly).
+        # Serialized without models (contract.feedback_json): every value comes from a
+        # validated message or from the pool, and this runs once per alert on the hot path.
         now = utcnow()
         qos = self.settings.feedback_qos
         out: list[Outgoing] = []
-        topic = self.topics.feedback
-        make = FeedbackV1.model_construct
+        topic = self._feedback_topic
         for r in result.alerts:
-            fb = make(
+            payload = feedback_json(
                 device_id=r.device_id,
                 alert_id=r.alert_id,
                 seq=r.seq,
                 outcome=r.outcome,
                 event_id=r.event_id,
-                reason=None,
-                detail=None,
-                dead_letter_id=None,
                 at=now,
             )
-            out.append((topic(r.device_id), fb.to_json(), qos))
+            out.append((topic(r.device_id), payload, qos))
         for o in result.out_of_area:
             alert = assembled.alerts.get(o.alert_id)
-            fb = make(
+            payload = feedback_json(
                 device_id=o.device_id,
                 alert_id=o.alert_id,
                 seq=alert.seq if alert else None,
                 outcome=Outcome.OUT_OF_AREA,
-                event_id=None,
-                reason=None,
                 detail=f"({o.lat:.6f}, {o.lon:.6f}) lies outside every grid of this community "
                 "pool; no event was registered (Longgang 7.1): check the device's configured "
                 "position",
-                dead_letter_id=None,
                 at=now,
             )
-            out.append((topic(o.device_id), fb.to_json(), qos))
+            out.append((topic(o.device_id), payload, qos))
         for d in result.dead_letters:
             if d.device_id is None:
                 continue
-            fb = make(
+            payload = feedback_json(
                 device_id=d.device_id,
                 alert_id=d.alert_id,
-                seq=None,
                 outcome=Outcome.REJECTED,
-                event_id=None,
                 reason=d.reason,
                 detail=d.detail,
                 dead_letter_id=d.id,
                 at=now,
             )
-            out.append((topic(d.device_id), fb.to_json(), qos))
+            out.append((topic(d.device_id), payload, qos))
         return out
+
+    def _feedback_topic(self, device_id: str) -> str:
+        topic = self._feedback_topics.get(device_id)
+        if topic is None:
+            if len(self._feedback_topics) > 100_000:  # bounded: a fleet has fewer devices
+                self._feedback_topics.clear()
+            topic = self._feedback_topics[device_id] = self.topics.feedback(device_id)
+        return topic

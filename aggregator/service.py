@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ class Aggregator:
     sinks: list[BatchSink] = field(default_factory=list)
 
     def start(self) -> None:
+        tune_gc()
         self.ingest.start()
 
     def stop(self) -> None:
@@ -44,6 +46,17 @@ class Aggregator:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def tune_gc() -> None:
+    """Fewer, cheaper garbage collections for a process that allocates and drops tens of
+    thousands of small objects a second: what exists at start-up (grids, catalogue, the dedup
+    index's load) moves out of the collector's view, and young collections run every 50,000
+    net allocations instead of every 700. The hot path makes no reference cycles, so memory
+    is freed by reference counting as before (measured: ``bench/bench_pipeline.py --gc``)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def build_aggregator(

@@ -23,6 +23,7 @@ from contract.messages import (
     decode_snapshot,
     dump,
     encode_snapshot,
+    feedback_json,
     utcnow,
 )
 from contract.topics import DeviceChannel, ParsedTopic, TopicError, Topics
@@ -56,6 +57,7 @@ __all__ = [
     "default_catalogue",
     "dump",
     "encode_snapshot",
+    "feedback_json",
     "load_catalogue",
     "utcnow",
 ]

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -242,6 +243,39 @@ class FeedbackV1(_Message):
     at: UtcDatetime
 
     model_config = ConfigDict(populate_by_name=True)
+
+
+def feedback_json(
+    *,
+    device_id: str,
+    outcome: Outcome,
+    at: datetime,
+    alert_id: str | None = None,
+    seq: int | None = None,
+    event_id: int | None = None,
+    reason: RejectReason | None = None,
+    detail: str | None = None,
+    dead_letter_id: int | None = None,
+) -> bytes:
+    """``FeedbackV1(...).to_json()`` for values that are valid already (they come from a
+    validated alert and the pool): the same bytes, without building a model. The aggregator
+    sends one per alert; ``tests/contract/test_messages.py`` checks that both agree."""
+    out: dict[str, Any] = {"schema": "feedback/v1", "device_id": device_id}
+    if alert_id is not None:
+        out["alert_id"] = alert_id
+    if seq is not None:
+        out["seq"] = seq
+    out["outcome"] = outcome.value
+    if event_id is not None:
+        out["event_id"] = event_id
+    if reason is not None:
+        out["reason"] = reason.value
+    if detail is not None:
+        out["detail"] = detail
+    if dead_letter_id is not None:
+        out["dead_letter_id"] = dead_letter_id
+    out["at"] = at
+    return orjson.dumps(out, option=orjson.OPT_UTC_Z)
 
 
 class EventStatus(StrEnum):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -16,10 +17,12 @@ from contract import (
     FeedbackV1,
     Location,
     Outcome,
+    RejectReason,
     StatusV1,
     TopicError,
     Topics,
     default_catalogue,
+    feedback_json,
     load_catalogue,
 )
 from contract.catalogue import CATALOGUE_PATH
@@ -161,6 +164,35 @@ def test_feedback_and_status_models() -> None:
     assert FeedbackV1.model_validate_json(fb.to_json(), strict=True) == fb
     will = StatusV1(device_id="cam-1", state="offline", reason="last_will")
     assert will.at is None  # a Last Will is composed before the device knows when it dies
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"alert_id": "cam-1-7", "seq": 7, "outcome": Outcome.ACCEPTED, "event_id": 12},
+        {"alert_id": "cam-1-8", "seq": 0, "outcome": Outcome.MERGED, "event_id": 1},
+        {"alert_id": "a", "seq": 3, "outcome": Outcome.OUT_OF_AREA, "detail": "(1.0, 2.0) 网格外"},
+        {"outcome": Outcome.REJECTED, "reason": RejectReason.INVALID_JSON, "detail": "bad \"x\"",
+         "dead_letter_id": 9},
+        {"alert_id": "cam-1-9", "outcome": Outcome.REJECTED, "reason": RejectReason.UNKNOWN_TYPE,
+         "detail": "type 'x'", "dead_letter_id": 10},
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    "at",
+    [
+        datetime(2026, 11, 23, 16, 26, 51, 562321, tzinfo=UTC),
+        datetime(2026, 11, 23, 16, 26, 51, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+    ],
+)
+def test_feedback_json_is_byte_for_byte_the_models_json(
+    fields: dict[str, Any], at: datetime
+) -> None:
+    """The aggregator serializes feedback without the model; it must not drift from it."""
+    fast = feedback_json(device_id="cam-1", at=at, **fields)
+    assert fast == FeedbackV1(device_id="cam-1", at=at, **fields).to_json()
+    assert FeedbackV1.model_validate_json(fast, strict=True).at == at
 
 
 def test_catalogue_covers_every_required_type_with_every_field() -> None:

@@ -1,0 +1,125 @@
+"""CPU per alert of the ingest worker's stages, without MQTT: decode+geo-tag (``assemble``),
+the pool transaction (``commit_batch``), and the feedback and notices built after it.
+
+Builds the aggregator exactly as ``gateway run`` does (``build_aggregator``, a real SQLite
+file in a temporary directory), feeds it batches of valid alerts rendered by the load
+generator's templates (the stream ``bench/bench_ingest.py`` sends), and prints µs per alert of
+each stage, with the cost of only parsing the same JSON (``orjson.loads``) measured in the same
+run as the baseline. Runs twice in one process: with Python's default garbage-collector
+thresholds, then with the aggregator's (``aggregator.service.tune_gc``).
+
+    python bench/bench_pipeline.py [--alerts 100000] [--batch 1000] [--devices 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from aggregator.config import BatchSettings, MqttSettings, Settings
+from aggregator.geo import GridIndex, default_grid_file
+from aggregator.pipeline import Inbound
+from aggregator.service import build_aggregator, tune_gc
+from contract import Topics, load_catalogue
+from simulators.loadgen import build_templates, machine_description, render, stamp_now
+
+STAGES = (
+    "parse only (orjson.loads)",
+    "assemble (decode, geo-tag)",
+    "commit_batch (dedup, SQL)",
+    "feedback + notices",
+)
+
+
+def measure(args: argparse.Namespace, tuned_gc: bool) -> dict[str, float]:
+    """Median µs per alert of each stage, on a fresh aggregator in a temporary directory."""
+    grids = GridIndex.from_geojson(default_grid_file())
+    catalogue = load_catalogue()
+    rng = random.Random(args.seed)
+    devices = [f"cam-{i:03d}" for i in range(args.devices)]
+    templates = {d: build_templates(d, 64, rng, grids, catalogue, snapshot=False) for d in devices}
+    topics = Topics("cwg")
+    stages: dict[str, list[float]] = {name: [] for name in STAGES}
+    gc.unfreeze()
+    gc.set_threshold(*DEFAULT_GC)
+    with tempfile.TemporaryDirectory(prefix="cwg-bench-pipeline-") as tmp:
+        settings = Settings(
+            data_dir=Path(tmp),
+            mqtt=MqttSettings(client_id="bench"),
+            batch=BatchSettings(max_messages=args.batch),
+        )
+        agg = build_aggregator(settings, grids=grids)
+        if tuned_gc:
+            tune_gc()  # what Aggregator.start() does
+        ingest, pipeline, pool = agg.ingest, agg.ingest.pipeline, agg.pool
+        seq = 0
+        deadline = time.monotonic() + 600
+        while seq < args.alerts and time.monotonic() < deadline:
+            n = min(args.batch, args.alerts - seq)
+            stamp = stamp_now()
+            batch = []
+            for _ in range(n):
+                seq += 1
+                device = devices[seq % len(devices)]
+                payload = render(templates[device][seq % 64], f"bench-{device}-{seq}", seq, stamp)
+                batch.append(Inbound(topics.alert(device), payload, time.time(), seq % 65535, 1))
+            t0 = time.perf_counter()
+            for m in batch:
+                orjson.loads(m.payload)
+            t1 = time.perf_counter()
+            assembled = pipeline.assemble(batch)
+            t2 = time.perf_counter()
+            result = pool.commit_batch(assembled.batch)
+            t3 = time.perf_counter()
+            ingest._feedback(result, assembled)
+            ingest._notices(result)
+            t4 = time.perf_counter()
+            for name, t in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                stages[name].append(t / n * 1e6)
+        agg.pool.close()
+    return {name: statistics.median(values) for name, values in stages.items()}
+
+
+DEFAULT_GC = gc.get_threshold()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--alerts", type=int, default=100_000, help="alerts per run (≤ 1,000,000)")
+    parser.add_argument("--batch", type=int, default=1000, help="alerts per transaction")
+    parser.add_argument("--devices", type=int, default=8, help="devices the alerts come from")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    if not 1 <= args.alerts <= 1_000_000 or not 1 <= args.batch <= 20_000:
+        parser.error("--alerts must be 1..1,000,000 and --batch 1..20,000")
+
+    machine = machine_description()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}")
+    print(
+        f"{args.alerts:,} alerts from {args.devices} devices in batches of {args.batch:,}, twice:"
+    )
+    print(f"Python's default GC thresholds {DEFAULT_GC}, then the aggregator's (tune_gc)")
+    runs = {"default GC": measure(args, tuned_gc=False), "tuned GC": measure(args, tuned_gc=True)}
+    parse = runs["default GC"][STAGES[0]]
+    print(f"  {'µs per alert':30s} {'default GC':>11s} {'tuned GC':>11s}")
+    for name in STAGES:
+        print(f"  {name:30s} {runs['default GC'][name]:11.1f} {runs['tuned GC'][name]:11.1f}")
+    totals = {k: sum(v[name] for name in STAGES[1:]) for k, v in runs.items()}
+    print(f"  {'worker total':30s} {totals['default GC']:11.1f} {totals['tuned GC']:11.1f}")
+    for k, total in totals.items():
+        print(
+            f"  {k}: {1e6 / total:,.0f} alerts/s on one core, {total / parse:.1f}× the cost of "
+            "only parsing the JSON"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
