@@ -13,7 +13,8 @@ thousands of QoS 1 messages a second (measured with ``bench/bench_mqtt_client.py
 * an incoming PUBLISH (QoS 0 or 1, no MQTT 5 properties) is decoded directly and handed to
   ``on_row``; paho builds a ``Properties`` object for each, which costs more than the rest of
   the packet;
-* a PUBACK without properties reuses one ``ReasonCode`` per code.
+* a PUBACK without properties reuses one ``ReasonCode`` per code;
+* writes: a run of PUBACKs and QoS 1 PUBLISHes goes out in one ``send``, not one per packet.
 
 Everything else (properties present, QoS 2, per-topic callbacks, every other packet) goes
 through paho unchanged. The overrides touch private methods of paho 2.1–2.2, so pyproject pins
@@ -55,6 +56,7 @@ Row = tuple[str, bytes, float, int, int, int]
 Outgoing = tuple[str, bytes, int]
 
 _READ_CHUNK = 1 << 18
+_WRITE_CHUNK = 1 << 18
 _HEADER = struct.Struct("!I")
 _PUBACK_PROPS = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 _PUBACK_CODES: dict[int, ReasonCode] = {}
@@ -100,6 +102,44 @@ class LeanClient(mqtt.Client):
         out = bytes(buf[:bufsize])
         del buf[:bufsize]
         return out
+
+    def _packet_write(self) -> MQTTErrorCode:
+        """paho writes one packet per send(). PUBACKs and QoS 1 PUBLISHes need nothing once
+        written, so a run of them at the head of the queue goes out in one send()."""
+        out = self._out_packet
+        run: list[Any] = []
+        size = 0
+        for pkt in out:
+            cmd = pkt["command"] & 0xF0
+            if not (cmd == mqtt.PUBACK or (cmd == mqtt.PUBLISH and pkt["qos"] > 0)):
+                break
+            run.append(pkt)
+            size += pkt["to_process"]
+            if size >= _WRITE_CHUNK:
+                break
+        if len(run) < 2:
+            return super()._packet_write()
+        data = b"".join(memoryview(p["packet"])[p["pos"] :] for p in run)
+        try:
+            sent = self._sock_send(data)
+        except (AttributeError, ValueError):
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        except BlockingIOError:
+            return MQTTErrorCode.MQTT_ERR_AGAIN
+        except OSError as err:
+            self._easy_log(mqtt.MQTT_LOG_ERR, "failed to send on socket: %s", err)
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        with self._msgtime_mutex:
+            self._last_msg_out = mqtt.time_func()
+        for pkt in run:
+            if sent >= pkt["to_process"]:
+                sent -= pkt["to_process"]
+                out.popleft()
+            else:  # partly written: the rest when the socket has room again
+                pkt["pos"] += sent
+                pkt["to_process"] -= sent
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+        return self._packet_write() if out else MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _handle_publish(self) -> MQTTErrorCode:
         on_row = self.on_row

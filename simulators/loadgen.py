@@ -446,7 +446,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
 def run_load(
     config: LoadConfig,
     provisioner: Provisioner,
-    pool_path: Path | str,
+    pool_path: Path | str | None,
     *,
     grids: GridIndex | None = None,
     catalogue: Catalogue | None = None,
@@ -454,7 +454,8 @@ def run_load(
     on_sent: Any = None,
 ) -> LoadReport:
     """Provision publishers, send ``config.total`` alerts at ``config.rate``, wait until the
-    pool holds them (or the drain timeout passes), and measure."""
+    pool holds them (or the drain timeout passes), and measure. Without a ``pool_path`` (a
+    broker with no aggregator, for a baseline subscriber) it only sends."""
     tag = run_tag or f"ld{uuid.uuid4().hex[:6]}"
     grids = grids or GridIndex.from_geojson(default_grid_file())
     catalogue = catalogue or default_catalogue()
@@ -543,6 +544,23 @@ def run_load(
     send_seconds = (max(windows) - min(windows)) if windows else 0.0
     if on_sent is not None:
         on_sent(sent)
+    if pool_path is None:
+        return LoadReport(
+            mode=config.mode,
+            target_rate=config.rate,
+            publishers=n_pub,
+            sent=sent,
+            pooled=0,
+            lost=0,
+            zero_loss=False,
+            send_seconds=send_seconds,
+            send_rate=sent / send_seconds if send_seconds > 0 else 0.0,
+            ingest_seconds=0.0,
+            ingest_rate=0.0,
+            latency_ms={},
+            errors=errors,
+            run_tag=tag,
+        )
     view = PoolView(pool_path, catalogue)
     like = f"{tag}-%"
     # Enough for an aggregator ingesting 1,000 alerts/s to catch up; a real stall still ends.

@@ -79,11 +79,14 @@ class PoolView:
         with self._db() as db:
             if like is None:
                 return int(db.execute("SELECT count(*) FROM alerts").fetchone()[0])
-            return int(
-                db.execute("SELECT count(*) FROM alerts WHERE alert_id LIKE ?", (like,)).fetchone()[
-                    0
-                ]
-            )
+            prefix = like[:-1]
+            if like.endswith("%") and prefix and not any(c in prefix for c in "%_"):
+                # a prefix: a range of the alert_id index, not a scan (load runs poll this)
+                upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+                sql = "SELECT count(*) FROM alerts WHERE alert_id >= ? AND alert_id < ?"
+                return int(db.execute(sql, (prefix, upper)).fetchone()[0])
+            sql = "SELECT count(*) FROM alerts WHERE alert_id LIKE ?"
+            return int(db.execute(sql, (like,)).fetchone()[0])
 
     def dead_letters(
         self, *, reason: str | None = None, device_id: str | None = None

@@ -118,6 +118,7 @@ class GatewayStack:
         self.aggregator: Aggregator | None = None
         self.integrator: AccountSecret | None = None
         self._credentials: dict[str, DeviceCredentials] = {}
+        self._aggregator_password = ""
         self._lock = threading.Lock()
 
     # -- where it is -----------------------------------------------------------------------
@@ -154,17 +155,21 @@ class GatewayStack:
     ) -> None:
         self.stop()
 
-    def start(self, connect_timeout_s: float = 15.0) -> None:
-        """Start the broker, then the aggregator; return once the aggregator is subscribed."""
+    def start(self, connect_timeout_s: float = 15.0, *, aggregator: bool = True) -> None:
+        """Start the broker, then (unless ``aggregator`` is false) the aggregator; return once
+        the aggregator is subscribed."""
         try:
-            self._start(connect_timeout_s)
+            self._start_broker()
+            if aggregator:
+                self.start_aggregator(connect_timeout_s)
         except BaseException:
             self.stop()  # never leave a broker behind when the aggregator fails to come up
             raise
 
-    def _start(self, connect_timeout_s: float) -> None:
-        opts = self.options
-        _, agg_password = self.registry.add_account(AGGREGATOR_USER, AccountRole.AGGREGATOR)
+    def _start_broker(self) -> None:
+        _, self._aggregator_password = self.registry.add_account(
+            AGGREGATOR_USER, AccountRole.AGGREGATOR
+        )
         _, int_password = self.registry.add_account(INTEGRATOR_USER, AccountRole.INTEGRATOR)
         self.registry.save()
         self.broker = MosquittoBroker(self.broker_settings, self.registry)
@@ -173,6 +178,14 @@ class GatewayStack:
         except BrokerError as exc:
             raise StackError(f"mosquitto did not start: {exc}") from exc
         self.integrator = AccountSecret(INTEGRATOR_USER, int_password, self.host, self.port)
+
+    def start_aggregator(self, connect_timeout_s: float = 15.0) -> None:
+        """Start the aggregator on the running broker (``start(aggregator=False)`` first)."""
+        if self.broker is None:
+            raise StackError("start the broker first: GatewayStack.start(aggregator=False)")
+        if self.aggregator is not None:
+            return
+        opts = self.options
         settings = Settings.model_validate(
             {
                 "data_dir": self.root / "data",
@@ -184,7 +197,7 @@ class GatewayStack:
                         "host": self.host,
                         "port": self.port,
                         "username": AGGREGATOR_USER,
-                        "password": SecretStr(agg_password),
+                        "password": SecretStr(self._aggregator_password),
                         "client_id": f"cwg-aggregator-{self.port}",
                         "topic_prefix": opts.topic_prefix,
                         "receive_maximum": opts.receive_maximum,

@@ -140,6 +140,23 @@ def test_publishes_beyond_the_brokers_receive_maximum_all_arrive_in_order(
         worker.stop()
 
 
+def test_a_burst_larger_than_the_socket_buffer_arrives_whole_and_in_order(
+    broker: Any, transport_cls: Any
+) -> None:
+    """Coalesced writes stop part-way when the socket is full and resume where they stopped."""
+    n, size = 300, 64 * 1024  # ~19 MB, several times what a loopback socket buffers
+    integrator = broker.client("integrator")
+    integrator.subscribe(broker.topics.events)
+    worker = Worker(transport_cls, settings(broker))
+    try:
+        payloads = [i.to_bytes(4, "big") + bytes([i % 251]) * size for i in range(n)]
+        worker.transport.publish([(broker.topics.events, p, 1) for p in payloads])
+        got = integrator.expect(n, timeout=60)
+        assert [m.payload for m in got] == payloads
+    finally:
+        worker.stop()
+
+
 def test_session_resumes_after_a_broker_restart(broker: Any) -> None:
     worker = Worker(ThreadTransport, settings(broker))
     try:
