@@ -185,7 +185,7 @@ def iso(value: float | None) -> str | None:
 # ---------------------------------------------------------------------------- batch input
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per alert, and a frozen __init__ costs ~10×
 class AlertIn:
     """A valid, geo-tagged alert ready to be pooled."""
 
@@ -207,7 +207,7 @@ class AlertIn:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per alert, and a frozen __init__ costs ~10×
 class OutOfAreaIn:
     alert_id: str
     device_id: str
@@ -253,7 +253,7 @@ class Batch:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per alert, and a frozen __init__ costs ~10×
 class AlertResult:
     alert_id: str
     device_id: str
