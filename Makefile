@@ -20,6 +20,8 @@ lint:
 
 bench:
 	.venv/bin/python bench/bench_ingest.py
+	.venv/bin/python bench/bench_pipeline.py
+	.venv/bin/python bench/bench_mqtt_client.py
 	.venv/bin/python bench/bench_edge.py
 	.venv/bin/python bench/bench_geo.py
 

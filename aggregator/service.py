@@ -53,7 +53,7 @@ def tune_gc() -> None:
     thousands of small objects a second: what exists at start-up (grids, catalogue, the dedup
     index's load) moves out of the collector's view, and young collections run every 50,000
     net allocations instead of every 700. The hot path makes no reference cycles, so memory
-    is freed by reference counting as before (measured: ``bench/bench_pipeline.py --gc``)."""
+    is freed by reference counting as before (``bench/bench_pipeline.py`` measures both)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
