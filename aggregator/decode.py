@@ -55,14 +55,16 @@ def decode_alert(
             "shrink the snapshot (JPEG quality or size)",
         )
     try:
-        payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return Rejection(
-            RejectReason.INVALID_UTF8, f"payload is not UTF-8: {exc.reason} at byte {exc.start}"
-        )
-    try:
         alert = AlertV1.model_validate_json(payload, strict=True)
     except ValidationError as exc:
+        # The JSON parser refuses invalid UTF-8 too; tell that case apart only on failure, so
+        # the valid majority is not decoded twice.
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return Rejection(
+                RejectReason.INVALID_UTF8, f"payload is not UTF-8: {bad.reason} at byte {bad.start}"
+            )
         return _classify(exc, payload)
     if alert.device_id != topic_device_id:
         return Rejection(

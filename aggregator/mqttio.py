@@ -60,6 +60,7 @@ _WRITE_CHUNK = 1 << 18
 _HEADER = struct.Struct("!I")
 _PUBACK_PROPS = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 _PUBACK_CODES: dict[int, ReasonCode] = {}
+_QUEUED = (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN)
 
 
 class LeanClient(mqtt.Client):
@@ -287,7 +288,7 @@ class IoLoop:
         self._connected = False
         self._reported: bool | None = None
         self._out: deque[Outgoing] = deque()
-        self._inflight = 0
+        self._inflight: set[int] = set()  # mids of QoS 1 publishes the broker has not acked
         self._window = 1000
         self._dropped_out = 0
         self._stopping = False
@@ -367,9 +368,9 @@ class IoLoop:
         if not self._stopping:
             log.warning("disconnected from broker reason=%s; reconnecting", reason_code)
 
-    def _on_publish(self, client: mqtt.Client, *_: Any) -> None:
-        if self._inflight:
-            self._inflight -= 1
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, *_: Any) -> None:
+        # also called for QoS 0 publishes once written; their mids are not in the set
+        self._inflight.discard(mid)
 
     def _on_row(self, topic: bytes, payload: bytes, mid: int, qos: int) -> None:
         text = self._topic_text.get(topic)
@@ -507,13 +508,16 @@ class IoLoop:
             return
         out = self._out
         publish = self.client.publish
-        room = self._window - self._inflight
+        inflight = self._inflight
+        room = self._window - len(inflight)
         while out and room > 0:
             topic, payload, qos = out.popleft()
-            publish(topic, payload, qos=qos)
-            if qos:
-                self._inflight += 1
+            info = publish(topic, payload, qos=qos)
+            if qos and info.rc in _QUEUED:  # NO_CONN: paho sends it after the reconnect
+                inflight.add(info.mid)
                 room -= 1
+            elif qos:
+                log.warning("publish to %s refused by the client (%s); dropped", topic, info.rc)
 
     def _flush_rows(self) -> None:
         if self._rows and (

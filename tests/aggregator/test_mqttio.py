@@ -4,6 +4,8 @@ the broker's Receive Maximum, and reconnection after a broker restart."""
 
 from __future__ import annotations
 
+import select
+import socket
 import threading
 import time
 import uuid
@@ -17,7 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from aggregator.config import BatchSettings, MqttSettings
-from aggregator.mqttio import LeanClient
+from aggregator.mqttio import FrameChannel, IoLoop, LeanClient
 from aggregator.pipeline import Inbound
 from aggregator.transport import ProcessTransport, ThreadTransport, Transport
 from contract import DeviceChannel
@@ -138,6 +140,41 @@ def test_publishes_beyond_the_brokers_receive_maximum_all_arrive_in_order(
         assert [int(m.payload) for m in got] == list(range(n))
     finally:
         worker.stop()
+
+
+def test_qos0_feedback_does_not_open_the_qos1_window(broker: Any) -> None:
+    """paho reports QoS 0 publishes as published too; counting those as acknowledged QoS 1
+    messages would let more QoS 1 messages fly than the broker's Receive Maximum. Drives one
+    IoLoop by hand and checks paho's unacknowledged messages after every round."""
+    ours, theirs = socket.socketpair()
+    loop = IoLoop(settings(broker), BATCH, FrameChannel(theirs, blocking=False))
+    try:
+        loop._connect()
+        deadline = time.monotonic() + 10
+        while not loop._connected:
+            assert time.monotonic() < deadline, "no CONNACK"
+            loop.client.loop_read()
+            loop.client.loop_write()
+        loop._window = 50  # a small Receive Maximum, as a broker may announce
+        mixed: list[tuple[str, bytes, int]] = []
+        for i in range(400):
+            mixed.append((broker.topics.feedback("cam-001"), b"fb%d" % i, 0))
+            mixed.append((broker.topics.events, str(i).encode(), 1))
+        loop._command(("publish", mixed))
+        most = 0
+        while loop._out or loop._inflight:
+            assert time.monotonic() < deadline, "publishes not acknowledged in time"
+            loop._pump_out()
+            most = max(most, len(loop.client._out_messages))
+            loop.client.loop_write()
+            select.select([loop.client.socket()], [], [], 0.05)
+            loop.client.loop_read()
+        assert most == 50
+    finally:
+        loop.client.disconnect()
+        loop.client.loop_write()
+        ours.close()
+        theirs.close()
 
 
 def test_a_burst_larger_than_the_socket_buffer_arrives_whole_and_in_order(
