@@ -19,7 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from aggregator.config import BatchSettings, MqttSettings
-from aggregator.mqttio import FrameChannel, IoLoop, LeanClient
+from aggregator.mqttio import FrameChannel, IoLoop, LeanClient, _publish_packet
 from aggregator.pipeline import Inbound
 from aggregator.transport import ProcessTransport, ThreadTransport, Transport
 from contract import DeviceChannel
@@ -271,3 +271,61 @@ def test_lean_client_acknowledges_by_itself_without_manual_ack(
     )
     assert again.session_present
     again.expect_nothing(1.0)
+
+
+@pytest.mark.parametrize("size", [0, 1, 120, 128, 16_300, 16_384, 70_000, 2_100_000])
+def test_lean_publish_packet_is_byte_for_byte_pahos(size: int) -> None:
+    """The lean QoS 1 publish builds its PUBLISH itself; it must be exactly paho's packet
+    (remaining lengths of one to four bytes included)."""
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    topic = "cwg/v1/devices/cam-001/feedback"
+    stock = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    stock.on_socket_register_write = lambda *_: None  # queue packets, send nothing
+    stock._sock = socket.socket()  # "connected": paho builds the packet
+    try:
+        assert stock._send_publish(7, topic.encode(), payload, 1) == mqtt.MQTT_ERR_SUCCESS
+        expected = bytes(stock._out_packet[-1]["packet"])
+    finally:
+        stock._sock.close()
+    assert _publish_packet(topic.encode(), 7, payload) == expected
+
+
+def test_lean_published_messages_are_resent_after_a_dropped_connection(broker: Any) -> None:
+    """Messages paho holds unacknowledged when the connection drops are resent (DUP) on the
+    next one: the lean message objects must serve paho's resend path like its own."""
+    integrator = broker.client("integrator")
+    integrator.subscribe(broker.topics.events)
+    ours, theirs = socket.socketpair()
+    loop = IoLoop(settings(broker), BATCH, FrameChannel(theirs, blocking=False))
+    client = loop.client
+
+    def until(check: Any, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not check():
+            assert time.monotonic() < deadline, what
+            loop._pump_out()
+            client.loop_write()
+            sock = client.socket()
+            if sock is not None:
+                select.select([sock], [], [], 0.05)
+                client.loop_read()
+
+    try:
+        loop._connect()
+        until(lambda: loop._connected, "no CONNACK")
+        loop._command(("publish", [(broker.topics.events, b"%d" % i, 1) for i in range(100)]))
+        loop._pump_out()
+        client.loop_write()  # all 100 out; no PUBACK read yet
+        assert len(client._out_messages) == 100
+        client._sock_close()  # the connection drops with every PUBACK unread
+        client.reconnect()
+        until(lambda: not client._out_messages and not loop._inflight, "resends not acked")
+        want = {b"%d" % i for i in range(100)}
+        got: set[bytes] = set()  # some arrive twice: sent before the drop, and resent (DUP)
+        while got != want:
+            got.add(integrator.expect(1, timeout=10)[0].payload)
+    finally:
+        client.disconnect()
+        client.loop_write()
+        ours.close()
+        theirs.close()
