@@ -23,13 +23,15 @@ from typing import Protocol
 from aggregator.config import BatchSettings, MqttSettings
 from aggregator.metrics import Metrics
 from aggregator.pipeline import Assembled, Inbound, Pipeline
-from aggregator.pool import BatchResult, EventPool
+from aggregator.pool import BatchResult, EventPool, Notice
 from aggregator.transport import Outgoing, Transport, make_transport
 from contract import (
     EventNoticeV1,
     Outcome,
+    Severity,
     TelemetryV1,
     Topics,
+    event_notice_json,
     feedback_json,
     utcnow,
 )
@@ -44,7 +46,7 @@ class BatchSink(Protocol):
     def on_batch(
         self,
         result: BatchResult,
-        notices: Sequence[EventNoticeV1],
+        notices: Sequence[Notice],
         telemetry: Sequence[TelemetryV1],
         assembled: Assembled,
     ) -> None: ...
@@ -149,7 +151,7 @@ class MqttIngest:
         self.metrics.queue_depth.set(self._transport.depth())
         notices = self._notices(result)
         outgoing = self._feedback(result, assembled)
-        outgoing += [(self.topics.events, notice.to_json(), 1) for notice in notices]
+        outgoing += [(self.topics.events, notice.payload, 1) for notice in notices]
         self._transport.publish(outgoing)
         for sink in self.sinks:
             try:
@@ -172,14 +174,24 @@ class MqttIngest:
         m.events_created.inc(len(result.created))
 
     @staticmethod
-    def _notices(result: BatchResult) -> list[EventNoticeV1]:
+    def _notices(result: BatchResult) -> list[Notice]:
+        # Serialized without models (contract.event_notice_json), once per touched event.
         now = utcnow()
-        return [
-            EventNoticeV1.model_construct(
-                change="created" if event_id in result.created else "updated", event=summary, at=now
+        out = []
+        for event_id, event in sorted(result.summaries.items()):
+            change = "created" if event_id in result.created else "updated"
+            out.append(
+                Notice(
+                    change,
+                    event_id,
+                    event["grid_code"],
+                    event["department"],
+                    event["type"],
+                    Severity(event["severity"]),
+                    event_notice_json(change, event, now),
+                )
             )
-            for event_id, summary in sorted(result.summaries.items())
-        ]
+        return out
 
     def _feedback(self, result: BatchResult, assembled: Assembled) -> list[Outgoing]:
         # Serialized without models (contract.feedback_json): every value comes from a

@@ -30,6 +30,7 @@ from aggregator.dedup import DedupIndex, EventState, SpatialHash, haversine_m
 from aggregator.errors import PoolError
 from contract import (
     Catalogue,
+    EventNoticeV1,
     EventStatus,
     EventSummary,
     GridLevel,
@@ -279,7 +280,37 @@ class BatchResult:
     created: set[int] = field(default_factory=set)
     updated: set[int] = field(default_factory=set)
     committed_at: float = 0.0
-    summaries: dict[int, EventSummary] = field(default_factory=dict)  # created and updated
+    # created and updated events: EventSummary's JSON-ready dict (``summary_dict``); a model is
+    # ``EventSummary.model_validate(d)``, built only where one is wanted
+    summaries: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """An event notice as published on the events topic (``payload``: EventNoticeV1 JSON),
+    with what subscribers filter on."""
+
+    change: str
+    event_id: int
+    grid_code: str
+    department: str
+    type: str
+    severity: Severity
+    payload: bytes
+
+    @classmethod
+    def of(cls, notice: EventNoticeV1) -> Notice:
+        """The record of a notice built as a model (an operator's lifecycle step)."""
+        ev = notice.event
+        return cls(
+            notice.change,
+            ev.event_id,
+            ev.grid_code,
+            ev.department,
+            ev.type,
+            ev.severity,
+            notice.to_json(),
+        )
 
 
 # ---------------------------------------------------------------------------- the pool
@@ -945,41 +976,48 @@ class _BatchWork:
         for state in self.states.values():
             self.index.put(state)
 
-    def summary(self, event_id: int, catalogue: Catalogue) -> EventSummary:
-        return summary_of(self.get(event_id), catalogue)
+    def summary(self, event_id: int, catalogue: Catalogue) -> dict[str, Any]:
+        return summary_dict(self.get(event_id), catalogue)
 
 
 @lru_cache(maxsize=4096)
-def _grid_levels(grid_path: str) -> tuple[GridLevel, ...]:
-    return tuple(GridLevel.model_validate(g) for g in orjson.loads(grid_path))
+def _grid_path(grid_path: str) -> list[dict[str, str]]:
+    """The stored grid path, parsed once per grid. Shared between summaries: read-only."""
+    path: list[dict[str, str]] = orjson.loads(grid_path)
+    return path
 
 
-def summary_of(s: EventState, catalogue: Catalogue) -> EventSummary:
-    """The wire summary of the writer's state. Built without re-validation: every value came
-    from a validated alert or from the pool itself (a test compares it with the row's)."""
+def summary_dict(s: EventState, catalogue: Catalogue) -> dict[str, Any]:
+    """The writer's state as ``EventSummary``'s JSON-ready dict (wire names, no nulls,
+    datetimes as aware datetimes), built without models: every value came from a validated
+    alert or from the pool itself, and this runs for every event a batch touches
+    (``EventSummary.model_validate`` of it equals the summary read from the row: tested)."""
     wt = catalogue.types.get(s.type)
-    return EventSummary.model_construct(
-        event_id=s.id,
-        source=SOURCE,
-        type=s.type,
-        type_zh=wt.zh if wt else s.type,
-        type_en=wt.en if wt else s.type,
-        severity=s.severity,
-        status=EventStatus(s.status),
-        department=s.department,
-        grid_code=s.grid_code,
-        grid_path=list(_grid_levels(s.grid_path)),
-        location=Location.model_construct(lat=s.lat, lon=s.lon, floor=None, accuracy_m=None),
-        description=s.description,
-        first_observed_at=_dt(s.first),
-        last_observed_at=_dt(s.last),
-        registered_at=_dt(s.registered_at),
-        deadline_at=_dt(s.deadline_at),
-        alert_count=s.alert_count,
-        device_ids=list(s.devices),
-        snapshot_sha256=s.snapshot_sha256,
-        recurrence_of=s.recurrence_of,
-    )
+    out: dict[str, Any] = {
+        "event_id": s.id,
+        "source": SOURCE,
+        "type": s.type,
+        "type_zh": wt.zh if wt else s.type,
+        "type_en": wt.en if wt else s.type,
+        "severity": s.severity.value,
+        "status": s.status,
+        "department": s.department,
+        "grid_code": s.grid_code,
+        "grid_path": _grid_path(s.grid_path),
+        "location": {"lat": s.lat, "lon": s.lon},
+        "description": s.description,
+        "first_observed_at": _dt(s.first),
+        "last_observed_at": _dt(s.last),
+        "registered_at": _dt(s.registered_at),
+        "deadline_at": _dt(s.deadline_at),
+        "alert_count": s.alert_count,
+        "device_ids": list(s.devices),
+    }
+    if s.snapshot_sha256 is not None:
+        out["snapshot_sha256"] = s.snapshot_sha256
+    if s.recurrence_of is not None:
+        out["recurrence_of"] = s.recurrence_of
+    return out
 
 
 # ---------------------------------------------------------------------------- reading
@@ -1017,7 +1055,7 @@ def summary_from_row(row: sqlite3.Row, device_ids: list[str], catalogue: Catalog
         status=EventStatus(row["status"]),
         department=row["department"],
         grid_code=row["grid_code"],
-        grid_path=list(_grid_levels(row["grid_path"])),
+        grid_path=[GridLevel.model_validate(g) for g in _grid_path(row["grid_path"])],
         location=Location(lat=row["lat"], lon=row["lon"]),
         description=row["description"],
         first_observed_at=_dt(row["first_observed_at"]),

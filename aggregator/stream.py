@@ -32,8 +32,8 @@ import orjson
 
 from aggregator.auth import Operator
 from aggregator.pipeline import Assembled
-from aggregator.pool import BatchResult, iso
-from contract import Catalogue, EventNoticeV1, Outcome, Severity, TelemetryV1, dump
+from aggregator.pool import BatchResult, Notice, iso
+from contract import Catalogue, EventNoticeV1, Outcome, Severity, TelemetryV1
 
 __all__ = ["DROPPED_CLOSE_CODE", "StreamClient", "StreamFilter", "StreamHub"]
 
@@ -131,7 +131,7 @@ class StreamHub:
     def on_batch(
         self,
         result: BatchResult,
-        notices: Sequence[EventNoticeV1],
+        notices: Sequence[Notice],
         telemetry: Sequence[TelemetryV1],
         assembled: Assembled,
     ) -> None:
@@ -142,7 +142,7 @@ class StreamHub:
 
     def publish_notice(self, notice: EventNoticeV1) -> None:
         """An event changed outside ingest (an operator's lifecycle step). Any thread."""
-        self._post(self._fan_out, [self._event_item(notice)])
+        self._post(self._fan_out, [self._event_item(Notice.of(notice))])
 
     def _post(self, fn: Any, *args: Any) -> None:
         loop = self._loop
@@ -158,7 +158,7 @@ class StreamHub:
     # -- on the loop ------------------------------------------------------------------------
 
     def _fan_out_batch(
-        self, result: BatchResult, notices: list[EventNoticeV1], assembled: Assembled
+        self, result: BatchResult, notices: list[Notice], assembled: Assembled
     ) -> None:
         if not self._clients:
             return
@@ -166,17 +166,17 @@ class StreamHub:
         items.extend(self._alert_items(result, assembled))
         self._fan_out(items)
 
-    def _event_item(self, notice: EventNoticeV1) -> _Item:
-        body = dump(notice)
-        body["kind"] = "event"
-        ev = notice.event
+    @staticmethod
+    def _event_item(notice: Notice) -> _Item:
+        # the published notice, with "kind" appended as the stream's last member
+        text = notice.payload[:-1] + b',"kind":"event"}'
         return _Item(
             "event",
-            ev.grid_code,
-            ev.department,
-            ev.type,
-            ev.severity,
-            orjson.dumps(body).decode(),
+            notice.grid_code,
+            notice.department,
+            notice.type,
+            notice.severity,
+            text.decode(),
         )
 
     def _alert_items(self, result: BatchResult, assembled: Assembled) -> Iterable[_Item]:

@@ -56,8 +56,8 @@ from influxdb_client.domain.write_precision import WritePrecision
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from aggregator.pipeline import Assembled
-from aggregator.pool import BatchResult
-from contract import EventNoticeV1, TelemetryV1
+from aggregator.pool import BatchResult, Notice
+from contract import TelemetryV1
 
 __all__ = ["TimeSeriesSettings", "TimeSeriesSink", "TimeSeriesStats"]
 
@@ -150,7 +150,7 @@ class TimeSeriesSink:
     def on_batch(
         self,
         result: BatchResult,
-        notices: Sequence[EventNoticeV1],
+        notices: Sequence[Notice],
         telemetry: Sequence[TelemetryV1],
         assembled: Assembled,
     ) -> None:

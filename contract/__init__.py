@@ -23,6 +23,7 @@ from contract.messages import (
     decode_snapshot,
     dump,
     encode_snapshot,
+    event_notice_json,
     feedback_json,
     utcnow,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "default_catalogue",
     "dump",
     "encode_snapshot",
+    "event_notice_json",
     "feedback_json",
     "load_catalogue",
     "utcnow",

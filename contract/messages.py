@@ -330,6 +330,17 @@ class EventNoticeV1(_Message):
     model_config = ConfigDict(populate_by_name=True)
 
 
+def event_notice_json(change: str, event: dict[str, Any], at: datetime) -> bytes:
+    """``EventNoticeV1(change=..., event=EventSummary(**event), at=at).to_json()`` for an event
+    given as the summary's JSON-ready dict (wire names, no nulls, datetimes as aware
+    datetimes): the same bytes without building models. The aggregator sends one per touched
+    event per batch; ``tests/contract`` and ``tests/aggregator/test_dedup.py`` check both agree."""
+    return orjson.dumps(
+        {"schema": "event/v1", "change": change, "event": event, "at": at},
+        option=orjson.OPT_UTC_Z,
+    )
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from aggregator.dedup import SpatialHash, haversine_m
 from aggregator.pipeline import Inbound
 from aggregator.pool import EventPool, connect, set_event_status
-from contract import AlertV1, EventStatus, Outcome
+from contract import AlertV1, EventNoticeV1, EventStatus, EventSummary, Outcome, event_notice_json
 
 from .conftest import GRIDS, grid_in_community, interior, jpeg, make_alert, offset, past
 from .test_pool import TOPICS, Harness
@@ -144,8 +145,13 @@ def test_summary_from_the_writer_equals_summary_from_the_row(tmp_path: Path) -> 
             [inbound(make_alert("cam-2", *offset(lat, lon, 20), type="smoke_fire"))]
         ).batch
     )
-    [(event_id, from_writer)] = batch_result.summaries.items()
+    [(event_id, event)] = batch_result.summaries.items()
+    from_writer = EventSummary.model_validate(event, strict=False)
     with closing(connect(h.pool.path, readonly=True)) as db:
         [from_row] = event_summaries(db, [event_id], h.catalogue)
     assert from_writer.model_dump() == from_row.model_dump()
     assert from_writer.model_dump_json() == from_row.model_dump_json()
+    # the notice published for it is byte for byte the model's
+    at = datetime(2026, 11, 23, 8, 0, 0, 123456, tzinfo=UTC)
+    model = EventNoticeV1(change="updated", event=from_row, at=at)
+    assert event_notice_json("updated", event, at) == model.to_json()

@@ -14,6 +14,8 @@ from pydantic import ValidationError
 from contract import (
     AlertV1,
     DeviceChannel,
+    EventNoticeV1,
+    EventSummary,
     FeedbackV1,
     Location,
     Outcome,
@@ -22,6 +24,7 @@ from contract import (
     TopicError,
     Topics,
     default_catalogue,
+    event_notice_json,
     feedback_json,
     load_catalogue,
 )
@@ -193,6 +196,38 @@ def test_feedback_json_is_byte_for_byte_the_models_json(
     fast = feedback_json(device_id="cam-1", at=at, **fields)
     assert fast == FeedbackV1(device_id="cam-1", at=at, **fields).to_json()
     assert FeedbackV1.model_validate_json(fast, strict=True).at == at
+
+
+@pytest.mark.parametrize("recurrence_of", [None, 41])
+def test_event_notice_json_is_byte_for_byte_the_models_json(recurrence_of: int | None) -> None:
+    t = datetime(2026, 11, 23, 8, 30, 1, 250000, tzinfo=UTC)
+    summary = EventSummary(
+        event_id=42,
+        type="fire_lane_blocked",
+        type_zh="消防通道占用",
+        type_en="Fire lane blocked",
+        severity="high",
+        status="registered",
+        department="消防",
+        grid_code="33038300100101000001",
+        grid_path=[
+            {"level": "county", "code": "330383", "name": "龙港市"},
+            {"level": "grid", "code": "33038300100101000001", "name": "第01网格"},
+        ],
+        location=Location(lat=27.55, lon=120.55),
+        description='车辆占用 "消防通道"',
+        first_observed_at=t,
+        last_observed_at=t + timedelta(seconds=30),
+        registered_at=t,
+        deadline_at=t + timedelta(hours=2),
+        alert_count=3,
+        device_ids=["cam-1", "cam-2"],
+        recurrence_of=recurrence_of,
+    )
+    event = summary.model_dump(by_alias=True, exclude_none=True)
+    at = datetime(2026, 11, 23, 8, 31, tzinfo=UTC)
+    expected = EventNoticeV1(change="created", event=summary, at=at).to_json()
+    assert event_notice_json("created", event, at) == expected
 
 
 def test_catalogue_covers_every_required_type_with_every_field() -> None:
