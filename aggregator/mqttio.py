@@ -358,6 +358,8 @@ class IoLoop:
     _MAX_CHANNEL_BYTES = 16 << 20
     # outgoing messages kept while the broker is unreachable; beyond, the oldest are dropped
     _MAX_PENDING_OUT = 200_000
+    # the broker socket is read at most this often (adds at most this much latency)
+    _READ_EVERY_S = 0.002
 
     def __init__(self, settings: MqttSettings, batching: BatchSettings, channel: FrameChannel):
         self.settings = settings
@@ -379,6 +381,8 @@ class IoLoop:
         self._next_connect = 0.0
         self._delay = 1.0
         self._connect_called = False
+        self._last_read = 0.0
+        self._next_misc = 0.0
         self.client = self._make_client()
 
     def _make_client(self) -> LeanClient:
@@ -488,7 +492,12 @@ class IoLoop:
                 wlist: list[Any] = []
                 timeout = 1.0
                 if sock is not None:
-                    if channel.pending_bytes() < self._MAX_CHANNEL_BYTES:
+                    # Messages trickling in from many devices would wake us once each: read at
+                    # most every _READ_EVERY_S, so each round takes what arrived meanwhile.
+                    read_at = self._last_read + self._READ_EVERY_S
+                    if now < read_at:
+                        timeout = read_at - now
+                    elif channel.pending_bytes() < self._MAX_CHANNEL_BYTES:
                         rlist.append(sock)
                     if client.want_write():
                         wlist.append(sock)
@@ -507,11 +516,13 @@ class IoLoop:
                 if sock is not None and client.socket() is sock:
                     if sock in readable or client.buffered():
                         self._read()
+                        self._last_read = time.monotonic()
                     self._pump_out()
                     if client.want_write() and client.socket() is not None:
                         client.loop_write()
-                    if client.socket() is not None:
-                        client.loop_misc()
+                    if client.socket() is not None and now >= self._next_misc:
+                        client.loop_misc()  # keepalive: PINGREQ when due, and its timeout
+                        self._next_misc = now + 0.25
                 self._flush_rows()
                 channel.flush()
         except ChannelClosedError:
