@@ -22,7 +22,7 @@ from typing import Protocol
 
 from aggregator.config import BatchSettings, MqttSettings
 from aggregator.metrics import Metrics
-from aggregator.pipeline import Assembled, Inbound, Pipeline
+from aggregator.pipeline import Assembled, Inbound, Pipeline, Prevalidator
 from aggregator.pool import BatchResult, EventPool, Notice
 from aggregator.transport import Outgoing, Transport, make_transport
 from contract import (
@@ -77,7 +77,11 @@ class MqttIngest:
         self.metrics = metrics
         self.sinks = list(sinks)
         self.topics = Topics(mqtt_settings.topic_prefix)
-        self._transport: Transport = make_transport(mqtt_settings, batch_settings)
+        self._transport: Transport = make_transport(
+            mqtt_settings,
+            batch_settings,
+            Prevalidator(pipeline.topics, pipeline.catalogue, pipeline.limits),
+        )
         self._stop = threading.Event()
         self._batches = 0
         self._messages = 0

@@ -39,6 +39,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -48,12 +49,13 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from aggregator.config import BatchSettings, MqttSettings
+from aggregator.pipeline import Prevalidator
 from contract import DeviceChannel, Topics
 
 log = logging.getLogger(__name__)
 
-# (topic, payload, received_at, mid, qos, generation): one received message
-Row = tuple[str, bytes, float, int, int, int]
+# (topic, payload, received_at, mid, qos, generation, prevalidated): one received message
+Row = tuple[str, bytes, float, int, int, int, tuple[Any, ...] | None]
 # (topic, payload, qos): one message to publish
 Outgoing = tuple[str, bytes, int]
 
@@ -361,8 +363,16 @@ class IoLoop:
     # the broker socket is read at most this often (adds at most this much latency)
     _READ_EVERY_S = 0.002
 
-    def __init__(self, settings: MqttSettings, batching: BatchSettings, channel: FrameChannel):
+    def __init__(
+        self,
+        settings: MqttSettings,
+        batching: BatchSettings,
+        channel: FrameChannel,
+        prevalidator: Prevalidator | None = None,
+    ):
         self.settings = settings
+        self.prevalidator = prevalidator
+        self._now = datetime.now(UTC)  # the clock alerts are checked against, per read
         self.batching = batching
         self.channel = channel
         self.topics = Topics(settings.topic_prefix)
@@ -468,7 +478,10 @@ class IoLoop:
             text = self._topic_text[topic] = topic.decode("utf-8", "replace")
         if not self._rows:
             self._first_row_at = time.monotonic()
-        self._rows.append((text, payload, time.time(), mid, qos, self._generation))
+        pre = (
+            None if self.prevalidator is None else self.prevalidator.check(text, payload, self._now)
+        )
+        self._rows.append((text, payload, time.time(), mid, qos, self._generation, pre))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         # PUBLISHes the lean path leaves to paho (those with MQTT 5 properties)
@@ -568,6 +581,7 @@ class IoLoop:
         self._delay = min(self._delay * 2, 30.0)
 
     def _read(self) -> None:
+        self._now = datetime.now(UTC)
         # LeanClient.loop_read goes on while its buffer holds packets (bounded)
         self.client.loop_read()
 
@@ -632,15 +646,26 @@ def _ignore(*_: Any) -> None:
     return None
 
 
-def serve(settings: MqttSettings, batching: BatchSettings, sock: socket.socket) -> None:
+def serve(
+    settings: MqttSettings,
+    batching: BatchSettings,
+    sock: socket.socket,
+    prevalidator: Prevalidator | None = None,
+) -> None:
     """Run an ``IoLoop`` on ``sock`` (one end of a socket pair) until told to stop."""
     try:
-        IoLoop(settings, batching, FrameChannel(sock, blocking=False)).run()
+        IoLoop(settings, batching, FrameChannel(sock, blocking=False), prevalidator).run()
     finally:
         sock.close()  # the worker sees the end of the channel, whatever ended the loop
 
 
-def child_main(conn: Any, config: dict[str, Any], secret: str | None, level: int) -> None:
+def child_main(
+    conn: Any,
+    config: dict[str, Any],
+    secret: str | None,
+    level: int,
+    prevalidator: Prevalidator | None = None,
+) -> None:
     """The MQTT I/O process. ``conn`` is the child's end of a ``multiprocessing.Pipe``; the
     password comes in the spawn arguments (a pipe), never on the command line or in the
     environment."""
@@ -649,6 +674,6 @@ def child_main(conn: Any, config: dict[str, Any], secret: str | None, level: int
     conn.close()
     settings = MqttSettings.model_validate({**config["mqtt"], "password": secret})
     batching = BatchSettings.model_validate(config["batch"])
-    serve(settings, batching, sock)
+    serve(settings, batching, sock, prevalidator)
     # Told to stop, or the parent is gone (SIGKILL): leave at once, acknowledging nothing more.
     os._exit(0)

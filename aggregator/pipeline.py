@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import ValidationError
@@ -25,10 +25,12 @@ from contract import (
     DeviceChannel,
     ParsedTopic,
     RejectReason,
+    Severity,
     StatusV1,
     TelemetryV1,
     TopicError,
     Topics,
+    decode_snapshot,
     dump,
 )
 
@@ -47,6 +49,97 @@ class Inbound:
     mid: int = 0
     qos: int = 0
     generation: int = 0  # which broker connection it arrived on (acks go only to that one)
+    # what the MQTT I/O loop's Prevalidator made of it (alerts only), or None: decode here
+    pre: tuple[Any, ...] | None = None
+
+
+@dataclass(slots=True)
+class Decoded:
+    """What the pipeline needs of a valid alert: from an ``AlertV1`` decoded here, or from the
+    row the MQTT I/O loop validated (``Prevalidator``), which crosses the process boundary as a
+    tuple because pickling the model costs several times validating it."""
+
+    alert_id: str
+    device_id: str
+    seq: int
+    type: str
+    severity: Severity | None
+    confidence: float
+    observed_at: float
+    lat: float
+    lon: float
+    description: str
+    has_snapshot: bool
+
+    @classmethod
+    def of(cls, alert: AlertV1) -> Decoded:
+        return cls(
+            alert.alert_id,
+            alert.device_id,
+            alert.seq,
+            alert.type,
+            alert.severity,
+            alert.confidence,
+            alert.observed_at.timestamp(),
+            alert.location.lat,
+            alert.location.lon,
+            alert.description,
+            alert.snapshot is not None,
+        )
+
+    def row(self) -> tuple[Any, ...]:
+        return (
+            "ok",
+            self.alert_id,
+            self.device_id,
+            self.seq,
+            self.type,
+            self.severity.value if self.severity else None,
+            self.confidence,
+            self.observed_at,
+            self.lat,
+            self.lon,
+            self.description,
+            self.has_snapshot,
+        )
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> Decoded:
+        _, aid, dev, seq, type_, sev, conf, obs, lat, lon, desc, snap = row
+        return cls(
+            aid, dev, seq, type_, Severity(sev) if sev else None, conf, obs, lat, lon, desc, snap
+        )
+
+
+class Prevalidator:
+    """Alert validation for the MQTT I/O loop, so that the pool writer, the serial stage, only
+    geo-tags and commits. Its verdicts are exactly ``decode_alert``'s."""
+
+    def __init__(self, topics: Topics, catalogue: Catalogue, limits: DecodeLimits) -> None:
+        self.topics = topics
+        self.catalogue = catalogue
+        self.limits = limits
+        self._alert_device: dict[str, str | None] = {}  # topic → device id, None: not an alert
+
+    def check(self, topic: str, payload: bytes, now: datetime) -> tuple[Any, ...] | None:
+        """``("ok", ...)`` (a ``Decoded`` row), ``("rejected", reason, detail, alert_id, seq)``,
+        or None for anything that is not an alert (the pipeline handles it)."""
+        if topic not in self._alert_device:
+            if len(self._alert_device) > 100_000:  # bounded: a fleet has fewer device topics
+                self._alert_device.clear()
+            try:
+                parsed = self.topics.parse(topic)
+            except TopicError:
+                parsed = None
+            alert = parsed is not None and parsed.channel is DeviceChannel.ALERT
+            self._alert_device[topic] = parsed.device_id if parsed and alert else None
+        device_id = self._alert_device[topic]
+        if device_id is None:
+            return None
+        result = decode_alert(payload, device_id, self.catalogue, now, self.limits)
+        if isinstance(result, Rejection):
+            return ("rejected", result.reason.value, result.detail, result.alert_id, result.seq)
+        return Decoded.of(result).row()
 
 
 @dataclass(slots=True)
@@ -54,7 +147,7 @@ class Assembled:
     batch: Batch = field(default_factory=Batch)
     telemetry: list[TelemetryV1] = field(default_factory=list)
     # alert_id → the alert, for feedback and sinks after commit
-    alerts: dict[str, AlertV1] = field(default_factory=dict)
+    alerts: dict[str, Decoded] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -77,7 +170,7 @@ class Pipeline:
     def assemble(self, messages: Sequence[Inbound]) -> Assembled:
         out = Assembled()
         now = datetime.now(UTC)
-        pending: list[tuple[Inbound, AlertV1]] = []
+        pending: list[tuple[Inbound, Decoded]] = []
         for msg in messages:
             parsed = self._parsed.get(msg.topic)
             if parsed is None:
@@ -93,11 +186,19 @@ class Pipeline:
             seen = out.batch.seen
             seen[device_id] = max(seen.get(device_id, 0.0), msg.received_at)
             if parsed.channel is DeviceChannel.ALERT:
-                result = decode_alert(msg.payload, device_id, self.catalogue, now, self.limits)
-                if isinstance(result, Rejection):
-                    self._reject(out, msg, device_id, result)
+                pre = msg.pre
+                if pre is None:
+                    result = decode_alert(msg.payload, device_id, self.catalogue, now, self.limits)
+                    if isinstance(result, Rejection):
+                        self._reject(out, msg, device_id, result)
+                    else:
+                        pending.append((msg, Decoded.of(result)))
+                elif pre[0] == "ok":
+                    pending.append((msg, Decoded.from_row(pre)))
                 else:
-                    pending.append((msg, result))
+                    _, reason, detail, alert_id, seq = pre
+                    rejection = Rejection(RejectReason(reason), detail, alert_id, seq)
+                    self._reject(out, msg, device_id, rejection)
             elif parsed.channel is DeviceChannel.STATUS:
                 self._status(out, msg, device_id)
             elif parsed.channel is DeviceChannel.TELEMETRY:
@@ -106,32 +207,33 @@ class Pipeline:
         self._geo_tag(out, pending)
         return out
 
-    def _geo_tag(self, out: Assembled, pending: list[tuple[Inbound, AlertV1]]) -> None:
+    def _geo_tag(self, out: Assembled, pending: list[tuple[Inbound, Decoded]]) -> None:
         if not pending:
             return
-        grids = self.grids.locate_many(
-            [a.location.lat for _, a in pending], [a.location.lon for _, a in pending]
-        )
+        grids = self.grids.locate_many([a.lat for _, a in pending], [a.lon for _, a in pending])
         for (msg, alert), grid in zip(pending, grids, strict=True):
-            observed = alert.observed_at.timestamp()
+            out.alerts[alert.alert_id] = alert
             if grid is None:
                 out.batch.out_of_area.append(
                     OutOfAreaIn(
                         alert.alert_id,
                         alert.device_id,
                         alert.type,
-                        observed,
+                        alert.observed_at,
                         msg.received_at,
-                        alert.location.lat,
-                        alert.location.lon,
+                        alert.lat,
+                        alert.lon,
                     )
                 )
-                out.alerts[alert.alert_id] = alert
                 continue
             sha = None
-            jpeg = alert.snapshot_bytes()
-            if jpeg is not None:
-                sha = self.snapshots.put(jpeg)
+            payload = msg.payload
+            if alert.has_snapshot:
+                # The message as received, with the (large) snapshot replaced by its hash.
+                obj = orjson.loads(payload)
+                sha = self.snapshots.put(decode_snapshot(obj["snapshot"]))
+                obj["snapshot"] = {"sha256": sha, "stored": True}
+                payload = orjson.dumps(obj)
             wt = self.catalogue.types[alert.type]
             path_json, address = self._grid_text_of(grid)
             out.batch.alerts.append(
@@ -142,19 +244,18 @@ class Pipeline:
                     type=alert.type,
                     severity=alert.severity or wt.severity,
                     confidence=alert.confidence,
-                    observed_at=observed,
+                    observed_at=alert.observed_at,
                     received_at=msg.received_at,
-                    lat=alert.location.lat,
-                    lon=alert.location.lon,
+                    lat=alert.lat,
+                    lon=alert.lon,
                     grid_code=grid.code,
                     grid_path=path_json,
                     address=address,
                     description=alert.description,
                     snapshot_sha256=sha,
-                    payload=_without_snapshot(msg.payload, alert, sha),
+                    payload=payload,
                 )
             )
-            out.alerts[alert.alert_id] = alert
 
     def _grid_text_of(self, grid: Grid) -> tuple[str, str]:
         text = self._grid_text.get(grid.code)
@@ -234,12 +335,3 @@ def _schema_rejection(exc: ValidationError) -> Rejection:
         return Rejection(RejectReason.INVALID_JSON, "payload is not valid JSON")
     detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
     return Rejection(RejectReason.SCHEMA_VIOLATION, detail[:2000])
-
-
-def _without_snapshot(payload: bytes, alert: AlertV1, sha: str | None) -> bytes:
-    """The message as received, with the (large) snapshot replaced by its hash."""
-    if alert.snapshot is None:
-        return payload
-    obj = orjson.loads(payload)
-    obj["snapshot"] = {"sha256": sha, "stored": True}
-    return orjson.dumps(obj)

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from aggregator.config import BatchSettings, MqttSettings
 from aggregator.mqttio import ChannelClosedError, FrameChannel, Outgoing, child_main, serve
-from aggregator.pipeline import Inbound
+from aggregator.pipeline import Inbound, Prevalidator
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,15 @@ class _Relay:
     # acknowledgement never reaches a loop (or a connection) that did not receive the message.
     _SHIFT = 32
 
-    def __init__(self, settings: MqttSettings, batching: BatchSettings) -> None:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        batching: BatchSettings,
+        prevalidator: Prevalidator | None = None,
+    ) -> None:
         self.settings = settings
         self.batching = batching
+        self.prevalidator = prevalidator
         self._send_lock = threading.Lock()
         self._connected = threading.Event()
         self._carry: list[Inbound] = []
@@ -149,7 +155,8 @@ class _Relay:
             for kind, *body in frames:
                 if kind == "rows":
                     batch.extend(
-                        Inbound(t, p, r, mid, qos, tag | gen) for t, p, r, mid, qos, gen in body[0]
+                        Inbound(t, p, r, mid, qos, tag | gen, pre)
+                        for t, p, r, mid, qos, gen, pre in body[0]
                     )
                 elif kind == "state":
                     (self._connected.set if body[0] else self._connected.clear)()
@@ -192,8 +199,13 @@ class _Relay:
 class ProcessTransport(_Relay):
     """The I/O loop in a child process (``cwg-mqtt-<client id>``)."""
 
-    def __init__(self, settings: MqttSettings, batching: BatchSettings) -> None:
-        super().__init__(settings, batching)
+    def __init__(
+        self,
+        settings: MqttSettings,
+        batching: BatchSettings,
+        prevalidator: Prevalidator | None = None,
+    ) -> None:
+        super().__init__(settings, batching, prevalidator)
         self._ctx = multiprocessing.get_context("spawn")
         self._process: Any = None
 
@@ -206,7 +218,13 @@ class ProcessTransport(_Relay):
         }
         process = self._ctx.Process(
             target=child_main,
-            args=(child_conn, config, self.settings.secret(), logging.getLogger().level),
+            args=(
+                child_conn,
+                config,
+                self.settings.secret(),
+                logging.getLogger().level,
+                self.prevalidator,
+            ),
             name=f"cwg-mqtt-{self.settings.client_id}",
             daemon=True,
         )
@@ -236,15 +254,20 @@ class ProcessTransport(_Relay):
 class ThreadTransport(_Relay):
     """The I/O loop on a thread of this process (``mqtt.io_process = false``)."""
 
-    def __init__(self, settings: MqttSettings, batching: BatchSettings) -> None:
-        super().__init__(settings, batching)
+    def __init__(
+        self,
+        settings: MqttSettings,
+        batching: BatchSettings,
+        prevalidator: Prevalidator | None = None,
+    ) -> None:
+        super().__init__(settings, batching, prevalidator)
         self._thread: threading.Thread | None = None
 
     def _host(self) -> socket.socket:
         mine, theirs = socket.socketpair()
         self._thread = threading.Thread(
             target=serve,
-            args=(self.settings, self.batching, theirs),
+            args=(self.settings, self.batching, theirs, self.prevalidator),
             name="cwg-mqtt-io",
             daemon=True,
         )
@@ -259,7 +282,11 @@ class ThreadTransport(_Relay):
             self._thread.join(timeout)
 
 
-def make_transport(settings: MqttSettings, batching: BatchSettings) -> Transport:
+def make_transport(
+    settings: MqttSettings, batching: BatchSettings, prevalidator: Prevalidator | None = None
+) -> Transport:
+    """The transport ``settings.io_process`` asks for; with a ``prevalidator``, alerts are
+    validated in the I/O loop, next to the network, instead of by the pool writer."""
     if settings.io_process:
-        return ProcessTransport(settings, batching)
-    return ThreadTransport(settings, batching)
+        return ProcessTransport(settings, batching, prevalidator)
+    return ThreadTransport(settings, batching, prevalidator)
