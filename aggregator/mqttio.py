@@ -351,7 +351,7 @@ class FrameChannel:
 class IoLoop:
     """One MQTT session and one channel to the worker, served by a select loop (module text).
 
-    To the worker: ``("state", connected)`` and ``("rows", [Row, ...], depth)``.
+    To the worker: ``("state", connected)`` and ``("rows", [Row, ...])``.
     From the worker: ``("ack", [(mid, qos, generation), ...])``, ``("publish", [Outgoing])``
     and ``("stop",)``.
     """
@@ -633,7 +633,7 @@ class IoLoop:
             len(self._rows) >= self.batching.max_messages
             or time.monotonic() - self._first_row_at >= self._flush_after
         ):
-            self.channel.put(("rows", self._rows, len(self._rows)))
+            self.channel.put(("rows", self._rows))
             self._rows = []
 
     def _report_state(self) -> None:

@@ -22,6 +22,7 @@ import select
 import socket
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -45,7 +46,7 @@ class Transport(Protocol):
     def stop(self) -> None: ...
 
 
-class _Relay:
+class _Relay(ABC):
     """The worker's end of the channel to an ``IoLoop``; subclasses say where the loop runs."""
 
     # A message's generation is (incarnation << 32) | connection generation in the loop, so an
@@ -70,15 +71,13 @@ class _Relay:
 
     # -- where the loop runs
 
+    @abstractmethod
     def _host(self) -> socket.socket:
         """Start a loop; return our end of its channel."""
-        raise NotImplementedError
 
-    def _host_alive(self) -> bool:
-        raise NotImplementedError
-
+    @abstractmethod
     def _host_end(self, timeout: float) -> None:
-        raise NotImplementedError
+        """Wait up to ``timeout`` for the loop to end, then end it."""
 
     def _host_exitcode(self) -> int | None:
         return None
@@ -235,9 +234,6 @@ class ProcessTransport(_Relay):
         parent_conn.close()
         return mine
 
-    def _host_alive(self) -> bool:
-        return self._process is not None and self._process.is_alive()
-
     def _host_exitcode(self) -> int | None:
         return None if self._process is None else self._process.exitcode
 
@@ -273,9 +269,6 @@ class ThreadTransport(_Relay):
         )
         self._thread.start()
         return mine
-
-    def _host_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def _host_end(self, timeout: float) -> None:
         if self._thread is not None:
