@@ -9,7 +9,9 @@ aggregator (``ThreadTransport``), and reconnects with a growing, jittered delay.
 ``LeanClient`` is paho's ``Client`` with three hot paths made lean for a consumer that takes
 thousands of QoS 1 messages a second (measured with ``bench/bench_mqtt_client.py``):
 
-* reads: one ``recv`` per wakeup into a buffer, instead of three or four per packet;
+* reads: one ``recv`` per wakeup into a buffer, and each packet wholly in it cut out at once
+  (paho reads the fixed header byte by byte: three or four ``recv`` calls per packet); a
+  packet cut off at the buffer's end goes through paho's own reader;
 * an incoming PUBLISH (QoS 0 or 1, no MQTT 5 properties) is decoded directly and handed to
   ``on_row``; paho builds a ``Properties`` object for each, which costs more than the rest of
   the packet;
@@ -21,6 +23,10 @@ thousands of QoS 1 messages a second (measured with ``bench/bench_mqtt_client.py
 Everything else (properties present, QoS 2, per-topic callbacks, every other packet) goes
 through paho unchanged. The overrides touch private methods of paho 2.1–2.2, so pyproject pins
 ``paho-mqtt<2.3`` and ``tests/aggregator/test_mqttio.py`` checks both paths.
+
+Incoming QoS 1 messages are paced too: Mosquitto 2.0.11 keeps to the Receive Maximum we announce
+only until acknowledgements start to flow (measured: with 200 announced and slow acks, 1,000–1,800
+unacknowledged), so the loop stops reading the broker while that many wait for the worker.
 
 Outgoing QoS 1 publishes are paced by the loop, never queued inside paho: paho's own queue
 rescans every in-flight message on each PUBACK, which made a burst of 1,000 feedback messages
@@ -44,6 +50,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -125,6 +132,8 @@ class LeanClient(mqtt.Client):
         self._rbuf_sock: object = None
         # topic bytes, payload, mid, qos: set it to receive PUBLISHes without an MQTTMessage
         self.on_row: Callable[[bytes, bytes, int, int], None] | None = None
+        # how long one loop_read may go on handling buffered packets
+        self.read_budget_s = 0.005
 
     def buffered(self) -> bool:
         """Bytes already read from the socket but not yet parsed (select will not see them)."""
@@ -134,13 +143,100 @@ class LeanClient(mqtt.Client):
         return bool(pending is not None and pending() > 0)
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        """paho's loop_read, going on while packets wait in the read buffer (paho's own loop
-        selects on the socket, which does not see them). Bounded, so writes get their turn."""
-        rc = super().loop_read(max_packets)
-        for _ in range(5_000):
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or not self.buffered():
+        """Read the socket once, then handle every complete packet in the buffer, within
+        ``read_budget_s`` so that writes (and the loop's other work) get their turn."""
+        if self._sock is None:
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        deadline = time.monotonic() + self.read_budget_s
+        handled = 0
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        while True:
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN or self._sock is None or not self.buffered():
                 break
-            rc = super().loop_read(max_packets)
+            handled += 1
+            if handled & 63 == 0 and time.monotonic() > deadline:
+                break
+        with self._msgtime_mutex:
+            self._last_bytes_received = mqtt.time_func()
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _packet_read(self) -> MQTTErrorCode:
+        """One packet from the buffer (one recv when it is empty). A packet wholly in the buffer
+        is cut out at once; one only partly there goes through paho's byte-by-byte reader,
+        which keeps its state until the rest arrives."""
+        if self._in_packet["command"]:
+            return super()._packet_read()  # paho is midway through a packet
+        if self._sock is not self._rbuf_sock:
+            self._rbuf = bytearray()
+            self._rbuf_sock = self._sock
+        buf = self._rbuf
+        if not buf:
+            try:
+                data = mqtt.Client._sock_recv(self, _READ_CHUNK)
+            except BlockingIOError:
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+            except OSError as err:  # TimeoutError included
+                self._easy_log(mqtt.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            if not data:
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            buf += data
+        n = len(buf)
+        length, mult, i = 0, 1, 1
+        while True:
+            if i >= n or i > 4:  # length incomplete (or malformed: paho says so)
+                return super()._packet_read()
+            byte = buf[i]
+            length += (byte & 0x7F) * mult
+            mult <<= 7
+            i += 1
+            if not byte & 0x80:
+                break
+        end = i + length
+        if end > n:
+            return super()._packet_read()
+        command = buf[0]
+        kind = command & 0xF0
+        if kind == mqtt.PUBLISH:
+            rc = self._lean_publish(command, buf, i, end)
+            if rc is not None:
+                del buf[:end]
+                return rc
+        elif kind == mqtt.PUBACK:
+            rc = self._lean_puback(buf, i, end)
+            if rc is not None:
+                del buf[:end]
+                return rc
+        packet = bytearray(buf[i:end])
+        del buf[:end]
+        self._in_packet = {
+            "command": command,
+            "have_remaining": 1,
+            "remaining_count": [],
+            "remaining_mult": mult,
+            "remaining_length": length,
+            "packet": packet,
+            "to_process": 0,
+            "pos": 0,
+        }
+        try:
+            rc = self._packet_handle()
+        except MalformedPacket as exc:
+            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet = {
+            "command": 0,
+            "have_remaining": 0,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": 0,
+            "packet": bytearray(b""),
+            "to_process": 0,
+            "pos": 0,
+        }
         return rc
 
     def _sock_recv(self, bufsize: int) -> bytes:
@@ -149,10 +245,10 @@ class LeanClient(mqtt.Client):
             self._rbuf_sock = self._sock
         buf = self._rbuf
         if not buf:
-            data = super()._sock_recv(_READ_CHUNK)
-            if len(data) <= bufsize:
-                return data  # b"" (closed) included
-            buf += data
+            # paho finishing a packet that straddled our buffer's end: only that packet's
+            # bytes, so a loop_read takes no more than one buffer (and the Receive Maximum
+            # holds, IoLoop._unacked)
+            return super()._sock_recv(bufsize)
         out = bytes(buf[:bufsize])
         del buf[:bufsize]
         return out
@@ -228,43 +324,59 @@ class LeanClient(mqtt.Client):
                 return MQTTErrorCode.MQTT_ERR_AGAIN
         return self._packet_write() if out else MQTTErrorCode.MQTT_ERR_SUCCESS
 
-    def _handle_publish(self) -> MQTTErrorCode:
+    def _lean_publish(
+        self, command: int, packet: bytearray, start: int, end: int
+    ) -> MQTTErrorCode | None:
+        """A PUBLISH (QoS 0 or 1, no properties) straight to ``on_row``; None leaves it to
+        paho (no ``on_row``, QoS 2, properties, per-topic callbacks, malformed)."""
         on_row = self.on_row
+        qos = (command & 0x06) >> 1
+        if on_row is None or qos > 1 or self._on_message_filtered._root._children:
+            return None
+        try:
+            pos = start + 2 + ((packet[start] << 8) | packet[start + 1])
+            topic = bytes(packet[start + 2 : pos])
+            mid = 0
+            if qos:
+                mid = (packet[pos] << 8) | packet[pos + 1]
+                pos += 2
+            if pos >= end or packet[pos] != 0 or not topic:
+                return None
+        except IndexError:
+            return None
+        on_row(topic, bytes(packet[pos + 1 : end]), mid, qos)
+        if qos and not self._manual_ack:
+            return self._send_puback(mid)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _lean_puback(self, packet: bytearray, start: int, end: int) -> MQTTErrorCode | None:
+        """A PUBACK without properties, with one cached ReasonCode per code; None leaves it to
+        paho."""
+        n = end - start
+        if not (2 <= n <= 3 or (n == 4 and packet[start + 3] == 0)):
+            return None
+        mid = (packet[start] << 8) | packet[start + 1]
+        code = packet[start + 2] if n > 2 else 0
+        reason = _PUBACK_CODES.get(code)
+        if reason is None:
+            reason = ReasonCode(PacketTypes.PUBACK, identifier=code)
+            _PUBACK_CODES[code] = reason
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, reason, _PUBACK_PROPS)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_publish(self) -> MQTTErrorCode:
         packet = self._in_packet["packet"]
-        header = self._in_packet["command"]
-        qos = (header & 0x06) >> 1
-        if on_row is not None and qos < 2 and not self._on_message_filtered._root._children:
-            try:
-                end = 2 + ((packet[0] << 8) | packet[1])
-                topic = bytes(packet[2:end])
-                mid = 0
-                if qos:
-                    mid = (packet[end] << 8) | packet[end + 1]
-                    end += 2
-                props_len = packet[end]
-            except IndexError:
-                return super()._handle_publish()  # malformed: paho reports it
-            if props_len == 0 and topic:
-                on_row(topic, bytes(packet[end + 1 :]), mid, qos)
-                if qos and not self._manual_ack:
-                    return self._send_puback(mid)
-                return MQTTErrorCode.MQTT_ERR_SUCCESS
-        return super()._handle_publish()
+        rc = self._lean_publish(self._in_packet["command"], packet, 0, len(packet))
+        return super()._handle_publish() if rc is None else rc
 
     def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
-        packet = self._in_packet["packet"]
-        n = len(packet)
-        if cmd == "PUBACK" and (n <= 3 or (n == 4 and packet[3] == 0)) and n >= 2:
-            mid = (packet[0] << 8) | packet[1]
-            code = packet[2] if n > 2 else 0
-            reason = _PUBACK_CODES.get(code)
-            if reason is None:
-                reason = ReasonCode(PacketTypes.PUBACK, identifier=code)
-                _PUBACK_CODES[code] = reason
-            with self._out_message_mutex:
-                if mid in self._out_messages:
-                    return self._do_on_publish(mid, reason, _PUBACK_PROPS)
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        if cmd == "PUBACK":
+            packet = self._in_packet["packet"]
+            rc = self._lean_puback(packet, 0, len(packet))
+            if rc is not None:
+                return rc
         return super()._handle_pubackcomp(cmd)
 
 
@@ -392,6 +504,9 @@ class IoLoop:
         self._delay = 1.0
         self._connect_called = False
         self._last_read = 0.0
+        # QoS 1 messages received on this connection and not yet acknowledged: at the Receive
+        # Maximum we stop reading and TCP holds the broker back (module text)
+        self._unacked = 0
         self._next_misc = 0.0
         self.client = self._make_client()
 
@@ -435,6 +550,7 @@ class IoLoop:
             )
             return
         self._generation += 1
+        self._unacked = 0  # the broker redelivers the last connection's on this one
         self._connected = True
         self._delay = 1.0
         server_max = getattr(properties, "ReceiveMaximum", 65535) if properties else 65535
@@ -482,6 +598,8 @@ class IoLoop:
             None if self.prevalidator is None else self.prevalidator.check(text, payload, self._now)
         )
         self._rows.append((text, payload, time.time(), mid, qos, self._generation, pre))
+        if qos:
+            self._unacked += 1
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         # PUBLISHes the lean path leaves to paho (those with MQTT 5 properties)
@@ -510,7 +628,10 @@ class IoLoop:
                     read_at = self._last_read + self._READ_EVERY_S
                     if now < read_at:
                         timeout = read_at - now
-                    elif channel.pending_bytes() < self._MAX_CHANNEL_BYTES:
+                    elif (
+                        channel.pending_bytes() < self._MAX_CHANNEL_BYTES
+                        and self._unacked < self.settings.receive_maximum
+                    ):
                         rlist.append(sock)
                     if client.want_write():
                         wlist.append(sock)
@@ -595,6 +716,7 @@ class IoLoop:
                 # broker redelivers it on this one, and the pool's key makes that a no-op.
                 if qos and gen == generation and self._connected:
                     ack(mid, qos)
+                    self._unacked -= 1
         elif kind == "publish":
             self._out.extend(command[1])
             excess = len(self._out) - self._MAX_PENDING_OUT

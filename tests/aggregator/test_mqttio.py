@@ -142,6 +142,48 @@ def test_publishes_beyond_the_brokers_receive_maximum_all_arrive_in_order(
         worker.stop()
 
 
+def test_unacknowledged_messages_stay_within_the_receive_maximum(
+    broker: Any, transport_cls: Any
+) -> None:
+    """Mosquitto 2.0.11 honours a subscriber's Receive Maximum only until acknowledgements
+    start to flow, then sends past it: the I/O loop holds the line itself by not reading the
+    broker while that many messages wait for the worker's acknowledgement. A worker that
+    acknowledges slowly must never hold more than the Receive Maximum plus what one socket
+    read can bring in."""
+    receive_maximum, size, n = 200, 2048, 3000
+    mqtt_settings = settings(broker).model_copy(update={"receive_maximum": receive_maximum})
+    transport = transport_cls(mqtt_settings, BatchSettings(max_messages=100, linger_ms=5))
+    transport.start()
+    cam = broker.client("cam-001")
+    topic = broker.topics.alert("cam-001")
+    sender = threading.Thread(
+        target=cam.publish_many, args=(topic, [b"%05d" % i + b"x" * size for i in range(n)])
+    )
+    try:
+        until = time.monotonic() + 20
+        while not transport.connected():
+            assert time.monotonic() < until, "never connected"
+            assert transport.take(0.05) == []
+        sender.start()
+        held: list[Inbound] = []
+        taken = most = 0
+        deadline = time.monotonic() + 120
+        while taken < n:
+            assert time.monotonic() < deadline, f"only {taken} of {n} messages arrived"
+            got = transport.take(0.02)
+            taken += len(got)
+            held += got
+            most = max(most, len(held))
+            transport.ack(held[:25])  # a slow worker: 25 per round of about 20 ms
+            del held[:25]
+        one_read = (1 << 18) // size + 1
+        assert most <= receive_maximum + one_read, most
+        assert most >= receive_maximum // 2  # the window was used, not starved
+    finally:
+        sender.join(30)
+        transport.stop()
+
+
 def test_qos0_feedback_does_not_open_the_qos1_window(broker: Any) -> None:
     """paho reports QoS 0 publishes as published too; counting those as acknowledged QoS 1
     messages would let more QoS 1 messages fly than the broker's Receive Maximum. Drives one
