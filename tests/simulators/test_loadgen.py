@@ -45,11 +45,19 @@ def test_percentiles() -> None:
     assert p["max"] == pytest.approx(100)
 
 
-@pytest.mark.parametrize("mode", ["mosquitto_pub", "paho"])
-def test_small_run_has_zero_loss(gateway_stack: GatewayStack, mode: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "publishers"), [("mosquitto_pub", None), ("paho", None), ("paho", 5)]
+)
+def test_small_run_has_zero_loss(
+    gateway_stack: GatewayStack, mode: str, publishers: int | None
+) -> None:
+    # 5 paho publishers: one worker process serves 3 clients on its loop, the other 2
     report = run_load(
-        LoadConfig(rate=1000, count=2000, mode=mode), gateway_stack, gateway_stack.pool_path
+        LoadConfig(rate=1000, count=2000, mode=mode, publishers=publishers),
+        gateway_stack,
+        gateway_stack.pool_path,
     )
+    assert report.publishers == (publishers or 2)
     assert report.errors == []
     assert report.sent == report.pooled == 2000
     assert report.zero_loss
