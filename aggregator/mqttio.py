@@ -286,6 +286,14 @@ class LeanClient(mqtt.Client):
         self._packet_queue(mqtt.PUBLISH | 0x02, _publish_packet(topic_bytes, mid, payload), mid, 1)
         return message.info
 
+    def ack_many(self, mids: list[int]) -> MQTTErrorCode:
+        """``ack(mid, 1)`` for each of ``mids`` (manual_ack), queued as one run of PUBACKs:
+        the same bytes paho writes (fixed header 0x40 0x02, then the mid)."""
+        if not self._manual_ack or not mids:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        packet = struct.pack(f"!{len(mids)}I", *[0x4002_0000 | mid for mid in mids])
+        return self._packet_queue(mqtt.PUBACK, packet, 0, 1)
+
     def _packet_write(self) -> MQTTErrorCode:
         """paho writes one packet per send(). PUBACKs and QoS 1 PUBLISHes need nothing once
         written, so a run of them at the head of the queue goes out in one send()."""
@@ -709,14 +717,14 @@ class IoLoop:
     def _command(self, command: tuple[Any, ...]) -> None:
         kind = command[0]
         if kind == "ack":
+            if not self._connected:
+                return
             generation = self._generation
-            ack = self.client.ack
-            for mid, qos, gen in command[1]:
-                # A message from an earlier connection is not ours to acknowledge any more: the
-                # broker redelivers it on this one, and the pool's key makes that a no-op.
-                if qos and gen == generation and self._connected:
-                    ack(mid, qos)
-                    self._unacked -= 1
+            # A message from an earlier connection is not ours to acknowledge any more: the
+            # broker redelivers it on this one, and the pool's key makes that a no-op.
+            mids = [mid for mid, qos, gen in command[1] if qos == 1 and gen == generation]
+            self.client.ack_many(mids)
+            self._unacked -= len(mids)
         elif kind == "publish":
             self._out.extend(command[1])
             excess = len(self._out) - self._MAX_PENDING_OUT

@@ -245,6 +245,18 @@ class FeedbackV1(_Message):
     model_config = ConfigDict(populate_by_name=True)
 
 
+_last_time: list[tuple[datetime | None, bytes]] = [(None, b"")]
+
+
+def _json_time(at: datetime) -> bytes:
+    """``at`` as the models write it (orjson, UTC with Z); the last one is kept, since a batch
+    stamps all its feedback with one time."""
+    last = _last_time[0]
+    if last[0] is not at:
+        last = _last_time[0] = (at, orjson.dumps(at, option=orjson.OPT_UTC_Z))
+    return last[1]
+
+
 def feedback_json(
     *,
     device_id: str,
@@ -260,6 +272,28 @@ def feedback_json(
     """``FeedbackV1(...).to_json()`` for values that are valid already (they come from a
     validated alert and the pool): the same bytes, without building a model. The aggregator
     sends one per alert; ``tests/contract/test_messages.py`` checks that both agree."""
+    if (
+        alert_id is not None
+        and seq is not None
+        and event_id is not None
+        and reason is None
+        and detail is None
+        and dead_letter_id is None
+    ):
+        # accepted / merged / duplicate, the outcome of nearly every alert. Device and alert
+        # ids match DEVICE_ID_PATTERN and ALERT_ID_PATTERN: nothing in them needs escaping.
+        return (
+            b'{"schema":"feedback/v1","device_id":"%s","alert_id":"%s","seq":%d,'
+            b'"outcome":"%s","event_id":%d,"at":%s}'
+            % (
+                device_id.encode(),
+                alert_id.encode(),
+                seq,
+                outcome.value.encode(),
+                event_id,
+                _json_time(at),
+            )
+        )
     out: dict[str, Any] = {"schema": "feedback/v1", "device_id": device_id}
     if alert_id is not None:
         out["alert_id"] = alert_id

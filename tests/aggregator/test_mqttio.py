@@ -315,6 +315,30 @@ def test_lean_client_acknowledges_by_itself_without_manual_ack(
     again.expect_nothing(1.0)
 
 
+def test_ack_many_queues_the_puback_bytes_paho_would() -> None:
+    mids = [1, 2, 255, 256, 4097, 65535]
+
+    def queued(client: mqtt.Client) -> bytes:
+        return b"".join(bytes(p["packet"]) for p in client._out_packet)
+
+    def make(cls: type[mqtt.Client]) -> mqtt.Client:
+        client = cls(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        client.on_socket_register_write = lambda *_: None  # queue packets, send nothing
+        return client
+
+    stock, lean = make(mqtt.Client), make(LeanClient)
+    for mid in mids:
+        assert stock.ack(mid, 1) == mqtt.MQTT_ERR_SUCCESS
+    assert isinstance(lean, LeanClient)
+    assert lean.ack_many(mids) == mqtt.MQTT_ERR_SUCCESS
+    assert queued(lean) == queued(stock)
+    assert len(queued(lean)) == 4 * len(mids)
+
+
 @pytest.mark.parametrize("size", [0, 1, 120, 128, 16_300, 16_384, 70_000, 2_100_000])
 def test_lean_publish_packet_is_byte_for_byte_pahos(size: int) -> None:
     """The lean QoS 1 publish builds its PUBLISH itself; it must be exactly paho's packet

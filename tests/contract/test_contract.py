@@ -174,6 +174,8 @@ def test_feedback_and_status_models() -> None:
     [
         {"alert_id": "cam-1-7", "seq": 7, "outcome": Outcome.ACCEPTED, "event_id": 12},
         {"alert_id": "cam-1-8", "seq": 0, "outcome": Outcome.MERGED, "event_id": 1},
+        {"alert_id": "Z9.a_b:c-d" + "x" * 118, "seq": 2**53, "outcome": Outcome.DUPLICATE,
+         "event_id": 2**40},
         {"alert_id": "a", "seq": 3, "outcome": Outcome.OUT_OF_AREA, "detail": "(1.0, 2.0) 网格外"},
         {"outcome": Outcome.REJECTED, "reason": RejectReason.INVALID_JSON, "detail": "bad \"x\"",
          "dead_letter_id": 9},
