@@ -56,6 +56,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from aggregator.config import BatchSettings, MqttSettings
+from aggregator.gctune import tune_gc
 from aggregator.pipeline import Prevalidator
 from contract import DeviceChannel, Topics
 
@@ -804,6 +805,7 @@ def child_main(
     conn.close()
     settings = MqttSettings.model_validate({**config["mqtt"], "password": secret})
     batching = BatchSettings.model_validate(config["batch"])
+    tune_gc()  # as in the writer: tens of thousands of short-lived rows a second
     serve(settings, batching, sock, prevalidator)
     # Told to stop, or the parent is gone (SIGKILL): leave at once, acknowledging nothing more.
     os._exit(0)

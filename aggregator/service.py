@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from datetime import timedelta
 
 from aggregator.config import Settings
 from aggregator.decode import DecodeLimits
+from aggregator.gctune import tune_gc
 from aggregator.geo import GridIndex, default_grid_file
 from aggregator.ingest import BatchSink, MqttIngest
 from aggregator.metrics import Metrics
@@ -46,17 +46,6 @@ class Aggregator:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def tune_gc() -> None:
-    """Fewer, cheaper garbage collections for a process that allocates and drops tens of
-    thousands of small objects a second: what exists at start-up (grids, catalogue, the dedup
-    index's load) moves out of the collector's view, and young collections run every 50,000
-    net allocations instead of every 700. The hot path makes no reference cycles, so memory
-    is freed by reference counting as before (``bench/bench_pipeline.py`` measures both)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
 
 
 def build_aggregator(

@@ -6,7 +6,7 @@ file in a temporary directory), feeds it batches of valid alerts rendered by the
 generator's templates (the stream ``bench/bench_ingest.py`` sends), and prints µs per alert of
 each stage, with the cost of only parsing the same JSON (``orjson.loads``) measured in the same
 run as the baseline. Runs twice in one process: with Python's default garbage-collector
-thresholds, then with the aggregator's (``aggregator.service.tune_gc``).
+thresholds, then with the aggregator's (``aggregator.gctune.tune_gc``).
 
     python bench/bench_pipeline.py [--alerts 100000] [--batch 1000] [--devices 8]
 """
@@ -24,9 +24,10 @@ from pathlib import Path
 import orjson
 
 from aggregator.config import BatchSettings, MqttSettings, Settings
+from aggregator.gctune import tune_gc
 from aggregator.geo import GridIndex, default_grid_file
 from aggregator.pipeline import Inbound
-from aggregator.service import build_aggregator, tune_gc
+from aggregator.service import build_aggregator
 from contract import Topics, load_catalogue
 from simulators.loadgen import build_templates, machine_description, render, stamp_now
 
