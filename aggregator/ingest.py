@@ -5,8 +5,8 @@ and queues messages. One worker thread takes them in micro-batches, assembles an
 batch in one pool transaction, and only then acknowledges every message of it
 (``manual_ack``). A crash before the commit leaves the messages unacknowledged in our
 persistent session, so the broker sends them again; the pool's alert_id key makes the
-redelivery a no-op. The queue is bounded by Receive Maximum: the broker never sends more
-unacknowledged alerts than we announced.
+redelivery a no-op. What waits is bounded by the Receive Maximum: the I/O loop stops reading
+the broker while that many messages are unacknowledged (Mosquitto 2.0.11 would send past it).
 """
 
 from __future__ import annotations

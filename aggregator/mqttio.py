@@ -124,6 +124,20 @@ def _publish_packet(topic: bytes, mid: int, payload: bytes) -> bytes:
     )
 
 
+def _in_packet(command: int, length: int, mult: int, packet: bytearray) -> Any:
+    """paho's incoming-packet state: a whole packet read (``command`` 0: none under way)."""
+    return {
+        "command": command,
+        "have_remaining": 1 if command else 0,
+        "remaining_count": [],
+        "remaining_mult": mult,
+        "remaining_length": length,
+        "packet": packet,
+        "to_process": 0,
+        "pos": 0,
+    }
+
+
 class LeanClient(mqtt.Client):
     """paho's Client with lean read, PUBLISH-in and PUBACK-in paths (see the module text)."""
 
@@ -150,7 +164,6 @@ class LeanClient(mqtt.Client):
             return MQTTErrorCode.MQTT_ERR_NO_CONN
         deadline = time.monotonic() + self.read_budget_s
         handled = 0
-        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
         while True:
             rc = self._packet_read()
             if rc > 0:
@@ -170,10 +183,7 @@ class LeanClient(mqtt.Client):
         which keeps its state until the rest arrives."""
         if self._in_packet["command"]:
             return super()._packet_read()  # paho is midway through a packet
-        if self._sock is not self._rbuf_sock:
-            self._rbuf = bytearray()
-            self._rbuf_sock = self._sock
-        buf = self._rbuf
+        buf = self._buffer()
         if not buf:
             try:
                 data = mqtt.Client._sock_recv(self, _READ_CHUNK)
@@ -211,40 +221,26 @@ class LeanClient(mqtt.Client):
             if rc is not None:
                 del buf[:end]
                 return rc
-        packet = bytearray(buf[i:end])
+        # any other packet: to paho's handlers, in the state its own reader leaves them
+        self._in_packet = _in_packet(command, length, mult, bytearray(buf[i:end]))
         del buf[:end]
-        self._in_packet = {
-            "command": command,
-            "have_remaining": 1,
-            "remaining_count": [],
-            "remaining_mult": mult,
-            "remaining_length": length,
-            "packet": packet,
-            "to_process": 0,
-            "pos": 0,
-        }
         try:
             rc = self._packet_handle()
         except MalformedPacket as exc:
             self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
             rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-        self._in_packet = {
-            "command": 0,
-            "have_remaining": 0,
-            "remaining_count": [],
-            "remaining_mult": 1,
-            "remaining_length": 0,
-            "packet": bytearray(b""),
-            "to_process": 0,
-            "pos": 0,
-        }
+        self._in_packet = _in_packet(0, 0, 1, bytearray())
         return rc
 
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._sock is not self._rbuf_sock:  # a new connection: nothing of the old one
+    def _buffer(self) -> bytearray:
+        """The read buffer of the current connection (a new one starts empty)."""
+        if self._sock is not self._rbuf_sock:
             self._rbuf = bytearray()
             self._rbuf_sock = self._sock
-        buf = self._rbuf
+        return self._rbuf
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        buf = self._buffer()
         if not buf:
             # paho finishing a packet that straddled our buffer's end: only that packet's
             # bytes, so a loop_read takes no more than one buffer (and the Receive Maximum
@@ -521,24 +517,15 @@ class IoLoop:
 
     def _make_client(self) -> LeanClient:
         s = self.settings
-        client = LeanClient(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=s.client_id,
-            protocol=mqtt.MQTTv5,
-            manual_ack=True,
-        )
+        client = own_loop_client(s.client_id, manual_ack=True)
         client.username_pw_set(s.username, s.secret())
         if s.tls_ca is not None:
             client.tls_set(ca_certs=str(s.tls_ca))
-        client.max_inflight_messages_set(0)  # paced here instead (module text)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         client.on_row = self._on_row
-        # Writes are made by this loop, after each round, not one send() per packet queued.
-        client.on_socket_register_write = _ignore
-        client.on_socket_unregister_write = _ignore
         return client
 
     # -- paho callbacks
@@ -775,6 +762,22 @@ class IoLoop:
 
 def _ignore(*_: Any) -> None:
     return None
+
+
+def own_loop_client(client_id: str, *, manual_ack: bool = False) -> LeanClient:
+    """A MQTT 5 ``LeanClient`` for a select loop of the caller's own: QoS 1 publishes paced by
+    the caller (paho's max_inflight off, which the lean publish path needs) and writes made by
+    the caller's ``loop_write`` after each round, not one send() per packet queued."""
+    client = LeanClient(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5,
+        manual_ack=manual_ack,
+    )
+    client.max_inflight_messages_set(0)
+    client.on_socket_register_write = _ignore
+    client.on_socket_unregister_write = _ignore
+    return client
 
 
 def serve(

@@ -47,7 +47,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from aggregator.mqttio import LeanClient
+from aggregator.mqttio import LeanClient, own_loop_client
 from simulators.loadgen import machine_description
 
 HOST = "127.0.0.1"
@@ -290,24 +290,6 @@ class Measure:
         return json.dumps(self.__dict__)
 
 
-def _ignore(*_: Any) -> None:
-    return None
-
-
-def _lean_client(client_id: str, *, manual_ack: bool) -> LeanClient:
-    """A LeanClient set up as ``IoLoop._make_client`` sets it up (writes made by the loop)."""
-    client = LeanClient(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=mqtt.MQTTv5,
-        manual_ack=manual_ack,
-    )
-    client.max_inflight_messages_set(0)
-    client.on_socket_register_write = _ignore
-    client.on_socket_unregister_write = _ignore
-    return client
-
-
 def _lean_round(client: LeanClient, timeout_s: float) -> bool:
     """One round of IoLoop's select loop without the outgoing pump: select, then read.
     False once the connection is gone."""
@@ -403,7 +385,7 @@ def drain_worker(variant: str, port: int, client_id: str, n: int, limit_s: float
 
     if variant != "lean":
         raise BenchError(f"unknown drain variant {variant!r}")
-    lean = _lean_client(client_id, manual_ack=True)
+    lean = own_loop_client(client_id, manual_ack=True)  # as IoLoop's
     pending: list[tuple[int, int]] = []
 
     def on_row(_topic: bytes, _payload: bytes, mid: int, qos: int) -> None:
@@ -503,7 +485,7 @@ def publish_worker(
 
     if variant != "lean-paced":
         raise BenchError(f"unknown publish variant {variant!r}")
-    lean = _lean_client(client_id, manual_ack=False)
+    lean = own_loop_client(client_id)
     inflight = [0]
 
     def on_publish_lean(_c: mqtt.Client, _u: Any, _mid: int, rc: ReasonCode, _p: Any) -> None:

@@ -245,18 +245,6 @@ class FeedbackV1(_Message):
     model_config = ConfigDict(populate_by_name=True)
 
 
-_last_time: list[tuple[datetime | None, bytes]] = [(None, b"")]
-
-
-def _json_time(at: datetime) -> bytes:
-    """``at`` as the models write it (orjson, UTC with Z); the last one is kept, since a batch
-    stamps all its feedback with one time."""
-    last = _last_time[0]
-    if last[0] is not at:
-        last = _last_time[0] = (at, orjson.dumps(at, option=orjson.OPT_UTC_Z))
-    return last[1]
-
-
 def feedback_json(
     *,
     device_id: str,
@@ -271,7 +259,7 @@ def feedback_json(
 ) -> bytes:
     """``FeedbackV1(...).to_json()`` for values that are valid already (they come from a
     validated alert and the pool): the same bytes, without building a model. The aggregator
-    sends one per alert; ``tests/contract/test_messages.py`` checks that both agree."""
+    sends one per alert; ``tests/contract/test_contract.py`` checks that both agree."""
     if (
         alert_id is not None
         and seq is not None
@@ -291,7 +279,7 @@ def feedback_json(
                 seq,
                 outcome.value.encode(),
                 event_id,
-                _json_time(at),
+                orjson.dumps(at, option=orjson.OPT_UTC_Z),
             )
         )
     out: dict[str, Any] = {"schema": "feedback/v1", "device_id": device_id}

@@ -230,9 +230,16 @@ def _worker(job: WorkerJob, results: Any, sync: _Sync) -> None:
         results.put({"sent": 0, "errors": [f"{type(exc).__name__}: {exc}"], "window": window})
 
 
-def _pace(job: WorkerJob, sync: _Sync, emit: Any, window: list[float]) -> int:
-    """Call ``emit(n)`` so that ``job.count`` messages go out at ``job.rate``; returns sent and
-    records the wall-clock window it took in ``window``."""
+def _pace(
+    job: WorkerJob,
+    sync: _Sync,
+    emit: Any,
+    window: list[float],
+    every_tick: Any = None,
+) -> int:
+    """Call ``emit(n)`` so that ``job.count`` messages go out at ``job.rate``, and
+    ``every_tick()`` (if given) once a tick; returns sent and records the wall-clock window it
+    took in ``window``."""
     sync.wait_start()
     stop = sync.stop
     window.append(time.time())
@@ -242,8 +249,9 @@ def _pace(job: WorkerJob, sync: _Sync, emit: Any, window: list[float]) -> int:
         due = min(job.count, int((time.monotonic() - t0) * job.rate) + 1)
         if due > sent:
             sent += emit(due - sent)
-        else:
-            time.sleep(_TICK_S)
+        if every_tick is not None:
+            every_tick()
+        time.sleep(_TICK_S)
     window.append(time.time())
     return sent
 
@@ -342,9 +350,7 @@ def _publish_paho(job: WorkerJob, sync: _Sync, window: list[float]) -> tuple[int
     at most ``_PAHO_INFLIGHT`` unacknowledged messages (or the broker's Receive Maximum)."""
     import select
 
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    from aggregator.mqttio import LeanClient
+    from aggregator.mqttio import LeanClient, own_loop_client
 
     n = len(job.publishers)
     clients: list[LeanClient] = []
@@ -353,13 +359,8 @@ def _publish_paho(job: WorkerJob, sync: _Sync, window: list[float]) -> tuple[int
     refused: list[str] = []
     pending: list[deque[bytes]] = [deque() for _ in range(n)]
     for i, p in enumerate(job.publishers):
-        c = LeanClient(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"load-{p.device_id}",
-            protocol=mqtt.MQTTv5,
-        )
+        c = own_loop_client(f"load-{p.device_id}")
         c.username_pw_set(p.username, p.password)
-        c.max_inflight_messages_set(0)  # paced below: the lean publish path needs it
 
         def on_connect(_c: Any, _u: Any, _f: Any, rc: Any, props: Any, i: int = i) -> None:
             if rc.is_failure:
@@ -375,8 +376,6 @@ def _publish_paho(job: WorkerJob, sync: _Sync, window: list[float]) -> tuple[int
 
         c.on_connect = on_connect
         c.on_publish = on_publish
-        c.on_socket_register_write = _ignore
-        c.on_socket_unregister_write = _ignore
         c.connect(p.host, p.port, keepalive=30)
         clients.append(c)
 
@@ -421,30 +420,27 @@ def _publish_paho(job: WorkerJob, sync: _Sync, window: list[float]) -> tuple[int
 
     seqs = [0] * n
     turn = 0
-    sync.wait_start()
-    window.append(time.time())
-    t0 = time.monotonic()
-    sent = 0
-    stop = sync.stop
-    while sent < job.count and not stop.is_set():
-        due = min(job.count, int((time.monotonic() - t0) * job.rate) + 1)
-        if due > sent:
-            stamp = stamp_now()  # fresh for this slice
-            for _ in range(due - sent):
-                i = turn % n
-                turn += 1
-                pub = job.publishers[i]
-                seqs[i] += 1
-                s = seqs[i]
-                tpl = pub.templates[s % len(pub.templates)]
-                pending[i].append(render(tpl, f"{job.run_tag}-{pub.device_id}-{s}", s, stamp))
-            sent = due
+
+    def emit(count: int) -> int:
+        nonlocal turn
+        stamp = stamp_now()  # fresh for this slice
+        for _ in range(count):
+            i = turn % n
+            turn += 1
+            pub = job.publishers[i]
+            seqs[i] += 1
+            s = seqs[i]
+            tpl = pub.templates[s % len(pub.templates)]
+            pending[i].append(render(tpl, f"{job.run_tag}-{pub.device_id}-{s}", s, stamp))
+        return count
+
+    def every_tick() -> None:
+        # One round per tick: each round's messages and PUBACKs go in a few system calls, not
+        # one wakeup per PUBACK.
         pump()
         serve(0.0)
-        # One round per tick: each round's messages and PUBACKs then go in a few system
-        # calls, not one wakeup per PUBACK.
-        time.sleep(_TICK_S)
-    window.append(time.time())
+
+    sent = _pace(job, sync, emit, window, every_tick)
     deadline = time.monotonic() + 60
     while (any(pending) or any(inflight)) and time.monotonic() < deadline and not refused:
         pump()
@@ -456,10 +452,6 @@ def _publish_paho(job: WorkerJob, sync: _Sync, window: list[float]) -> tuple[int
         c.disconnect()
         c.loop_write()
     return sent, errors
-
-
-def _ignore(*_: Any) -> None:
-    return None
 
 
 # ------------------------------------------------------------------------------- the run
