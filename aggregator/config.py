@@ -43,6 +43,12 @@ class MqttSettings(BaseModel):
     )
     keepalive_s: int = Field(30, ge=5, le=3600)
     feedback_qos: int = Field(1, ge=0, le=1, description="QoS of feedback to devices")
+    feedback_batching: bool = Field(
+        True,
+        description="one feedback-batch/v1 message per device and committed batch when the "
+        "batch holds more than one outcome for that device (false: one feedback/v1 per alert, "
+        "for devices that read only feedback/v1)",
+    )
     tls_ca: Path | None = Field(None, description="CA file; enables TLS")
     io_process: bool = Field(
         True,

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from aggregator.config import BatchSettings, MqttSettings
 from aggregator.metrics import Metrics
@@ -32,9 +32,12 @@ from contract import (
     TelemetryV1,
     Topics,
     event_notice_json,
+    feedback_batch_json,
+    feedback_item_json,
     feedback_json,
     utcnow,
 )
+from contract.messages import FEEDBACK_BATCH_MAX_ITEMS
 
 log = logging.getLogger(__name__)
 
@@ -198,48 +201,51 @@ class MqttIngest:
         return out
 
     def _feedback(self, result: BatchResult, assembled: Assembled) -> list[Outgoing]:
-        # Serialized without models (contract.feedback_json): every value comes from a
-        # validated message or from the pool, and this runs once per alert on the hot path.
-        now = utcnow()
-        qos = self.settings.feedback_qos
-        out: list[Outgoing] = []
-        topic = self._feedback_topic
+        # Serialized without models (contract.feedback_json and friends): every value comes
+        # from a validated message or from the pool, and this runs once per alert on the hot
+        # path. Outcomes are gathered per device in the order they were handled.
+        per_device: dict[str, list[dict[str, Any]]] = {}
         for r in result.alerts:
-            payload = feedback_json(
-                device_id=r.device_id,
-                alert_id=r.alert_id,
-                seq=r.seq,
-                outcome=r.outcome,
-                event_id=r.event_id,
-                at=now,
+            per_device.setdefault(r.device_id, []).append(
+                {"alert_id": r.alert_id, "seq": r.seq, "outcome": r.outcome, "event_id": r.event_id}
             )
-            out.append((topic(r.device_id), payload, qos))
         for o in result.out_of_area:
             alert = assembled.alerts.get(o.alert_id)
-            payload = feedback_json(
-                device_id=o.device_id,
-                alert_id=o.alert_id,
-                seq=alert.seq if alert else None,
-                outcome=Outcome.OUT_OF_AREA,
-                detail=f"({o.lat:.6f}, {o.lon:.6f}) lies outside every grid of this community "
-                "pool; no event was registered (Longgang 7.1): check the device's configured "
-                "position",
-                at=now,
+            per_device.setdefault(o.device_id, []).append(
+                {
+                    "alert_id": o.alert_id,
+                    "seq": alert.seq if alert else None,
+                    "outcome": Outcome.OUT_OF_AREA,
+                    "detail": f"({o.lat:.6f}, {o.lon:.6f}) lies outside every grid of this "
+                    "community pool; no event was registered (Longgang 7.1): check the "
+                    "device's configured position",
+                }
             )
-            out.append((topic(o.device_id), payload, qos))
         for d in result.dead_letters:
-            if d.device_id is None:
+            if d.device_id is not None:
+                per_device.setdefault(d.device_id, []).append(
+                    {
+                        "alert_id": d.alert_id,
+                        "outcome": Outcome.REJECTED,
+                        "reason": d.reason,
+                        "detail": d.detail,
+                        "dead_letter_id": d.id,
+                    }
+                )
+        now = utcnow()
+        qos = self.settings.feedback_qos
+        batched = self.settings.feedback_batching
+        out: list[Outgoing] = []
+        for device_id, items in per_device.items():
+            topic = self._feedback_topic(device_id)
+            if not batched or len(items) == 1:
+                out += [
+                    (topic, feedback_json(device_id=device_id, at=now, **item), qos)
+                    for item in items
+                ]
                 continue
-            payload = feedback_json(
-                device_id=d.device_id,
-                alert_id=d.alert_id,
-                outcome=Outcome.REJECTED,
-                reason=d.reason,
-                detail=d.detail,
-                dead_letter_id=d.id,
-                at=now,
-            )
-            out.append((topic(d.device_id), payload, qos))
+            for chunk in _chunks([feedback_item_json(**item) for item in items]):
+                out.append((topic, feedback_batch_json(device_id, chunk, now), qos))
         return out
 
     def _feedback_topic(self, device_id: str) -> str:
@@ -249,3 +255,22 @@ class MqttIngest:
                 self._feedback_topics.clear()
             topic = self._feedback_topics[device_id] = self.topics.feedback(device_id)
         return topic
+
+
+# A feedback-batch/v1 message stays well inside the broker's message_size_limit: at most
+# FEEDBACK_BATCH_MAX_ITEMS items and about this many bytes of them.
+_FEEDBACK_BATCH_BYTES = 256 * 1024
+
+
+def _chunks(items: list[bytes]) -> list[list[bytes]]:
+    out: list[list[bytes]] = [[]]
+    size = 0
+    for item in items:
+        if out[-1] and (
+            len(out[-1]) >= FEEDBACK_BATCH_MAX_ITEMS or size + len(item) > _FEEDBACK_BATCH_BYTES
+        ):
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += len(item) + 1
+    return out

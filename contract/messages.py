@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -300,6 +301,112 @@ def feedback_json(
     return orjson.dumps(out, option=orjson.OPT_UTC_Z)
 
 
+FEEDBACK_BATCH_MAX_ITEMS = 500
+
+
+class FeedbackItem(_Part):
+    """One alert's outcome inside a ``FeedbackBatchV1``: FeedbackV1's fields less ``schema``,
+    ``device_id`` and ``at``, which the batch carries once."""
+
+    alert_id: str | None = Field(default=None, description="absent when it could not be read")
+    seq: int | None = None
+    outcome: Outcome
+    event_id: int | None = Field(default=None, description="for accepted, merged, duplicate")
+    reason: RejectReason | None = Field(default=None, description="for rejected")
+    detail: str | None = Field(default=None, max_length=2000)
+    dead_letter_id: int | None = Field(
+        default=None, description="where the rejected message is kept: /api/v1/dead-letters/<id>"
+    )
+
+
+class FeedbackBatchV1(_Message):
+    """Aggregator → device: the outcomes of several of its messages committed in one
+    transaction, in the order they were handled (topic ``.../feedback``, like FeedbackV1). Sent
+    instead of one FeedbackV1 each when a commit holds more than one outcome for the device;
+    ``parse_feedback`` reads either."""
+
+    schema_: Literal["feedback-batch/v1"] = Field(alias="schema", default="feedback-batch/v1")
+    device_id: DeviceId
+    items: list[FeedbackItem] = Field(min_length=1, max_length=FEEDBACK_BATCH_MAX_ITEMS)
+    at: UtcDatetime
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    def expand(self) -> list[FeedbackV1]:
+        """One FeedbackV1 per item, as if each had been sent alone."""
+        return [
+            FeedbackV1.model_construct(
+                device_id=self.device_id,
+                at=self.at,
+                **dict(item),
+            )
+            for item in self.items
+        ]
+
+
+_FEEDBACK = TypeAdapter(Annotated[FeedbackV1 | FeedbackBatchV1, Field(discriminator="schema_")])
+
+
+def parse_feedback(payload: bytes | bytearray | str) -> list[FeedbackV1]:
+    """The outcomes in a message on a device's feedback topic, whichever of ``feedback/v1`` and
+    ``feedback-batch/v1`` it is. Raises pydantic's ValidationError on anything else."""
+    message = _FEEDBACK.validate_json(payload, strict=True)
+    return message.expand() if isinstance(message, FeedbackBatchV1) else [message]
+
+
+def feedback_item_json(
+    *,
+    outcome: Outcome,
+    alert_id: str | None = None,
+    seq: int | None = None,
+    event_id: int | None = None,
+    reason: RejectReason | None = None,
+    detail: str | None = None,
+    dead_letter_id: int | None = None,
+) -> bytes:
+    """``FeedbackItem(...)``'s JSON inside a batch, for values that are valid already."""
+    if (
+        alert_id is not None
+        and seq is not None
+        and event_id is not None
+        and reason is None
+        and detail is None
+        and dead_letter_id is None
+    ):
+        # accepted / merged / duplicate: ids match their patterns, nothing needs escaping
+        return b'{"alert_id":"%s","seq":%d,"outcome":"%s","event_id":%d}' % (
+            alert_id.encode(),
+            seq,
+            outcome.value.encode(),
+            event_id,
+        )
+    out: dict[str, Any] = {}
+    if alert_id is not None:
+        out["alert_id"] = alert_id
+    if seq is not None:
+        out["seq"] = seq
+    out["outcome"] = outcome.value
+    if event_id is not None:
+        out["event_id"] = event_id
+    if reason is not None:
+        out["reason"] = reason.value
+    if detail is not None:
+        out["detail"] = detail
+    if dead_letter_id is not None:
+        out["dead_letter_id"] = dead_letter_id
+    return orjson.dumps(out)
+
+
+def feedback_batch_json(device_id: str, items: list[bytes], at: datetime) -> bytes:
+    """``FeedbackBatchV1(...).to_json()`` from items made by ``feedback_item_json``: the same
+    bytes without building models (``tests/contract/test_contract.py`` checks)."""
+    return b'{"schema":"feedback-batch/v1","device_id":"%s","items":[%s],"at":%s}' % (
+        device_id.encode(),
+        b",".join(items),
+        orjson.dumps(at, option=orjson.OPT_UTC_Z),
+    )
+
+
 class EventStatus(StrEnum):
     REGISTERED = "registered"  # 登记 (7.1)
     VERIFIED = "verified"  # 核实 (7.1)
@@ -372,6 +479,7 @@ MESSAGE_MODELS: dict[str, type[_Message]] = {
     "telemetry": TelemetryV1,
     "status": StatusV1,
     "feedback": FeedbackV1,
+    "feedback-batch": FeedbackBatchV1,
     "event": EventNoticeV1,
 }
 

@@ -42,6 +42,7 @@ from contract import (
     StatusV1,
     TelemetryV1,
     Topics,
+    parse_feedback,
     utcnow,
 )
 from contract.topics import QOS, DeviceChannel
@@ -423,11 +424,15 @@ class Publisher:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            fb = FeedbackV1.model_validate_json(msg.payload)
+            feedback = parse_feedback(msg.payload)
         except ValidationError as exc:
             self.stats.feedback_invalid += 1
             logger.warning("mqtt: unreadable feedback on %s: %s", msg.topic, exc)
             return
+        for fb in feedback:
+            self._feedback(fb)
+
+    def _feedback(self, fb: FeedbackV1) -> None:
         self.stats.feedback[fb.outcome.value] += 1
         if fb.outcome is Outcome.REJECTED:
             logger.warning(

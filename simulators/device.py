@@ -18,7 +18,16 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
 from aggregator.broker import DeviceCredentials
-from contract import DeviceState, FeedbackV1, Health, Outcome, StatusV1, Topics, utcnow
+from contract import (
+    DeviceState,
+    FeedbackV1,
+    Health,
+    Outcome,
+    StatusV1,
+    Topics,
+    parse_feedback,
+    utcnow,
+)
 from simulators.errors import DeviceError
 
 __all__ = ["FeedbackHook", "SimDevice"]
@@ -229,16 +238,17 @@ class SimDevice:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            fb = FeedbackV1.model_validate_json(msg.payload)
+            feedback = parse_feedback(msg.payload)
         except ValidationError:
             log.warning("%s: unreadable feedback on %s", self.device_id, msg.topic)
             return
         with self._cond:
-            self.feedback.append(fb)
-            self.outcomes[fb.outcome.value] += 1
+            self.feedback += feedback
+            self.outcomes.update(fb.outcome.value for fb in feedback)
             self._cond.notify_all()
         if self.on_feedback is not None:
-            try:
-                self.on_feedback(self.device_id, fb)
-            except Exception:
-                log.exception("feedback hook failed for %s", self.device_id)
+            for fb in feedback:
+                try:
+                    self.on_feedback(self.device_id, fb)
+                except Exception:
+                    log.exception("feedback hook failed for %s", self.device_id)

@@ -38,6 +38,7 @@ from aggregator.broker import (
     provision_device,
 )
 from aggregator.registry import AccountRole, DeviceKind, DeviceRegistry
+from contract import FeedbackV1, parse_feedback
 from contract.topics import Topics
 
 DEFAULT_DEVICES: tuple[tuple[str, DeviceKind], ...] = (
@@ -198,6 +199,17 @@ class MqttTestClient:
                 got.append(self.messages.get(timeout=remaining))
             except queue.Empty:
                 continue
+        return got
+
+    def expect_feedback(self, count: int = 1, timeout: float = WAIT_S) -> list[FeedbackV1]:
+        """Wait for ``count`` alert outcomes on feedback topics, whether they come one per
+        feedback/v1 message or several per feedback-batch/v1; fail if more came."""
+        got: list[FeedbackV1] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < count:
+            [message] = self.expect(1, max(deadline - time.monotonic(), 0.01))
+            got += parse_feedback(message.payload)
+        assert len(got) == count, f"{self.client_id}: expected {count} outcomes, got {len(got)}"
         return got
 
     def expect_nothing(self, within: float = 0.5) -> None:

@@ -20,6 +20,7 @@ from contract import (
     Outcome,
     RejectReason,
     StatusV1,
+    parse_feedback,
 )
 
 from .conftest import (
@@ -36,7 +37,8 @@ from .conftest import (
 
 
 def feedback_of(client: Any, n: int = 1, timeout: float = 10) -> list[FeedbackV1]:
-    return [FeedbackV1.model_validate_json(m.payload) for m in client.expect(n, timeout)]
+    feedback: list[FeedbackV1] = client.expect_feedback(n, timeout)
+    return feedback
 
 
 def device(broker: Any, device_id: str) -> Any:
@@ -295,3 +297,66 @@ def test_in_process_transport_pools_acknowledges_and_answers(broker: Any, tmp_pa
         assert agg.ingest.stats().connected
     finally:
         agg.stop()
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_outcomes_of_one_commit_reach_the_device_as_one_feedback_batch(
+    broker: Any, tmp_path: Any, batching: bool
+) -> None:
+    """Alerts queued while the aggregator was away arrive together and commit together: the
+    device hears of all of them in feedback-batch/v1 messages, in the order they were handled,
+    or in one feedback/v1 each with ``mqtt.feedback_batching`` off."""
+    from aggregator.config import MqttSettings
+    from aggregator.service import build_aggregator
+
+    from .conftest import GRIDS, aggregator_settings
+
+    settings = aggregator_settings(broker, tmp_path / "agg")
+    mqtt = settings.mqtt.model_dump()
+    mqtt["feedback_batching"] = batching
+    settings = settings.model_copy(update={"mqtt": MqttSettings.model_validate(mqtt)})
+    first = build_aggregator(settings, grids=GRIDS)
+    first.start()
+    assert first.ingest.wait_connected(5)
+    first.stop()  # the persistent session stays: the broker queues for it
+
+    cam = device(broker, "cam-001")
+    lat, lon = interior(grid_in_community(1))
+    alerts = [make_alert("cam-001", lat, lon, seq=i) for i in range(30)]
+    payloads = [a.to_json() for a in alerts]
+    payloads.append(orjson.dumps(alert_dict("cam-001", seq=30, type="no_such_type")))
+    payloads.append(make_alert("cam-001", *OUTSIDE, seq=31).to_json())
+    assert not any(
+        rc.is_failure for rc in cam.publish_many(broker.topics.alert("cam-001"), payloads)
+    )
+
+    agg = build_aggregator(settings, grids=GRIDS)
+    agg.start()
+    try:
+        messages = []
+        outcomes: list[FeedbackV1] = []
+        while len(outcomes) < len(payloads):
+            [message] = cam.expect(1)
+            messages.append(message)
+            outcomes += parse_feedback(message.payload)
+        cam.expect_nothing(0.3)
+    finally:
+        agg.stop()
+    schemas = [orjson.loads(m.payload)["schema"] for m in messages]
+    if batching:
+        assert "feedback-batch/v1" in schemas
+        assert len(messages) < len(payloads)
+    else:
+        assert schemas == ["feedback/v1"] * len(payloads)
+    assert len(outcomes) == len(payloads)
+    by_id = {fb.alert_id: fb for fb in outcomes}
+    assert set(by_id) == {a.alert_id for a in alerts} | {
+        orjson.loads(payloads[30])["alert_id"],
+        orjson.loads(payloads[31])["alert_id"],
+    }
+    assert [by_id[a.alert_id].outcome for a in alerts].count(Outcome.ACCEPTED) == 1
+    assert by_id[orjson.loads(payloads[30])["alert_id"]].reason is RejectReason.UNKNOWN_TYPE
+    assert by_id[orjson.loads(payloads[30])["alert_id"]].dead_letter_id is not None
+    assert by_id[orjson.loads(payloads[31])["alert_id"]].outcome is Outcome.OUT_OF_AREA
+    accepted_or_merged = [fb.seq or 0 for fb in outcomes if fb.event_id is not None]
+    assert accepted_or_merged == sorted(accepted_or_merged)  # in the order they were handled

@@ -16,6 +16,8 @@ from contract import (
     DeviceChannel,
     EventNoticeV1,
     EventSummary,
+    FeedbackBatchV1,
+    FeedbackItem,
     FeedbackV1,
     Location,
     Outcome,
@@ -25,10 +27,14 @@ from contract import (
     Topics,
     default_catalogue,
     event_notice_json,
+    feedback_batch_json,
+    feedback_item_json,
     feedback_json,
     load_catalogue,
+    parse_feedback,
 )
 from contract.catalogue import CATALOGUE_PATH
+from contract.messages import FEEDBACK_BATCH_MAX_ITEMS
 from contract.schema_export import SCHEMA_DIR, render
 
 REQUIRED_TYPES = {
@@ -169,20 +175,20 @@ def test_feedback_and_status_models() -> None:
     assert will.at is None  # a Last Will is composed before the device knows when it dies
 
 
-@pytest.mark.parametrize(
-    "fields",
-    [
-        {"alert_id": "cam-1-7", "seq": 7, "outcome": Outcome.ACCEPTED, "event_id": 12},
-        {"alert_id": "cam-1-8", "seq": 0, "outcome": Outcome.MERGED, "event_id": 1},
-        {"alert_id": "Z9.a_b:c-d" + "x" * 118, "seq": 2**53, "outcome": Outcome.DUPLICATE,
-         "event_id": 2**40},
-        {"alert_id": "a", "seq": 3, "outcome": Outcome.OUT_OF_AREA, "detail": "(1.0, 2.0) 网格外"},
-        {"outcome": Outcome.REJECTED, "reason": RejectReason.INVALID_JSON, "detail": "bad \"x\"",
-         "dead_letter_id": 9},
-        {"alert_id": "cam-1-9", "outcome": Outcome.REJECTED, "reason": RejectReason.UNKNOWN_TYPE,
-         "detail": "type 'x'", "dead_letter_id": 10},
-    ],
-)  # fmt: skip
+FEEDBACK_CASES: list[dict[str, Any]] = [
+    {"alert_id": "cam-1-7", "seq": 7, "outcome": Outcome.ACCEPTED, "event_id": 12},
+    {"alert_id": "cam-1-8", "seq": 0, "outcome": Outcome.MERGED, "event_id": 1},
+    {"alert_id": "Z9.a_b:c-d" + "x" * 118, "seq": 2**53, "outcome": Outcome.DUPLICATE,
+     "event_id": 2**40},
+    {"alert_id": "a", "seq": 3, "outcome": Outcome.OUT_OF_AREA, "detail": "(1.0, 2.0) 网格外"},
+    {"outcome": Outcome.REJECTED, "reason": RejectReason.INVALID_JSON, "detail": "bad \"x\"",
+     "dead_letter_id": 9},
+    {"alert_id": "cam-1-9", "outcome": Outcome.REJECTED, "reason": RejectReason.UNKNOWN_TYPE,
+     "detail": "type 'x'", "dead_letter_id": 10},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fields", FEEDBACK_CASES)
 @pytest.mark.parametrize(
     "at",
     [
@@ -198,6 +204,41 @@ def test_feedback_json_is_byte_for_byte_the_models_json(
     fast = feedback_json(device_id="cam-1", at=at, **fields)
     assert fast == FeedbackV1(device_id="cam-1", at=at, **fields).to_json()
     assert FeedbackV1.model_validate_json(fast, strict=True).at == at
+
+
+@pytest.mark.parametrize("n", [1, 2, len(FEEDBACK_CASES)])
+def test_feedback_batch_json_is_byte_for_byte_the_models_json(n: int) -> None:
+    at = datetime(2026, 11, 23, 16, 26, 51, 562321, tzinfo=UTC)
+    cases = FEEDBACK_CASES[:n]
+    fast = feedback_batch_json("cam-1", [feedback_item_json(**f) for f in cases], at)
+    model = FeedbackBatchV1(device_id="cam-1", items=[FeedbackItem(**f) for f in cases], at=at)
+    assert fast == model.to_json()
+    assert FeedbackBatchV1.model_validate_json(fast, strict=True) == model
+
+
+def test_parse_feedback_reads_one_outcome_or_a_batch_of_them() -> None:
+    at = datetime(2026, 11, 23, 16, 26, 51, tzinfo=UTC)
+    single = feedback_json(device_id="cam-1", at=at, **FEEDBACK_CASES[0])
+    assert parse_feedback(single) == [FeedbackV1(device_id="cam-1", at=at, **FEEDBACK_CASES[0])]
+    batch = feedback_batch_json("cam-1", [feedback_item_json(**f) for f in FEEDBACK_CASES], at)
+    expanded = parse_feedback(batch)
+    # As if each outcome had come alone, in order.
+    assert [fb.to_json() for fb in expanded] == [
+        feedback_json(device_id="cam-1", at=at, **f) for f in FEEDBACK_CASES
+    ]
+    for bad in (
+        b'{"schema":"feedback/v2","device_id":"cam-1","outcome":"accepted","at":"2026-11-23T00:00:00Z"}',
+        b'{"device_id":"cam-1","outcome":"accepted","at":"2026-11-23T00:00:00Z"}',
+        b'{"schema":"feedback-batch/v1","device_id":"cam-1","items":[],"at":"2026-11-23T00:00:00Z"}',
+        b'{"schema":"feedback-batch/v1","device_id":"cam-1","items":[{"outcome":"lost"}],'
+        b'"at":"2026-11-23T00:00:00Z"}',
+        b"[]",
+    ):
+        with pytest.raises(ValidationError):
+            parse_feedback(bad)
+    too_many = [FeedbackItem(outcome=Outcome.ACCEPTED)] * (FEEDBACK_BATCH_MAX_ITEMS + 1)
+    with pytest.raises(ValidationError):
+        FeedbackBatchV1(device_id="cam-1", items=too_many, at=at)
 
 
 @pytest.mark.parametrize("recurrence_of", [None, 41])

@@ -29,7 +29,7 @@ import yaml
 from aggregator.config import Settings
 from aggregator.pool import connect as pool_connect
 from aggregator.service import Aggregator, build_aggregator
-from contract import AlertV1, DeviceState, FeedbackV1, Outcome, StatusV1, TelemetryV1
+from contract import AlertV1, DeviceState, Outcome, StatusV1, TelemetryV1
 from edge.agent import build_agent
 from edge.cli import main as cli_main
 from edge.config import load_config
@@ -363,7 +363,7 @@ def test_camera_agent_raises_intrusions_on_a_real_clip(
         alerts = check_alerts_at_subscriber(sub)
         check_event_pool(aggregator, alerts)
         # The aggregator answered the device about each alert (accepted, then merged).
-        feedback = [FeedbackV1.model_validate_json(m.payload) for m in answers.expect(len(alerts))]
+        feedback = answers.expect_feedback(len(alerts))
         assert {f.alert_id for f in feedback} == {a.alert_id for a in alerts}
         assert {f.outcome for f in feedback} <= {Outcome.ACCEPTED, Outcome.MERGED}
         check_heartbeats(statuses)

@@ -18,6 +18,8 @@ import pytest
 from contract import (
     AlertV1,
     DeviceState,
+    FeedbackBatchV1,
+    FeedbackItem,
     FeedbackV1,
     Location,
     Outcome,
@@ -213,9 +215,21 @@ def test_feedback_is_counted_and_rejections_logged(
                 at=utcnow(),
             ).to_json(),
         )
+        agg.publish(
+            topic,
+            FeedbackBatchV1(
+                device_id=DEVICE,
+                items=[
+                    FeedbackItem(alert_id="cam-001-g", seq=5, outcome=Outcome.MERGED, event_id=3),
+                    FeedbackItem(alert_id="cam-001-h", seq=6, outcome=Outcome.MERGED, event_id=3),
+                    FeedbackItem(alert_id="cam-001-i", seq=7, outcome=Outcome.OUT_OF_AREA),
+                ],
+                at=utcnow(),
+            ).to_json(),
+        )
         agg.publish(topic, b"{not json")
-        wait_for(lambda: pub.stats.feedback_invalid == 1, what="three feedback messages")
-        assert pub.stats.feedback == {"rejected": 1, "accepted": 1}
+        wait_for(lambda: pub.stats.feedback_invalid == 1, what="four feedback messages")
+        assert pub.stats.feedback == {"rejected": 1, "accepted": 1, "merged": 2, "out_of_area": 1}
         rejected = [r for r in caplog.records if "rejected" in r.getMessage()]
         assert rejected
         assert rejected[0].levelno == logging.WARNING
