@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from aggregator.config import BatchSettings, MqttSettings
 from aggregator.metrics import Metrics
 from aggregator.pipeline import Assembled, Inbound, Pipeline, Prevalidator
-from aggregator.pool import BatchResult, EventPool, Notice
+from aggregator.pool import AlertResult, BatchResult, EventPool, Notice
 from aggregator.transport import Outgoing, Transport, make_transport
 from contract import (
     EventNoticeV1,
@@ -203,15 +203,15 @@ class MqttIngest:
     def _feedback(self, result: BatchResult, assembled: Assembled) -> list[Outgoing]:
         # Serialized without models (contract.feedback_json and friends): every value comes
         # from a validated message or from the pool, and this runs once per alert on the hot
-        # path. Outcomes are gathered per device in the order they were handled.
-        per_device: dict[str, list[dict[str, Any]]] = {}
+        # path. Outcomes are gathered per device: pooled alerts in the order they were
+        # handled, then those out of area, then rejections.
+        pooled: dict[str, list[AlertResult]] = {}
         for r in result.alerts:
-            per_device.setdefault(r.device_id, []).append(
-                {"alert_id": r.alert_id, "seq": r.seq, "outcome": r.outcome, "event_id": r.event_id}
-            )
+            pooled.setdefault(r.device_id, []).append(r)
+        others: dict[str, list[dict[str, Any]]] = {}
         for o in result.out_of_area:
             alert = assembled.alerts.get(o.alert_id)
-            per_device.setdefault(o.device_id, []).append(
+            others.setdefault(o.device_id, []).append(
                 {
                     "alert_id": o.alert_id,
                     "seq": alert.seq if alert else None,
@@ -223,7 +223,7 @@ class MqttIngest:
             )
         for d in result.dead_letters:
             if d.device_id is not None:
-                per_device.setdefault(d.device_id, []).append(
+                others.setdefault(d.device_id, []).append(
                     {
                         "alert_id": d.alert_id,
                         "outcome": Outcome.REJECTED,
@@ -234,18 +234,35 @@ class MqttIngest:
                 )
         now = utcnow()
         qos = self.settings.feedback_qos
-        batched = self.settings.feedback_batching
         out: list[Outgoing] = []
-        for device_id, items in per_device.items():
+        for device_id in dict.fromkeys([*pooled, *others]):
             topic = self._feedback_topic(device_id)
-            if not batched or len(items) == 1:
-                out += [
-                    (topic, feedback_json(device_id=device_id, at=now, **item), qos)
-                    for item in items
+            alerts = pooled.get(device_id, [])
+            rest = others.get(device_id, [])
+            if len(alerts) + len(rest) > 1 and self.settings.feedback_batching:
+                items = [
+                    feedback_item_json(
+                        alert_id=r.alert_id, seq=r.seq, outcome=r.outcome, event_id=r.event_id
+                    )
+                    for r in alerts
                 ]
+                items += [feedback_item_json(**item) for item in rest]
+                for chunk in _chunks(items):
+                    out.append((topic, feedback_batch_json(device_id, chunk, now), qos))
                 continue
-            for chunk in _chunks([feedback_item_json(**item) for item in items]):
-                out.append((topic, feedback_batch_json(device_id, chunk, now), qos))
+            for r in alerts:
+                payload = feedback_json(
+                    device_id=device_id,
+                    alert_id=r.alert_id,
+                    seq=r.seq,
+                    outcome=r.outcome,
+                    event_id=r.event_id,
+                    at=now,
+                )
+                out.append((topic, payload, qos))
+            out += [
+                (topic, feedback_json(device_id=device_id, at=now, **item), qos) for item in rest
+            ]
         return out
 
     def _feedback_topic(self, device_id: str) -> str:
