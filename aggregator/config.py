@@ -71,6 +71,18 @@ class BatchSettings(BaseModel):
     )
 
 
+class NoticeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    update_interval_ms: float = Field(
+        1000,
+        ge=0,
+        le=60_000,
+        description="an event's `updated` notices are coalesced to at most one per interval, "
+        "carrying its latest state (`created` goes at once); 0: one per batch that touches it",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CWG_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -89,6 +101,7 @@ class Settings(BaseSettings):
     )
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
+    notices: NoticeSettings = Field(default_factory=NoticeSettings)
 
     @model_validator(mode="after")
     def _defaults_under_data_dir(self) -> Settings:

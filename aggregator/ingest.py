@@ -18,15 +18,17 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
-from aggregator.config import BatchSettings, MqttSettings
+from aggregator.config import BatchSettings, MqttSettings, NoticeSettings
 from aggregator.metrics import Metrics
 from aggregator.pipeline import Assembled, Inbound, Pipeline, Prevalidator
-from aggregator.pool import AlertResult, BatchResult, EventPool, Notice
+from aggregator.pool import AlertResult, BatchResult, EventPool, Notice, event_summaries
 from aggregator.transport import Outgoing, Transport, make_transport
 from contract import (
     EventNoticeV1,
+    EventStatus,
     Outcome,
     Severity,
     TelemetryV1,
@@ -44,7 +46,9 @@ log = logging.getLogger(__name__)
 
 class BatchSink(Protocol):
     """Something that wants to see every committed batch (live stream, time series, webhooks).
-    Called on the ingest worker: it must not block; queue and return."""
+    Called on the ingest worker: it must not block; queue and return. Coalesced event updates
+    (``notices.update_interval_ms``) arrive later in a call of their own, with an empty result
+    and only the notices."""
 
     def on_batch(
         self,
@@ -72,6 +76,8 @@ class MqttIngest:
         pool: EventPool,
         metrics: Metrics,
         sinks: Sequence[BatchSink] = (),
+        *,
+        notices: NoticeSettings | None = None,
     ) -> None:
         self.settings = mqtt_settings
         self.batching = batch_settings
@@ -90,6 +96,12 @@ class MqttIngest:
         self._messages = 0
         self._worker: threading.Thread | None = None
         self._feedback_topics: dict[str, str] = {}
+        # Coalescing of `updated` notices (worker thread only): when each event's last notice
+        # went out (monotonic), and the events whose update waits for its turn, in order.
+        self._notice_interval = (notices or NoticeSettings()).update_interval_ms / 1000
+        self._notice_sent: dict[int, float] = {}
+        self._notice_held: dict[int, None] = {}
+        self._notice_pruned = time.monotonic()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -123,11 +135,14 @@ class MqttIngest:
 
     def _run(self) -> None:
         while True:
-            batch = self._transport.take(0.2)
+            # held notices are due within one interval: look in often while there are some
+            batch = self._transport.take(0.05 if self._notice_held else 0.2)
             if batch:
                 self._process_with_retry(batch)
             elif self._stop.is_set():
+                self._release_held_notices(everything=True)
                 return
+            self._release_held_notices()
 
     def _process_with_retry(self, batch: list[Inbound]) -> None:
         delay = 0.1
@@ -180,25 +195,70 @@ class MqttIngest:
             m.rejections.labels(d.reason.value).inc()
         m.events_created.inc(len(result.created))
 
-    @staticmethod
-    def _notices(result: BatchResult) -> list[Notice]:
-        # Serialized without models (contract.event_notice_json), once per touched event.
-        now = utcnow()
+    def _notices(self, result: BatchResult) -> list[Notice]:
+        """Notices for the events this batch created and those it updated whose last notice
+        is at least ``notices.update_interval_ms`` old; the other updates are held and go out
+        later as one notice with the event's state then (``_release_held_notices``)."""
+        now = time.monotonic()
+        due: list[int] = []
+        for event_id in sorted(result.created | result.updated):
+            last = self._notice_sent.get(event_id)
+            if event_id in result.created or last is None or now - last >= self._notice_interval:
+                due.append(event_id)
+                self._notice_sent[event_id] = now
+                self._notice_held.pop(event_id, None)
+            else:
+                if event_id in self._notice_held:
+                    self.metrics.notices_coalesced.inc()
+                self._notice_held[event_id] = None
+        # Serialized without models (contract.event_notice_json), from the state committed.
+        at = utcnow()
         out = []
-        for event_id, event in sorted(result.summaries.items()):
+        for event_id in due:
             change = "created" if event_id in result.created else "updated"
-            out.append(
-                Notice(
-                    change,
-                    event_id,
-                    event["grid_code"],
-                    event["department"],
-                    event["type"],
-                    Severity(event["severity"]),
-                    event_notice_json(change, event, now),
-                )
-            )
+            out.append(_notice(change, result.summary(event_id), at))
+            self.metrics.notices.labels(change).inc()
         return out
+
+    def _release_held_notices(self, *, everything: bool = False) -> None:
+        """Publish the held updates whose turn has come (all of them when stopping), each with
+        the event as committed now, whoever changed it last. An event closed meanwhile gets
+        none: its `closed` notice already told subscribers."""
+        now = time.monotonic()
+        if now - self._notice_pruned > max(self._notice_interval, 1.0):
+            # an entry older than one interval means the same as no entry
+            horizon = now - self._notice_interval
+            self._notice_sent = {
+                i: t for i, t in self._notice_sent.items() if t > horizon or i in self._notice_held
+            }
+            self._notice_pruned = now
+        if not self._notice_held:
+            return
+        ready = [
+            i
+            for i in self._notice_held
+            if everything or now - self._notice_sent[i] >= self._notice_interval
+        ]
+        if not ready:
+            return
+        for event_id in ready:
+            del self._notice_held[event_id]
+            self._notice_sent[event_id] = now
+        at = utcnow()
+        notices = [
+            Notice.of(EventNoticeV1(change="updated", event=summary, at=at))
+            for summary in event_summaries(self.pool.reader, ready, self.pipeline.catalogue)
+            if summary.status is not EventStatus.CLOSED
+        ]
+        if not notices:
+            return
+        self.metrics.notices.labels("updated").inc(len(notices))
+        self._transport.publish([(self.topics.events, n.payload, 1) for n in notices])
+        for sink in self.sinks:
+            try:
+                sink.on_batch(BatchResult(), notices, (), Assembled())
+            except Exception:
+                log.exception("sink %s failed on held notices; ingest goes on", type(sink).__name__)
 
     def _feedback(self, result: BatchResult, assembled: Assembled) -> list[Outgoing]:
         # Serialized without models (contract.feedback_json and friends): every value comes
@@ -272,6 +332,18 @@ class MqttIngest:
                 self._feedback_topics.clear()
             topic = self._feedback_topics[device_id] = self.topics.feedback(device_id)
         return topic
+
+
+def _notice(change: str, event: dict[str, Any], at: datetime) -> Notice:
+    return Notice(
+        change,
+        event["event_id"],
+        event["grid_code"],
+        event["department"],
+        event["type"],
+        Severity(event["severity"]),
+        event_notice_json(change, event, at),
+    )
 
 
 # A feedback-batch/v1 message stays well inside the broker's message_size_limit: at most

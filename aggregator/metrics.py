@@ -22,6 +22,17 @@ class Metrics:
             "cwg_rejections", "messages rejected, by reason", ["reason"], registry=r
         )
         self.events_created = Counter("cwg_events_created", "events opened", registry=r)
+        self.notices = Counter(
+            "cwg_event_notices",
+            "event notices published by ingest, by change (created, updated)",
+            ["change"],
+            registry=r,
+        )
+        self.notices_coalesced = Counter(
+            "cwg_event_notices_coalesced",
+            "updates of an event folded into its next notice (notices.update_interval_ms)",
+            registry=r,
+        )
         self.batch_seconds = Histogram(
             "cwg_batch_seconds",
             "time to process and commit one micro-batch",

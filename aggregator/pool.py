@@ -16,11 +16,11 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -272,6 +272,10 @@ class DeadLetterResult:
     detail: str
 
 
+def _no_summary(event_id: int) -> dict[str, Any]:
+    raise KeyError(f"event {event_id} was not touched by this batch")
+
+
 @dataclass(slots=True)
 class BatchResult:
     alerts: list[AlertResult] = field(default_factory=list)
@@ -280,9 +284,10 @@ class BatchResult:
     created: set[int] = field(default_factory=set)
     updated: set[int] = field(default_factory=set)
     committed_at: float = 0.0
-    # created and updated events: EventSummary's JSON-ready dict (``summary_dict``); a model is
-    # ``EventSummary.model_validate(d)``, built only where one is wanted
-    summaries: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # a created or updated event as this batch committed it: EventSummary's JSON-ready dict
+    # (``summary_dict``), built only for the events that are wanted; a model is
+    # ``EventSummary.model_validate(d)``
+    summary: Callable[[int], dict[str, Any]] = field(default=_no_summary)
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,9 +500,7 @@ class EventPool:
         # Committed: only now may the index learn what this batch did.
         work.apply()
         self._seen_seq = work.change_seq
-        result.summaries = {
-            i: work.summary(i, self.catalogue) for i in result.created | result.updated
-        }
+        result.summary = partial(work.summary, catalogue=self.catalogue)
         if now - self._last_evict > self.EVICT_EVERY_S:
             self._index.evict(now, self.KEEP_S)
             self._last_evict = now

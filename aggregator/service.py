@@ -71,7 +71,9 @@ def build_aggregator(
             max_clock_skew=timedelta(seconds=settings.max_clock_skew_s),
         ),
     )
-    ingest = MqttIngest(settings.mqtt, settings.batch, pipeline, pool, metrics, sinks)
+    ingest = MqttIngest(
+        settings.mqtt, settings.batch, pipeline, pool, metrics, sinks, notices=settings.notices
+    )
     log.info(
         "aggregator built pool=%s grids=%s types=%s",
         settings.pool,

@@ -145,7 +145,8 @@ def test_summary_from_the_writer_equals_summary_from_the_row(tmp_path: Path) -> 
             [inbound(make_alert("cam-2", *offset(lat, lon, 20), type="smoke_fire"))]
         ).batch
     )
-    [(event_id, event)] = batch_result.summaries.items()
+    [event_id] = batch_result.updated
+    event = batch_result.summary(event_id)
     from_writer = EventSummary.model_validate(event, strict=False)
     with closing(connect(h.pool.path, readonly=True)) as db:
         [from_row] = event_summaries(db, [event_id], h.catalogue)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import math
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -360,3 +361,118 @@ def test_outcomes_of_one_commit_reach_the_device_as_one_feedback_batch(
     assert by_id[orjson.loads(payloads[31])["alert_id"]].outcome is Outcome.OUT_OF_AREA
     accepted_or_merged = [fb.seq or 0 for fb in outcomes if fb.event_id is not None]
     assert accepted_or_merged == sorted(accepted_or_merged)  # in the order they were handled
+
+
+def notices_of(client: Any, n: int, timeout: float = 10) -> list[EventNoticeV1]:
+    return [EventNoticeV1.model_validate_json(m.payload) for m in client.expect(n, timeout)]
+
+
+@pytest.mark.parametrize("interval_ms", [600, 0])
+def test_updates_of_an_event_are_coalesced_into_one_notice_per_interval(
+    broker: Any, tmp_path: Any, interval_ms: int
+) -> None:
+    """``created`` goes at once; the updates of the next interval come as one ``updated``
+    notice with the state after the last of them (with 0: one per batch)."""
+    from aggregator.config import NoticeSettings
+    from aggregator.service import build_aggregator
+
+    from .conftest import GRIDS, aggregator_settings
+
+    settings = aggregator_settings(
+        broker, tmp_path / "agg", notices=NoticeSettings(update_interval_ms=interval_ms)
+    )
+    agg = build_aggregator(settings, grids=GRIDS)
+    agg.start()
+    try:
+        assert agg.ingest.wait_connected(5)
+        integrator = broker.client("integrator")
+        integrator.subscribe(broker.topics.events)
+        cam = device(broker, "cam-001")
+        lat, lon = interior(grid_in_community(2, 3))
+        topic = broker.topics.alert("cam-001")
+        cam.publish(topic, make_alert("cam-001", lat, lon, seq=0).to_json())
+        feedback_of(cam)
+        [created] = notices_of(integrator, 1)
+        assert created.change == "created"
+        started = time.monotonic()
+        for seq in range(1, 5):  # four merges, each its own batch (each waits for feedback)
+            cam.publish(
+                topic, make_alert("cam-001", *offset(lat, lon, east_m=seq), seq=seq).to_json()
+            )
+            feedback_of(cam)
+        if interval_ms:
+            [updated] = notices_of(integrator, 1)
+            assert time.monotonic() - started >= 0.3  # held, not sent with the first merge
+            integrator.expect_nothing(1.0)
+            assert agg.metrics.notices_coalesced._value.get() >= 1
+        else:
+            *_, updated = notices_of(integrator, 4)
+        assert updated.change == "updated"
+        assert updated.event.event_id == created.event.event_id
+        assert updated.event.alert_count == 5  # the state after the last merge
+        assert agg.metrics.notices.labels("created")._value.get() == 1
+    finally:
+        agg.stop()
+
+
+def test_held_updates_go_out_when_the_aggregator_stops(broker: Any, tmp_path: Any) -> None:
+    from aggregator.config import NoticeSettings
+    from aggregator.service import build_aggregator
+
+    from .conftest import GRIDS, aggregator_settings
+
+    settings = aggregator_settings(
+        broker, tmp_path / "agg", notices=NoticeSettings(update_interval_ms=60_000)
+    )
+    agg = build_aggregator(settings, grids=GRIDS)
+    agg.start()
+    assert agg.ingest.wait_connected(5)
+    integrator = broker.client("integrator")
+    integrator.subscribe(broker.topics.events)
+    cam = device(broker, "cam-001")
+    lat, lon = interior(grid_in_community(0, 5))
+    topic = broker.topics.alert("cam-001")
+    for seq in range(3):
+        cam.publish(topic, make_alert("cam-001", *offset(lat, lon, north_m=seq), seq=seq).to_json())
+        feedback_of(cam)
+    [created] = notices_of(integrator, 1)
+    integrator.expect_nothing(0.5)  # the two merges wait for their minute
+    agg.stop()
+    [updated] = notices_of(integrator, 1)
+    assert (updated.change, updated.event.alert_count) == ("updated", 3)
+    assert updated.event.event_id == created.event.event_id
+
+
+def test_a_held_update_of_an_event_closed_meanwhile_is_dropped(broker: Any, tmp_path: Any) -> None:
+    from contextlib import closing
+
+    from aggregator.config import NoticeSettings
+    from aggregator.pool import connect, set_event_status
+    from aggregator.service import build_aggregator
+    from contract import EventStatus
+
+    from .conftest import GRIDS, aggregator_settings
+
+    settings = aggregator_settings(
+        broker, tmp_path / "agg", notices=NoticeSettings(update_interval_ms=800)
+    )
+    agg = build_aggregator(settings, grids=GRIDS)
+    agg.start()
+    try:
+        assert agg.ingest.wait_connected(5)
+        integrator = broker.client("integrator")
+        integrator.subscribe(broker.topics.events)
+        cam = device(broker, "cam-001")
+        lat, lon = interior(grid_in_community(1, 7))
+        topic = broker.topics.alert("cam-001")
+        for seq in range(2):
+            cam.publish(topic, make_alert("cam-001", lat, lon, seq=seq).to_json())
+            feedback_of(cam)
+        [created] = notices_of(integrator, 1)
+        # an operator closes it (through the API that sends its own `closed` notice)
+        with closing(connect(settings.pool)) as db:
+            set_event_status(db, created.event.event_id, EventStatus.CLOSED, "test")
+        integrator.expect_nothing(1.5)
+    finally:
+        agg.stop()
+    integrator.expect_nothing(0.3)
