@@ -99,6 +99,19 @@ def main() -> int:
     )
     parser.add_argument("--feedback-qos", type=int, choices=[0, 1], default=1)
     parser.add_argument(
+        "--feedback-batching",
+        choices=["on", "off"],
+        default="on",
+        help="aggregator mqtt.feedback_batching: one feedback-batch/v1 per device and commit "
+        "(on), or one feedback/v1 per alert (off)",
+    )
+    parser.add_argument(
+        "--notice-interval-ms",
+        type=float,
+        default=1000,
+        help="aggregator notices.update_interval_ms (0: an updated notice per event and batch)",
+    )
+    parser.add_argument(
         "--baseline",
         choices=["before", "concurrent", "none"],
         default="before",
@@ -116,13 +129,17 @@ def main() -> int:
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}")
     print(
         f"aggregator: batch {args.batch_size}, linger {args.linger_ms} ms, receive_maximum "
-        f"{args.receive_maximum}, feedback QoS {args.feedback_qos}; baseline {args.baseline}"
+        f"{args.receive_maximum}, feedback QoS {args.feedback_qos} batching "
+        f"{args.feedback_batching}, notice interval {args.notice_interval_ms:g} ms; "
+        f"baseline {args.baseline}"
     )
     options = StackOptions(
         batch_max_messages=args.batch_size,
         batch_linger_ms=args.linger_ms,
         receive_maximum=args.receive_maximum,
         feedback_qos=args.feedback_qos,
+        feedback_batching=args.feedback_batching == "on",
+        notice_update_interval_ms=args.notice_interval_ms,
     )
     config = LoadConfig(
         rate=args.rate, count=args.alerts, mode=args.mode, publishers=args.publishers

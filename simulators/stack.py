@@ -30,7 +30,7 @@ from aggregator.broker import (
     MosquittoBroker,
     provision_device,
 )
-from aggregator.config import BatchSettings, MqttSettings, Settings
+from aggregator.config import BatchSettings, MqttSettings, NoticeSettings, Settings
 from aggregator.registry import (
     AccountRole,
     DeviceKind,
@@ -95,6 +95,8 @@ class StackOptions:
     batch_linger_ms: float = 20
     receive_maximum: int = 4000
     feedback_qos: int = 1
+    feedback_batching: bool = True
+    notice_update_interval_ms: float = 1000
     max_clock_skew_s: float = 300
     max_payload_bytes: int = 1024 * 1024
     grid_file: Path | None = None
@@ -202,10 +204,14 @@ class GatewayStack:
                         "topic_prefix": opts.topic_prefix,
                         "receive_maximum": opts.receive_maximum,
                         "feedback_qos": opts.feedback_qos,
+                        "feedback_batching": opts.feedback_batching,
                     }
                 ),
                 "batch": BatchSettings.model_validate(
                     {"max_messages": opts.batch_max_messages, "linger_ms": opts.batch_linger_ms}
+                ),
+                "notices": NoticeSettings.model_validate(
+                    {"update_interval_ms": opts.notice_update_interval_ms}
                 ),
             }
         )
