@@ -535,15 +535,11 @@ class EventPool:
         if not self._index.covers(a.type, a.observed_at):
             self._fetch_into(db, work, a, closed=False)
         lo, hi = a.observed_at - wt.merge_window_s, a.observed_at + wt.merge_window_s
-        best: tuple[float, int] | None = None
-        for event_id in work.candidates(a.type, a.lat, a.lon, closed=False):
+        for _, event_id in work.open_near(a.type, a.lat, a.lon, wt.merge_radius_m):
             s = work.get(event_id)
-            if s.status == "closed" or s.last < lo or s.first > hi:
-                continue
-            d = haversine_m(a.lat, a.lon, s.lat, s.lon)
-            if d <= wt.merge_radius_m and (best is None or (d, s.id) < best):
-                best = (d, s.id)
-        return None if best is None else work.edit(best[1])
+            if s.status != "closed" and s.last >= lo and s.first <= hi:
+                return work.edit(event_id)
+        return None
 
     def _recurrence_of(self, db: sqlite3.Connection, work: _BatchWork, a: AlertIn) -> int | None:
         """A closed event absorbs nothing; a recurrence near it opens a new event linked to it."""
@@ -924,11 +920,39 @@ class _BatchWork:
         self.device_alerts: dict[tuple[int, str], list[Any]] = {}
         self.change_seq = 0  # this batch's pool-wide change number
         self._local: dict[bool, SpatialHash] = {}
+        # type → (lat, lon) → [(distance m, event id)] of the open candidates within the merge
+        # radius, nearest first. A device sits still, so its alerts repeat their position; an
+        # event's position is its first alert's and never moves. Dropped for a type when this
+        # batch adds a candidate of it.
+        self._near: dict[str, dict[tuple[float, float], list[tuple[float, int]]]] = {}
 
     def _hash(self, closed: bool) -> SpatialHash:
         if closed not in self._local:
             self._local[closed] = self.index.new_hash()
         return self._local[closed]
+
+    def _add_local(self, state: EventState, closed: bool) -> None:
+        self._hash(closed).add(state.type, state.lat, state.lon, state.id)
+        if not closed:
+            self._near.pop(state.type, None)
+
+    def open_near(
+        self, type_: str, lat: float, lon: float, radius_m: float
+    ) -> list[tuple[float, int]]:
+        """The open candidates of the type within ``radius_m`` of the point, as (distance,
+        event id), nearest (then oldest) first; their status and span are the caller's."""
+        by_point = self._near.setdefault(type_, {})
+        near = by_point.get((lat, lon))
+        if near is None:
+            near = []
+            for event_id in dict.fromkeys(self.candidates(type_, lat, lon, closed=False)):
+                s = self.get(event_id)
+                d = haversine_m(lat, lon, s.lat, s.lon)
+                if d <= radius_m:
+                    near.append((d, event_id))
+            near.sort()
+            by_point[(lat, lon)] = near
+        return near
 
     def get(self, event_id: int) -> EventState:
         state = self.states.get(event_id)
@@ -950,13 +974,13 @@ class _BatchWork:
         if state.id in self.edited_ids:
             return  # we changed it in this batch already; our copy is newer
         self.states[state.id] = state
-        self._hash(state.status == "closed").add(state.type, state.lat, state.lon, state.id)
+        self._add_local(state, state.status == "closed")
 
     def created(self, state: EventState, a: AlertIn) -> None:
         self.states[state.id] = state
         self.new_ids.append(state.id)
         self.edited_ids[state.id] = None
-        self._hash(False).add(state.type, state.lat, state.lon, state.id)
+        self._add_local(state, False)
         self.device_alerts[(state.id, a.device_id)] = [a.observed_at, 1]
 
     def merge(self, state: EventState, a: AlertIn) -> None:

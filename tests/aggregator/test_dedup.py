@@ -46,6 +46,41 @@ def test_spatial_hash_never_misses_a_neighbour_within_the_radius(
     assert inside <= found
 
 
+def test_in_one_batch_alerts_at_one_spot_join_the_event_their_time_fits(tmp_path: Path) -> None:
+    """A camera sits still: its alerts repeat one position. Within a single batch, an alert
+    outside the first event's window opens a second event there, and a later alert at the same
+    spot joins that second event, not the first and not a third; nearer events win."""
+    h = Harness(tmp_path)
+    lat, lon = interior(grid_in_community(0, 2))
+    window = h.catalogue.types["fire_lane_occupied"].merge_window_s
+
+    def at(seconds_ago: float, seq: int, *, north_m: float = 0.0) -> AlertV1:
+        return make_alert(
+            "cam-1",
+            *offset(lat, lon, north_m),
+            seq=seq,
+            type="fire_lane_occupied",
+            observed_at=past(seconds_ago),
+        )
+
+    old, new, later, near = (
+        at(3 * window + 60, 1),  # opens event 1
+        at(60, 2),  # 3 windows later: opens event 2 at the same spot
+        at(30, 3),  # joins event 2
+        at(3 * window + 30, 4, north_m=5),  # 5 m away, event 1's time: joins event 1
+    )
+    assert h.send(old, new, later, near) == [
+        Outcome.ACCEPTED,
+        Outcome.ACCEPTED,
+        Outcome.MERGED,
+        Outcome.MERGED,
+    ]
+    assert h.rows("SELECT id, alert_count FROM events ORDER BY id") == [(1, 2), (2, 2)]
+    assert h.rows("SELECT seq, event_id FROM alerts ORDER BY seq") == [
+        (1, 1), (2, 2), (3, 2), (4, 1)
+    ]  # fmt: skip
+
+
 def test_restart_reloads_open_events(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     lat, lon = interior(grid_in_community(0))
