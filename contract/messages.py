@@ -259,46 +259,23 @@ def feedback_json(
     dead_letter_id: int | None = None,
 ) -> bytes:
     """``FeedbackV1(...).to_json()`` for values that are valid already (they come from a
-    validated alert and the pool): the same bytes, without building a model. The aggregator
-    sends one per alert; ``tests/contract/test_contract.py`` checks that both agree."""
-    if (
-        alert_id is not None
-        and seq is not None
-        and event_id is not None
-        and reason is None
-        and detail is None
-        and dead_letter_id is None
-    ):
-        # accepted / merged / duplicate, the outcome of nearly every alert. Device and alert
-        # ids match DEVICE_ID_PATTERN and ALERT_ID_PATTERN: nothing in them needs escaping.
-        return (
-            b'{"schema":"feedback/v1","device_id":"%s","alert_id":"%s","seq":%d,'
-            b'"outcome":"%s","event_id":%d,"at":%s}'
-            % (
-                device_id.encode(),
-                alert_id.encode(),
-                seq,
-                outcome.value.encode(),
-                event_id,
-                orjson.dumps(at, option=orjson.OPT_UTC_Z),
-            )
-        )
-    out: dict[str, Any] = {"schema": "feedback/v1", "device_id": device_id}
-    if alert_id is not None:
-        out["alert_id"] = alert_id
-    if seq is not None:
-        out["seq"] = seq
-    out["outcome"] = outcome.value
-    if event_id is not None:
-        out["event_id"] = event_id
-    if reason is not None:
-        out["reason"] = reason.value
-    if detail is not None:
-        out["detail"] = detail
-    if dead_letter_id is not None:
-        out["dead_letter_id"] = dead_letter_id
-    out["at"] = at
-    return orjson.dumps(out, option=orjson.OPT_UTC_Z)
+    validated alert and the pool): the same bytes, without building a model. It is an item of
+    ``feedback_item_json`` between the envelope's fields; ``tests/contract/test_contract.py``
+    checks that both agree with the models."""
+    item = feedback_item_json(
+        outcome=outcome,
+        alert_id=alert_id,
+        seq=seq,
+        event_id=event_id,
+        reason=reason,
+        detail=detail,
+        dead_letter_id=dead_letter_id,
+    )
+    return b'{"schema":"feedback/v1","device_id":%s,%s,"at":%s}' % (
+        orjson.dumps(device_id),
+        item[1:-1],
+        orjson.dumps(at, option=orjson.OPT_UTC_Z),
+    )
 
 
 FEEDBACK_BATCH_MAX_ITEMS = 500
@@ -400,8 +377,8 @@ def feedback_item_json(
 def feedback_batch_json(device_id: str, items: list[bytes], at: datetime) -> bytes:
     """``FeedbackBatchV1(...).to_json()`` from items made by ``feedback_item_json``: the same
     bytes without building models (``tests/contract/test_contract.py`` checks)."""
-    return b'{"schema":"feedback-batch/v1","device_id":"%s","items":[%s],"at":%s}' % (
-        device_id.encode(),
+    return b'{"schema":"feedback-batch/v1","device_id":%s,"items":[%s],"at":%s}' % (
+        orjson.dumps(device_id),
         b",".join(items),
         orjson.dumps(at, option=orjson.OPT_UTC_Z),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import math
 import time
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,10 +14,13 @@ import numpy as np
 import orjson
 import pytest
 
-from aggregator.service import Aggregator
+from aggregator.config import MqttSettings, NoticeSettings, Settings
+from aggregator.pool import connect, set_event_status
+from aggregator.service import Aggregator, build_aggregator
 from contract import (
     DeviceChannel,
     EventNoticeV1,
+    EventStatus,
     FeedbackV1,
     Outcome,
     RejectReason,
@@ -25,7 +29,9 @@ from contract import (
 )
 
 from .conftest import (
+    GRIDS,
     OUTSIDE,
+    aggregator_settings,
     alert_dict,
     count,
     grid_in_community,
@@ -48,6 +54,24 @@ def device(broker: Any, device_id: str) -> Any:
     client = broker.client(device_id)
     client.subscribe(broker.topics.feedback(device_id))
     return client
+
+
+def settings_with(
+    broker: Any, data_dir: Any, *, mqtt: dict[str, Any] | None = None, **kw: Any
+) -> Settings:
+    """The test aggregator's settings with some changed (``mqtt`` fields merged in)."""
+    settings = aggregator_settings(broker, data_dir, **kw)
+    if mqtt:
+        merged = MqttSettings.model_validate({**settings.mqtt.model_dump(), **mqtt})
+        settings = settings.model_copy(update={"mqtt": merged})
+    return settings
+
+
+def started(settings: Settings) -> Aggregator:
+    agg = build_aggregator(settings, grids=GRIDS)
+    agg.start()
+    assert agg.ingest.wait_connected(5), "aggregator did not connect to the test broker"
+    return agg
 
 
 def test_alert_becomes_one_event_with_grid_path_department_and_feedback(
@@ -273,19 +297,8 @@ def test_channel_counters_and_dedup_ratio(broker: Any, aggregator: Aggregator) -
 
 def test_in_process_transport_pools_acknowledges_and_answers(broker: Any, tmp_path: Any) -> None:
     """``mqtt.io_process = false``: paho on a thread of the aggregator process."""
-    from aggregator.config import MqttSettings
-    from aggregator.service import build_aggregator
-
-    from .conftest import GRIDS, aggregator_settings
-
-    settings = aggregator_settings(broker, tmp_path / "inproc")
-    mqtt = settings.mqtt.model_dump()
-    mqtt["io_process"] = False
-    settings = settings.model_copy(update={"mqtt": MqttSettings.model_validate(mqtt)})
-    agg = build_aggregator(settings, grids=GRIDS)
-    agg.start()
+    agg = started(settings_with(broker, tmp_path / "inproc", mqtt={"io_process": False}))
     try:
-        assert agg.ingest.wait_connected(5)
         cam = device(broker, "cam-001")
         lat, lon = interior(grid_in_community(3))
         alerts = [make_alert("cam-001", lat, lon, seq=i) for i in range(50)]
@@ -307,19 +320,8 @@ def test_outcomes_of_one_commit_reach_the_device_as_one_feedback_batch(
     """Alerts queued while the aggregator was away arrive together and commit together: the
     device hears of all of them in feedback-batch/v1 messages, in the order they were handled,
     or in one feedback/v1 each with ``mqtt.feedback_batching`` off."""
-    from aggregator.config import MqttSettings
-    from aggregator.service import build_aggregator
-
-    from .conftest import GRIDS, aggregator_settings
-
-    settings = aggregator_settings(broker, tmp_path / "agg")
-    mqtt = settings.mqtt.model_dump()
-    mqtt["feedback_batching"] = batching
-    settings = settings.model_copy(update={"mqtt": MqttSettings.model_validate(mqtt)})
-    first = build_aggregator(settings, grids=GRIDS)
-    first.start()
-    assert first.ingest.wait_connected(5)
-    first.stop()  # the persistent session stays: the broker queues for it
+    settings = settings_with(broker, tmp_path / "agg", mqtt={"feedback_batching": batching})
+    started(settings).stop()  # the persistent session stays: the broker queues for it
 
     cam = device(broker, "cam-001")
     lat, lon = interior(grid_in_community(1))
@@ -331,8 +333,7 @@ def test_outcomes_of_one_commit_reach_the_device_as_one_feedback_batch(
         rc.is_failure for rc in cam.publish_many(broker.topics.alert("cam-001"), payloads)
     )
 
-    agg = build_aggregator(settings, grids=GRIDS)
-    agg.start()
+    agg = started(settings)
     try:
         messages = []
         outcomes: list[FeedbackV1] = []
@@ -373,18 +374,9 @@ def test_updates_of_an_event_are_coalesced_into_one_notice_per_interval(
 ) -> None:
     """``created`` goes at once; the updates of the next interval come as one ``updated``
     notice with the state after the last of them (with 0: one per batch)."""
-    from aggregator.config import NoticeSettings
-    from aggregator.service import build_aggregator
-
-    from .conftest import GRIDS, aggregator_settings
-
-    settings = aggregator_settings(
-        broker, tmp_path / "agg", notices=NoticeSettings(update_interval_ms=interval_ms)
-    )
-    agg = build_aggregator(settings, grids=GRIDS)
-    agg.start()
+    notices = NoticeSettings(update_interval_ms=interval_ms)
+    agg = started(settings_with(broker, tmp_path / "agg", notices=notices))
     try:
-        assert agg.ingest.wait_connected(5)
         integrator = broker.client("integrator")
         integrator.subscribe(broker.topics.events)
         cam = device(broker, "cam-001")
@@ -394,7 +386,7 @@ def test_updates_of_an_event_are_coalesced_into_one_notice_per_interval(
         feedback_of(cam)
         [created] = notices_of(integrator, 1)
         assert created.change == "created"
-        started = time.monotonic()
+        merges_from = time.monotonic()
         for seq in range(1, 5):  # four merges, each its own batch (each waits for feedback)
             cam.publish(
                 topic, make_alert("cam-001", *offset(lat, lon, east_m=seq), seq=seq).to_json()
@@ -402,7 +394,7 @@ def test_updates_of_an_event_are_coalesced_into_one_notice_per_interval(
             feedback_of(cam)
         if interval_ms:
             [updated] = notices_of(integrator, 1)
-            assert time.monotonic() - started >= 0.3  # held, not sent with the first merge
+            assert time.monotonic() - merges_from >= 0.3  # held, not sent with the first merge
             integrator.expect_nothing(1.0)
             assert agg.metrics.notices_coalesced._value.get() >= 1
         else:
@@ -416,17 +408,8 @@ def test_updates_of_an_event_are_coalesced_into_one_notice_per_interval(
 
 
 def test_held_updates_go_out_when_the_aggregator_stops(broker: Any, tmp_path: Any) -> None:
-    from aggregator.config import NoticeSettings
-    from aggregator.service import build_aggregator
-
-    from .conftest import GRIDS, aggregator_settings
-
-    settings = aggregator_settings(
-        broker, tmp_path / "agg", notices=NoticeSettings(update_interval_ms=60_000)
-    )
-    agg = build_aggregator(settings, grids=GRIDS)
-    agg.start()
-    assert agg.ingest.wait_connected(5)
+    notices = NoticeSettings(update_interval_ms=60_000)
+    agg = started(settings_with(broker, tmp_path / "agg", notices=notices))
     integrator = broker.client("integrator")
     integrator.subscribe(broker.topics.events)
     cam = device(broker, "cam-001")
@@ -444,22 +427,11 @@ def test_held_updates_go_out_when_the_aggregator_stops(broker: Any, tmp_path: An
 
 
 def test_a_held_update_of_an_event_closed_meanwhile_is_dropped(broker: Any, tmp_path: Any) -> None:
-    from contextlib import closing
-
-    from aggregator.config import NoticeSettings
-    from aggregator.pool import connect, set_event_status
-    from aggregator.service import build_aggregator
-    from contract import EventStatus
-
-    from .conftest import GRIDS, aggregator_settings
-
-    settings = aggregator_settings(
+    settings = settings_with(
         broker, tmp_path / "agg", notices=NoticeSettings(update_interval_ms=800)
     )
-    agg = build_aggregator(settings, grids=GRIDS)
-    agg.start()
+    agg = started(settings)
     try:
-        assert agg.ingest.wait_connected(5)
         integrator = broker.client("integrator")
         integrator.subscribe(broker.topics.events)
         cam = device(broker, "cam-001")
