@@ -242,12 +242,21 @@ class MqttIngest:
         if not ready:
             return
         for event_id in ready:
-            del self._notice_held[event_id]
             self._notice_sent[event_id] = now
+        try:
+            summaries = event_summaries(self.pool.reader, ready, self.pipeline.catalogue)
+        except Exception:
+            # The pool could not be read (I/O error…): they stay held, tried again in an interval.
+            log.exception(
+                "held event notices could not be read; retrying in %.1f s", self._notice_interval
+            )
+            return
+        for event_id in ready:
+            del self._notice_held[event_id]
         at = utcnow()
         notices = [
             Notice.of(EventNoticeV1(change="updated", event=summary, at=at))
-            for summary in event_summaries(self.pool.reader, ready, self.pipeline.catalogue)
+            for summary in summaries
             if summary.status is not EventStatus.CLOSED
         ]
         if not notices:
