@@ -18,7 +18,6 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Protocol
 
 from aggregator.config import BatchSettings, MqttSettings, NoticeSettings
@@ -30,10 +29,8 @@ from contract import (
     EventNoticeV1,
     EventStatus,
     Outcome,
-    Severity,
     TelemetryV1,
     Topics,
-    event_notice_json,
     feedback_batch_json,
     feedback_item_json,
     feedback_json,
@@ -211,12 +208,12 @@ class MqttIngest:
                 if event_id in self._notice_held:
                     self.metrics.notices_coalesced.inc()
                 self._notice_held[event_id] = None
-        # Serialized without models (contract.event_notice_json), from the state committed.
+        # Serialized without models (Notice.of_summary), from the state committed.
         at = utcnow()
         out = []
         for event_id in due:
             change = "created" if event_id in result.created else "updated"
-            out.append(_notice(change, result.summary(event_id), at))
+            out.append(Notice.of_summary(change, result.summary(event_id), at))
             self.metrics.notices.labels(change).inc()
         return out
 
@@ -341,18 +338,6 @@ class MqttIngest:
                 self._feedback_topics.clear()
             topic = self._feedback_topics[device_id] = self.topics.feedback(device_id)
         return topic
-
-
-def _notice(change: str, event: dict[str, Any], at: datetime) -> Notice:
-    return Notice(
-        change,
-        event["event_id"],
-        event["grid_code"],
-        event["department"],
-        event["type"],
-        Severity(event["severity"]),
-        event_notice_json(change, event, at),
-    )
 
 
 # A feedback-batch/v1 message stays well inside the broker's message_size_limit: at most

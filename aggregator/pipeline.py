@@ -87,20 +87,22 @@ class Decoded:
             alert.snapshot is not None,
         )
 
-    def row(self) -> tuple[Any, ...]:
+    @staticmethod
+    def row_of(alert: AlertV1) -> tuple[Any, ...]:
+        """What ``from_row`` reads: ``of(alert)`` as a plain tuple, built without the object."""
         return (
             "ok",
-            self.alert_id,
-            self.device_id,
-            self.seq,
-            self.type,
-            self.severity.value if self.severity else None,
-            self.confidence,
-            self.observed_at,
-            self.lat,
-            self.lon,
-            self.description,
-            self.has_snapshot,
+            alert.alert_id,
+            alert.device_id,
+            alert.seq,
+            alert.type,
+            alert.severity.value if alert.severity else None,
+            alert.confidence,
+            alert.observed_at.timestamp(),
+            alert.location.lat,
+            alert.location.lon,
+            alert.description,
+            alert.snapshot is not None,
         )
 
     @classmethod
@@ -139,7 +141,7 @@ class Prevalidator:
         result = decode_alert(payload, device_id, self.catalogue, now, self.limits)
         if isinstance(result, Rejection):
             return ("rejected", result.reason.value, result.detail, result.alert_id, result.seq)
-        return Decoded.of(result).row()
+        return Decoded.row_of(result)
 
 
 @dataclass(slots=True)

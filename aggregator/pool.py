@@ -38,6 +38,7 @@ from contract import (
     Outcome,
     RejectReason,
     Severity,
+    event_notice_json,
 )
 
 log = logging.getLogger(__name__)
@@ -302,6 +303,20 @@ class Notice:
     type: str
     severity: Severity
     payload: bytes
+
+    @classmethod
+    def of_summary(cls, change: str, event: dict[str, Any], at: datetime) -> Notice:
+        """The notice of a writer's summary (``BatchResult.summary``), serialized without
+        models (``event_notice_json``)."""
+        return cls(
+            change,
+            event["event_id"],
+            event["grid_code"],
+            event["department"],
+            event["type"],
+            Severity(event["severity"]),
+            event_notice_json(change, event, at),
+        )
 
     @classmethod
     def of(cls, notice: EventNoticeV1) -> Notice:
@@ -1017,7 +1032,7 @@ def _grid_path(grid_path: str) -> list[dict[str, str]]:
 def summary_dict(s: EventState, catalogue: Catalogue) -> dict[str, Any]:
     """The writer's state as ``EventSummary``'s JSON-ready dict (wire names, no nulls,
     datetimes as aware datetimes), built without models: every value came from a validated
-    alert or from the pool itself, and this runs for every event a batch touches
+    alert or from the pool itself, and this runs for every notice ingest sends
     (``EventSummary.model_validate`` of it equals the summary read from the row: tested)."""
     wt = catalogue.types.get(s.type)
     out: dict[str, Any] = {

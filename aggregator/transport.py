@@ -198,15 +198,8 @@ class _Relay(ABC):
 class ProcessTransport(_Relay):
     """The I/O loop in a child process (``cwg-mqtt-<client id>``)."""
 
-    def __init__(
-        self,
-        settings: MqttSettings,
-        batching: BatchSettings,
-        prevalidator: Prevalidator | None = None,
-    ) -> None:
-        super().__init__(settings, batching, prevalidator)
-        self._ctx = multiprocessing.get_context("spawn")
-        self._process: Any = None
+    _ctx = multiprocessing.get_context("spawn")
+    _process: Any = None
 
     def _host(self) -> socket.socket:
         # A duplex Pipe is a socket pair on POSIX, and the child's end passes to a spawned child.
@@ -250,14 +243,7 @@ class ProcessTransport(_Relay):
 class ThreadTransport(_Relay):
     """The I/O loop on a thread of this process (``mqtt.io_process = false``)."""
 
-    def __init__(
-        self,
-        settings: MqttSettings,
-        batching: BatchSettings,
-        prevalidator: Prevalidator | None = None,
-    ) -> None:
-        super().__init__(settings, batching, prevalidator)
-        self._thread: threading.Thread | None = None
+    _thread: threading.Thread | None = None
 
     def _host(self) -> socket.socket:
         mine, theirs = socket.socketpair()
