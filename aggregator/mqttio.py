@@ -110,7 +110,7 @@ class _LeanMessage(mqtt.MQTTMessage):
         self.properties = None
 
 
-def _publish_packet(topic: bytes, mid: int, payload: bytes) -> bytes:
+def publish_packet(topic: bytes, mid: int, payload: bytes) -> bytes:
     """An MQTT 5 PUBLISH, QoS 1, no properties: what paho's _send_publish builds."""
     remaining = 2 + len(topic) + 2 + 1 + len(payload)
     header = bytearray(b"\x32")  # PUBLISH, QoS 1
@@ -280,7 +280,7 @@ class LeanClient(mqtt.Client):
                 return super().publish(topic, payload, qos, retain, properties)
             self._out_messages[mid] = message
             self._inflight_messages += 1
-        self._packet_queue(mqtt.PUBLISH | 0x02, _publish_packet(topic_bytes, mid, payload), mid, 1)
+        self._packet_queue(mqtt.PUBLISH | 0x02, publish_packet(topic_bytes, mid, payload), mid, 1)
         return message.info
 
     def ack_many(self, mids: list[int]) -> MQTTErrorCode:

@@ -84,10 +84,11 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=12_000, help="offered alerts per second")
     parser.add_argument(
         "--mode",
-        choices=["mosquitto_pub", "paho"],
-        default="paho",
-        help="load generator: 2 processes of paho clients on the lean QoS 1 path (default), or "
-        "mosquitto_pub processes fed by 2 processes (about twice the CPU per alert)",
+        choices=["mosquitto_pub", "paho", "raw"],
+        default="raw",
+        help="load generator, 2 processes: raw (default) connects with paho, then frames QoS 1"
+        " PUBLISH packets and parses PUBACKs itself; paho publishes through paho clients on the"
+        " lean QoS 1 path; mosquitto_pub runs one C client per publisher, fed lines",
     )
     parser.add_argument("--publishers", type=int, default=None, help="publishing clients")
     parser.add_argument(

@@ -309,7 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=2000, help="alerts per second")
     p.add_argument("--count", type=int, default=None)
     p.add_argument("--duration", type=float, default=None, help="seconds")
-    p.add_argument("--mode", choices=["mosquitto_pub", "paho"], default="mosquitto_pub")
+    p.add_argument(
+        "--mode",
+        choices=["mosquitto_pub", "paho", "raw"],
+        default="mosquitto_pub",
+        help="mosquitto_pub processes (default); paho clients on the lean QoS 1 path; or raw:"
+        " paho connects, then QoS 1 packets are framed and written straight to the socket",
+    )
     p.add_argument("--publishers", type=int, default=None)
     p.add_argument("--snapshot", action="store_true", help="attach a small JPEG to each alert")
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON")

@@ -19,6 +19,7 @@ of its batch (``alerts.batch_id = batches.id``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,11 +35,13 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import paho.mqtt.client as mqtt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -69,6 +72,9 @@ _TS = datetime(2001, 2, 3, 4, 5, 6, 789012, tzinfo=UTC)
 _TS_JSON = b'"2001-02-03T04:05:06.789012Z"'
 _TICK_S = 0.005
 _PAHO_INFLIGHT = 1000
+_KEEPALIVE_S = 30
+_DRAIN_S = 60.0
+_RECV_CHUNK = 1 << 16
 
 
 class LoadConfig(BaseModel):
@@ -79,7 +85,7 @@ class LoadConfig(BaseModel):
     )
     count: int | None = Field(default=None, ge=1, le=5_000_000, description="alerts to send")
     duration_s: float | None = Field(default=None, gt=0, le=3600, description="seconds to send for")
-    mode: Literal["mosquitto_pub", "paho"] = "mosquitto_pub"
+    mode: Literal["mosquitto_pub", "paho", "raw"] = "mosquitto_pub"
     publishers: int | None = Field(
         default=None, ge=1, le=64, description="publishing clients (default: enough for the rate)"
     )
@@ -223,6 +229,8 @@ def _worker(job: WorkerJob, results: Any, sync: _Sync) -> None:
     try:
         if job.mode == "mosquitto_pub":
             sent, errors = _feed_mosquitto_pub(job, sync, window)
+        elif job.mode == "raw":
+            sent, errors = _publish_raw(job, sync, window)
         else:
             sent, errors = _publish_paho(job, sync, window)
         results.put({"sent": sent, "errors": errors, "window": window})
@@ -344,48 +352,64 @@ def _feed_mosquitto_pub(job: WorkerJob, sync: _Sync, window: list[float]) -> tup
     return sent, errors
 
 
-def _publish_paho(job: WorkerJob, sync: _Sync, window: list[float]) -> tuple[int, list[str]]:
-    """All of this worker's publishers on one select loop: paho clients with the lean QoS 1
-    publish and read paths of the aggregator's own session (``aggregator.mqttio``), each with
-    at most ``_PAHO_INFLIGHT`` unacknowledged messages (or the broker's Receive Maximum)."""
-    import select
+class _Clients:
+    """A worker's publishers as paho clients on one select loop of its own, connected (MQTT 5,
+    with their device credentials) by ``connect``."""
 
-    from aggregator.mqttio import LeanClient, own_loop_client
+    def __init__(self, job: WorkerJob) -> None:
+        from aggregator.mqttio import LeanClient, own_loop_client
 
-    n = len(job.publishers)
-    clients: list[LeanClient] = []
-    inflight = [0] * n
-    room = [0] * n  # 0 until CONNACK
-    refused: list[str] = []
-    pending: list[deque[bytes]] = [deque() for _ in range(n)]
-    for i, p in enumerate(job.publishers):
-        c = own_loop_client(f"load-{p.device_id}")
-        c.username_pw_set(p.username, p.password)
+        self.job = job
+        n = len(job.publishers)
+        self.clients: list[LeanClient] = []
+        self.inflight = [0] * n  # paho mode: QoS 1 messages not yet acknowledged
+        self.room = [0] * n  # 0 until CONNACK, then how many may be unacknowledged
+        self.errors: list[str] = []
+        for i, p in enumerate(job.publishers):
+            c = own_loop_client(f"load-{p.device_id}")
+            c.username_pw_set(p.username, p.password)
+            c.on_connect = partial(self._on_connect, i)
+            c.on_publish = partial(self._on_publish, i)
+            c.connect(p.host, p.port, keepalive=_KEEPALIVE_S)
+            self.clients.append(c)
 
-        def on_connect(_c: Any, _u: Any, _f: Any, rc: Any, props: Any, i: int = i) -> None:
-            if rc.is_failure:
-                refused.append(f"{job.publishers[i].device_id}: broker refused connection: {rc}")
-                return
-            server_max = getattr(props, "ReceiveMaximum", 65535) if props else 65535
-            room[i] = min(_PAHO_INFLIGHT, int(server_max))
+    def _on_connect(self, i: int, _c: Any, _u: Any, _f: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            self.errors.append(
+                f"{self.job.publishers[i].device_id}: broker refused connection: {rc}"
+            )
+            return
+        server_max = getattr(props, "ReceiveMaximum", 65535) if props else 65535
+        self.room[i] = min(_PAHO_INFLIGHT, int(server_max))
 
-        def on_publish(_c: Any, _u: Any, _mid: int, rc: Any, _p: Any, i: int = i) -> None:
-            inflight[i] -= 1
-            if rc.is_failure and len(refused) < 20:
-                refused.append(f"{job.publishers[i].device_id}: PUBACK {rc}")
+    def _on_publish(self, i: int, _c: Any, _u: Any, _mid: int, rc: Any, _p: Any) -> None:
+        self.inflight[i] -= 1
+        if rc.is_failure and len(self.errors) < 20:
+            self.errors.append(f"{self.job.publishers[i].device_id}: PUBACK {rc}")
 
-        c.on_connect = on_connect
-        c.on_publish = on_publish
-        c.connect(p.host, p.port, keepalive=30)
-        clients.append(c)
+    def connect(self, timeout: float = 30.0) -> bool:
+        """Wait for every CONNACK; False (with ``errors`` saying why) if one did not come."""
+        deadline = time.monotonic() + timeout
+        while not all(self.room) and not self.errors and time.monotonic() < deadline:
+            self.serve(0.05)
+        if self.errors or not all(self.room):
+            if not self.errors:
+                self.errors.append(f"publishers did not get CONNACK within {timeout:.0f} s")
+            self.disconnect()
+            return False
+        return True
 
-    def serve(timeout: float) -> None:
+    def serve(self, timeout: float) -> None:
         """One round of network I/O for every client: writes, reads, keepalive."""
-        socks: dict[Any, LeanClient] = {}
-        for i, c in enumerate(clients):
+        import select
+
+        socks: dict[Any, Any] = {}
+        for i, c in enumerate(self.clients):
             sock = c.socket()
             if sock is None:
-                raise LoadError(f"{job.publishers[i].device_id}: connection to the broker lost")
+                raise LoadError(
+                    f"{self.job.publishers[i].device_id}: connection to the broker lost"
+                )
             socks[sock] = c
         wl = [s for s, c in socks.items() if c.want_write()]
         readable, writable, _ = select.select(list(socks), wl, [], timeout)
@@ -393,10 +417,27 @@ def _publish_paho(job: WorkerJob, sync: _Sync, window: list[float]) -> tuple[int
             socks[s].loop_write()
         for s in readable:
             socks[s].loop_read()
-        for c in clients:
+        for c in self.clients:
             if c.buffered():
                 c.loop_read()
             c.loop_misc()
+
+    def disconnect(self) -> None:
+        for c in self.clients:
+            c.disconnect()
+            c.loop_write()
+
+
+def _publish_paho(job: WorkerJob, sync: _Sync, window: list[float]) -> tuple[int, list[str]]:
+    """All of this worker's publishers on one select loop: paho clients with the lean QoS 1
+    publish and read paths of the aggregator's own session (``aggregator.mqttio``), each with
+    at most ``_PAHO_INFLIGHT`` unacknowledged messages (or the broker's Receive Maximum)."""
+    net = _Clients(job)
+    if not net.connect():
+        return 0, net.errors
+    n = len(job.publishers)
+    clients, inflight, room = net.clients, net.inflight, net.room
+    pending: list[deque[bytes]] = [deque() for _ in range(n)]
 
     def pump() -> None:
         for i, c in enumerate(clients):
@@ -410,47 +451,232 @@ def _publish_paho(job: WorkerJob, sync: _Sync, window: list[float]) -> tuple[int
             if c.want_write():
                 c.loop_write()
 
-    deadline = time.monotonic() + 30
-    while not all(room) and not refused and time.monotonic() < deadline:
-        serve(0.05)
-    if refused or not all(room):
-        for c in clients:
-            c.disconnect()
-        return 0, refused or ["publishers did not get CONNACK within 30 s"]
-
-    seqs = [0] * n
-    turn = 0
+    alerts = _Alerts(job)
 
     def emit(count: int) -> int:
-        nonlocal turn
-        stamp = stamp_now()  # fresh for this slice
-        for _ in range(count):
-            i = turn % n
-            turn += 1
-            pub = job.publishers[i]
-            seqs[i] += 1
-            s = seqs[i]
-            tpl = pub.templates[s % len(pub.templates)]
-            pending[i].append(render(tpl, f"{job.run_tag}-{pub.device_id}-{s}", s, stamp))
+        for i, payload in alerts.take(count):
+            pending[i].append(payload)
         return count
 
     def every_tick() -> None:
         # One round per tick: each round's messages and PUBACKs go in a few system calls, not
         # one wakeup per PUBACK.
         pump()
-        serve(0.0)
+        net.serve(0.0)
 
     sent = _pace(job, sync, emit, window, every_tick)
-    deadline = time.monotonic() + 60
-    while (any(pending) or any(inflight)) and time.monotonic() < deadline and not refused:
+    deadline = time.monotonic() + _DRAIN_S
+    while (any(pending) or any(inflight)) and time.monotonic() < deadline and not net.errors:
         pump()
-        serve(0.05)
-    errors = list(refused)
+        net.serve(0.05)
+    errors = list(net.errors)
     if any(pending) or any(inflight):
-        errors.append("not every PUBACK arrived within 60 s")
-    for c in clients:
-        c.disconnect()
-        c.loop_write()
+        errors.append(f"not every PUBACK arrived within {_DRAIN_S:.0f} s")
+    net.disconnect()
+    return sent, errors
+
+
+class _Alerts:
+    """A worker's alerts in sending order: round-robin over its publishers, each with its own
+    ``seq`` and its templates in turn."""
+
+    def __init__(self, job: WorkerJob) -> None:
+        self.job = job
+        self.seqs = [0] * len(job.publishers)
+        self.turn = 0
+
+    def take(self, count: int) -> Iterator[tuple[int, bytes]]:
+        """The next ``count``: (publisher index, AlertV1 JSON), all stamped now."""
+        stamp = stamp_now()  # fresh for this slice
+        job, seqs = self.job, self.seqs
+        n = len(job.publishers)
+        for _ in range(count):
+            i = self.turn % n
+            self.turn += 1
+            pub = job.publishers[i]
+            seqs[i] += 1
+            s = seqs[i]
+            tpl = pub.templates[s % len(pub.templates)]
+            yield i, render(tpl, f"{job.run_tag}-{pub.device_id}-{s}", s, stamp)
+
+
+_PUBLISH_QOS1: Final = 0x32
+_PINGREQ: Final = b"\xc0\x00"
+_DISCONNECT: Final = b"\xe0\x00"  # normal disconnection (MQTT 5: no reason code means 0)
+
+
+class RawConnection:
+    """One publisher's broker connection after its paho handshake (CONNECT with the device's
+    credentials, CONNACK, the broker's Receive Maximum): QoS 1 PUBLISH packets are framed in
+    runs and written straight to the socket, and PUBACKs parsed in bulk. Per message that is a
+    fraction of a client library's cost (``bench/bench_ingest.py --mode paho`` compares), so
+    on a 2-core machine the generator leaves the cores to the broker and the aggregator.
+
+    Every packet identifier in flight is distinct (a PUBACK frees it), at most ``room`` are
+    unacknowledged, and a PUBACK with a failure reason code is reported in ``errors``."""
+
+    __slots__ = (
+        "_mid",
+        "errors",
+        "inbuf",
+        "last_write",
+        "name",
+        "out",
+        "pending",
+        "room",
+        "sock",
+        "topic",
+        "unacked",
+    )
+
+    def __init__(self, name: str, sock: Any, topic: str, room: int, errors: list[str]) -> None:
+        self.name = name
+        self.sock = sock
+        self.topic = topic.encode()
+        self.room = room
+        self.errors = errors
+        self.pending: deque[bytes] = deque()  # payloads waiting for room
+        self.out = bytearray()  # framed, not yet written
+        self.inbuf = bytearray()
+        self.unacked: set[int] = set()
+        self.last_write = time.monotonic()
+        self._mid = 0
+
+    def busy(self) -> bool:
+        """Messages still to send or to be acknowledged."""
+        return bool(self.pending or self.unacked or self.out)
+
+    def pump(self) -> None:
+        """Frame what there is room for, write what the socket takes, read what came back."""
+        self._frame()
+        if time.monotonic() - self.last_write > _KEEPALIVE_S / 3:
+            self.out += _PINGREQ
+        if self.out:
+            try:
+                n = self.sock.send(self.out)
+            except BlockingIOError:
+                n = 0
+            except OSError as exc:
+                raise LoadError(f"{self.name}: connection to the broker lost: {exc}") from exc
+            if n:
+                del self.out[:n]
+                self.last_write = time.monotonic()
+        self._read()
+
+    def _frame(self) -> None:
+        pending, unacked = self.pending, self.unacked
+        if not pending or len(unacked) >= self.room:
+            return
+        from aggregator.mqttio import publish_packet
+
+        mid, topic = self._mid, self.topic
+        parts = []
+        while pending and len(unacked) < self.room:
+            mid = mid % 65535 + 1
+            while mid in unacked:  # never a packet identifier still in use
+                mid = mid % 65535 + 1
+            unacked.add(mid)
+            parts.append(publish_packet(topic, mid, pending.popleft()))
+        self._mid = mid
+        self.out += b"".join(parts)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(_RECV_CHUNK)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                raise LoadError(f"{self.name}: connection to the broker lost: {exc}") from exc
+            if not data:
+                raise LoadError(f"{self.name}: the broker closed the connection")
+            self.inbuf += data
+            if len(data) < _RECV_CHUNK:
+                break
+        self._parse()
+
+    def _parse(self) -> None:
+        buf, unacked = self.inbuf, self.unacked
+        n, pos = len(buf), 0
+        while pos < n:
+            length, shift, i = 0, 0, pos + 1
+            while i < n:  # the remaining length: a variable byte integer
+                byte = buf[i]
+                i += 1
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
+                if shift > 21:
+                    raise LoadError(f"{self.name}: malformed packet from the broker")
+            else:
+                break  # the length itself is not all here yet
+            end = i + length
+            if end > n:
+                break
+            kind = buf[pos] & 0xF0
+            if kind == 0x40 and length >= 2:  # PUBACK: packet id, [reason code, properties]
+                mid = (buf[i] << 8) | buf[i + 1]
+                unacked.discard(mid)
+                code = buf[i + 2] if length > 2 else 0
+                if code >= 0x80 and len(self.errors) < 20:
+                    self.errors.append(f"{self.name}: PUBACK reason code 0x{code:02x}")
+            elif kind == 0xE0:  # DISCONNECT from the broker
+                code = buf[i] if length else 0
+                raise LoadError(f"{self.name}: the broker disconnected, reason code 0x{code:02x}")
+            elif kind != 0xD0:  # anything but PINGRESP
+                raise LoadError(f"{self.name}: unexpected MQTT packet type 0x{kind:02x}")
+            pos = end
+        del buf[:pos]
+
+    def close(self) -> None:
+        """DISCONNECT (normal), then close the socket."""
+        with contextlib.suppress(OSError):
+            self.sock.send(bytes(self.out) + _DISCONNECT)
+        self.sock.close()
+
+
+def _publish_raw(job: WorkerJob, sync: _Sync, window: list[float]) -> tuple[int, list[str]]:
+    """paho connects this worker's publishers, then ``RawConnection`` carries their messages."""
+    import select
+
+    net = _Clients(job)
+    if not net.connect():
+        return 0, net.errors
+    conns = []
+    for i, c in enumerate(net.clients):
+        sock = c.socket()
+        if sock is None or c.buffered():
+            net.disconnect()
+            return 0, [f"{job.publishers[i].device_id}: unexpected data after CONNACK"]
+        p = job.publishers[i]
+        conns.append(RawConnection(p.device_id, sock, p.topic, net.room[i], net.errors))
+
+    alerts = _Alerts(job)
+
+    def emit(count: int) -> int:
+        for i, payload in alerts.take(count):
+            conns[i].pending.append(payload)
+        return count
+
+    def every_tick() -> None:
+        for conn in conns:
+            conn.pump()
+
+    errors = net.errors
+    try:
+        sent = _pace(job, sync, emit, window, every_tick)
+        deadline = time.monotonic() + _DRAIN_S
+        while any(c.busy() for c in conns) and time.monotonic() < deadline:
+            select.select([c.sock for c in conns], [], [], 0.05)
+            every_tick()
+        if any(c.busy() for c in conns):
+            errors.append(f"not every PUBACK arrived within {_DRAIN_S:.0f} s")
+    except LoadError as exc:
+        return 0, [*errors, str(exc)]
+    finally:
+        for conn in conns:
+            conn.close()
     return sent, errors
 
 

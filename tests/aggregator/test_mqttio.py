@@ -19,7 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from aggregator.config import BatchSettings, MqttSettings
-from aggregator.mqttio import FrameChannel, IoLoop, LeanClient, _publish_packet
+from aggregator.mqttio import FrameChannel, IoLoop, LeanClient, publish_packet
 from aggregator.pipeline import Inbound
 from aggregator.transport import ProcessTransport, ThreadTransport, Transport
 from contract import DeviceChannel
@@ -353,7 +353,7 @@ def test_lean_publish_packet_is_byte_for_byte_pahos(size: int) -> None:
         expected = bytes(stock._out_packet[-1]["packet"])
     finally:
         stock._sock.close()
-    assert _publish_packet(topic.encode(), 7, payload) == expected
+    assert publish_packet(topic.encode(), 7, payload) == expected
 
 
 def test_lean_published_messages_are_resent_after_a_dropped_connection(broker: Any) -> None:

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import random
+import socket
+import time
 
 import pytest
 from pydantic import ValidationError
 
 from aggregator.geo import GridIndex, default_grid_file
+from aggregator.mqttio import publish_packet
 from contract import AlertV1, default_catalogue
-from simulators.loadgen import LoadConfig, build_templates, percentiles, render, run_load, stamp_now
+from simulators.errors import LoadError
+from simulators.loadgen import (
+    LoadConfig,
+    RawConnection,
+    build_templates,
+    percentiles,
+    render,
+    run_load,
+    stamp_now,
+)
 from simulators.stack import GatewayStack
 
 
@@ -46,7 +58,8 @@ def test_percentiles() -> None:
 
 
 @pytest.mark.parametrize(
-    ("mode", "publishers"), [("mosquitto_pub", None), ("paho", None), ("paho", 5)]
+    ("mode", "publishers"),
+    [("mosquitto_pub", None), ("paho", None), ("paho", 5), ("raw", None), ("raw", 5)],
 )
 def test_small_run_has_zero_loss(
     gateway_stack: GatewayStack, mode: str, publishers: int | None
@@ -68,3 +81,76 @@ def test_small_run_has_zero_loss(
     summary = report.summary()
     assert "ZERO LOSS" in summary
     assert "p99" in summary
+
+
+def _raw(room: int) -> tuple[RawConnection, socket.socket, list[str]]:
+    ours, broker_end = socket.socketpair()
+    ours.setblocking(False)
+    errors: list[str] = []
+    return RawConnection("dev-1", ours, "cwg/devices/dev-1/alert", room, errors), broker_end, errors
+
+
+def _received(sock: socket.socket) -> bytes:
+    sock.settimeout(1)
+    return sock.recv(1 << 20)
+
+
+def test_raw_connection_keeps_to_its_room_and_never_reuses_a_packet_id_in_flight() -> None:
+    conn, broker, _ = _raw(room=3)
+    topic = b"cwg/devices/dev-1/alert"
+    conn.pending.extend([b"a", b"b", b"c", b"d", b"e"])
+    conn.pump()
+    assert _received(broker) == b"".join(
+        publish_packet(topic, m, p) for m, p in [(1, b"a"), (2, b"b"), (3, b"c")]
+    )
+    assert conn.unacked == {1, 2, 3}
+    assert len(conn.pending) == 2
+    broker.sendall(b"\x40\x02\x00\x02")  # PUBACK for 2 (MQTT 5, success, short form)
+    conn.pump()  # reads it; the next pump frames one more
+    conn.pump()
+    assert _received(broker) == publish_packet(topic, 4, b"d")
+    assert conn.unacked == {1, 3, 4}
+    # wrapping around 65,535 skips 0 and every identifier still unacknowledged
+    conn._mid = 65534
+    conn.unacked.discard(4)
+    conn.pending.append(b"f")
+    broker.sendall(b"\x40\x02\x00\x03")
+    conn.pump()
+    conn.pump()
+    assert _received(broker) == publish_packet(topic, 65535, b"e") + publish_packet(topic, 2, b"f")
+    assert conn.unacked == {1, 65535, 2}
+    conn.close()
+    assert _received(broker) == b"\xe0\x00"  # DISCONNECT, normal
+    broker.close()
+
+
+def test_raw_connection_parses_pubacks_cut_anywhere_and_reports_failures() -> None:
+    conn, broker, errors = _raw(room=10)
+    conn.pending.extend([b"x"] * 4)
+    conn.pump()
+    _received(broker)
+    # PUBACK 1 short form, PUBACK 2 with reason 0x87 (not authorized), PUBACK 3 with reason 0
+    # and an empty property length, a PINGRESP, PUBACK 4: one byte at a time
+    stream = b"\x40\x02\x00\x01" + b"\x40\x03\x00\x02\x87" + b"\x40\x04\x00\x03\x00\x00"
+    stream += b"\xd0\x00" + b"\x40\x02\x00\x04"
+    for i in range(len(stream)):
+        broker.sendall(stream[i : i + 1])
+        time.sleep(0.001)
+        conn.pump()
+    assert conn.unacked == set()
+    assert not conn.busy()
+    assert errors == ["dev-1: PUBACK reason code 0x87"]
+    conn.close()
+    broker.close()
+
+
+def test_raw_connection_stops_on_a_disconnect_from_the_broker() -> None:
+    conn, broker, _ = _raw(room=10)
+    broker.sendall(b"\xe0\x01\x8d")  # DISCONNECT, keep alive timeout
+    time.sleep(0.01)
+    with pytest.raises(LoadError, match="reason code 0x8d"):
+        conn.pump()
+    broker.close()
+    with pytest.raises(LoadError, match="closed the connection"):
+        conn.pump()
+    conn.close()
