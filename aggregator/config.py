@@ -69,6 +69,14 @@ class BatchSettings(BaseModel):
     linger_ms: float = Field(
         20, ge=0, le=5000, description="how long a batch waits to fill before it commits"
     )
+    min_messages: int = Field(
+        400,
+        ge=1,
+        le=20000,
+        description="a batch holding this many stops lingering and commits with what has "
+        "queued: under load no time is spent waiting, and the linger only gathers a trickle "
+        "(as Kafka's fetch.min.bytes); at or above max_messages, every batch lingers",
+    )
 
 
 class NoticeSettings(BaseModel):

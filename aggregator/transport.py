@@ -130,8 +130,10 @@ class _Relay(ABC):
                     log.warning("MQTT I/O loop unreachable (%s); it is restarted", exc)
 
     def take(self, timeout: float) -> list[Inbound]:
-        """Up to ``max_messages``: the first within ``timeout``, the rest within the linger."""
+        """Up to ``max_messages``: the first within ``timeout``, the rest within the linger;
+        once ``min_messages`` are in, only what has already arrived."""
         limit = self.batching.max_messages
+        enough = self.batching.min_messages
         batch, self._carry = self._carry, []
         deadline = time.monotonic() + timeout
         linger_until: float | None = None
@@ -139,7 +141,10 @@ class _Relay(ABC):
             now = time.monotonic()
             if batch and linger_until is None:
                 linger_until = now + self.batching.linger_ms / 1000
-            wait = (linger_until if linger_until is not None else deadline) - now
+            if len(batch) >= enough:
+                wait = 0.0  # a backlog: drain the channel, wait for nothing more
+            else:
+                wait = (linger_until if linger_until is not None else deadline) - now
             channel = self._channel
             assert channel is not None
             readable, _, _ = select.select([channel], [], [], max(0.0, wait))

@@ -9,7 +9,7 @@ alert's batch, the zero-loss check, and the ratio to the bare subscriber's rate.
 
     python bench/bench_ingest.py [--alerts 100000] [--rate 12000] [--mode paho|mosquitto_pub]
         [--publishers N] [--batch-size 1000]
-        [--linger-ms 20] [--receive-maximum 4000] [--feedback-qos 1]
+        [--linger-ms 20] [--min-batch 400] [--receive-maximum 4000] [--feedback-qos 1]
         [--baseline before|concurrent|none] [--json report.json]
 
 By default the bare subscriber counts the stream first, alone on the broker, and then the
@@ -96,6 +96,13 @@ def main() -> int:
     )
     parser.add_argument("--linger-ms", type=float, default=20, help="aggregator batch.linger_ms")
     parser.add_argument(
+        "--min-batch",
+        type=int,
+        default=400,
+        help="aggregator batch.min_messages: a batch this large stops lingering (set it to "
+        "--batch-size for a linger on every batch)",
+    )
+    parser.add_argument(
         "--receive-maximum", type=int, default=4000, help="aggregator mqtt.receive_maximum"
     )
     parser.add_argument("--feedback-qos", type=int, choices=[0, 1], default=1)
@@ -129,7 +136,8 @@ def main() -> int:
     machine = machine_description()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}")
     print(
-        f"aggregator: batch {args.batch_size}, linger {args.linger_ms} ms, receive_maximum "
+        f"aggregator: batch {args.batch_size}, linger {args.linger_ms} ms below "
+        f"{args.min_batch}, receive_maximum "
         f"{args.receive_maximum}, feedback QoS {args.feedback_qos} batching "
         f"{args.feedback_batching}, notice interval {args.notice_interval_ms:g} ms; "
         f"baseline {args.baseline}"
@@ -137,6 +145,7 @@ def main() -> int:
     options = StackOptions(
         batch_max_messages=args.batch_size,
         batch_linger_ms=args.linger_ms,
+        batch_min_messages=args.min_batch,
         receive_maximum=args.receive_maximum,
         feedback_qos=args.feedback_qos,
         feedback_batching=args.feedback_batching == "on",

@@ -93,6 +93,7 @@ class StackOptions:
     topic_prefix: str = "cwg"
     batch_max_messages: int = 1000
     batch_linger_ms: float = 20
+    batch_min_messages: int = 400
     receive_maximum: int = 4000
     feedback_qos: int = 1
     feedback_batching: bool = True
@@ -208,7 +209,11 @@ class GatewayStack:
                     }
                 ),
                 "batch": BatchSettings.model_validate(
-                    {"max_messages": opts.batch_max_messages, "linger_ms": opts.batch_linger_ms}
+                    {
+                        "max_messages": opts.batch_max_messages,
+                        "linger_ms": opts.batch_linger_ms,
+                        "min_messages": opts.batch_min_messages,
+                    }
                 ),
                 "notices": NoticeSettings.model_validate(
                     {"update_interval_ms": opts.notice_update_interval_ms}

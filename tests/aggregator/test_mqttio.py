@@ -48,8 +48,10 @@ def transport_cls(request: Any) -> type[Any]:
 class Worker:
     """The ingest worker's side of a transport, keeping whatever ``take`` returns."""
 
-    def __init__(self, cls: type[Any], mqtt_settings: MqttSettings) -> None:
-        self.transport: Transport = cls(mqtt_settings, BATCH)
+    def __init__(
+        self, cls: type[Any], mqtt_settings: MqttSettings, batching: BatchSettings = BATCH
+    ) -> None:
+        self.transport: Transport = cls(mqtt_settings, batching)
         self.transport.start()
         self.held: list[Inbound] = []
         self.until_connected(True)
@@ -95,6 +97,38 @@ def test_plain_and_property_laden_messages_arrive_whole(broker: Any, transport_c
         ]
         assert all(m.mid > 0 for m in got if m.qos == 1)
         assert all(abs(m.received_at - time.time()) < 30 for m in got)
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize(("min_messages", "lingers"), [(50, False), (1000, True)])
+def test_a_backlog_of_min_messages_is_taken_at_once_a_trickle_lingers(
+    broker: Any, transport_cls: Any, min_messages: int, lingers: bool
+) -> None:
+    """Under load the worker finds a backlog when it comes back from a commit: with
+    ``min_messages`` of it there, ``take`` returns what has arrived instead of lingering. A
+    lone message still waits out the linger for company."""
+    linger_s = 1.5
+    batching = BatchSettings(
+        max_messages=1000, linger_ms=linger_s * 1000, min_messages=min_messages
+    )
+    worker = Worker(transport_cls, settings(broker), batching)
+    try:
+        cam = broker.client("cam-001")
+        topic = broker.topics.alert("cam-001")
+        cam.publish_many(topic, [b"%d" % i for i in range(300)])
+        time.sleep(1.0)  # all of them through the I/O loop and on the channel
+        started = time.monotonic()
+        got = worker.transport.take(1.0)
+        took = time.monotonic() - started
+        assert len(got) == 300
+        assert (took >= linger_s * 0.9) is lingers, took
+        worker.transport.ack(got)
+        cam.publish(topic, b"lone")
+        started = time.monotonic()
+        got = worker.transport.take(5.0)
+        assert [m.payload for m in got] == [b"lone"]
+        assert time.monotonic() - started >= linger_s * 0.9  # below min_messages: lingers
     finally:
         worker.stop()
 
