@@ -187,3 +187,20 @@ def test_window_is_by_observed_at_not_arrival(h: Harness) -> None:
         Outcome.ACCEPTED
     ]
     assert default_catalogue().types["ebike_in_lift"].merge_window_s == 300
+
+
+def test_a_pool_made_with_the_old_device_index_loses_it_and_keeps_its_alerts(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path)
+    lat, lon = interior(grid_in_community(1, 3))
+    assert h.send(make_alert("cam-1", lat, lon)) == [Outcome.ACCEPTED]
+    h.pool.close()
+    with closing(connect(tmp_path / "pool.db")) as db:  # as pools were made before
+        db.execute("CREATE INDEX alerts_device ON alerts(device_id, seq)")
+    again = Harness(tmp_path)
+    indexes = {r[0] for r in again.rows("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "alerts_device" not in indexes
+    assert {"alerts_event", "events_open"} <= indexes
+    assert again.rows("SELECT count(*) FROM alerts") == [(1,)]
+    again.pool.close()
