@@ -47,6 +47,7 @@ import paho.mqtt.client as mqtt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from aggregator.geo import GridIndex, default_grid_file
+from aggregator.mqttio import publish_packet
 from aggregator.registry import DeviceKind
 from contract import Catalogue, default_catalogue
 from simulators.errors import LoadError
@@ -500,7 +501,6 @@ class _Alerts:
             yield i, render(tpl, f"{job.run_tag}-{pub.device_id}-{s}", s, stamp)
 
 
-_PUBLISH_QOS1: Final = 0x32
 _PINGREQ: Final = b"\xc0\x00"
 _DISCONNECT: Final = b"\xe0\x00"  # normal disconnection (MQTT 5: no reason code means 0)
 
@@ -508,9 +508,9 @@ _DISCONNECT: Final = b"\xe0\x00"  # normal disconnection (MQTT 5: no reason code
 class RawConnection:
     """One publisher's broker connection after its paho handshake (CONNECT with the device's
     credentials, CONNACK, the broker's Receive Maximum): QoS 1 PUBLISH packets are framed in
-    runs and written straight to the socket, and PUBACKs parsed in bulk. Per message that is a
-    fraction of a client library's cost (``bench/bench_ingest.py --mode paho`` compares), so
-    on a 2-core machine the generator leaves the cores to the broker and the aggregator.
+    runs and written straight to the socket, and PUBACKs parsed in bulk. Per message that is
+    about half the CPU of the paho clients' lean path (``bench/bench_ingest.py --mode paho``
+    compares), which on a 2-core machine leaves more to the broker and the aggregator.
 
     Every packet identifier in flight is distinct (a PUBACK frees it), at most ``room`` are
     unacknowledged, and a PUBACK with a failure reason code is reported in ``errors``."""
@@ -549,8 +549,8 @@ class RawConnection:
     def pump(self) -> None:
         """Frame what there is room for, write what the socket takes, read what came back."""
         self._frame()
-        if time.monotonic() - self.last_write > _KEEPALIVE_S / 3:
-            self.out += _PINGREQ
+        if not self.out and time.monotonic() - self.last_write > _KEEPALIVE_S / 3:
+            self.out += _PINGREQ  # idle (draining): keep the session alive
         if self.out:
             try:
                 n = self.sock.send(self.out)
@@ -567,8 +567,6 @@ class RawConnection:
         pending, unacked = self.pending, self.unacked
         if not pending or len(unacked) >= self.room:
             return
-        from aggregator.mqttio import publish_packet
-
         mid, topic = self._mid, self.topic
         parts = []
         while pending and len(unacked) < self.room:
