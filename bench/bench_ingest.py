@@ -2,12 +2,13 @@
 paho subscriber counting the same stream in the same run.
 
 Starts Mosquitto and the aggregator (``simulators.stack.GatewayStack``) under a temporary
-directory, pushes N valid alerts with the load generator (by default two processes of paho
-clients on the lean QoS 1 path; ``--mode mosquitto_pub`` for the C client), and reports
+directory, pushes N valid alerts with the load generator (by default two processes writing
+pre-framed QoS 1 packets on connections paho opened; ``--mode paho`` for paho clients on the
+lean QoS 1 path, ``--mode mosquitto_pub`` for the C client), and reports
 alerts/s, p50/p99 latency from ``observed_at`` to the commit of the
 alert's batch, the zero-loss check, and the ratio to the bare subscriber's rate.
 
-    python bench/bench_ingest.py [--alerts 100000] [--rate 12000] [--mode paho|mosquitto_pub]
+    python bench/bench_ingest.py [--alerts 100000] [--rate 12000] [--mode raw|paho|mosquitto_pub]
         [--publishers N] [--batch-size 1000]
         [--linger-ms 20] [--min-batch 400] [--receive-maximum 4000] [--feedback-qos 1]
         [--baseline before|concurrent|none] [--json report.json]

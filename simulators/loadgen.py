@@ -1,15 +1,20 @@
 """Load generator: valid alerts at a target rate through the real broker, measured end to end.
 
-Always bounded (a count, a duration, or both). Two publishing paths:
+Always bounded (a count, a duration, or both). Three publishing paths:
 
-* ``mosquitto_pub`` (default, the raw path): each publisher is a ``mosquitto_pub -l`` process
+* ``mosquitto_pub`` (default, the C client): each publisher is a ``mosquitto_pub -l`` process
   with its own device credentials, QoS 1, reading one alert per line from its stdin. Feeder
   processes render the lines lazily at the paced rate, so ``observed_at`` is stamped just
   before the line is handed over.
 * ``paho``: two worker processes, each serving its share of the publishers (paho clients with
   the lean QoS 1 paths of ``aggregator.mqttio``) on one select loop, each client with at most
   1,000 unacknowledged messages (paho stalls past ~65k). Per alert it takes about half the CPU
-  of the ``mosquitto_pub`` path with its feeders (19 against 40 µs, ``bench/bench_ingest.py``).
+  of the ``mosquitto_pub`` path with its feeders.
+* ``raw``: the same two workers, but paho only connects each publisher (CONNECT with its
+  credentials, CONNACK with the broker's Receive Maximum); then ``RawConnection`` frames QoS 1
+  PUBLISH packets in runs, writes them straight to the socket and parses the PUBACKs in bulk.
+  About half the CPU of ``paho`` again (~16 against ~32 µs per alert at 10.5k/s,
+  ``bench/bench_ingest.py``, whose default it is).
 
 Payloads are pre-rendered AlertV1 JSON templates (one per device × type × position) in which
 only ``alert_id``, ``seq`` and ``observed_at`` are filled in per message. Results come from the
