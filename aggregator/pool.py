@@ -11,6 +11,7 @@ wire carry RFC 3339.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import sqlite3
@@ -173,7 +174,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     alert_id    TEXT,
     reason      TEXT NOT NULL,
     detail      TEXT NOT NULL,
-    payload     BLOB NOT NULL
+    payload     BLOB NOT NULL,
+    -- sha256 of topic, NUL, payload: a message is kept once, however often it comes again
+    -- (a redelivery after a reconnect); NULL in rows older than the column (_migrate)
+    message_sha256 TEXT
 );
 CREATE INDEX IF NOT EXISTS dead_letters_reason ON dead_letters(reason, received_at);
 CREATE INDEX IF NOT EXISTS dead_letters_device ON dead_letters(device_id, received_at);
@@ -273,6 +277,7 @@ class DeadLetterResult:
     alert_id: str | None
     reason: RejectReason
     detail: str
+    duplicate: bool = False  # the message was kept before (row ``id``): nothing was added
 
 
 def _no_summary(event_id: int) -> dict[str, Any]:
@@ -371,6 +376,7 @@ class EventPool:
         self._db = connect(self.path)
         self._db.executescript(_SCHEMA)
         self._check_version()
+        _migrate(self._db)
         # Checkpoints copy the WAL back into the database file; done on the committing thread
         # they would stall ingest every thousand pages. A background connection does them (the
         # sqlite3 module releases the GIL while SQLite works); the high autocheckpoint is only
@@ -487,24 +493,7 @@ class EventPool:
             )
             self._record_out_of_area(db, batch.out_of_area)
             result.out_of_area = batch.out_of_area
-            for dl in batch.dead_letters:
-                cur = db.execute(
-                    "INSERT INTO dead_letters(received_at, topic, device_id, alert_id, reason,"
-                    " detail, payload) VALUES (?,?,?,?,?,?,?)",
-                    (
-                        dl.received_at,
-                        dl.topic,
-                        dl.device_id,
-                        dl.alert_id,
-                        dl.reason.value,
-                        dl.detail,
-                        dl.payload,
-                    ),
-                )
-                assert cur.lastrowid is not None
-                result.dead_letters.append(
-                    DeadLetterResult(cur.lastrowid, dl.device_id, dl.alert_id, dl.reason, dl.detail)
-                )
+            self._record_dead_letters(db, batch.dead_letters, result)
             self._update_devices(db, batch, result)
             result.updated -= result.created
             # The batch row is stamped last, just before COMMIT: observed_at → committed latency
@@ -747,6 +736,48 @@ class EventPool:
         )
 
     @staticmethod
+    def _record_dead_letters(
+        db: sqlite3.Connection, items: Sequence[DeadLetterIn], result: BatchResult
+    ) -> None:
+        """Each rejected message once: the same bytes on the same topic again (a redelivery
+        after a reconnect) add no row, and their result names the row kept."""
+        kept: dict[str, int] = {}
+        for dl in items:
+            key = hashlib.sha256(dl.topic.encode() + b"\0" + dl.payload).hexdigest()
+            known = kept.get(key)
+            if known is None:
+                row = db.execute(
+                    "SELECT id FROM dead_letters WHERE message_sha256 = ?", (key,)
+                ).fetchone()
+                known = None if row is None else int(row[0])
+            if known is not None:
+                result.dead_letters.append(
+                    DeadLetterResult(
+                        known, dl.device_id, dl.alert_id, dl.reason, dl.detail, duplicate=True
+                    )
+                )
+                continue
+            cur = db.execute(
+                "INSERT INTO dead_letters(received_at, topic, device_id, alert_id, reason,"
+                " detail, payload, message_sha256) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    dl.received_at,
+                    dl.topic,
+                    dl.device_id,
+                    dl.alert_id,
+                    dl.reason.value,
+                    dl.detail,
+                    dl.payload,
+                    key,
+                ),
+            )
+            assert cur.lastrowid is not None
+            kept[key] = cur.lastrowid
+            result.dead_letters.append(
+                DeadLetterResult(cur.lastrowid, dl.device_id, dl.alert_id, dl.reason, dl.detail)
+            )
+
+    @staticmethod
     def _update_devices(db: sqlite3.Connection, batch: Batch, result: BatchResult) -> None:
         counts: dict[str, list[int]] = {}
         last_seq: dict[str, int] = {}
@@ -755,7 +786,7 @@ class EventPool:
                 counts.setdefault(r.device_id, [0, 0, 0])[0] += 1
                 last_seq[r.device_id] = max(last_seq.get(r.device_id, -1), r.seq)
         for d in result.dead_letters:
-            if d.device_id:
+            if d.device_id and not d.duplicate:
                 counts.setdefault(d.device_id, [0, 0, 0])[1] += 1
         for o in batch.out_of_area:
             counts.setdefault(o.device_id, [0, 0, 0])[2] += 1
@@ -876,6 +907,24 @@ class _Checkpointer:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Additive changes to pools made by earlier versions of this schema, under the write lock
+    (replicas sharing the file may open it at the same moment)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(dead_letters)")}
+        if "message_sha256" not in columns:
+            db.execute("ALTER TABLE dead_letters ADD COLUMN message_sha256 TEXT")
+        db.execute(
+            "CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_message"
+            " ON dead_letters(message_sha256) WHERE message_sha256 IS NOT NULL"
+        )
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _current_change(db: sqlite3.Connection) -> int:

@@ -240,6 +240,28 @@ def test_bad_input_is_dead_lettered_reported_and_ingestion_goes_on(
     assert count(aggregator, "SELECT rejected_total FROM devices WHERE device_id='cam-001'") == 1
 
 
+def test_a_rejected_message_that_comes_again_is_kept_once(
+    broker: Any, aggregator: Aggregator
+) -> None:
+    """A redelivery (a commit whose acknowledgement never reached the broker) brings the same
+    bytes on the same topic again: it changes nothing in the pool, and the device hears the
+    first dead letter's id again. Another payload is another dead letter."""
+    cam = device(broker, "cam-001")
+    topic = broker.topics.alert("cam-001")
+    cam.publish(topic, b"{not json")
+    [first] = feedback_of(cam)
+    cam.publish(topic, b"{not json")
+    [again] = feedback_of(cam)
+    assert first.outcome is again.outcome is Outcome.REJECTED
+    assert first.dead_letter_id is not None
+    assert again.dead_letter_id == first.dead_letter_id
+    cam.publish(topic, b"{not json either")
+    [other] = feedback_of(cam)
+    assert other.dead_letter_id not in (None, first.dead_letter_id)
+    assert count(aggregator, "SELECT count(*) FROM dead_letters") == 2
+    assert count(aggregator, "SELECT rejected_total FROM devices WHERE device_id='cam-001'") == 2
+
+
 def test_rejection_names_the_alert_when_it_can(broker: Any, aggregator: Aggregator) -> None:
     cam = device(broker, "cam-001")
     cam.publish(broker.topics.alert("cam-001"), _with(alert_id="a-42", seq=42, confidence="high"))

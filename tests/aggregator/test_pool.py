@@ -204,3 +204,29 @@ def test_a_pool_made_with_the_old_device_index_loses_it_and_keeps_its_alerts(
     assert {"alerts_event", "events_open"} <= indexes
     assert again.rows("SELECT count(*) FROM alerts") == [(1,)]
     again.pool.close()
+
+
+def test_a_pool_made_before_dead_letters_had_a_key_gains_it_and_keeps_its_rows(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "pool.db"
+    with closing(connect(path)) as db:  # dead_letters as pools made it before
+        db.execute(
+            "CREATE TABLE dead_letters (id INTEGER PRIMARY KEY, received_at REAL NOT NULL,"
+            " topic TEXT NOT NULL, device_id TEXT, alert_id TEXT, reason TEXT NOT NULL,"
+            " detail TEXT NOT NULL, payload BLOB NOT NULL)"
+        )
+        db.execute(
+            "INSERT INTO dead_letters(received_at, topic, device_id, reason, detail, payload)"
+            " VALUES (1, 't', 'cam-1', 'invalid_json', 'old', x'7b')"
+        )
+    h = Harness(tmp_path)
+    bad = Inbound(TOPICS.alert("cam-1"), b"{nope", time.time())
+    first = h.pool.commit_batch(h.pipeline.assemble([bad, bad]).batch).dead_letters
+    again = h.pool.commit_batch(h.pipeline.assemble([bad]).batch).dead_letters
+    assert [d.duplicate for d in first + again] == [False, True, True]
+    assert len({d.id for d in first + again}) == 1
+    assert h.rows("SELECT detail FROM dead_letters ORDER BY id")[0] == ("old",)
+    assert h.rows("SELECT count(*) FROM dead_letters") == [(2,)]
+    assert h.rows("SELECT rejected_total FROM devices WHERE device_id='cam-1'") == [(1,)]
+    h.pool.close()
