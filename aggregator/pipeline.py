@@ -212,8 +212,7 @@ class Pipeline:
     def _geo_tag(self, out: Assembled, pending: list[tuple[Inbound, Decoded]]) -> None:
         if not pending:
             return
-        grids = self.grids.locate_many([a.lat for _, a in pending], [a.lon for _, a in pending])
-        for (msg, alert), grid in zip(pending, grids, strict=True):
+        for (msg, alert), grid in zip(pending, self._locate(pending), strict=True):
             out.alerts[alert.alert_id] = alert
             if grid is None:
                 out.batch.out_of_area.append(
@@ -258,6 +257,17 @@ class Pipeline:
                     payload=payload,
                 )
             )
+
+    def _locate(self, pending: list[tuple[Inbound, Decoded]]) -> list[Grid | None]:
+        """Each alert's grid, from one bulk tree query (``GridIndex.locate_many``) over the
+        batch's distinct positions: a fixed device repeats its position in every alert."""
+        keys = [(a.lat, a.lon) for _, a in pending]
+        distinct = list(dict.fromkeys(keys))
+        found = self.grids.locate_many([k[0] for k in distinct], [k[1] for k in distinct])
+        if len(distinct) == len(keys):
+            return found
+        grid_at = dict(zip(distinct, found, strict=True))
+        return [grid_at[k] for k in keys]
 
     def _grid_text_of(self, grid: Grid) -> tuple[str, str]:
         text = self._grid_text.get(grid.code)

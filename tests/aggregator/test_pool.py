@@ -230,3 +230,19 @@ def test_a_pool_made_before_dead_letters_had_a_key_gains_it_and_keeps_its_rows(
     assert h.rows("SELECT count(*) FROM dead_letters") == [(2,)]
     assert h.rows("SELECT rejected_total FROM devices WHERE device_id='cam-1'") == [(1,)]
     h.pool.close()
+
+
+def test_alerts_repeating_positions_in_a_batch_each_get_their_grid(h: Harness) -> None:
+    """Positions are looked up once per batch (devices repeat theirs); every alert still gets
+    the grid of its own position, out-of-area ones included, in order."""
+    spots = [interior(grid_in_community(c, k)) for c, k in [(0, 1), (1, 3), (2, 4)]]
+    spots = [spots[0], OUTSIDE, spots[1], spots[0], spots[2], OUTSIDE, spots[1], spots[0]]
+    msgs = [
+        Inbound(TOPICS.alert("cam-1"), make_alert("cam-1", lat, lon).to_json(), time.time())
+        for lat, lon in spots
+    ]
+    batch = h.pipeline.assemble(msgs).batch
+    expected = [GRIDS.locate(*s) for s in spots if s != OUTSIDE]
+    assert [a.grid_code for a in batch.alerts] == [g.code for g in expected if g]
+    assert [(a.lat, a.lon) for a in batch.alerts] == [s for s in spots if s != OUTSIDE]
+    assert [(o.lat, o.lon) for o in batch.out_of_area] == [OUTSIDE, OUTSIDE]
