@@ -33,6 +33,7 @@ import os
 import platform
 import queue
 import random
+import select
 import shutil
 import subprocess
 import tempfile
@@ -52,7 +53,7 @@ import paho.mqtt.client as mqtt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from aggregator.geo import GridIndex, default_grid_file
-from aggregator.mqttio import publish_packet
+from aggregator.mqttio import LeanClient, own_loop_client, publish_packet
 from aggregator.registry import DeviceKind
 from contract import Catalogue, default_catalogue
 from simulators.errors import LoadError
@@ -363,8 +364,6 @@ class _Clients:
     with their device credentials) by ``connect``."""
 
     def __init__(self, job: WorkerJob) -> None:
-        from aggregator.mqttio import LeanClient, own_loop_client
-
         self.job = job
         n = len(job.publishers)
         self.clients: list[LeanClient] = []
@@ -407,9 +406,7 @@ class _Clients:
 
     def serve(self, timeout: float) -> None:
         """One round of network I/O for every client: writes, reads, keepalive."""
-        import select
-
-        socks: dict[Any, Any] = {}
+        socks: dict[Any, LeanClient] = {}
         for i, c in enumerate(self.clients):
             sock = c.socket()
             if sock is None:
@@ -641,8 +638,6 @@ class RawConnection:
 
 def _publish_raw(job: WorkerJob, sync: _Sync, window: list[float]) -> tuple[int, list[str]]:
     """paho connects this worker's publishers, then ``RawConnection`` carries their messages."""
-    import select
-
     net = _Clients(job)
     if not net.connect():
         return 0, net.errors
