@@ -9,7 +9,7 @@ alerts/s, p50/p99 latency from ``observed_at`` to the commit of the
 alert's batch, the zero-loss check, and the ratio to the bare subscriber's rate.
 
     python bench/bench_ingest.py [--alerts 100000] [--rate 12000] [--mode raw|paho|mosquitto_pub]
-        [--publishers N] [--batch-size 1000]
+        [--publishers N] [--alert-ids uuid7|uuid4] [--batch-size 1000]
         [--linger-ms 20] [--min-batch 400] [--receive-maximum 4000] [--feedback-qos 1]
         [--baseline before|concurrent|none] [--json report.json]
 
@@ -93,6 +93,13 @@ def main() -> int:
     )
     parser.add_argument("--publishers", type=int, default=None, help="publishing clients")
     parser.add_argument(
+        "--alert-ids",
+        choices=["uuid7", "uuid4"],
+        default="uuid7",
+        help="uuid7 (default): the edge agent's ids, in time order per device; uuid4: random"
+        " ids, as a device of another make might send",
+    )
+    parser.add_argument(
         "--batch-size", type=int, default=1000, help="aggregator batch.max_messages"
     )
     parser.add_argument("--linger-ms", type=float, default=20, help="aggregator batch.linger_ms")
@@ -141,7 +148,7 @@ def main() -> int:
         f"{args.min_batch}, receive_maximum "
         f"{args.receive_maximum}, feedback QoS {args.feedback_qos} batching "
         f"{args.feedback_batching}, notice interval {args.notice_interval_ms:g} ms; "
-        f"baseline {args.baseline}"
+        f"alert ids {args.alert_ids}; baseline {args.baseline}"
     )
     options = StackOptions(
         batch_max_messages=args.batch_size,
@@ -153,7 +160,11 @@ def main() -> int:
         notice_update_interval_ms=args.notice_interval_ms,
     )
     config = LoadConfig(
-        rate=args.rate, count=args.alerts, mode=args.mode, publishers=args.publishers
+        rate=args.rate,
+        count=args.alerts,
+        mode=args.mode,
+        publishers=args.publishers,
+        alert_ids=args.alert_ids,
     )
     started = time.monotonic()
     bare: dict[str, float] | None = None

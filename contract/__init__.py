@@ -1,6 +1,7 @@
 """The wire contract (v1) shared by edge agents, the aggregator and the simulators."""
 
 from contract.catalogue import Catalogue, WarningType, default_catalogue, load_catalogue
+from contract.ids import new_alert_id
 from contract.messages import (
     AlertV1,
     DetectedObject,
@@ -70,6 +71,7 @@ __all__ = [
     "feedback_item_json",
     "feedback_json",
     "load_catalogue",
+    "new_alert_id",
     "parse_feedback",
     "utcnow",
 ]

@@ -1,19 +1,19 @@
 """Turning a rule's alert intent into a wire alert (``contract.AlertV1``).
 
-The alert gets a globally unique id (``<device_id>-<uuid4 hex>``), the seq the outbox
-allocates, the device's configured position — or, where the camera has a pixel→ground
-homography, the position of the object itself — and an annotated JPEG snapshot.
+The alert gets a globally unique id that sorts by time (``contract.new_alert_id``,
+``<device_id>-<UUIDv7 hex>``), the seq the outbox allocates, the device's configured position —
+or, where the camera has a pixel→ground homography, the position of the object itself — and an
+annotated JPEG snapshot.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
 import numpy as np
 
-from contract import AlertV1, Evidence, Location, encode_snapshot
+from contract import AlertV1, Evidence, Location, encode_snapshot, new_alert_id
 from edge.config import Geo
 from edge.rules import AlertIntent, Point
 
@@ -32,10 +32,6 @@ class Homography:
         if abs(w) < 1e-12:
             raise ValueError(f"point {point} maps to infinity")
         return float(x / w), float(y / w)
-
-
-def new_alert_id(device_id: str) -> str:
-    return f"{device_id}-{uuid.uuid4().hex}"
 
 
 class AlertFactory:

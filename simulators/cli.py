@@ -214,6 +214,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         mode=args.mode,
         publishers=args.publishers,
         snapshot=args.snapshot,
+        alert_ids=args.alert_ids,
     )
     with _target(args, need_pool=True) as (prov, pool):
         assert pool is not None
@@ -318,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--publishers", type=int, default=None)
     p.add_argument("--snapshot", action="store_true", help="attach a small JPEG to each alert")
+    p.add_argument(
+        "--alert-ids",
+        choices=["uuid7", "uuid4"],
+        default="uuid7",
+        help="uuid7 (default): the edge agent's time-ordered ids; uuid4: random ids, which cost"
+        " the pool's unique index more as it grows",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON")
     _add_target(p, pool=True)
     p.set_defaults(func=cmd_load)

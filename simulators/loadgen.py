@@ -17,7 +17,10 @@ Always bounded (a count, a duration, or both). Three publishing paths:
   ``bench/bench_ingest.py``, whose default it is).
 
 Payloads are pre-rendered AlertV1 JSON templates (one per device × type × position) in which
-only ``alert_id``, ``seq`` and ``observed_at`` are filled in per message. Results come from the
+only ``alert_id``, ``seq`` and ``observed_at`` are filled in per message. Alert ids are the edge
+agent's (``contract.new_alert_id``: the device id and a UUIDv7, in time order per device);
+``alert_ids="uuid4"`` sends random ones instead, as a device of another make might, to measure
+what they cost the pool's unique index. Results come from the
 pool: every alert of the run counted (zero-loss check) and, per alert, ``observed_at`` → commit
 of its batch (``alerts.batch_id = batches.id``).
 """
@@ -41,7 +44,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -56,6 +59,7 @@ from aggregator.geo import GridIndex, default_grid_file
 from aggregator.mqttio import LeanClient, own_loop_client, publish_packet
 from aggregator.registry import DeviceKind
 from contract import Catalogue, default_catalogue
+from contract.ids import Uuid7
 from simulators.errors import LoadError
 from simulators.messages import make_alert
 from simulators.poolview import PoolView
@@ -97,6 +101,11 @@ class LoadConfig(BaseModel):
         default=None, ge=1, le=64, description="publishing clients (default: enough for the rate)"
     )
     snapshot: bool = Field(default=False, description="attach a small JPEG to every alert")
+    alert_ids: Literal["uuid7", "uuid4"] = Field(
+        default="uuid7",
+        description="uuid7: the edge agent's ids, <device_id>-<UUIDv7 hex>, in time order per "
+        "device; uuid4: <device_id>-<random hex>, as a device of another make might send",
+    )
     templates_per_device: int = Field(default=64, ge=1, le=4096)
     drain_timeout_s: float | None = Field(
         default=None, gt=0, description="how long to wait for the pool to hold everything sent"
@@ -150,6 +159,13 @@ def render(tpl: Template, alert_id: str, seq: int, stamp: bytes) -> bytes:
     return b"".join(
         (tpl.head, alert_id.encode(), tpl.mid1, str(seq).encode(), tpl.mid2, stamp, tpl.tail)
     )
+
+
+def id_maker(alert_ids: str) -> Callable[[], str]:
+    """What follows ``<device_id>-`` in each alert id (``LoadConfig.alert_ids``)."""
+    if alert_ids == "uuid4":
+        return lambda: os.urandom(16).hex()
+    return Uuid7()
 
 
 def stamp_now() -> bytes:
@@ -209,7 +225,7 @@ class Publisher:
 @dataclass(frozen=True, slots=True)
 class WorkerJob:
     mode: str
-    run_tag: str
+    alert_ids: str  # LoadConfig.alert_ids
     publishers: list[Publisher]
     rate: float  # this worker's share
     count: int  # this worker's share
@@ -314,6 +330,7 @@ def _feed_mosquitto_pub(job: WorkerJob, sync: _Sync, window: list[float]) -> tup
         )
     seqs = [0] * len(procs)
     turn = 0
+    new_id = id_maker(job.alert_ids)
 
     def emit(n: int) -> int:
         nonlocal turn
@@ -329,7 +346,7 @@ def _feed_mosquitto_pub(job: WorkerJob, sync: _Sync, window: list[float]) -> tup
                 seqs[i] += 1
                 s = seqs[i]
                 tpl = pub.templates[s % len(pub.templates)]
-                lines.append(render(tpl, f"{job.run_tag}-{pub.device_id}-{s}", s, stamp))
+                lines.append(render(tpl, f"{pub.device_id}-{new_id()}", s, stamp))
             stdin = procs[i].stdin
             assert stdin is not None
             stdin.write(b"\n".join(lines) + b"\n")
@@ -487,11 +504,12 @@ class _Alerts:
         self.job = job
         self.seqs = [0] * len(job.publishers)
         self.turn = 0
+        self.new_id = id_maker(job.alert_ids)
 
     def take(self, count: int) -> Iterator[tuple[int, bytes]]:
         """The next ``count``: (publisher index, AlertV1 JSON), all stamped now."""
         stamp = stamp_now()  # fresh for this slice
-        job, seqs = self.job, self.seqs
+        job, seqs, new_id = self.job, self.seqs, self.new_id
         n = len(job.publishers)
         for _ in range(count):
             i = self.turn % n
@@ -500,7 +518,7 @@ class _Alerts:
             seqs[i] += 1
             s = seqs[i]
             tpl = pub.templates[s % len(pub.templates)]
-            yield i, render(tpl, f"{job.run_tag}-{pub.device_id}-{s}", s, stamp)
+            yield i, render(tpl, f"{pub.device_id}-{new_id()}", s, stamp)
 
 
 _PINGREQ: Final = b"\xc0\x00"
@@ -789,11 +807,11 @@ def run_load(
         mine = pubs[w::n_workers]
         share = len(mine) / n_pub
         count = total * len(mine) // n_pub + (1 if w < total * len(mine) % n_pub else 0)
-        jobs.append(WorkerJob(config.mode, tag, mine, config.rate * share, count))
+        jobs.append(WorkerJob(config.mode, config.alert_ids, mine, config.rate * share, count))
     fixed = total - sum(j.count for j in jobs)
     if fixed:
         j0 = jobs[0]
-        jobs[0] = WorkerJob(j0.mode, j0.run_tag, j0.publishers, j0.rate, j0.count + fixed)
+        jobs[0] = WorkerJob(j0.mode, j0.alert_ids, j0.publishers, j0.rate, j0.count + fixed)
     procs = [ctx.Process(target=_worker, args=(j, results, sync), daemon=True) for j in jobs]
     for p in procs:
         p.start()

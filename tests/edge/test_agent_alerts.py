@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from contract import AlertV1, DetectedObject, SensorReading, Severity
+from contract import AlertV1, DetectedObject, SensorReading, Severity, new_alert_id
 from contract.messages import ALERT_ID_PATTERN
-from edge.alerts import AlertFactory, Homography, new_alert_id
+from edge.alerts import AlertFactory, Homography
 from edge.config import Geo
 from edge.rules import AlertIntent
 

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from contract import AlertV1, Location, Severity, utcnow
-from edge.alerts import new_alert_id
+from contract import AlertV1, Location, Severity, new_alert_id, utcnow
 from edge.outbox import Outbox, OutboxError
 
 HERE = Location(lat=27.55, lon=120.55)

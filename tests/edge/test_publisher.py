@@ -26,10 +26,10 @@ from contract import (
     RejectReason,
     Severity,
     StatusV1,
+    new_alert_id,
     utcnow,
 )
 from contract.topics import DeviceChannel
-from edge.alerts import new_alert_id
 from edge.config import Broker, Tls
 from edge.outbox import Outbox
 from edge.publisher import Backoff, Publisher

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 import socket
+import sqlite3
 import time
+import uuid
 
 import pytest
 from pydantic import ValidationError
@@ -81,6 +83,38 @@ def test_small_run_has_zero_loss(
     summary = report.summary()
     assert "ZERO LOSS" in summary
     assert "p99" in summary
+
+
+@pytest.mark.parametrize(
+    ("mode", "alert_ids"), [("raw", "uuid7"), ("mosquitto_pub", "uuid7"), ("raw", "uuid4")]
+)
+def test_alert_ids_are_the_edge_agents_in_time_order_per_device_or_random(
+    gateway_stack: GatewayStack, mode: str, alert_ids: str
+) -> None:
+    report = run_load(
+        LoadConfig(rate=2000, count=2000, mode=mode, alert_ids=alert_ids),
+        gateway_stack,
+        gateway_stack.pool_path,
+    )
+    assert report.zero_loss
+    with sqlite3.connect(f"file:{gateway_stack.pool_path}?mode=ro", uri=True) as db:
+        rows = db.execute(
+            "SELECT device_id, alert_id FROM alerts WHERE alert_id LIKE ? ORDER BY id",
+            (f"{report.run_tag}-%",),
+        ).fetchall()
+    by_device: dict[str, list[str]] = {}
+    for device_id, alert_id in rows:
+        assert alert_id.startswith(f"{device_id}-")
+        tail = alert_id.removeprefix(f"{device_id}-")
+        assert len(tail) == 32
+        u = uuid.UUID(hex=tail)
+        if alert_ids == "uuid7":
+            assert (u.version, u.variant) == (7, uuid.RFC_4122)
+        by_device.setdefault(device_id, []).append(alert_id)
+    assert len(by_device) == report.publishers
+    # each device's alerts arrive in the order it sent them; uuid7 ids sort in that order
+    in_order = [ids == sorted(ids) for ids in by_device.values()]
+    assert all(in_order) if alert_ids == "uuid7" else not any(in_order)
 
 
 def _raw(room: int) -> tuple[RawConnection, socket.socket, list[str]]:
