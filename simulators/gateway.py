@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from aggregator.geo import GridIndex
 from aggregator.registry import DeviceKind
-from contract import AlertV1, Catalogue, EventSummary, FeedbackV1, Severity, utcnow
+from contract import AlertV1, Catalogue, EventSummary, FeedbackV1, Severity, new_alert_id, utcnow
 from simulators.device import SimDevice
 from simulators.errors import ScenarioError
 from simulators.messages import BadKind, bad_payload, make_alert
@@ -65,7 +65,7 @@ class GatewayDevice:
             lat, lon = self.gateway.centroid(grid)
         seq = next(self._seq)
         alert = make_alert(
-            alert_id=alert_id or f"{self.device_id}-{uuid.uuid4().hex[:12]}",
+            alert_id=alert_id or new_alert_id(self.device_id),
             device_id=self.device_id,
             seq=seq,
             wt=wt,
@@ -85,7 +85,7 @@ class GatewayDevice:
         """Publish an alert that is wrong in the way ``kind`` names."""
         wt = self.gateway.catalogue.types[type or next(iter(self.gateway.catalogue.types))]
         good = make_alert(
-            alert_id=f"{self.device_id}-{uuid.uuid4().hex[:12]}",
+            alert_id=new_alert_id(self.device_id),
             device_id=self.device_id,
             seq=next(self._seq),
             wt=wt,

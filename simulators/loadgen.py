@@ -976,3 +976,14 @@ def machine_description() -> dict[str, str]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def loop_seconds(n: int = 5_000_000) -> float:
+    """Seconds a fixed Python loop (``n`` additions) takes now: how fast this machine is at the
+    moment. Virtual machines here swing by 2× and more from one minute to the next, so a
+    benchmark prints this beside its figures to tell a slow spell from a slow change."""
+    started = time.perf_counter()
+    x = 0
+    for i in range(n):
+        x += i
+    return time.perf_counter() - started
