@@ -46,8 +46,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extras="aggregator,edge,simulators"
 [ "$purpose" = test ] && extras="$extras,dev"
-stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)-${extras//,/-}"
-if [ ! -f "$stamp" ]; then
+hash=$(sha256sum pyproject.toml | cut -c1-16)
+stamp=".venv/.installed-$hash-${extras//,/-}"
+# the test install holds everything the demo needs: `make demo` after `make test` installs nothing
+everything=".venv/.installed-$hash-aggregator-edge-simulators-dev"
+if [ ! -f "$stamp" ] && [ ! -f "$everything" ]; then
   say "installing the project into .venv ($extras)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[$extras]"
