@@ -20,9 +20,9 @@ Payloads are pre-rendered AlertV1 JSON templates (one per device × type × posi
 only ``alert_id``, ``seq`` and ``observed_at`` are filled in per message. Alert ids are the edge
 agent's (``contract.new_alert_id``: the device id and a UUIDv7, in time order per device);
 ``alert_ids="uuid4"`` sends random ones instead, as a device of another make might, to measure
-what they cost the pool's unique index. Results come from the
-pool: every alert of the run counted (zero-loss check) and, per alert, ``observed_at`` → commit
-of its batch (``alerts.batch_id = batches.id``).
+what they cost the pool's unique index. Results come from the pool: every alert of the run
+counted (zero-loss check) and, per alert, ``observed_at`` → commit of its batch
+(``alerts.batch_id = batches.id``).
 """
 
 from __future__ import annotations
