@@ -139,6 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
 
     p = sub.add_parser(
+        "handling",
+        help="handling rate, on-time rate and overdue events (Longgang 8.6) per department, "
+        "community, grid or type",
+        description="For the events registered in the window: 处置率 (closed / registered), "
+        "按期处置率 (closed by the deadline / due, where due = closed + open past the "
+        "deadline) and the events open past their deadline now (督办).",
+    )
+    _common(p)
+    p.add_argument(
+        "--by", choices=["department", "community", "grid", "type"], default="department"
+    )
+    p.add_argument("--grid", default=None, help="grid code prefix (any level)")
+    p.add_argument(
+        "--days", type=float, default=None, help="only events registered in the last N days"
+    )
+
+    p = sub.add_parser(
         "accounts",
         help="operator accounts: add, list, disable, enable, passwd (gateway accounts --help)",
         add_help=False,
@@ -399,6 +416,66 @@ def cmd_events(args: argparse.Namespace) -> int:
             live.update(events_table(db, args))
 
 
+def cmd_handling(args: argparse.Namespace) -> int:
+    from aggregator.geo import GridIndex, default_grid_file
+    from aggregator.handling import GroupBy, Handling, group_name, handling_stats
+    from contract import default_catalogue
+
+    db = _open_pool(args.data_dir)
+    now = time.time()
+    where: list[str] = []
+    params: list[object] = []
+    if args.grid:
+        where.append("substr(e.grid_code, 1, ?) = ?")
+        params += [len(args.grid), args.grid]
+    if args.days is not None:
+        where.append("e.registered_at >= ?")
+        params.append(now - args.days * 86400)
+    by = GroupBy(args.by)
+    total, groups = handling_stats(db, by, now, where=where, params=params)
+    catalogue, grids = default_catalogue(), GridIndex.from_geojson(default_grid_file())
+
+    def pct(rate: float | None) -> str:
+        return "–" if rate is None else f"{rate:.0%}"
+
+    table = Table(header_style="bold", title=f"handling by {by.value} (Longgang 8.6)")
+    for col in (
+        "key",
+        "name",
+        "registered",
+        "closed",
+        "处置率",
+        "on time",
+        "按期处置率",
+        "open",
+        "overdue (督办)",
+        "median to close",
+    ):
+        table.add_column(col, justify="right" if col not in ("key", "name") else "left")
+
+    def add(h: Handling, label: str) -> None:
+        median = h.median_close_s
+        table.add_row(
+            h.key,
+            label,
+            str(h.registered),
+            str(h.closed),
+            pct(h.handling_rate),
+            str(h.closed_on_time),
+            pct(h.on_time_rate),
+            str(h.open),
+            str(h.overdue),
+            "–" if median is None else f"{median / 60:.0f} min",
+        )
+
+    for h in groups:
+        add(h, group_name(by, h.key, catalogue, grids))
+    table.add_section()
+    add(total, "all")
+    Console().print(table)
+    return 0
+
+
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     db = _open_pool(args.data_dir)
     where, params = ["1=1"], []
@@ -488,6 +565,7 @@ _COMMANDS = {
     "provision": cmd_provision,
     "events": cmd_events,
     "dead-letters": cmd_dead_letters,
+    "handling": cmd_handling,
     "catalogue": cmd_catalogue,
     "grids": cmd_grids,
 }

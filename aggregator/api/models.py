@@ -303,6 +303,35 @@ class Stats(_Out):
     by_hour: list[HourCount] = Field(description="events registered per hour (UTC), last 168")
 
 
+class HandlingRow(_Out):
+    key: str = Field(description="department code, community or grid code, or type code; 'all'")
+    name: str = Field(description="its name (Chinese for departments and types)")
+    registered: int = Field(description="events registered in the window")
+    closed: int
+    closed_on_time: int = Field(description="closed by their handling deadline")
+    open: int
+    overdue: int = Field(description="open past their handling deadline now (督办)")
+    handling_rate: float | None = Field(description="处置率: closed / registered")
+    on_time_rate: float | None = Field(
+        description="按期处置率: closed on time / due, where due = closed + overdue (an open "
+        "event whose deadline is ahead is not late yet)"
+    )
+    median_close_s: float | None = Field(description="median seconds from registration to close")
+
+
+class HandlingStats(_Out):
+    """Longgang 8.6 handling metrics of the events registered in the window (the caller's
+    scope). The first-time rate (一次性处置率) is not computed: the lifecycle has no step that
+    sends a handled event back for re-handling yet."""
+
+    since: datetime | None
+    until: datetime | None
+    by: str = Field(description="department, community, grid or type")
+    as_of: datetime = Field(description="when 'overdue' was judged")
+    total: HandlingRow
+    groups: list[HandlingRow] = Field(description="most registered first")
+
+
 # -- health ----------------------------------------------------------------------------------
 
 

@@ -24,6 +24,8 @@ from aggregator.api.models import (
     GridCollection,
     GridFeature,
     GridProperties,
+    HandlingRow,
+    HandlingStats,
     HourCount,
     Problem,
     Stats,
@@ -32,6 +34,7 @@ from aggregator.api.models import (
 )
 from aggregator.auth import Level, Operator
 from aggregator.geo import GridIndex
+from aggregator.handling import GroupBy, Handling, group_name, handling_stats
 from contract import Location, RejectReason
 from contract.messages import DEVICE_ID_PATTERN
 
@@ -316,6 +319,27 @@ def get_dead_letter(
 # -- statistics ------------------------------------------------------------------------------
 
 
+def _selection(
+    operator: Operator, grid: str | None, since: datetime | None, until: datetime | None
+) -> tuple[list[str], list[Any]]:
+    """SQL conditions on events ``e`` (and their parameters): the operator's scope, a grid
+    prefix and the registration window."""
+    scope, params = operator.event_filter("e")
+    where: list[str] = [scope]
+    args: list[Any] = list(params)
+    if grid:
+        where.append(f"substr(e.grid_code, 1, {len(grid)}) = ?")
+        args.append(grid)
+    t0, t1 = to_ts(since, "since"), to_ts(until, "until")
+    if t0 is not None:
+        where.append("e.registered_at >= ?")
+        args.append(t0)
+    if t1 is not None:
+        where.append("e.registered_at < ?")
+        args.append(t1)
+    return where, args
+
+
 @router.get(
     "/stats",
     response_model=Stats,
@@ -331,19 +355,7 @@ def stats(
     since: Annotated[datetime | None, Query(description="registered at or after")] = None,
     until: Annotated[datetime | None, Query(description="registered before")] = None,
 ) -> Stats:
-    scope, params = operator.event_filter("e")
-    where: list[str] = [scope]
-    args: list[Any] = list(params)
-    if grid:
-        where.append(f"substr(e.grid_code, 1, {len(grid)}) = ?")
-        args.append(grid)
-    t0, t1 = to_ts(since, "since"), to_ts(until, "until")
-    if t0 is not None:
-        where.append("e.registered_at >= ?")
-        args.append(t0)
-    if t1 is not None:
-        where.append("e.registered_at < ?")
-        args.append(t1)
+    where, args = _selection(operator, grid, since, until)
     cond = " AND ".join(where)
     now = time.time()
     total, open_, overdue, alerts = conn.execute(
@@ -399,6 +411,51 @@ def stats(
             HourCount(hour=datetime.fromtimestamp(h * 3600, UTC), count=n)
             for h, n in reversed(hours)
         ],
+    )
+
+
+@router.get(
+    "/stats/handling",
+    response_model=HandlingStats,
+    responses={**AUTH_RESPONSES, 400: {"model": Problem, "description": "date out of range"}},
+    tags=["statistics"],
+    summary="Handling rate, on-time rate and overdue events (Longgang 8.6) by department, "
+    "community, grid or type",
+)
+def handling(
+    ctx: Ctx,
+    conn: Db,
+    operator: CurrentOperator,
+    by: GroupBy = GroupBy.DEPARTMENT,
+    grid: Annotated[str | None, Query(pattern=GRID_PREFIX)] = None,
+    since: Annotated[datetime | None, Query(description="registered at or after")] = None,
+    until: Annotated[datetime | None, Query(description="registered before")] = None,
+) -> HandlingStats:
+    where, args = _selection(operator, grid, since, until)
+    now = time.time()
+    total, groups = handling_stats(conn, by, now, where=where, params=args)
+
+    def row(h: Handling, label: str) -> HandlingRow:
+        return HandlingRow(
+            key=h.key,
+            name=label,
+            registered=h.registered,
+            closed=h.closed,
+            closed_on_time=h.closed_on_time,
+            open=h.open,
+            overdue=h.overdue,
+            handling_rate=h.handling_rate,
+            on_time_rate=h.on_time_rate,
+            median_close_s=h.median_close_s,
+        )
+
+    return HandlingStats(
+        since=since,
+        until=until,
+        by=by.value,
+        as_of=datetime.fromtimestamp(now, UTC),
+        total=row(total, "all"),
+        groups=[row(h, group_name(by, h.key, ctx.catalogue, ctx.grids)) for h in groups],
     )
 
 

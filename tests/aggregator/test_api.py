@@ -109,6 +109,7 @@ PROTECTED = [
     "/api/v1/devices",
     "/api/v1/grids",
     "/api/v1/stats",
+    "/api/v1/stats/handling",
     "/api/v1/dead-letters",
     "/api/v1/auth/me",
     "/api/v1/snapshots/" + "0" * 64,
@@ -327,6 +328,46 @@ def test_statistics(filled: Filled) -> None:
     assert sum(h["count"] for h in s["by_hour"]) == 7
     assert s["by_severity"]["low"] == 4
     assert s["by_status"] == {"registered": 7}
+
+
+def test_handling_metrics_by_department_and_community_in_scope(filled: Filled) -> None:
+    api, f = filled.api, filled
+    r = api.post(f"/api/v1/events/{f.fire}/close", "fire", json={"note": "out"})
+    assert r.status_code == 200
+    assert (
+        api.post(
+            f"/api/v1/events/{f.garbage[0]}/close", "comm_a", json={"note": "bins emptied"}
+        ).status_code
+        == 200
+    )
+    r = api.get("/api/v1/stats/handling", "admin")
+    assert r.status_code == 200, r.text
+    s = r.json()
+    assert s["by"] == "department"
+    total = s["total"]
+    assert (total["registered"], total["closed"], total["closed_on_time"]) == (7, 2, 2)
+    assert (total["open"], total["overdue"]) == (5, 0)  # deadlines are hours ahead
+    assert total["handling_rate"] == pytest.approx(2 / 7)
+    assert total["on_time_rate"] == pytest.approx(1.0)
+    groups = {g["key"]: g for g in s["groups"]}
+    assert [g["key"] for g in s["groups"]] == ["enforcement", "police", "fire"]  # most first
+    assert (groups["fire"]["name"], groups["police"]["name"]) == ("消防大队", "公安局")
+    assert (groups["enforcement"]["registered"], groups["enforcement"]["closed"]) == (4, 1)
+    assert groups["police"]["handling_rate"] == 0.0
+    assert groups["police"]["on_time_rate"] is None  # nothing due yet
+    assert groups["fire"]["median_close_s"] >= 0
+    # By community, in a community operator's scope: only its own events count.
+    s = api.get("/api/v1/stats/handling", "comm_a", by="community").json()
+    assert [g["key"] for g in s["groups"]] == [COMMUNITY_A]
+    assert (s["total"]["registered"], s["total"]["closed"]) == (5, 2)
+    s = api.get("/api/v1/stats/handling", "police", by="type").json()
+    assert {g["key"] for g in s["groups"]} == {"fire_lane_occupied", "crowd_gathering"}
+    assert s["total"]["closed"] == 0
+    # A window before everything was registered holds nothing.
+    empty = api.get("/api/v1/stats/handling", "admin", until="2020-01-01T00:00:00Z").json()
+    assert empty["total"]["registered"] == 0
+    assert empty["total"]["handling_rate"] is None
+    assert api.get("/api/v1/stats/handling", "admin", by="colour").status_code == 422
 
 
 def test_devices_and_dead_letters(filled: Filled, broker: Any) -> None:
