@@ -32,6 +32,12 @@ const I18N = {
     camera: "摄像头", sensor: "传感器", hub: "网关",
     no_snapshot: "无照片", error: "出错了", dropped: "实时推送过慢，已重新连接",
     ago_s: "秒前", ago_m: "分钟前", ago_h: "小时前", ago_d: "天前",
+    tab_handling: "处置考核", handling_title: "处置考核（龙港 8.6）", h_by: "分组",
+    by_department: "责任部门", by_community: "社区", by_grid: "网格", by_type: "类型",
+    h_name: "名称", h_registered: "登记", h_closed: "办结", h_rate: "处置率",
+    h_on_time: "按期处置率", h_open: "未办结", h_overdue: "超时（督办）",
+    h_median: "办结用时中位数", h_total: "合计", h_asof: "统计时间",
+    h_note: "按期处置率 = 按期办结 / 应办结（已办结 + 超时未办结）。",
   },
   en: {
     title: "Community event pool", subtitle: "Smart-community warnings · 5.4",
@@ -60,6 +66,12 @@ const I18N = {
     camera: "camera", sensor: "sensor", hub: "hub",
     no_snapshot: "No snapshot", error: "Error", dropped: "Live stream too slow; reconnected",
     ago_s: "s ago", ago_m: "min ago", ago_h: "h ago", ago_d: "d ago",
+    tab_handling: "Handling", handling_title: "Handling (Longgang 8.6)", h_by: "By",
+    by_department: "Department", by_community: "Community", by_grid: "Grid", by_type: "Type",
+    h_name: "Name", h_registered: "Registered", h_closed: "Closed", h_rate: "Handling rate",
+    h_on_time: "On-time rate", h_open: "Open", h_overdue: "Overdue",
+    h_median: "Median time to close", h_total: "All", h_asof: "as of",
+    h_note: "On-time rate = closed on time / due (closed + open past the deadline).",
   },
 };
 const SEVERITIES = ["critical", "high", "medium", "low"];
@@ -176,6 +188,7 @@ function applyLang() {
     drawMap();
     if (state.selected) openDetail(state.selected, false);
     if (state.tab === "devices") loadDevices();
+    if (state.tab === "handling") loadHandling();
     loadSummary();
   }
 }
@@ -667,15 +680,53 @@ async function loadDevices() {
   }));
 }
 
+// -- handling (Longgang 8.6) ------------------------------------------------------------------
+
+function pct(rate) { return rate == null ? "—" : `${Math.round(rate * 100)}%`; }
+
+function duration(seconds) {
+  if (seconds == null) return "—";
+  if (seconds < 3600) return `${Math.round(seconds / 60)} min`;
+  return `${(seconds / 3600).toFixed(1)} h`;
+}
+
+async function loadHandling() {
+  let data;
+  try { data = await api(`/stats/handling?by=${encodeURIComponent($("h-by").value)}`); } catch (_) { return; }
+  $("handling-asof").textContent = `${t("h_asof")} ${fmtTime(data.as_of)}`;
+  const row = (g, label, cls) => h("tr", { class: cls, "data-key": g.key },
+    h("td", { text: label }),
+    h("td", { text: g.registered }),
+    h("td", { text: g.closed }),
+    h("td", { class: "rate", text: pct(g.handling_rate) }),
+    h("td", { class: "on-time", text: pct(g.on_time_rate) }),
+    h("td", { text: g.open }),
+    h("td", { class: g.overdue ? "overdue" : "", text: g.overdue }),
+    h("td", { text: duration(g.median_close_s) }));
+  const label = (g) => {
+    const names = $("h-by").value === "department" ? state.departments
+      : $("h-by").value === "type" ? state.types : state.places;
+    const n = names.get(g.key);
+    return n ? `${n[state.lang] || n.zh} (${g.key})` : `${g.name} (${g.key})`;
+  };
+  $("handling-rows").replaceChildren(
+    ...data.groups.map((g) => row(g, label(g), "")),
+    row(data.total, t("h_total"), "total"));
+}
+
 function showTab(tab) {
   state.tab = tab;
   for (const b of document.querySelectorAll(".tab")) b.classList.toggle("active", b.dataset.tab === tab);
   $("events-view").hidden = tab !== "events";
   $("devices-view").hidden = tab !== "devices";
+  $("handling-view").hidden = tab !== "handling";
   clearInterval(state.deviceTimer);
   if (tab === "devices") {
     loadDevices();
     state.deviceTimer = setInterval(loadDevices, 10000);
+  } else if (tab === "handling") {
+    loadHandling();
+    state.deviceTimer = setInterval(loadHandling, 30000);
   } else {
     refit();
   }
@@ -694,6 +745,7 @@ function init() {
   for (const b of document.querySelectorAll(".tab")) b.onclick = () => showTab(b.dataset.tab);
   $("filters").addEventListener("change", () => { loadEvents(true).catch(() => {}); drawMap(); });
   $("more").onclick = () => loadEvents(false);
+  $("h-by").addEventListener("change", () => loadHandling());
   $("d-close").onclick = () => {
     $("detail").hidden = true;
     state.selected = null;

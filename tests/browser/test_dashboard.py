@@ -168,3 +168,38 @@ def test_community_operator_sees_only_its_community(
     expect(page.locator("#event-list .event")).to_have_count(2, timeout=3_000)
     page.wait_for_timeout(500)
     expect(page.locator("#event-list .event")).to_have_count(2)
+
+
+def test_handling_tab_shows_rates_per_department_and_community(
+    broker: Any, service: Service, page: Page
+) -> None:
+    publish(broker, make_alert("cam-001", *interior(grid_in_community(0, 2)), type="smoke_fire"))
+    publish(
+        broker, make_alert("cam-002", *interior(grid_in_community(0, 6)), type="exposed_garbage")
+    )
+    login(page, service, "admin")
+    expect(page.locator("#event-list .event")).to_have_count(2, timeout=10_000)
+    fire = page.locator("#event-list .event").evaluate_all(
+        "els => els.map(e => [e.dataset.eventId, e.textContent])"
+    )
+    [fire_id] = [i for i, text in fire if "烟火" in text]
+    close = page.request.post(
+        f"{service.url}/api/v1/events/{fire_id}/close",
+        headers={"Authorization": "Bearer " + page.evaluate("sessionStorage.getItem('cwg.token')")},
+        data={"note": "extinguished"},
+    )
+    assert close.ok, close.text()
+    page.click("button.tab[data-tab=handling]")
+    expect(page.locator("#handling-view")).to_be_visible()
+    fire_row = page.locator("#handling-rows tr[data-key=fire]")
+    expect(fire_row).to_contain_text("消防大队")
+    expect(fire_row.locator("td.rate")).to_have_text("100%")
+    expect(fire_row.locator("td.on-time")).to_have_text("100%")
+    expect(page.locator("#handling-rows tr.total td.rate")).to_have_text("50%")
+    page.select_option("#h-by", "community")
+    expect(page.locator(f"#handling-rows tr[data-key='{COMMUNITY_A}']")).to_contain_text("2")
+    expect(page.locator("#handling-rows tr:not(.total)")).to_have_count(1)
+    page.click("#lang")
+    expect(page.locator("button.tab[data-tab=handling]")).to_have_text("Handling")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-handling.png"))
