@@ -417,9 +417,10 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_handling(args: argparse.Namespace) -> int:
+    from aggregator.config import Settings
     from aggregator.geo import GridIndex, default_grid_file
     from aggregator.handling import GroupBy, Handling, group_name, handling_stats
-    from contract import default_catalogue
+    from contract import load_catalogue
 
     db = _open_pool(args.data_dir)
     now = time.time()
@@ -433,7 +434,10 @@ def cmd_handling(args: argparse.Namespace) -> int:
         params.append(now - args.days * 86400)
     by = GroupBy(args.by)
     total, groups = handling_stats(db, by, now, where=where, params=params)
-    catalogue, grids = default_catalogue(), GridIndex.from_geojson(default_grid_file())
+    # names from the same catalogue and grid files as `gateway run` (CWG_* variables)
+    settings = Settings(data_dir=args.data_dir)
+    catalogue = load_catalogue(settings.catalogue_file)
+    grids = GridIndex.from_geojson(settings.grid_file or default_grid_file())
 
     def pct(rate: float | None) -> str:
         return "–" if rate is None else f"{rate:.0%}"
