@@ -91,6 +91,37 @@ class NoticeSettings(BaseModel):
     )
 
 
+class AccessSettings(BaseModel):
+    """Operator access to the API: login throttling and the metrics token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="bearer token that may read /metrics (an admin operator's token may too); "
+        "unset: only admin tokens",
+    )
+    login_free_failures_user: int = Field(
+        5, ge=1, le=1000, description="failed logins per user name before the lockout starts"
+    )
+    login_free_failures_addr: int = Field(
+        20, ge=1, le=10_000, description="failed logins per client address before its lockout"
+    )
+    login_lockout_base_s: float = Field(
+        1.0, gt=0, le=3600, description="first lockout; each further failure doubles it"
+    )
+    login_lockout_max_s: float = Field(900.0, gt=0, le=86_400, description="longest lockout")
+    login_workers: int = Field(
+        1,
+        ge=1,
+        le=4,
+        description="threads that check passwords (argon2): the cores a login flood can take",
+    )
+    login_max_waiting: int = Field(
+        4, ge=0, le=1000, description="logins that may wait for a checker; more are refused (429)"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CWG_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -110,6 +141,7 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     notices: NoticeSettings = Field(default_factory=NoticeSettings)
+    access: AccessSettings = Field(default_factory=AccessSettings)
 
     @model_validator(mode="after")
     def _defaults_under_data_dir(self) -> Settings:
