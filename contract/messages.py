@@ -31,6 +31,8 @@ TYPE_CODE_PATTERN = r"^[a-z][a-z0-9_]{1,63}$"
 JPEG_MAGIC = b"\xff\xd8\xff"
 # Snapshots are capped so that one alert stays well under the broker's packet limit.
 SNAPSHOT_MAX_BYTES = 512 * 1024
+# Integers that are stored (SQLite INTEGER) must fit a signed 64-bit column.
+INT64_MAX = 2**63 - 1
 
 
 class Severity(StrEnum):
@@ -48,7 +50,16 @@ _SEVERITY_RANK = {Severity.LOW: 0, Severity.MEDIUM: 1, Severity.HIGH: 2, Severit
 
 
 def _utc(value: datetime) -> datetime:
-    return value.astimezone(UTC)
+    # 0001-01-01T00:00:00+01:00 is a valid RFC 3339 time whose UTC form is in year 0: Python
+    # raises OverflowError, which pydantic would let escape instead of reporting an error.
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise PydanticCustomError(
+            "datetime_out_of_range",
+            "time {value} has no UTC form within years 1-9999",
+            {"value": value.isoformat()},
+        ) from None
 
 
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
@@ -81,7 +92,7 @@ class DetectedObject(_Part):
     box: tuple[float, float, float, float] | None = Field(
         default=None, description="x1, y1, x2, y2 in pixels of the snapshot"
     )
-    track_id: int | None = Field(default=None, ge=0, description="tracker identity")
+    track_id: int | None = Field(default=None, ge=0, le=INT64_MAX, description="tracker identity")
 
 
 class SensorReading(_Part):
@@ -107,7 +118,7 @@ class AlertV1(_Message):
     schema_: Literal["alert/v1"] = Field(alias="schema", default="alert/v1")
     alert_id: str = Field(pattern=ALERT_ID_PATTERN, description="globally unique; idempotency key")
     device_id: DeviceId
-    seq: int = Field(ge=0, description="per-device, monotonic")
+    seq: int = Field(ge=0, le=INT64_MAX, description="per-device, monotonic")
     type: str = Field(pattern=TYPE_CODE_PATTERN, description="code from the warning catalogue")
     severity: Severity | None = Field(default=None, description="defaults to the catalogue's")
     confidence: float = Field(ge=0, le=1)
@@ -183,9 +194,9 @@ class DeviceState(StrEnum):
 class Health(_Part):
     fps: float | None = Field(default=None, ge=0)
     inference_ms: float | None = Field(default=None, ge=0)
-    outbox_depth: int | None = Field(default=None, ge=0)
-    outbox_dropped: int | None = Field(default=None, ge=0)
-    frames_dropped: int | None = Field(default=None, ge=0)
+    outbox_depth: int | None = Field(default=None, ge=0, le=INT64_MAX)
+    outbox_dropped: int | None = Field(default=None, ge=0, le=INT64_MAX)
+    frames_dropped: int | None = Field(default=None, ge=0, le=INT64_MAX)
     uptime_s: float | None = Field(default=None, ge=0)
     version: str | None = Field(default=None, max_length=64)
 
@@ -225,6 +236,9 @@ class RejectReason(StrEnum):
     SNAPSHOT_NOT_JPEG = "snapshot_not_jpeg"
     SNAPSHOT_TOO_LARGE = "snapshot_too_large"
     BAD_TOPIC = "bad_topic"
+    # the message made the aggregator fail (a fault of ours, found by bisecting its batch): it
+    # is kept so that the fault can be reproduced, and every other message went on
+    INTERNAL_ERROR = "internal_error"
 
 
 class FeedbackV1(_Message):
