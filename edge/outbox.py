@@ -1,8 +1,22 @@
 """The alert outbox: a SQLite (WAL) file where every alert is committed before it is published.
 
 Why: paho-mqtt keeps unacknowledged messages only in memory, so a restart or a long broker
-outage would lose them. Here an alert is a row from the moment it exists until the broker has
-acknowledged it (PUBACK), and the publisher replays undelivered rows in ``seq`` order.
+outage would lose them. Here an alert is a row from the moment it exists until the aggregator
+has answered for it (feedback for its ``alert_id``, whatever the outcome), and the publisher
+replays unsent rows in ``seq`` order.
+
+A row goes through three states:
+
+* **unsent** (``acked_at`` NULL): not yet acknowledged by the broker; every new connection
+  publishes these again, in ``seq`` order;
+* **awaiting feedback** (``acked_at`` set): the broker's PUBACK came. That only means the broker
+  holds it, and a broker can die before it saves or hands it on. If no feedback arrives by
+  ``resend_at`` (``feedback_timeout_s`` after the PUBACK, doubling with each resend up to
+  ``_MAX_BACKOFF`` times), the row is published again under the same ``alert_id``; the
+  aggregator's exact dedup answers ``duplicate`` and that clears it too. The doubling keeps a
+  long aggregator outage from filling the broker with copies of the same backlog;
+* **delivered** (``delivered_at`` set): feedback came (accepted, merged, duplicate, rejected or
+  out_of_area).
 
 The per-device ``seq`` lives in the same file (table ``meta``) and is allocated in the same
 transaction as the row, so it stays monotonic across restarts and after rows are pruned.
@@ -18,8 +32,9 @@ Overflow policy (bounded by ``max_rows`` and ``max_bytes`` of *undelivered* aler
    Blocking the producer instead would stall the camera and sensor loops, which must go on
    watching for the next critical warning.
 
-Every drop is counted per (type, severity) in the table ``dropped``, which survives restarts.
-Delivered rows are kept only up to ``keep_delivered`` for inspection, then pruned.
+Every drop is counted per (type, severity) in the table ``dropped``, which survives restarts;
+so is every resend (``meta`` key ``resent``). Delivered rows are kept only up to
+``keep_delivered`` for inspection, then pruned.
 """
 
 from __future__ import annotations
@@ -49,7 +64,10 @@ CREATE TABLE IF NOT EXISTS alerts (
     size         INTEGER NOT NULL,
     created_at   REAL NOT NULL,
     attempts     INTEGER NOT NULL DEFAULT 0,
-    delivered_at REAL
+    delivered_at REAL,
+    acked_at     REAL,
+    resend_at    REAL,
+    resends      INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS alerts_pending ON alerts (delivered_at, seq);
 CREATE TABLE IF NOT EXISTS meta (
@@ -63,7 +81,11 @@ CREATE TABLE IF NOT EXISTS dropped (
     PRIMARY KEY (type, severity)
 );
 """
+# Columns added after the first release: an outbox file made before gains them on open.
+_ADDED_COLUMNS = {"acked_at": "REAL", "resend_at": "REAL", "resends": "INTEGER NOT NULL DEFAULT 0"}
 _CRITICAL_RANK = Severity.CRITICAL.rank
+# The wait for feedback doubles with each resend of an alert, up to this many times the first.
+_MAX_BACKOFF = 8
 
 
 class AlertBuilder(Protocol):
@@ -97,6 +119,8 @@ class OutboxStats:
     dropped_total: int
     dropped: dict[tuple[str, str], int]
     overflow_grown: int
+    awaiting_feedback: int = 0  # acknowledged by the broker, no feedback yet (part of depth)
+    resent: int = 0  # publishes again after no feedback came in time, since the file was made
 
 
 class Outbox:
@@ -109,9 +133,13 @@ class Outbox:
         max_rows: int = 10_000,
         max_bytes: int = 256 * 1024 * 1024,
         keep_delivered: int = 1000,
+        feedback_timeout_s: float = 30.0,
     ) -> None:
         if max_rows < 1 or max_bytes < 1:
             raise ValueError("outbox limits must be positive")
+        if feedback_timeout_s <= 0:
+            raise ValueError("feedback_timeout_s must be positive")
+        self.feedback_timeout_s = feedback_timeout_s
         self.path = Path(path)
         self.max_rows = max_rows
         self.max_bytes = max_bytes
@@ -126,6 +154,10 @@ class Outbox:
             # FULL: a committed alert survives power loss too, not only a killed process.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            have = {str(r[1]) for r in self._db.execute("PRAGMA table_info(alerts)")}
+            for name, decl in _ADDED_COLUMNS.items():
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE alerts ADD COLUMN {name} {decl}")
         except sqlite3.Error as exc:
             raise OutboxError(f"cannot open outbox {self.path}: {exc}") from exc
 
@@ -244,12 +276,25 @@ class Outbox:
         return EnqueueResult(seq, stored=True, dropped=tuple(dropped))
 
     def pending(self, after_seq: int = -1, limit: int = 100) -> list[PendingAlert]:
-        """Undelivered alerts with seq > ``after_seq``, in seq order."""
+        """Unsent alerts (no PUBACK yet) with seq > ``after_seq``, in seq order."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, alert_id, payload FROM alerts"
-                " WHERE delivered_at IS NULL AND seq > ? ORDER BY seq LIMIT ?",
+                " WHERE delivered_at IS NULL AND acked_at IS NULL AND seq > ?"
+                " ORDER BY seq LIMIT ?",
                 (after_seq, limit),
+            ).fetchall()
+        return [PendingAlert(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+
+    def due(self, now: float | None = None, limit: int = 100) -> list[PendingAlert]:
+        """Alerts the broker acknowledged whose feedback is overdue, in seq order."""
+        at = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, alert_id, payload FROM alerts"
+                " WHERE delivered_at IS NULL AND acked_at IS NOT NULL AND resend_at <= ?"
+                " ORDER BY seq LIMIT ?",
+                (at, limit),
             ).fetchall()
         return [PendingAlert(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
 
@@ -257,7 +302,50 @@ class Outbox:
         with self._lock:
             self._db.execute("UPDATE alerts SET attempts = attempts + 1 WHERE seq = ?", (seq,))
 
+    def mark_acked(self, seqs: list[int]) -> None:
+        """The broker acknowledged these (PUBACK): now they wait for the aggregator's feedback."""
+        if not seqs:
+            return
+        now = time.time()
+        timeout = self.feedback_timeout_s
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE alerts SET acked_at = ?,"
+                " resend_at = ? + ? * (1 << min(resends, ?))"
+                " WHERE seq = ? AND delivered_at IS NULL",
+                [(now, now, timeout, _MAX_BACKOFF.bit_length() - 1, s) for s in seqs],
+            )
+
+    def mark_resending(self, seqs: list[int]) -> None:
+        """These overdue alerts are being published again: unsent until their next PUBACK."""
+        if not seqs:
+            return
+        with self._tx() as db:
+            before = db.total_changes
+            db.executemany(
+                "UPDATE alerts SET acked_at = NULL, resend_at = NULL, resends = resends + 1"
+                " WHERE seq = ? AND delivered_at IS NULL",
+                [(s,) for s in seqs],
+            )
+            self._bump(db, "resent", db.total_changes - before)
+
+    def mark_confirmed(self, alert_ids: list[str]) -> int:
+        """Feedback came for these alert ids: delivered. Returns how many rows that cleared."""
+        if not alert_ids:
+            return 0
+        now = time.time()
+        with self._tx() as db:
+            before = db.total_changes
+            db.executemany(
+                "UPDATE alerts SET delivered_at = ? WHERE alert_id = ? AND delivered_at IS NULL",
+                [(now, a) for a in alert_ids],
+            )
+            cleared = db.total_changes - before
+            self._prune(db)
+        return cleared
+
     def mark_delivered(self, seqs: list[int]) -> None:
+        """Feedback came for these seqs (an answer that could not name the alert_id)."""
         if not seqs:
             return
         now = time.time()
@@ -266,20 +354,36 @@ class Outbox:
                 "UPDATE alerts SET delivered_at = ? WHERE seq = ? AND delivered_at IS NULL",
                 [(now, s) for s in seqs],
             )
-            # Keep only the newest delivered rows, for inspection.
-            db.execute(
-                "DELETE FROM alerts WHERE delivered_at IS NOT NULL AND seq NOT IN"
-                " (SELECT seq FROM alerts WHERE delivered_at IS NOT NULL"
-                "  ORDER BY seq DESC LIMIT ?)",
-                (self.keep_delivered,),
-            )
+            self._prune(db)
+
+    def _prune(self, db: sqlite3.Connection) -> None:
+        # Keep only the newest delivered rows, for inspection.
+        db.execute(
+            "DELETE FROM alerts WHERE delivered_at IS NOT NULL AND seq NOT IN"
+            " (SELECT seq FROM alerts WHERE delivered_at IS NOT NULL"
+            "  ORDER BY seq DESC LIMIT ?)",
+            (self.keep_delivered,),
+        )
 
     def depth(self) -> int:
+        """Alerts the aggregator has not answered for yet (unsent or awaiting feedback)."""
         with self._lock:
             row = self._db.execute(
                 "SELECT count(*) FROM alerts WHERE delivered_at IS NULL"
             ).fetchone()
         return int(row[0])
+
+    def unsent(self) -> int:
+        """Alerts the broker has not acknowledged yet."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT count(*) FROM alerts WHERE delivered_at IS NULL AND acked_at IS NULL"
+            ).fetchone()
+        return int(row[0])
+
+    def resent_total(self) -> int:
+        with self._lock:
+            return self._meta(self._db, "resent")
 
     def dropped_total(self) -> int:
         with self._lock:
@@ -294,6 +398,9 @@ class Outbox:
             delivered = self._db.execute(
                 "SELECT count(*) FROM alerts WHERE delivered_at IS NOT NULL"
             ).fetchone()[0]
+            awaiting = self._db.execute(
+                "SELECT count(*) FROM alerts WHERE delivered_at IS NULL AND acked_at IS NOT NULL"
+            ).fetchone()[0]
             dropped = {
                 (str(t), str(s)): int(c)
                 for t, s, c in self._db.execute(
@@ -302,6 +409,7 @@ class Outbox:
             }
             next_seq = self._meta(self._db, "next_seq")
             grown = self._meta(self._db, "overflow_grown")
+            resent = self._meta(self._db, "resent")
         return OutboxStats(
             depth=int(depth),
             depth_bytes=int(depth_bytes),
@@ -310,4 +418,6 @@ class Outbox:
             dropped_total=sum(dropped.values()),
             dropped=dropped,
             overflow_grown=grown,
+            awaiting_feedback=int(awaiting),
+            resent=resent,
         )

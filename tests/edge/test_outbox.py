@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -155,4 +157,73 @@ def test_byte_limit(tmp_path: Path) -> None:
     assert stats.dropped_total == 3
     # the survivors are the newest ones
     assert [p.seq for p in box.pending()] == list(range(3, n + 3))
+    box.close()
+
+
+def test_a_puback_only_moves_an_alert_to_awaiting_feedback(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", feedback_timeout_s=30)
+    alerts = [box.enqueue(builder())[0] for _ in range(4)]
+    box.mark_acked([0, 1, 2])
+    # Acknowledged by the broker: no longer sent on a new connection, but still undelivered.
+    assert [p.seq for p in box.pending()] == [3]
+    stats = box.stats()
+    assert (stats.depth, stats.awaiting_feedback, box.unsent()) == (4, 3, 1)
+    # Feedback (any outcome) names the alert_id; an unknown id changes nothing.
+    assert box.mark_confirmed([alerts[1].alert_id, "dev-1-unknown"]) == 1
+    assert box.mark_confirmed([alerts[1].alert_id]) == 0  # the same answer twice
+    # Feedback may come before the PUBACK is handled: the late PUBACK does not revive it.
+    assert box.mark_confirmed([alerts[3].alert_id]) == 1
+    box.mark_acked([3])
+    stats = box.stats()
+    assert (stats.depth, stats.awaiting_feedback, stats.delivered) == (2, 2, 2)
+    # Nothing is overdue before the timeout.
+    assert box.due() == []
+    box.close()
+
+
+def test_overdue_alerts_are_resent_with_a_growing_wait(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    box = Outbox(path, feedback_timeout_s=10)
+    alerts = [box.enqueue(builder())[0] for _ in range(3)]
+    box.mark_acked([0, 1, 2])
+    t0 = time.time()
+    assert box.due(now=t0 + 5) == []
+    due = box.due(now=t0 + 11)
+    assert [(p.seq, p.alert_id) for p in due] == [(a.seq, a.alert_id) for a in alerts]
+    box.mark_resending([0, 1])
+    # Being resent: unsent again (a reconnect before its PUBACK replays it), counted.
+    assert [p.seq for p in box.pending()] == [0, 1]
+    assert [p.seq for p in box.due(now=t0 + 11)] == [2]
+    assert box.stats().resent == box.resent_total() == 2
+    box.mark_acked([0, 1])
+    t1 = time.time()
+    # The second wait is twice the first.
+    assert [p.seq for p in box.due(now=t1 + 15)] == [2]  # 0 and 1 now wait 20 s
+    assert [p.seq for p in box.due(now=t1 + 21)] == [0, 1, 2]
+    box.close()
+    # The counter and the states survive a restart.
+    box = Outbox(path, feedback_timeout_s=10)
+    assert box.resent_total() == 2
+    assert box.pending() == []
+    assert box.stats().awaiting_feedback == 3
+    box.close()
+
+
+def test_an_outbox_made_before_feedback_tracking_gains_its_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE alerts (seq INTEGER PRIMARY KEY, alert_id TEXT NOT NULL UNIQUE,"
+        " type TEXT NOT NULL, severity TEXT NOT NULL, sev_rank INTEGER NOT NULL,"
+        " payload BLOB NOT NULL, size INTEGER NOT NULL, created_at REAL NOT NULL,"
+        " attempts INTEGER NOT NULL DEFAULT 0, delivered_at REAL);"
+        "INSERT INTO alerts (seq, alert_id, type, severity, sev_rank, payload, size, created_at)"
+        " VALUES (0, 'dev-1-a', 'noise_over_limit', 'medium', 1, x'7b7d', 2, 0);"
+    )
+    db.commit()
+    db.close()
+    box = Outbox(path)
+    assert [p.alert_id for p in box.pending()] == ["dev-1-a"]  # replayed as unsent
+    box.mark_acked([0])
+    assert box.stats().awaiting_feedback == 1
     box.close()
