@@ -56,8 +56,17 @@ def parse_filter(
         grid=grid or "",
         types=frozenset(types),
         severities=sev,
-        kinds=frozenset(kinds) if kinds else frozenset(_KINDS),
+        # Raw alert outcomes only on request (kind=alert or alerts=1): at thousands of alerts a
+        # second they would swamp an operator who only watches events.
+        kinds=frozenset(kinds) if kinds else frozenset({"event"}),
     )
+
+
+def wanted_kinds(kinds: list[str], alerts: str | bool | None) -> list[str]:
+    """``alerts=1`` adds raw alert outcomes to whatever kinds were asked for (events by default)."""
+    if alerts in (True, "1", "true", "yes"):
+        return sorted({*(kinds or ["event"]), "alert"})
+    return kinds
 
 
 def _resolve(ctx: ApiContext, token: str | None) -> Operator:
@@ -73,7 +82,7 @@ async def stream_ws(websocket: WebSocket) -> None:
     try:
         operator = await asyncio.to_thread(_resolve, ctx, q.get("token"))
         flt = parse_filter(q.get("grid"), q.getlist("type"), q.getlist("severity"),
-                           q.getlist("kind"))  # fmt: skip
+                           wanted_kinds(q.getlist("kind"), q.get("alerts")))  # fmt: skip
     except AuthError as exc:
         await _deny(websocket, status.HTTP_401_UNAUTHORIZED, str(exc))
         return
@@ -147,6 +156,7 @@ async def stream_sse(
     type_: Annotated[list[str] | None, Query(alias="type")] = None,
     severity: Annotated[list[Severity] | None, Query()] = None,
     kind: Annotated[list[str] | None, Query()] = None,
+    alerts: Annotated[bool, Query(description="also raw alert outcomes")] = False,
     max_seconds: Annotated[
         float, Query(gt=0, le=86400, description="end the stream after this long")
     ] = 3600,
@@ -158,7 +168,9 @@ async def stream_sse(
             status.HTTP_401_UNAUTHORIZED, str(exc), headers={"WWW-Authenticate": "Bearer"}
         ) from exc
     try:
-        flt = parse_filter(grid, type_ or [], [s.value for s in severity or []], kind or [])
+        flt = parse_filter(
+            grid, type_ or [], [s.value for s in severity or []], wanted_kinds(kind or [], alerts)
+        )
     except FilterError as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from exc
     client = ctx.hub.connect(operator, flt)

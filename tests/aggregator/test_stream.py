@@ -73,9 +73,9 @@ def test_stream_is_scoped_filtered_and_carries_events_alerts_and_lifecycle(
     broker: Any, service: Service, api: Api
 ) -> None:
     with (
-        connect(ws_url(service, api.token("comm_a"))) as comm_a,
+        connect(ws_url(service, api.token("comm_a"), alerts="1")) as comm_a,
         connect(ws_url(service, api.token("comm_b"))) as comm_b,
-        connect(ws_url(service, api.token("admin"), type="smoke_fire")) as admin_fire,
+        connect(ws_url(service, api.token("admin"), type="smoke_fire", alerts="1")) as admin_fire,
         connect(ws_url(service, api.token("police"))) as police,
     ):
         wait_until(lambda: service.hub.client_count == 4, what="four stream clients")
