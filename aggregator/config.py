@@ -122,6 +122,25 @@ class AccessSettings(BaseModel):
     )
 
 
+class DeadLetterSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keep_bytes: int = Field(
+        64 * 1024,
+        ge=0,
+        description="a rejected payload keeps this many leading bytes; its full size and "
+        "sha256 are kept whatever its length",
+    )
+    retention_days: float = Field(
+        30,
+        gt=0,
+        description="dead letters and out-of-area rows older than this are deleted",
+    )
+    prune_every_s: float = Field(
+        600, ge=1, description="how often the pool writer deletes expired rows (between batches)"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CWG_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -141,6 +160,7 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     notices: NoticeSettings = Field(default_factory=NoticeSettings)
+    dead_letters: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
     access: AccessSettings = Field(default_factory=AccessSettings)
 
     @model_validator(mode="after")
