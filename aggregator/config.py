@@ -141,6 +141,35 @@ class DeadLetterSettings(BaseModel):
     )
 
 
+class HttpSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    certfile: Path | None = Field(
+        None, description="PEM certificate (chain) for HTTPS; with keyfile, the API serves HTTPS"
+    )
+    keyfile: Path | None = Field(None, description="PEM private key of certfile")
+    nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="niceness added to the operator API's process, so that ingest goes first "
+        "when the cores are short",
+    )
+    stream_stall_s: float = Field(
+        10,
+        gt=0,
+        le=600,
+        description="a live-stream client with messages waiting that has taken none for this "
+        "long is dropped (a client that keeps reading never is)",
+    )
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> HttpSettings:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("http.certfile and http.keyfile go together: set both or neither")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CWG_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -162,6 +191,14 @@ class Settings(BaseSettings):
     notices: NoticeSettings = Field(default_factory=NoticeSettings)
     dead_letters: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
     access: AccessSettings = Field(default_factory=AccessSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="loopback port of the ingest process's Prometheus metrics (0: any free "
+        "port; the operator API's /metrics shows them either way)",
+    )
 
     @model_validator(mode="after")
     def _defaults_under_data_dir(self) -> Settings:
