@@ -433,7 +433,12 @@ def build_agent(
     outbox_path = Path(config.outbox.path or f"{device.device_id}.outbox.db")
     if not outbox_path.is_absolute():
         outbox_path = Path(state_dir) / outbox_path
-    outbox = Outbox(outbox_path, max_rows=config.outbox.max_rows, max_bytes=config.outbox.max_bytes)
+    outbox = Outbox(
+        outbox_path,
+        max_rows=config.outbox.max_rows,
+        max_bytes=config.outbox.max_bytes,
+        feedback_timeout_s=config.outbox.feedback_timeout_s,
+    )
 
     # Publisher: drains the outbox over MQTT; also carries status and telemetry.
     publisher = Publisher(

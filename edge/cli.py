@@ -166,6 +166,8 @@ def _cmd_outbox(config: Path, state_dir: Path, as_json: bool) -> int:
                         for (t, s), c in sorted(stats.dropped.items())
                     ],
                     "overflow_grown": stats.overflow_grown,
+                    "awaiting_feedback": stats.awaiting_feedback,
+                    "resent": stats.resent,
                 }
             )
         )
@@ -173,7 +175,9 @@ def _cmd_outbox(config: Path, state_dir: Path, as_json: bool) -> int:
     print(f"outbox {path}")
     print(f"  waiting for delivery: {stats.depth} alerts, {stats.depth_bytes} bytes")
     print(f"  limits:               {cfg.outbox.max_rows} alerts, {cfg.outbox.max_bytes} bytes")
+    print(f"  of which awaiting the aggregator's feedback: {stats.awaiting_feedback}")
     print(f"  delivered (kept):     {stats.delivered}")
+    print(f"  sent again (no feedback in time): {stats.resent}")
     print(f"  next seq:             {stats.next_seq}")
     print(f"  dropped when full:    {stats.dropped_total}")
     for (type_code, severity), count in sorted(stats.dropped.items()):

@@ -102,7 +102,11 @@ class Broker(_Strict):
         default=0.5, gt=0, le=60, description="first reconnect delay; grows, randomized"
     )
     reconnect_max_s: float = Field(
-        default=30.0, gt=0, le=600, description="largest reconnect delay, seconds"
+        default=2.0,
+        gt=0,
+        le=600,
+        description="largest reconnect delay, seconds; small, so the device is back within a "
+        "few seconds of the broker (the jitter still spreads a fleet's reconnects)",
     )
     max_inflight: int = Field(
         default=1000, ge=1, le=10_000, description="alerts published but not yet acknowledged"
@@ -303,6 +307,14 @@ class OutboxConfig(_Strict):
     max_rows: int = Field(default=10_000, ge=1, description="undelivered alerts kept at most")
     max_bytes: int = Field(
         default=256 * 1024 * 1024, ge=1024, description="bytes of undelivered alerts kept at most"
+    )
+    feedback_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="an alert the broker acknowledged but the aggregator has not answered for "
+        "within this time is published again (same alert_id); the wait doubles with each "
+        "resend of the same alert, up to 8 times this",
     )
 
 

@@ -11,9 +11,16 @@ The connection loop is our own rather than paho's ``loop_start`` reconnects: pah
 ``reconnect_delay_set`` doubles its delay without jitter, and a fleet that lost the same broker
 would then come back in step. Here the n-th delay is random in [d/2, d], d = min·2ⁿ, capped.
 
-An alert is marked delivered only when its PUBACK arrives with a success reason code (MQTT 5
-reason codes below 0x80; 0x10 "no matching subscribers" is a success). A refused alert stays
-in the outbox and is tried again on the next connection.
+Delivery is end to end. A PUBACK with a success reason code (MQTT 5 reason codes below 0x80;
+0x10 "no matching subscribers" is a success) only moves an alert to "awaiting feedback": the
+broker holds it, and a broker SIGKILLed before its autosave, or one that never hands it to an
+aggregator, loses it. The alert is delivered when the aggregator's feedback for its
+``alert_id`` arrives on the device's own feedback topic (``feedback/v1`` or
+``feedback-batch/v1``, any outcome), to which every connection subscribes at QoS 1 in a
+persistent session, so answers sent while the device was away still arrive. An alert with no
+answer in time (``outbox.feedback_timeout_s``) is published again under the same ``alert_id``;
+the aggregator's exact dedup answers ``duplicate``, which clears it too. A refused alert stays
+unsent and is tried again on the next connection.
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ logger = logging.getLogger(__name__)
 SESSION_EXPIRY_S = 3600
 _DRAIN_BATCH = 200
 _TELEMETRY_QUEUE = 100
+# How often the outbox is asked for alerts whose feedback is overdue.
+_DUE_CHECK_S = 0.25
 
 
 class PublisherError(Exception):
@@ -86,6 +95,9 @@ class PublisherStats:
     alerts_published: int = 0
     alerts_acked: int = 0
     alerts_refused: int = 0
+    alerts_confirmed: int = 0  # cleared by the aggregator's feedback
+    alerts_resent: int = 0  # published again after no feedback came in time
+    subscribe_refused: int = 0
     feedback: Counter[str] = field(default_factory=Counter)
     feedback_invalid: int = 0
     telemetry_dropped: int = 0
@@ -129,6 +141,9 @@ class Publisher:
         self._inflight: dict[int, int] = {}
         self._sent_upto = -1
         self._acked: list[int] = []
+        self._confirmed_ids: list[str] = []
+        self._confirmed_seqs: list[int] = []
+        self._next_due_check = 0.0
         self._session_up = False
         self._connack_refused = False
         self._backlog = False
@@ -206,6 +221,7 @@ class Publisher:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _run(self) -> None:
@@ -228,9 +244,10 @@ class Publisher:
         self._inflight = {}
         self._sent_upto = -1
         self._acked = []
+        self._next_due_check = 0.0
         self._session_up = False
         self._connack_refused = False
-        self._backlog = True  # a new connection replays whatever the outbox holds
+        self._backlog = True  # a new connection replays whatever the outbox holds unsent
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         try:
@@ -254,8 +271,13 @@ class Publisher:
                     break
                 if self._session_up:
                     self._flush_acks()
-                    # Read the outbox only when told of new work, or while a backlog remains.
-                    if self._wake.is_set() or self._backlog:
+                    # Read the outbox only when told of new work, while a backlog remains, or
+                    # when it is time to look for alerts whose feedback is overdue.
+                    if (
+                        self._wake.is_set()
+                        or self._backlog
+                        or time.monotonic() >= self._next_due_check
+                    ):
                         self._wake.clear()
                         self._send_pending(client)
                 if self._stop.is_set():
@@ -318,6 +340,30 @@ class Publisher:
         limit = min(room, _DRAIN_BATCH)
         rows = self.outbox.pending(after_seq=self._sent_upto, limit=limit)
         self._backlog = len(rows) == limit
+        if not self._publish_rows(client, rows):
+            return
+        room -= len(rows)
+        now = time.monotonic()
+        if room > 0 and now >= self._next_due_check:
+            self._next_due_check = now + _DUE_CHECK_S
+            due = self.outbox.due(limit=min(room, _DRAIN_BATCH))
+            if due:
+                logger.info(
+                    "no feedback in time for %s alerts (seq %s..%s): sending them again",
+                    len(due),
+                    due[0].seq,
+                    due[-1].seq,
+                )
+                # Unsent again before the publish: a connection lost before the PUBACK then
+                # replays them like any other unsent alert.
+                self.outbox.mark_resending([r.seq for r in due])
+                self.stats.alerts_resent += len(due)
+                self._publish_rows(client, due, advance=False)
+
+    def _publish_rows(
+        self, client: mqtt.Client, rows: list[PendingAlert], *, advance: bool = True
+    ) -> bool:
+        """Publish alerts in the given order; False when the connection is gone."""
         topic = self.topics.alert(self.device_id)
         for row in rows:
             payload = self._fit(row)
@@ -325,10 +371,12 @@ class Publisher:
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 # Connection lost mid-drain: the next connection replays from the outbox.
                 logger.info("mqtt: publish of seq %s not sent: %s", row.seq, info.rc)
-                return
+                return False
             self._inflight[info.mid] = row.seq
-            self._sent_upto = row.seq
+            if advance:
+                self._sent_upto = row.seq
             self.stats.alerts_published += 1
+        return True
 
     def _fit(self, row: PendingAlert) -> bytes:
         """The payload to send: an alert over the size limit goes without its snapshot.
@@ -352,7 +400,13 @@ class Publisher:
     def _flush_acks(self) -> None:
         if self._acked:
             acked, self._acked = self._acked, []
-            self.outbox.mark_delivered(acked)
+            self.outbox.mark_acked(acked)
+        if self._confirmed_ids:
+            ids, self._confirmed_ids = self._confirmed_ids, []
+            self.stats.alerts_confirmed += self.outbox.mark_confirmed(ids)
+        if self._confirmed_seqs:
+            seqs, self._confirmed_seqs = self._confirmed_seqs, []
+            self.outbox.mark_delivered(seqs)
 
     # ---- paho callbacks (run in the publisher thread, inside client.loop) ---------------------
 
@@ -422,6 +476,25 @@ class Publisher:
         self.stats.alerts_acked += 1
         self._acked.append(seq)
 
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        refused = [rc for rc in reason_codes if rc.is_failure]
+        if refused:
+            # Without its feedback the device resends every alert after each timeout.
+            self.stats.subscribe_refused += 1
+            logger.error(
+                "mqtt: broker refused the feedback subscription %s: %s; alerts are resent "
+                "until the aggregator's answers can be read (check the broker's ACL)",
+                self.topics.feedback(self.device_id),
+                refused[0],
+            )
+
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
             feedback = parse_feedback(msg.payload)
@@ -434,6 +507,11 @@ class Publisher:
 
     def _feedback(self, fb: FeedbackV1) -> None:
         self.stats.feedback[fb.outcome.value] += 1
+        # Any outcome ends the alert's stay in the outbox: the aggregator has decided about it.
+        if fb.alert_id is not None:
+            self._confirmed_ids.append(fb.alert_id)
+        elif fb.seq is not None:
+            self._confirmed_seqs.append(fb.seq)
         if fb.outcome is Outcome.REJECTED:
             logger.warning(
                 "feedback: alert %s (seq %s) rejected: %s %s; dead letter %s",

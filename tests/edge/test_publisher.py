@@ -1,4 +1,5 @@
-"""The publisher against a real Mosquitto: drain in order, PUBACK marks, status, feedback."""
+"""The publisher against a real Mosquitto: drain in order, PUBACK then feedback, resends,
+status."""
 
 from __future__ import annotations
 
@@ -120,12 +121,14 @@ def test_drains_outbox_in_order_and_marks_on_puback(broker: BrokerHandle, outbox
         online = StatusV1.model_validate_json(status[0].payload)
         assert online.state is DeviceState.ONLINE
         assert online.kind == "camera"
-        wait_for(lambda: outbox.depth() == 0, what="every alert marked delivered")
+        wait_for(lambda: outbox.unsent() == 0, what="every alert acknowledged by the broker")
+        # No aggregator answers here: acknowledged by the broker, they wait for feedback.
+        assert outbox.depth() == outbox.stats().awaiting_feedback == 30
         # New alerts are sent as they arrive.
         enqueue(outbox, 2)
         pub.wake()
         assert [AlertV1.model_validate_json(m.payload).seq for m in sub.expect(2)] == [30, 31]
-        wait_for(lambda: outbox.depth() == 0, what="new alerts delivered")
+        wait_for(lambda: outbox.unsent() == 0, what="new alerts acknowledged")
         assert pub.stats.alerts_acked == 32
         assert pub.stats.alerts_refused == 0
     finally:
@@ -170,11 +173,11 @@ def test_outage_queues_then_delivers_in_order(broker: BrokerHandle, outbox: Outb
         enqueue(outbox, 20)  # written while the broker is away: they wait in the outbox
         pub.wake()
         time.sleep(0.3)
-        assert outbox.depth() == 20
+        assert outbox.unsent() == 20
         broker.start()
         got = [AlertV1.model_validate_json(m.payload).seq for m in sub.expect(20, timeout=20)]
         assert got == list(range(5, 25))
-        wait_for(lambda: outbox.depth() == 0, what="delivered after the outage")
+        wait_for(lambda: outbox.unsent() == 0, what="acknowledged after the outage")
         sub.expect_nothing(0.5)
         assert pub.stats.connects >= 2
     finally:
@@ -290,10 +293,10 @@ def test_inflight_is_capped(broker: BrokerHandle, outbox: Outbox) -> None:
     try:
         peak = 0
         deadline = time.monotonic() + 20
-        while outbox.depth() and time.monotonic() < deadline:
+        while outbox.unsent() and time.monotonic() < deadline:
             peak = max(peak, pub.inflight)
             time.sleep(0.001)
-        assert outbox.depth() == 0
+        assert outbox.unsent() == 0
         assert 1 <= peak <= 5
         seqs = [AlertV1.model_validate_json(m.payload).seq for m in sub.expect(300)]
         assert seqs == list(range(300))
@@ -346,7 +349,7 @@ def test_oversized_alert_goes_without_its_snapshot(
         assert [a.seq for a in got] == [0, 1, 2]
         assert got[1].alert_id == big.alert_id
         assert got[1].snapshot is None
-        wait_for(lambda: outbox.depth() == 0, what="all three delivered")
+        wait_for(lambda: outbox.unsent() == 0, what="all three acknowledged")
         assert pub.stats.snapshots_stripped == 1
         assert pub.stats.connects == 1
     finally:
@@ -441,7 +444,7 @@ def test_tls(tls_broker: tuple[int, Path, Path], outbox: Outbox, tmp_path: Path)
     trusting = publisher(ca, outbox)
     trusting.start()
     try:
-        wait_for(lambda: outbox.depth() == 0, what="alerts delivered over TLS")
+        wait_for(lambda: outbox.unsent() == 0, what="alerts acknowledged over TLS")
         assert trusting.stats.alerts_acked == 3
         wait_for(lambda: stranger.stats.connect_failures >= 2, what="refused handshakes")
         assert stranger.stats.connects == 0
@@ -450,3 +453,137 @@ def test_tls(tls_broker: tuple[int, Path, Path], outbox: Outbox, tmp_path: Path)
         trusting.stop()
         stranger.stop()
         stranger_box.close()
+
+
+def test_silence_resends_and_any_feedback_clears(broker: BrokerHandle, tmp_path: Path) -> None:
+    """No answer within the timeout: the same alert_ids again; every outcome clears an alert."""
+    box = Outbox(tmp_path / "resend.db", feedback_timeout_s=1.0)
+    silent = broker.client("aggregator")  # takes alerts, answers nothing (yet)
+    silent.subscribe(broker.topics.alert(DEVICE))
+    queued = enqueue(box, 5)
+    pub = make_publisher(broker, box)
+    pub.start()
+    try:
+        first = [AlertV1.model_validate_json(m.payload) for m in silent.expect(5)]
+        assert [a.alert_id for a in first] == [a.alert_id for a in queued]
+        wait_for(lambda: box.unsent() == 0, what="PUBACKs")
+        assert box.depth() == 5  # the broker has them; the aggregator has not answered
+        again = [AlertV1.model_validate_json(m.payload) for m in silent.expect(5, timeout=5)]
+        assert [a.alert_id for a in again] == [a.alert_id for a in queued]  # same ids, in order
+        assert pub.stats.alerts_resent >= 5
+        assert box.resent_total() >= 5
+        # The aggregator answers: one batch, one single message, one answer naming only the seq.
+        agg = broker.client("aggregator")
+        topic = broker.topics.feedback(DEVICE)
+        agg.publish(
+            topic,
+            FeedbackBatchV1(
+                device_id=DEVICE,
+                items=[
+                    FeedbackItem(alert_id=queued[0].alert_id, seq=0, outcome=Outcome.ACCEPTED),
+                    FeedbackItem(alert_id=queued[1].alert_id, seq=1, outcome=Outcome.DUPLICATE),
+                    FeedbackItem(
+                        alert_id=queued[2].alert_id,
+                        seq=2,
+                        outcome=Outcome.REJECTED,
+                        reason=RejectReason.UNKNOWN_TYPE,
+                    ),
+                ],
+                at=utcnow(),
+            ).to_json(),
+        )
+        agg.publish(
+            topic,
+            FeedbackV1(
+                device_id=DEVICE, alert_id=queued[3].alert_id, seq=3, outcome=Outcome.OUT_OF_AREA,
+                at=utcnow(),
+            ).to_json(),
+        )  # fmt: skip
+        agg.publish(
+            topic,
+            FeedbackV1(
+                device_id=DEVICE, seq=4, outcome=Outcome.REJECTED,
+                reason=RejectReason.INVALID_JSON, at=utcnow(),
+            ).to_json(),
+        )  # fmt: skip
+        wait_for(lambda: box.depth() == 0, what="every alert answered")
+        assert pub.stats.alerts_confirmed == 4  # by alert_id; the fifth by its seq
+        # Answered alerts are not sent again (drain what was already on its way).
+        while True:
+            try:
+                silent.expect(1, timeout=0.5)
+            except AssertionError:
+                break
+        silent.expect_nothing(2.5)
+    finally:
+        pub.stop()
+        box.close()
+
+
+def test_feedback_sent_while_the_device_was_away_arrives(
+    broker: BrokerHandle, outbox: Outbox
+) -> None:
+    pub = make_publisher(broker, outbox)
+    pub.start()
+    queued = enqueue(outbox, 3)
+    pub.wake()
+    wait_for(lambda: outbox.unsent() == 0, what="PUBACKs")
+    pub.stop()
+    assert outbox.depth() == 3
+    # The device is away; its persistent session holds the answers for it (QoS 1).
+    broker.client("aggregator").publish(
+        broker.topics.feedback(DEVICE),
+        FeedbackBatchV1(
+            device_id=DEVICE,
+            items=[
+                FeedbackItem(alert_id=a.alert_id, seq=a.seq, outcome=Outcome.MERGED) for a in queued
+            ],
+            at=utcnow(),
+        ).to_json(),
+    )
+    again = make_publisher(broker, outbox)
+    again.start()
+    try:
+        wait_for(lambda: outbox.depth() == 0, what="answers queued while away")
+        assert again.stats.alerts_confirmed == 3
+        assert again.stats.alerts_resent == 0
+    finally:
+        again.stop()
+
+
+def test_against_a_real_aggregator_every_alert_is_answered(
+    broker: BrokerHandle, tmp_path: Path
+) -> None:
+    from aggregator.config import Settings
+    from aggregator.service import build_aggregator
+
+    aggregator = build_aggregator(
+        Settings.model_validate(
+            {
+                "data_dir": tmp_path / "agg",
+                "mqtt": {
+                    "host": broker.host,
+                    "port": broker.port,
+                    "password": broker.password("aggregator"),
+                    "client_id": "agg-publisher-test",
+                    "topic_prefix": broker.prefix,
+                },
+                "batch": {"max_messages": 50, "linger_ms": 10},
+            }
+        )
+    )
+    aggregator.start()
+    box = Outbox(tmp_path / "real.db", feedback_timeout_s=5.0)
+    pub = make_publisher(broker, box)
+    try:
+        assert aggregator.ingest.wait_connected(5)
+        enqueue(box, 200)
+        pub.start()
+        wait_for(lambda: box.depth() == 0, timeout=20, what="the aggregator's answers")
+        assert pub.stats.alerts_confirmed == 200
+        assert pub.stats.alerts_resent == 0
+        assert sum(pub.stats.feedback.values()) == 200
+    finally:
+        pub.stop()
+        box.close()
+        aggregator.stop()
