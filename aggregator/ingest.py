@@ -7,12 +7,20 @@ batch in one pool transaction, and only then acknowledges every message of it
 persistent session, so the broker sends them again; the pool's alert_id key makes the
 redelivery a no-op. What waits is bounded by the Receive Maximum: the I/O loop stops reading
 the broker while that many messages are unacknowledged (Mosquitto 2.0.11 would send past it).
+
+No message can stop ingest. An unexpected exception while a batch is assembled or committed is
+its messages' fault until shown otherwise: the batch is split in halves, and halves again, until
+the message that fails alone is found; it becomes a dead letter (``internal_error``) and its
+device is told, while every other message commits. Only faults of the pool itself (disk full,
+database locked, read-only or unreachable: ``is_pool_fault``) are retried, unacknowledged.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -20,16 +28,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aggregator.config import BatchSettings, MqttSettings, NoticeSettings
+from aggregator.config import BatchSettings, DeadLetterSettings, MqttSettings, NoticeSettings
 from aggregator.metrics import Metrics
-from aggregator.pipeline import Assembled, Inbound, Pipeline, Prevalidator
-from aggregator.pool import AlertResult, BatchResult, EventPool, Notice, event_summaries
+from aggregator.pipeline import Assembled, Inbound, Pipeline, Prevalidator, internal_rejection
+from aggregator.pool import BatchResult, DeadLetterIn, EventPool, Notice, event_summaries
 from aggregator.transport import Outgoing, Transport, make_transport
 from contract import (
     EventNoticeV1,
     EventStatus,
     Outcome,
     TelemetryV1,
+    TopicError,
     Topics,
     feedback_batch_json,
     feedback_item_json,
@@ -39,6 +48,40 @@ from contract import (
 from contract.messages import FEEDBACK_BATCH_MAX_ITEMS
 
 log = logging.getLogger(__name__)
+
+# SQLite's primary result codes that mean the pool, not a message, is at fault: retried.
+_POOL_FAULT_CODES = frozenset(
+    {
+        5,  # SQLITE_BUSY
+        6,  # SQLITE_LOCKED
+        7,  # SQLITE_NOMEM
+        8,  # SQLITE_READONLY
+        10,  # SQLITE_IOERR
+        11,  # SQLITE_CORRUPT
+        13,  # SQLITE_FULL
+        14,  # SQLITE_CANTOPEN
+        15,  # SQLITE_PROTOCOL
+        26,  # SQLITE_NOTADB
+    }
+)
+# Storage errors of the snapshot store (files beside the pool): the disk, not the message.
+_STORAGE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+)
+
+
+def is_pool_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is a fault of the pool's storage (retry, unacknowledged) rather than of
+    the messages being committed (bisect them). Decided by the driver's error codes."""
+    if isinstance(exc, sqlite3.Error) and not isinstance(
+        exc, sqlite3.IntegrityError | sqlite3.InterfaceError | sqlite3.DataError
+    ):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is None:
+            # no code: a closed connection or the like, never the message's doing
+            return isinstance(exc, sqlite3.OperationalError | sqlite3.ProgrammingError)
+        return code & 0xFF in _POOL_FAULT_CODES
+    return isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
 
 
 class BatchSink(Protocol):
@@ -75,6 +118,7 @@ class MqttIngest:
         sinks: Sequence[BatchSink] = (),
         *,
         notices: NoticeSettings | None = None,
+        dead_letters: DeadLetterSettings | None = None,
     ) -> None:
         self.settings = mqtt_settings
         self.batching = batch_settings
@@ -93,12 +137,17 @@ class MqttIngest:
         self._messages = 0
         self._worker: threading.Thread | None = None
         self._feedback_topics: dict[str, str] = {}
+        # messages found (by bisecting) to fail alone, with their exception: dead-lettered next
+        self._suspects: dict[int, BaseException] = {}  # id(message) →
         # Coalescing of `updated` notices (worker thread only): when each event's last notice
         # went out (monotonic), and the events whose update waits for its turn, in order.
         self._notice_interval = (notices or NoticeSettings()).update_interval_ms / 1000
         self._notice_sent: dict[int, float] = {}
         self._notice_held: dict[int, None] = {}
         self._notice_pruned = time.monotonic()
+        # Retention of dead letters and out-of-area rows, enforced between batches.
+        self._retention = dead_letters or DeadLetterSettings()
+        self._next_prune = time.monotonic()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -140,27 +189,128 @@ class MqttIngest:
                 self._release_held_notices(everything=True)
                 return
             self._release_held_notices()
+            self._prune()
 
     def _process_with_retry(self, batch: list[Inbound]) -> None:
+        """Commit ``batch``, bisecting it around any message that makes assembly or the commit
+        fail; retry, unacknowledged, while the pool itself is at fault."""
+        parts = [batch]  # what is left to commit, in arrival order
         delay = 0.1
-        while True:
+        while parts:
+            part = parts[0]
             try:
-                self._process(batch)
-                return
-            except Exception:
-                # The pool could not commit (disk full, locked beyond busy_timeout…). Nothing
-                # was acknowledged, so nothing is lost: retry with a growing, jittered delay.
-                log.exception("batch of %s failed; retrying in %.1f s", len(batch), delay)
-                if self._stop.wait(delay):
-                    return  # unacknowledged: the broker redelivers after our restart
-                delay = min(delay * 2, 10.0) * random.uniform(0.8, 1.2)
+                if len(part) == 1 and id(part[0]) in self._suspects:
+                    self._dead_letter(part[0], self._suspects[id(part[0])])
+                else:
+                    self._process(part)
+            except Exception as exc:
+                if is_pool_fault(exc):
+                    # Nothing of this part was acknowledged, so nothing is lost: retry it with
+                    # a growing, jittered delay until the pool can commit again.
+                    log.error(
+                        "the pool could not commit %s messages (%s: %s); retrying in %.1f s",
+                        len(part),
+                        type(exc).__name__,
+                        exc,
+                        delay,
+                    )
+                    if self._stop.wait(delay):
+                        return  # unacknowledged: the broker redelivers after our restart
+                    delay = min(delay * 2, 10.0) * random.uniform(0.8, 1.2)
+                    continue
+                if len(part) == 1 and id(part[0]) in self._suspects:
+                    # Not even its dead letter commits: acknowledge it, or it blocks the rest.
+                    log.critical(
+                        "a message on %s could not be kept as a dead letter; it is dropped",
+                        part[0].topic,
+                        exc_info=True,
+                    )
+                    self._transport.ack(part)
+                elif len(part) == 1:
+                    log.error(
+                        "a message on %s made the batch fail; it becomes a dead letter",
+                        part[0].topic,
+                        exc_info=True,
+                    )
+                    self._suspects[id(part[0])] = exc
+                    continue  # dead-lettered on the next turn (a pool fault retries that too)
+                else:
+                    log.warning(
+                        "a batch of %s failed (%s: %s); bisecting it to find the message",
+                        len(part),
+                        type(exc).__name__,
+                        str(exc)[:200],
+                    )
+                    half = len(part) // 2
+                    parts[0:1] = [part[:half], part[half:]]
+                    continue
+            parts.pop(0)
+            if len(part) == 1:
+                self._suspects.pop(id(part[0]), None)
+            delay = 0.1
 
-    def _process(self, batch: list[Inbound]) -> None:
+    def _dead_letter(self, msg: Inbound, exc: BaseException) -> None:
+        """Keep a message that made its batch fail as an ``internal_error`` dead letter, tell
+        its device, and acknowledge it."""
+        try:
+            device_id: str | None = self.topics.parse(msg.topic).device_id
+        except TopicError:
+            device_id = None
+        ids = (msg.pre[3], msg.pre[4]) if msg.pre and msg.pre[0] == "rejected" else (None, None)
+        if msg.pre and msg.pre[0] == "ok":
+            ids = (msg.pre[1], msg.pre[3])
+        rej = internal_rejection(exc, ids)
+        assembled = Assembled()
+        if device_id is not None:
+            assembled.batch.seen[device_id] = msg.received_at
+        assembled.batch.dead_letters.append(
+            DeadLetterIn(
+                msg.received_at,
+                msg.topic,
+                device_id,
+                rej.alert_id,
+                rej.reason,
+                rej.detail,
+                msg.payload,
+                rej.seq,
+            )
+        )
+        assembled.dead_letter_pos.append(0)
+        self._process([msg], assembled)
+
+    def _prune(self) -> None:
+        """Delete expired dead letters and out-of-area rows, a bounded step at a time."""
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + self._retention.prune_every_s
+        before = time.time() - self._retention.retention_days * 86400
+        try:
+            removed = self.pool.prune(before)
+        except sqlite3.Error as exc:  # the pool is at fault; the next turn tries again
+            log.warning("expired dead letters could not be deleted: %s", exc)
+            return
+        if removed:
+            log.info("retention: deleted %s dead letters and out-of-area rows", removed)
+            if removed >= 10_000:
+                self._next_prune = now  # more to go: another bounded step after the next batch
+
+    def _process(self, batch: list[Inbound], assembled: Assembled | None = None) -> None:
         started = time.perf_counter()
-        assembled = self.pipeline.assemble(batch)
+        if assembled is None:
+            assembled = self.pipeline.assemble(batch)
         result = self.pool.commit_batch(assembled.batch)
         # Committed: now, and only now, the broker may forget these messages.
         self._transport.ack(batch)
+        try:
+            self._after_commit(batch, assembled, result, started)
+        except Exception:
+            # Committed and acknowledged: retrying would pool it twice. Logged loudly instead.
+            log.exception("feedback or notices of a committed batch failed")
+
+    def _after_commit(
+        self, batch: list[Inbound], assembled: Assembled, result: BatchResult, started: float
+    ) -> None:
         elapsed = time.perf_counter() - started
         self._batches += 1
         self._messages += len(batch)
@@ -269,65 +419,72 @@ class MqttIngest:
     def _feedback(self, result: BatchResult, assembled: Assembled) -> list[Outgoing]:
         # Serialized without models (contract.feedback_json and friends): every value comes
         # from a validated message or from the pool, and this runs once per alert on the hot
-        # path. Outcomes are gathered per device: pooled alerts in the order they were
-        # handled, then those out of area, then rejections.
-        pooled: dict[str, list[AlertResult]] = {}
-        for r in result.alerts:
-            pooled.setdefault(r.device_id, []).append(r)
-        others: dict[str, list[dict[str, Any]]] = {}
-        for o in result.out_of_area:
-            alert = assembled.alerts.get(o.alert_id)
-            others.setdefault(o.device_id, []).append(
-                {
-                    "alert_id": o.alert_id,
-                    "seq": alert.seq if alert else None,
-                    "outcome": Outcome.OUT_OF_AREA,
-                    "detail": f"({o.lat:.6f}, {o.lon:.6f}) lies outside every grid of this "
-                    "community pool; no event was registered (Longgang 7.1): check the "
-                    "device's configured position",
-                }
-            )
-        for d in result.dead_letters:
-            if d.device_id is not None:
-                others.setdefault(d.device_id, []).append(
+        # path. Outcomes are gathered per device in the order their messages arrived.
+        entries: list[tuple[int, str, dict[str, Any]]] = []  # (arrival, device, item fields)
+        alert_pos = _positions(assembled.alert_pos, len(result.alerts), 0)
+        for pos, r in zip(alert_pos, result.alerts, strict=True):
+            entries.append(
+                (
+                    pos,
+                    r.device_id,
                     {
-                        "alert_id": d.alert_id,
-                        "outcome": Outcome.REJECTED,
-                        "reason": d.reason,
-                        "detail": d.detail,
-                        "dead_letter_id": d.id,
-                    }
+                        "alert_id": r.alert_id,
+                        "seq": r.seq,
+                        "outcome": r.outcome,
+                        "event_id": r.event_id,
+                    },
                 )
+            )
+        ooa_pos = _positions(assembled.out_of_area_pos, len(result.out_of_area), len(entries))
+        for pos, o in zip(ooa_pos, result.out_of_area, strict=True):
+            alert = assembled.alerts.get(o.alert_id)
+            entries.append(
+                (
+                    pos,
+                    o.device_id,
+                    {
+                        "alert_id": o.alert_id,
+                        "seq": alert.seq if alert else None,
+                        "outcome": Outcome.OUT_OF_AREA,
+                        "detail": f"({o.lat:.6f}, {o.lon:.6f}) lies outside every grid of this "
+                        "community pool; no event was registered (Longgang 7.1): check the "
+                        "device's configured position",
+                    },
+                )
+            )
+        dl_pos = _positions(assembled.dead_letter_pos, len(result.dead_letters), len(entries))
+        for pos, d in zip(dl_pos, result.dead_letters, strict=True):
+            if d.device_id is not None:
+                entries.append(
+                    (
+                        pos,
+                        d.device_id,
+                        {
+                            "alert_id": d.alert_id,
+                            "seq": d.seq,
+                            "outcome": Outcome.REJECTED,
+                            "reason": d.reason,
+                            "detail": d.detail,
+                            "dead_letter_id": d.id,
+                        },
+                    )
+                )
+        entries.sort(key=lambda e: e[0])  # stable: ties keep their order
+        by_device: dict[str, list[dict[str, Any]]] = {}
+        for _, device_id, item in entries:
+            by_device.setdefault(device_id, []).append(item)
         now = utcnow()
         qos = self.settings.feedback_qos
         out: list[Outgoing] = []
-        for device_id in dict.fromkeys([*pooled, *others]):
+        for device_id, items in by_device.items():
             topic = self._feedback_topic(device_id)
-            alerts = pooled.get(device_id, [])
-            rest = others.get(device_id, [])
-            if len(alerts) + len(rest) > 1 and self.settings.feedback_batching:
-                items = [
-                    feedback_item_json(
-                        alert_id=r.alert_id, seq=r.seq, outcome=r.outcome, event_id=r.event_id
-                    )
-                    for r in alerts
-                ]
-                items += [feedback_item_json(**item) for item in rest]
-                for chunk in _chunks(items):
+            if len(items) > 1 and self.settings.feedback_batching:
+                payloads = [feedback_item_json(**item) for item in items]
+                for chunk in _chunks(payloads):
                     out.append((topic, feedback_batch_json(device_id, chunk, now), qos))
                 continue
-            for r in alerts:
-                payload = feedback_json(
-                    device_id=device_id,
-                    alert_id=r.alert_id,
-                    seq=r.seq,
-                    outcome=r.outcome,
-                    event_id=r.event_id,
-                    at=now,
-                )
-                out.append((topic, payload, qos))
             out += [
-                (topic, feedback_json(device_id=device_id, at=now, **item), qos) for item in rest
+                (topic, feedback_json(device_id=device_id, at=now, **item), qos) for item in items
             ]
         return out
 
@@ -343,6 +500,12 @@ class MqttIngest:
 # A feedback-batch/v1 message stays well inside the broker's message_size_limit: at most
 # FEEDBACK_BATCH_MAX_ITEMS items and about this many bytes of them.
 _FEEDBACK_BATCH_BYTES = 256 * 1024
+
+
+def _positions(known: list[int], n: int, start: int) -> list[int]:
+    """Arrival positions of ``n`` outcomes: those the pipeline recorded, or (for a batch
+    assembled elsewhere) the order they are listed in, after ``start``."""
+    return known if len(known) == n else list(range(start, start + n))
 
 
 def _chunks(items: list[bytes]) -> list[list[bytes]]:

@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 
 import orjson
 from pydantic import ValidationError
+from pydantic_core import from_json
 
-from aggregator.decode import DecodeLimits, Rejection, decode_alert
+from aggregator.decode import DecodeLimits, Rejection, decode_alert, number_problem
 from aggregator.geo import Grid, GridIndex
 from aggregator.pool import AlertIn, Batch, DeadLetterIn, OutOfAreaIn, StatusIn
 from aggregator.snapshots import SnapshotStore
@@ -138,10 +139,15 @@ class Prevalidator:
         device_id = self._alert_device[topic]
         if device_id is None:
             return None
-        result = decode_alert(payload, device_id, self.catalogue, now, self.limits)
-        if isinstance(result, Rejection):
-            return ("rejected", result.reason.value, result.detail, result.alert_id, result.seq)
-        return Decoded.row_of(result)
+        try:
+            result = decode_alert(payload, device_id, self.catalogue, now, self.limits)
+            if isinstance(result, Rejection):
+                return ("rejected", result.reason.value, result.detail, result.alert_id, result.seq)
+            return Decoded.row_of(result)
+        except Exception as exc:  # no message may stop the I/O loop
+            rej = internal_rejection(exc)
+            log.error("alert on %s made validation fail: %s", topic, rej.detail, exc_info=True)
+            return ("rejected", rej.reason.value, rej.detail, rej.alert_id, rej.seq)
 
 
 @dataclass(slots=True)
@@ -150,6 +156,11 @@ class Assembled:
     telemetry: list[TelemetryV1] = field(default_factory=list)
     # alert_id → the alert, for feedback and sinks after commit
     alerts: dict[str, Decoded] = field(default_factory=dict)
+    # where in the batch each of batch.alerts / .out_of_area / .dead_letters arrived, so that
+    # feedback goes out in arrival order
+    alert_pos: list[int] = field(default_factory=list)
+    out_of_area_pos: list[int] = field(default_factory=list)
+    dead_letter_pos: list[int] = field(default_factory=list)
 
 
 class Pipeline:
@@ -172,49 +183,69 @@ class Pipeline:
     def assemble(self, messages: Sequence[Inbound]) -> Assembled:
         out = Assembled()
         now = datetime.now(UTC)
-        pending: list[tuple[Inbound, Decoded]] = []
-        for msg in messages:
-            parsed = self._parsed.get(msg.topic)
-            if parsed is None:
-                try:
-                    parsed = self.topics.parse(msg.topic)
-                except TopicError as exc:
-                    self._reject(out, msg, None, Rejection(RejectReason.BAD_TOPIC, str(exc)))
-                    continue
-                if len(self._parsed) > 100_000:  # bounded: a fleet has fewer device topics
-                    self._parsed.clear()
-                self._parsed[msg.topic] = parsed
-            device_id = parsed.device_id
-            seen = out.batch.seen
-            seen[device_id] = max(seen.get(device_id, 0.0), msg.received_at)
-            if parsed.channel is DeviceChannel.ALERT:
-                pre = msg.pre
-                if pre is None:
-                    result = decode_alert(msg.payload, device_id, self.catalogue, now, self.limits)
-                    if isinstance(result, Rejection):
-                        self._reject(out, msg, device_id, result)
-                    else:
-                        pending.append((msg, Decoded.of(result)))
-                elif pre[0] == "ok":
-                    pending.append((msg, Decoded.from_row(pre)))
-                else:
-                    _, reason, detail, alert_id, seq = pre
-                    rejection = Rejection(RejectReason(reason), detail, alert_id, seq)
-                    self._reject(out, msg, device_id, rejection)
-            elif parsed.channel is DeviceChannel.STATUS:
-                self._status(out, msg, device_id)
-            elif parsed.channel is DeviceChannel.TELEMETRY:
-                self._telemetry(out, msg, device_id)
-            # feedback is ours; we do not subscribe to it
+        pending: list[tuple[int, Inbound, Decoded]] = []
+        for pos, msg in enumerate(messages):
+            try:
+                self._one(out, pos, msg, now, pending)
+            except Exception as exc:  # the message's fault, not the batch's
+                rej = internal_rejection(exc)
+                log.error(
+                    "message on %s made assembly fail: %s", msg.topic, rej.detail, exc_info=True
+                )
+                device_id = self._parsed[msg.topic].device_id if msg.topic in self._parsed else None
+                self._reject(out, pos, msg, device_id, rej)
         self._geo_tag(out, pending)
         return out
 
-    def _geo_tag(self, out: Assembled, pending: list[tuple[Inbound, Decoded]]) -> None:
+    def _one(
+        self,
+        out: Assembled,
+        pos: int,
+        msg: Inbound,
+        now: datetime,
+        pending: list[tuple[int, Inbound, Decoded]],
+    ) -> None:
+        """Decode one message into ``pending`` (a valid alert) or ``out`` (anything else)."""
+        parsed = self._parsed.get(msg.topic)
+        if parsed is None:
+            try:
+                parsed = self.topics.parse(msg.topic)
+            except TopicError as exc:
+                self._reject(out, pos, msg, None, Rejection(RejectReason.BAD_TOPIC, str(exc)))
+                return
+            if len(self._parsed) > 100_000:  # bounded: a fleet has fewer device topics
+                self._parsed.clear()
+            self._parsed[msg.topic] = parsed
+        device_id = parsed.device_id
+        seen = out.batch.seen
+        seen[device_id] = max(seen.get(device_id, 0.0), msg.received_at)
+        if parsed.channel is DeviceChannel.ALERT:
+            pre = msg.pre
+            if pre is None:
+                result = decode_alert(msg.payload, device_id, self.catalogue, now, self.limits)
+                if isinstance(result, Rejection):
+                    self._reject(out, pos, msg, device_id, result)
+                else:
+                    pending.append((pos, msg, Decoded.of(result)))
+            elif pre[0] == "ok":
+                pending.append((pos, msg, Decoded.from_row(pre)))
+            else:
+                _, reason, detail, alert_id, seq = pre
+                rejection = Rejection(RejectReason(reason), detail, alert_id, seq)
+                self._reject(out, pos, msg, device_id, rejection)
+        elif parsed.channel is DeviceChannel.STATUS:
+            self._status(out, pos, msg, device_id)
+        elif parsed.channel is DeviceChannel.TELEMETRY:
+            self._telemetry(out, pos, msg, device_id)
+        # feedback is ours; we do not subscribe to it
+
+    def _geo_tag(self, out: Assembled, pending: list[tuple[int, Inbound, Decoded]]) -> None:
         if not pending:
             return
-        for (msg, alert), grid in zip(pending, self._locate(pending), strict=True):
+        for (pos, msg, alert), grid in zip(pending, self._locate(pending), strict=True):
             out.alerts[alert.alert_id] = alert
             if grid is None:
+                out.out_of_area_pos.append(pos)
                 out.batch.out_of_area.append(
                     OutOfAreaIn(
                         alert.alert_id,
@@ -230,13 +261,15 @@ class Pipeline:
             sha = None
             payload = msg.payload
             if alert.has_snapshot:
-                # The message as received, with the (large) snapshot replaced by its hash.
-                obj = orjson.loads(payload)
+                # The message as received, with the (large) snapshot replaced by its hash. Read
+                # by decode's parser: what decode accepted, this reads the same way.
+                obj = from_json(payload, allow_inf_nan=False)
                 sha = self.snapshots.put(decode_snapshot(obj["snapshot"]))
                 obj["snapshot"] = {"sha256": sha, "stored": True}
                 payload = orjson.dumps(obj)
             wt = self.catalogue.types[alert.type]
             path_json, address = self._grid_text_of(grid)
+            out.alert_pos.append(pos)
             out.batch.alerts.append(
                 AlertIn(
                     alert_id=alert.alert_id,
@@ -258,10 +291,10 @@ class Pipeline:
                 )
             )
 
-    def _locate(self, pending: list[tuple[Inbound, Decoded]]) -> list[Grid | None]:
+    def _locate(self, pending: list[tuple[int, Inbound, Decoded]]) -> list[Grid | None]:
         """Each alert's grid, from one bulk tree query (``GridIndex.locate_many``) over the
         batch's distinct positions: a fixed device repeats its position in every alert."""
-        keys = [(a.lat, a.lon) for _, a in pending]
+        keys = [(a.lat, a.lon) for _, _, a in pending]
         distinct = list(dict.fromkeys(keys))
         found = self.grids.locate_many([k[0] for k in distinct], [k[1] for k in distinct])
         if len(distinct) == len(keys):
@@ -279,10 +312,10 @@ class Pipeline:
             self._grid_text[grid.code] = text
         return text
 
-    def _status(self, out: Assembled, msg: Inbound, device_id: str) -> None:
+    def _status(self, out: Assembled, pos: int, msg: Inbound, device_id: str) -> None:
         if not msg.payload:
             return  # a cleared retained status: nothing to record
-        status = self._decode(out, msg, device_id, StatusV1, "status")
+        status = self._decode(out, pos, msg, device_id, StatusV1, "status")
         if status is None:
             return
         at = status.at.timestamp() if status.at else msg.received_at
@@ -291,23 +324,28 @@ class Pipeline:
             StatusIn(device_id, status.state.value, status.reason, at, status.kind, health)
         )
 
-    def _telemetry(self, out: Assembled, msg: Inbound, device_id: str) -> None:
-        telemetry = self._decode(out, msg, device_id, TelemetryV1, "telemetry")
+    def _telemetry(self, out: Assembled, pos: int, msg: Inbound, device_id: str) -> None:
+        telemetry = self._decode(out, pos, msg, device_id, TelemetryV1, "telemetry")
         if telemetry is not None:
             out.telemetry.append(telemetry)
 
     def _decode(
-        self, out: Assembled, msg: Inbound, device_id: str, model: type[_M], what: str
+        self, out: Assembled, pos: int, msg: Inbound, device_id: str, model: type[_M], what: str
     ) -> _M | None:
         """A status or telemetry message, or None after dead-lettering it with its reason."""
         try:
             decoded = model.model_validate_json(msg.payload, strict=True)
         except ValidationError as exc:
-            self._reject(out, msg, device_id, _schema_rejection(exc))
+            self._reject(out, pos, msg, device_id, _schema_rejection(exc))
+            return None
+        problem = number_problem(msg.payload)  # the same number rules as alerts
+        if problem is not None:
+            self._reject(out, pos, msg, device_id, Rejection(*problem))
             return None
         if decoded.device_id != device_id:
             self._reject(
                 out,
+                pos,
                 msg,
                 device_id,
                 Rejection(
@@ -320,7 +358,9 @@ class Pipeline:
         return decoded
 
     @staticmethod
-    def _reject(out: Assembled, msg: Inbound, device_id: str | None, rej: Rejection) -> None:
+    def _reject(
+        out: Assembled, pos: int, msg: Inbound, device_id: str | None, rej: Rejection
+    ) -> None:
         log.info(
             "rejected topic=%s device=%s reason=%s detail=%s",
             msg.topic,
@@ -335,10 +375,22 @@ class Pipeline:
                 device_id,
                 rej.alert_id,
                 rej.reason,
-                rej.detail,
+                # the detail may quote the sender's text: it is stored and sent back as UTF-8
+                rej.detail.encode("utf-8", "replace").decode("utf-8"),
                 msg.payload,
+                rej.seq,
             )
         )
+        out.dead_letter_pos.append(pos)  # after the append: the two lists stay aligned
+
+
+def internal_rejection(
+    exc: BaseException, alert: tuple[str | None, int | None] = (None, None)
+) -> Rejection:
+    """An unexpected exception turned into a rejection: the class and a short message."""
+    text = str(exc).encode("utf-8", "replace").decode("utf-8")
+    detail = f"{type(exc).__name__}: {text}"[:500]
+    return Rejection(RejectReason.INTERNAL_ERROR, detail, alert[0], alert[1])
 
 
 def _schema_rejection(exc: ValidationError) -> Rejection:

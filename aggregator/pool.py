@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache, partial
@@ -29,6 +29,7 @@ import orjson
 
 from aggregator.dedup import DedupIndex, EventState, SpatialHash, haversine_m
 from aggregator.errors import PoolError
+from aggregator.fileperms import FILE_MODE, private_dir, private_file, tighten
 from contract import (
     Catalogue,
     EventNoticeV1,
@@ -177,10 +178,17 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     payload     BLOB NOT NULL,
     -- sha256 of topic, NUL, payload: a message is kept once, however often it comes again
     -- (a redelivery after a reconnect); NULL in rows older than the column (_migrate)
-    message_sha256 TEXT
+    message_sha256 TEXT,
+    -- the payload's full size and sha256: ``payload`` keeps only its head when it was long
+    -- (EventPool.dead_letter_keep_bytes); NULL in rows older than these columns
+    payload_size INTEGER,
+    payload_sha256 TEXT
 );
 CREATE INDEX IF NOT EXISTS dead_letters_reason ON dead_letters(reason, received_at);
 CREATE INDEX IF NOT EXISTS dead_letters_device ON dead_letters(device_id, received_at);
+-- retention (EventPool.prune) deletes the oldest rows in bounded steps
+CREATE INDEX IF NOT EXISTS dead_letters_received ON dead_letters(received_at);
+CREATE INDEX IF NOT EXISTS out_of_area_received ON out_of_area(received_at);
 """
 
 
@@ -235,6 +243,7 @@ class DeadLetterIn:
     reason: RejectReason
     detail: str
     payload: bytes
+    seq: int | None = None  # the alert's seq when it could be read, for the device's feedback
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +287,7 @@ class DeadLetterResult:
     reason: RejectReason
     detail: str
     duplicate: bool = False  # the message was kept before (row ``id``): nothing was added
+    seq: int | None = None
 
 
 def _no_summary(event_id: int) -> dict[str, Any]:
@@ -351,9 +361,14 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
             f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
         )
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # SQLite gives the WAL and shared-memory files the database file's mode: a 0600 pool
+        # made here has a 0600 WAL. Files of an older or copied pool are tightened too.
+        private_dir(path.parent)
+        private_file(path)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
+        for extra in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            tighten(extra, FILE_MODE)
     conn.execute("PRAGMA busy_timeout=10000")
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
     conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: index pages stay hot under load
@@ -370,9 +385,18 @@ class EventPool:
     KEEP_S = 3600.0
     EVICT_EVERY_S = 60.0
 
-    def __init__(self, path: Path | str, catalogue: Catalogue, ref_lat: float = 0.0) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        catalogue: Catalogue,
+        ref_lat: float = 0.0,
+        *,
+        dead_letter_keep_bytes: int = 64 * 1024,
+    ) -> None:
         self.path = Path(path)
         self.catalogue = catalogue
+        # a rejected payload keeps this many leading bytes (its size and hash are kept whole)
+        self.dead_letter_keep_bytes = dead_letter_keep_bytes
         self._db = connect(self.path)
         self._db.executescript(_SCHEMA)
         self._check_version()
@@ -438,10 +462,14 @@ class EventPool:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # SQLite may have rolled back already (SQLITE_FULL, SQLITE_IOERR): a ROLLBACK then
+            # fails, and its error must not hide the one that says what went wrong.
+            if self._db.in_transaction:
+                with suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     # -- the one write path --------------------------------------------------
 
@@ -493,7 +521,7 @@ class EventPool:
             )
             self._record_out_of_area(db, batch.out_of_area)
             result.out_of_area = batch.out_of_area
-            self._record_dead_letters(db, batch.dead_letters, result)
+            self._record_dead_letters(db, batch.dead_letters, result, self.dead_letter_keep_bytes)
             self._update_devices(db, batch, result)
             result.updated -= result.created
             # The batch row is stamped last, just before COMMIT: observed_at → committed latency
@@ -737,13 +765,19 @@ class EventPool:
 
     @staticmethod
     def _record_dead_letters(
-        db: sqlite3.Connection, items: Sequence[DeadLetterIn], result: BatchResult
+        db: sqlite3.Connection,
+        items: Sequence[DeadLetterIn],
+        result: BatchResult,
+        keep_bytes: int,
     ) -> None:
         """Each rejected message once: the same bytes on the same topic again (a redelivery
-        after a reconnect) add no row, and their result names the row kept."""
+        after a reconnect) add no row, and their result names the row kept. Of a payload
+        longer than ``keep_bytes`` only its head is kept, with its full size and sha256: a
+        faulty device cannot fill the pool with megabytes per message."""
         kept: dict[str, int] = {}
         for dl in items:
-            key = hashlib.sha256(dl.topic.encode() + b"\0" + dl.payload).hexdigest()
+            topic = dl.topic.encode("utf-8", "replace")
+            key = hashlib.sha256(topic + b"\0" + dl.payload).hexdigest()
             known = kept.get(key)
             if known is None:
                 row = db.execute(
@@ -753,13 +787,20 @@ class EventPool:
             if known is not None:
                 result.dead_letters.append(
                     DeadLetterResult(
-                        known, dl.device_id, dl.alert_id, dl.reason, dl.detail, duplicate=True
+                        known,
+                        dl.device_id,
+                        dl.alert_id,
+                        dl.reason,
+                        dl.detail,
+                        duplicate=True,
+                        seq=dl.seq,
                     )
                 )
                 continue
             cur = db.execute(
                 "INSERT INTO dead_letters(received_at, topic, device_id, alert_id, reason,"
-                " detail, payload, message_sha256) VALUES (?,?,?,?,?,?,?,?)",
+                " detail, payload, message_sha256, payload_size, payload_sha256)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (
                     dl.received_at,
                     dl.topic,
@@ -767,15 +808,35 @@ class EventPool:
                     dl.alert_id,
                     dl.reason.value,
                     dl.detail,
-                    dl.payload,
+                    dl.payload[:keep_bytes],
                     key,
+                    len(dl.payload),
+                    hashlib.sha256(dl.payload).hexdigest(),
                 ),
             )
             assert cur.lastrowid is not None
             kept[key] = cur.lastrowid
             result.dead_letters.append(
-                DeadLetterResult(cur.lastrowid, dl.device_id, dl.alert_id, dl.reason, dl.detail)
+                DeadLetterResult(
+                    cur.lastrowid, dl.device_id, dl.alert_id, dl.reason, dl.detail, seq=dl.seq
+                )
             )
+
+    def prune(self, before: float, limit: int = 10_000) -> int:
+        """Delete up to ``limit`` dead letters and out-of-area rows received before ``before``
+        (epoch seconds), oldest first; returns how many went. Bounded, so that the writer's
+        transaction stays short: the caller repeats it while it returns ``limit``."""
+        removed = 0
+        with self._transaction() as db:
+            # out_of_area is WITHOUT ROWID: each table by its own key
+            for table, key in (("dead_letters", "id"), ("out_of_area", "alert_id")):
+                cur = db.execute(
+                    f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table}"
+                    " WHERE received_at < ? ORDER BY received_at LIMIT ?)",
+                    (before, limit),
+                )
+                removed += max(cur.rowcount, 0)
+        return removed
 
     @staticmethod
     def _update_devices(db: sqlite3.Connection, batch: Batch, result: BatchResult) -> None:
@@ -917,6 +978,11 @@ def _migrate(db: sqlite3.Connection) -> None:
         columns = {r[1] for r in db.execute("PRAGMA table_info(dead_letters)")}
         if "message_sha256" not in columns:
             db.execute("ALTER TABLE dead_letters ADD COLUMN message_sha256 TEXT")
+        # the payload's full size and sha256: ``payload`` holds only its head when it was long
+        if "payload_size" not in columns:
+            db.execute("ALTER TABLE dead_letters ADD COLUMN payload_size INTEGER")
+        if "payload_sha256" not in columns:
+            db.execute("ALTER TABLE dead_letters ADD COLUMN payload_sha256 TEXT")
         db.execute(
             "CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_message"
             " ON dead_letters(message_sha256) WHERE message_sha256 IS NOT NULL"

@@ -58,7 +58,12 @@ def build_aggregator(
     """Validate every input, open the pool, wire the stages. Nothing connects until start()."""
     catalogue = load_catalogue(settings.catalogue_file)
     grids = grids or GridIndex.from_geojson(settings.grid_file or default_grid_file())
-    pool = EventPool(settings.pool, catalogue, ref_lat=grids.reference_latitude())
+    pool = EventPool(
+        settings.pool,
+        catalogue,
+        ref_lat=grids.reference_latitude(),
+        dead_letter_keep_bytes=settings.dead_letters.keep_bytes,
+    )
     snapshots = SnapshotStore(settings.snapshots)
     metrics = metrics or Metrics()
     pipeline = Pipeline(
@@ -72,7 +77,14 @@ def build_aggregator(
         ),
     )
     ingest = MqttIngest(
-        settings.mqtt, settings.batch, pipeline, pool, metrics, sinks, notices=settings.notices
+        settings.mqtt,
+        settings.batch,
+        pipeline,
+        pool,
+        metrics,
+        sinks,
+        notices=settings.notices,
+        dead_letters=settings.dead_letters,
     )
     log.info(
         "aggregator built pool=%s grids=%s types=%s",

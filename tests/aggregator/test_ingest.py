@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 import time
 from contextlib import closing
@@ -229,7 +230,11 @@ def test_bad_input_is_dead_lettered_reported_and_ingestion_goes_on(
     with pool(aggregator) as db:
         dl = db.execute("SELECT * FROM dead_letters WHERE id=?", (fb.dead_letter_id,)).fetchone()
     assert dl["reason"] == reason.value
-    assert bytes(dl["payload"]) == payload  # kept byte for byte
+    # kept byte for byte, up to dead_letters.keep_bytes; its full size and hash always
+    keep = aggregator.settings.dead_letters.keep_bytes
+    assert bytes(dl["payload"]) == payload[:keep]
+    assert dl["payload_size"] == len(payload)
+    assert dl["payload_sha256"] == hashlib.sha256(payload).hexdigest()
     assert dl["device_id"] == "cam-001"
     assert dl["topic"] == broker.topics.alert("cam-001")
     # and the next good alert is pooled as usual
