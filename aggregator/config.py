@@ -42,6 +42,16 @@ class MqttSettings(BaseModel):
         description="MQTT 5 Receive Maximum: unacknowledged alerts the broker may send us",
     )
     keepalive_s: int = Field(30, ge=5, le=3600)
+    reconnect_min_s: float = Field(
+        0.25, gt=0, le=60, description="first reconnect delay; doubles per failed attempt"
+    )
+    reconnect_max_s: float = Field(
+        2.0,
+        gt=0,
+        le=600,
+        description="largest reconnect delay (each wait is randomized within its lower half "
+        "to its full value); small, so ingest resumes within seconds of the broker's return",
+    )
     feedback_qos: int = Field(1, ge=0, le=1, description="QoS of feedback to devices")
     feedback_batching: bool = Field(
         True,

@@ -506,7 +506,7 @@ class IoLoop:
         self._dropped_out = 0
         self._stopping = False
         self._next_connect = 0.0
-        self._delay = 1.0
+        self._delay = settings.reconnect_min_s
         self._connect_called = False
         self._last_read = 0.0
         # QoS 1 messages received on this connection and not yet acknowledged: at the Receive
@@ -548,7 +548,7 @@ class IoLoop:
         self._generation += 1
         self._unacked = 0  # the broker redelivers the last connection's on this one
         self._connected = True
-        self._delay = 1.0
+        self._delay = self.settings.reconnect_min_s  # a good connection: start small again
         server_max = getattr(properties, "ReceiveMaximum", 65535) if properties else 65535
         self._window = max(1, min(int(server_max), 65535))
         group = self.settings.share_group
@@ -686,16 +686,24 @@ class IoLoop:
             else:
                 self.client.reconnect()
         except OSError as exc:
-            delay = self._delay * random.uniform(0.8, 1.2)
+            delay = self._next_delay()
             log.warning(
                 "cannot reach broker %s:%s (%s); retrying in %.1f s", s.host, s.port, exc, delay
             )
             self._next_connect = time.monotonic() + delay
-            self._delay = min(self._delay * 2, 30.0)
             return
         # the next attempt, should this session fail before CONNACK, waits the current delay
-        self._next_connect = time.monotonic() + self._delay * random.uniform(0.8, 1.2)
-        self._delay = min(self._delay * 2, 30.0)
+        self._next_connect = time.monotonic() + self._next_delay()
+
+    def _next_delay(self) -> float:
+        """The wait before the next attempt: random in [d/2, d], d doubling up to the cap.
+
+        The cap is small (``reconnect_max_s``, 2 s) so ingest resumes within seconds of the
+        broker's return; the randomness keeps replicas from reconnecting in step.
+        """
+        ceiling = min(self._delay, self.settings.reconnect_max_s)
+        self._delay = min(self._delay * 2, self.settings.reconnect_max_s)
+        return random.uniform(ceiling / 2, ceiling)
 
     def _read(self) -> None:
         self._now = datetime.now(UTC)
