@@ -1,47 +1,64 @@
-"""The live stream: new and updated events and raw alert outcomes, pushed to operators.
+"""The live stream: new and updated events, and raw alert outcomes on request, pushed to operators.
 
-``StreamHub`` is a ``BatchSink``. The ingest worker calls ``on_batch`` after each commit; the
-hub only hands the batch to the web server's event loop (``call_soon_threadsafe``) and returns,
-so a slow browser can never hold up ingest. On the loop each message is serialised once and
-offered to every client whose scope and filters match.
+``StreamHub`` runs in the operator API's process (``aggregator/api/server.py``), never on the
+pool writer's path. It reads the pool (WAL: readers never wait for the writer) a few times a
+second: every event whose pool-wide change number moved since the last look, whoever changed it
+— this aggregator, another replica on the same pool file, or an operator — and, only while some
+client asked for them (``alerts=1``), the alerts and out-of-area rows committed since. An
+operator's own lifecycle step is also offered at once (``publish_notice``); the poll does not
+repeat it.
 
-Each client has a bounded queue. A client that falls so far behind that its queue is full is
-dropped: its queue is emptied, it receives one final ``{"kind": "dropped", "reason": "slow
-consumer"}`` and its socket is closed with code 1013 (try again later). Memory per client stays
-bounded whatever the ingest rate.
+Pacing. An event's ``created`` and ``closed`` go out at once; its updates at most once per
+``update_interval`` (1 s, as the events topic), each carrying the latest state. Each client has
+a queue of *distinct* pending items: a queued update of an event that changes again is replaced
+in place, not appended, so a client that keeps reading never falls behind however fast ingest
+runs. A client is dropped only when it stops reading — items wait and it has taken none for
+``stall_s`` seconds — or when more than ``queue_size`` distinct items wait (far more than a
+reading client ever holds; raw alert outcomes are distinct, so a slow reader of those hits it).
+A dropped client gets one final ``{"kind": "dropped", "reason": "slow consumer"}`` and its
+socket is closed with code 1013 (try again later); a client stuck in a send is cancelled.
 
 Messages (JSON text frames)::
 
-    {"kind": "event", "change": "created|updated|closed", "event": {EventSummary}, "at": ...}
-    {"kind": "alert", "alert_id", "device_id", "outcome", "event_id", "type", "severity",
-     "grid_code", "department", "at"}
+    {"schema": "event/v1", "change": "created|updated|closed", "event": {EventSummary}, "at":
+     ..., "kind": "event"}
+    {"kind": "alert", "alert_id", "device_id", "seq", "outcome", "event_id", "type",
+     "severity", "grid_code", "department", "lat", "lon", "at"}
     {"kind": "dropped", "reason": "slow consumer"}
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-import threading
-from collections.abc import Iterable, Sequence
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from aggregator.auth import Operator
-from aggregator.pipeline import Assembled
-from aggregator.pool import BatchResult, Notice, iso
-from contract import Catalogue, EventNoticeV1, Outcome, Severity, TelemetryV1
+from aggregator.pool import Notice, connect, event_summaries, iso
+from contract import Catalogue, EventNoticeV1, EventStatus, Outcome, Severity, utcnow
 
-__all__ = ["DROPPED_CLOSE_CODE", "StreamClient", "StreamFilter", "StreamHub"]
+__all__ = ["DROPPED_CLOSE_CODE", "DROPPED_MESSAGE", "StreamClient", "StreamFilter", "StreamHub"]
 
 log = logging.getLogger(__name__)
 
 # RFC 6455 / IANA: 1013 "Try Again Later" — the server is overloaded for this client.
 DROPPED_CLOSE_CODE = 1013
 DROPPED_MESSAGE = orjson.dumps({"kind": "dropped", "reason": "slow consumer"}).decode()
+
+# Rows read per look at the pool: a look is bounded whatever the backlog; the rest waits for the
+# next one (a fraction of a second later).
+_POLL_EVENTS = 5000
+_POLL_ALERTS = 20000
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +68,12 @@ class StreamFilter:
     grid: str = ""
     types: frozenset[str] = frozenset()
     severities: frozenset[Severity] = frozenset()
-    kinds: frozenset[str] = frozenset({"event", "alert"})
+    kinds: frozenset[str] = frozenset({"event"})
 
 
 @dataclass(frozen=True, slots=True)
 class _Item:
-    """One message ready to send, with what filtering needs to know about it."""
+    """One message ready to send, with what filtering and coalescing need to know about it."""
 
     kind: str
     grid_code: str | None  # None: outside every grid (admins only)
@@ -64,17 +81,67 @@ class _Item:
     type: str
     severity: Severity | None
     text: str
+    key: Hashable  # items with one key replace each other in a client's queue
+
+
+class ClientQueue:
+    """Distinct pending messages in arrival order; an item whose key already waits replaces its
+    text in place. ``get`` is what the sender awaits (the only consumer)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: OrderedDict[Hashable, str] = OrderedDict()
+        self._ready = asyncio.Event()
+        self._unique = itertools.count()
+        self.last_taken = time.monotonic()  # when the sender last came for a message
+
+    def offer(self, key: Hashable, text: str) -> bool:
+        """Queue or replace; False when this would make more than ``maxsize`` distinct items."""
+        if key in self._items:
+            self._items[key] = text
+            return True
+        if len(self._items) >= self.maxsize:
+            return False
+        self._items[key] = text
+        self._ready.set()
+        return True
+
+    def put_nowait(self, text: str) -> None:
+        """Append a message that replaces nothing (the final ``dropped`` notice)."""
+        self._items[("once", next(self._unique))] = text
+        self._ready.set()
+
+    async def get(self) -> str:
+        self.last_taken = time.monotonic()
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        self.last_taken = time.monotonic()
+        return self._items.popitem(last=False)[1]
+
+    def get_nowait(self) -> str:
+        return self._items.popitem(last=False)[1]
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items)
 
 
 @dataclass(eq=False)
 class StreamClient:
     operator: Operator
     filter: StreamFilter
-    queue: asyncio.Queue[str]
+    queue: ClientQueue
     id: int = 0
     dropped: bool = False
     sent: int = 0
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[Any] | None = None  # the request's task, cancelled if stuck in a send
 
     def wants(self, item: _Item) -> bool:
         if item.kind not in self.filter.kinds:
@@ -95,81 +162,279 @@ class StreamClient:
         )
 
 
-class StreamHub:
-    """Fans committed batches out to WebSocket / SSE clients. Implements ``BatchSink``."""
+class _PoolFeed:
+    """What changed in the pool since the last look (runs on a worker thread, one at a time)."""
 
-    def __init__(self, catalogue: Catalogue, *, queue_size: int = 256) -> None:
+    def __init__(self, path: Path, catalogue: Catalogue) -> None:
+        self.path = path
+        self.catalogue = catalogue
+        self._db: sqlite3.Connection | None = None
+        self.change_seq = 0
+        self.max_event_id = 0
+        self.alert_rowid = 0
+        self.out_of_area_at = 0.0
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = connect(self.path, readonly=True)
+        return self._db
+
+    def start(self) -> None:
+        """Begin at the pool's present: clients see what happens from now on."""
+        db = self._conn()
+        row = db.execute(
+            "SELECT COALESCE(MAX(change_seq), 0), COALESCE(MAX(id), 0) FROM events"
+        ).fetchone()
+        self.change_seq, self.max_event_id = int(row[0]), int(row[1])
+        self._mark_alerts(db)
+
+    def _mark_alerts(self, db: sqlite3.Connection) -> None:
+        # Where raw alerts begin for a client that asks for them later. Out-of-area rows have
+        # no arrival order but their receipt time, and no index on it: the clock stands in.
+        row = db.execute("SELECT COALESCE(MAX(id), 0) FROM alerts").fetchone()
+        self.alert_rowid = int(row[0])
+        self.out_of_area_at = time.time()
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def look(self, want_alerts: bool) -> tuple[list[tuple[str, EventNoticeV1]], list[_Item]]:
+        db = self._conn()
+        db.execute("BEGIN")  # one snapshot for the whole look
+        try:
+            events = self._events(db)
+            if want_alerts:
+                alerts = self._alerts(db)
+            else:
+                alerts = []
+                self._mark_alerts(db)
+        finally:
+            db.execute("COMMIT")
+        return events, alerts
+
+    def _events(self, db: sqlite3.Connection) -> list[tuple[str, EventNoticeV1]]:
+        rows = db.execute(
+            "SELECT id, change_seq FROM events WHERE change_seq > ? ORDER BY change_seq LIMIT ?",
+            (self.change_seq, _POLL_EVENTS),
+        ).fetchall()
+        if not rows:
+            return []
+        self.change_seq = max(int(r[1]) for r in rows)
+        at = utcnow()
+        out = []
+        for summary in event_summaries(db, [int(r[0]) for r in rows], self.catalogue):
+            if summary.status is EventStatus.CLOSED:
+                change = "closed"
+            elif summary.event_id > self.max_event_id:
+                change = "created"
+            else:
+                change = "updated"
+            out.append((change, EventNoticeV1(change=change, event=summary, at=at)))
+        self.max_event_id = max(self.max_event_id, *(int(r[0]) for r in rows))
+        return out
+
+    def _alerts(self, db: sqlite3.Connection) -> list[_Item]:
+        out: list[_Item] = []
+        types = self.catalogue.types
+        for r in db.execute(
+            "SELECT id, alert_id, device_id, seq, outcome, event_id, type, severity, grid_code,"
+            " lat, lon, received_at FROM alerts WHERE id > ? ORDER BY id LIMIT ?",
+            (self.alert_rowid, _POLL_ALERTS),
+        ):
+            self.alert_rowid = int(r[0])
+            wt = types.get(r[6])
+            department = wt.department if wt else None
+            body = {
+                "kind": "alert",
+                "alert_id": r[1],
+                "device_id": r[2],
+                "seq": r[3],
+                "outcome": r[4],
+                "event_id": r[5],
+                "type": r[6],
+                "severity": r[7],
+                "grid_code": r[8],
+                "department": department,
+                "lat": r[9],
+                "lon": r[10],
+                "at": iso(r[11]),
+            }
+            out.append(
+                _Item(
+                    "alert",
+                    r[8],
+                    department,
+                    r[6],
+                    Severity(r[7]),
+                    orjson.dumps(body).decode(),
+                    ("alert", r[1]),
+                )
+            )
+        for r in db.execute(
+            "SELECT alert_id, device_id, type, lat, lon, received_at FROM out_of_area"
+            " WHERE received_at > ? ORDER BY received_at LIMIT ?",
+            (self.out_of_area_at, _POLL_ALERTS),
+        ):
+            self.out_of_area_at = float(r[5])
+            body = {
+                "kind": "alert",
+                "alert_id": r[0],
+                "device_id": r[1],
+                "outcome": Outcome.OUT_OF_AREA.value,
+                "event_id": None,
+                "type": r[2],
+                "lat": r[3],
+                "lon": r[4],
+                "at": iso(r[5]),
+            }
+            out.append(
+                _Item("alert", None, None, r[2], None, orjson.dumps(body).decode(), ("alert", r[0]))
+            )
+        return out
+
+
+class StreamHub:
+    """Fans pool changes out to WebSocket / SSE clients, paced and coalesced per event."""
+
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        pool_path: Path | str,
+        *,
+        queue_size: int = 4096,
+        update_interval: float = 1.0,
+        stall_s: float = 10.0,
+        poll_s: float = 0.25,
+    ) -> None:
         self.catalogue = catalogue
         self.queue_size = queue_size
+        self.update_interval = update_interval
+        self.stall_s = stall_s
+        self.poll_s = poll_s
+        self._feed = _PoolFeed(Path(pool_path), catalogue)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
         self._clients: set[StreamClient] = set()
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
+        # per event: when its last update went out, and the update waiting for its turn
+        self._sent_at: dict[int, float] = {}
+        self._held: dict[int, _Item] = {}
+        # operators' steps already offered by publish_notice: the poll does not repeat them
+        self._offered: dict[int, str] = {}
         self.dropped_clients = 0
-        self.lost_batches = 0  # batches committed while no loop was bound
+        self.poll_errors = 0
+        self.on_clients: Any = None  # called with the client count whenever it changes
 
     # -- binding to the server's loop ------------------------------------------------------
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Attach to the web server's event loop (called from its startup)."""
-        with self._lock:
-            self._loop = loop
+        """Attach to the web server's event loop and start reading the pool (its startup)."""
+        self._loop = loop
+        self._feed.start()
+        self._task = loop.create_task(self._run(), name="cwg-stream-feed")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.unbind()
 
     def unbind(self) -> None:
-        with self._lock:
-            self._loop = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self._loop = None
         for client in list(self._clients):
             client.closed.set()
         self._clients.clear()
+        self._feed.close()
+        self._counted()
 
     @property
     def client_count(self) -> int:
         return len(self._clients)
 
-    # -- BatchSink (ingest thread) -----------------------------------------------------------
+    def _counted(self) -> None:
+        if self.on_clients is not None:
+            self.on_clients(len(self._clients))
 
-    def on_batch(
-        self,
-        result: BatchResult,
-        notices: Sequence[Notice],
-        telemetry: Sequence[TelemetryV1],
-        assembled: Assembled,
-    ) -> None:
-        """Hand the batch to the loop and return at once; never blocks the ingest worker."""
-        if not notices and not result.alerts and not result.out_of_area:
-            return
-        self._post(self._fan_out_batch, result, list(notices), assembled)
+    # -- feeding ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            if not self._clients:
+                # Nobody listens: keep the place without reading what changed.
+                try:
+                    await asyncio.to_thread(self._feed.start)
+                except sqlite3.Error:
+                    self.poll_errors += 1
+                self._sent_at.clear()
+                self._held.clear()
+                continue
+            want_alerts = any("alert" in c.filter.kinds for c in self._clients)
+            try:
+                events, alerts = await asyncio.to_thread(self._feed.look, want_alerts)
+            except sqlite3.Error:
+                self.poll_errors += 1
+                log.warning("live stream: the pool could not be read", exc_info=True)
+                continue
+            now = time.monotonic()
+            items: list[_Item] = []
+            for change, notice in events:
+                eid = notice.event.event_id
+                offered = self._offered.pop(eid, None)
+                if offered is not None and offered == notice.event.model_dump_json():
+                    continue  # an operator's step, already offered as it happened
+                item = self._event_item(Notice.of(notice))
+                # created and closed at once; an update once its interval has passed
+                due = now - self._sent_at.get(eid, 0.0) >= self.update_interval
+                if change != "updated" or due:
+                    self._held.pop(eid, None)
+                    self._sent_at[eid] = now
+                    items.append(item)
+                else:
+                    self._held[eid] = item  # replaces the one that waited
+            for eid in [
+                e for e, _ in self._held.items() if now - self._sent_at[e] >= self.update_interval
+            ]:
+                items.append(self._held.pop(eid))
+                self._sent_at[eid] = now
+            if len(self._sent_at) > 100_000:  # an entry older than the interval means nothing
+                horizon = now - self.update_interval
+                self._sent_at = {
+                    e: t for e, t in self._sent_at.items() if t > horizon or e in self._held
+                }
+            if len(self._offered) > 10_000:
+                self._offered.clear()
+            items.extend(alerts)
+            self._fan_out(items)
+            self._drop_stalled(now)
 
     def publish_notice(self, notice: EventNoticeV1) -> None:
-        """An event changed outside ingest (an operator's lifecycle step). Any thread."""
-        self._post(self._fan_out, [self._event_item(Notice.of(notice))])
-
-    def _post(self, fn: Any, *args: Any) -> None:
+        """An operator's lifecycle step, offered at once. Any thread (routes run on a pool)."""
         loop = self._loop
         if loop is None or loop.is_closed():
-            self.lost_batches += 1
             return
-        try:
-            loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:
-            # The loop closed between the check and the call (shutdown): nobody is listening.
-            self.lost_batches += 1
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody listens
+            loop.call_soon_threadsafe(self._offer_notice, notice)
 
-    # -- on the loop ------------------------------------------------------------------------
-
-    def _fan_out_batch(
-        self, result: BatchResult, notices: list[Notice], assembled: Assembled
-    ) -> None:
-        if not self._clients:
-            return
-        items = [self._event_item(n) for n in notices]
-        items.extend(self._alert_items(result, assembled))
-        self._fan_out(items)
+    def _offer_notice(self, notice: EventNoticeV1) -> None:
+        eid = notice.event.event_id
+        self._offered[eid] = notice.event.model_dump_json()
+        self._sent_at[eid] = time.monotonic()
+        self._held.pop(eid, None)
+        self._fan_out([self._event_item(Notice.of(notice))])
 
     @staticmethod
     def _event_item(notice: Notice) -> _Item:
         # the published notice, with "kind" appended as the stream's last member
         text = notice.payload[:-1] + b',"kind":"event"}'
+        key: Hashable = ("event", notice.event_id, notice.change)
         return _Item(
             "event",
             notice.grid_code,
@@ -177,83 +442,46 @@ class StreamHub:
             notice.type,
             notice.severity,
             text.decode(),
+            key,
         )
-
-    def _alert_items(self, result: BatchResult, assembled: Assembled) -> Iterable[_Item]:
-        pooled = {a.alert_id: a for a in assembled.batch.alerts}
-        at = iso(result.committed_at)
-        for r in result.alerts:
-            a = pooled.get(r.alert_id)
-            if a is None:
-                continue
-            wt = self.catalogue.types.get(a.type)
-            department = wt.department if wt else None
-            body = {
-                "kind": "alert",
-                "alert_id": r.alert_id,
-                "device_id": r.device_id,
-                "seq": r.seq,
-                "outcome": r.outcome.value,
-                "event_id": r.event_id,
-                "type": a.type,
-                "severity": a.severity.value,
-                "grid_code": a.grid_code,
-                "department": department,
-                "lat": a.lat,
-                "lon": a.lon,
-                "at": at,
-            }
-            yield _Item(
-                "alert", a.grid_code, department, a.type, a.severity, orjson.dumps(body).decode()
-            )
-        for o in result.out_of_area:
-            body = {
-                "kind": "alert",
-                "alert_id": o.alert_id,
-                "device_id": o.device_id,
-                "outcome": Outcome.OUT_OF_AREA.value,
-                "event_id": None,
-                "type": o.type,
-                "lat": o.lat,
-                "lon": o.lon,
-                "at": at,
-            }
-            yield _Item("alert", None, None, o.type, None, orjson.dumps(body).decode())
 
     def _fan_out(self, items: Sequence[_Item]) -> None:
         for client in list(self._clients):
             if client.dropped:
                 continue
             for item in items:
-                if not client.wants(item):
-                    continue
-                try:
-                    client.queue.put_nowait(item.text)
-                except asyncio.QueueFull:
-                    self._drop(client)
+                if client.wants(item) and not client.queue.offer(item.key, item.text):
+                    self._drop(client, f"more than {self.queue_size} distinct messages waiting")
                     break
 
-    def _drop(self, client: StreamClient) -> None:
+    def _drop_stalled(self, now: float) -> None:
+        for client in list(self._clients):
+            q = client.queue
+            if client.dropped:
+                # told to go but stuck in a send to a client that reads nothing: end it
+                if now - q.last_taken > self.stall_s + 5 and client.task is not None:
+                    client.task.cancel()
+                continue
+            if not q.empty() and now - q.last_taken > self.stall_s:
+                self._drop(client, f"read nothing for {self.stall_s:g} s")
+
+    def _drop(self, client: StreamClient, why: str) -> None:
         client.dropped = True
         self.dropped_clients += 1
         # Emptying the queue makes room for the one message that explains the close.
-        while not client.queue.empty():
-            client.queue.get_nowait()
+        client.queue.clear()
         client.queue.put_nowait(DROPPED_MESSAGE)
-        log.warning(
-            "stream client %s (%s) dropped: more than %s messages behind",
-            client.id,
-            client.operator.username,
-            self.queue_size,
-        )
+        log.warning("stream client %s (%s) dropped: %s", client.id, client.operator.username, why)
 
     # -- clients (on the loop) -------------------------------------------------------------
 
     def connect(self, operator: Operator, stream_filter: StreamFilter) -> StreamClient:
         client = StreamClient(
-            operator, stream_filter, asyncio.Queue(maxsize=self.queue_size), next(self._ids)
+            operator, stream_filter, ClientQueue(self.queue_size), next(self._ids)
         )
+        client.task = asyncio.current_task()
         self._clients.add(client)
+        self._counted()
         log.info(
             "stream client %s connected operator=%s grid=%s",
             client.id,
@@ -263,6 +491,8 @@ class StreamHub:
         return client
 
     def disconnect(self, client: StreamClient) -> None:
-        self._clients.discard(client)
+        if client in self._clients:
+            self._clients.discard(client)
+            self._counted()
         client.closed.set()
         log.info("stream client %s disconnected after %s messages", client.id, client.sent)

@@ -1,31 +1,53 @@
-"""The whole service in one process: aggregator (ingest) + operator API + dashboard + sinks.
+"""The service: ingest in this process, the operator API and dashboard in a child process.
+
+Operators never slow ingest. The pool writer is the one serial stage, so nothing an operator
+does runs in its interpreter: uvicorn, the FastAPI app and the live stream's fan-out live in a
+child process (``multiprocessing`` spawn) that reads the pool file (SQLite WAL: readers never
+wait for the writer) and writes only operators' lifecycle steps and logins, through the pool's
+own locking, as a second replica would. The live stream is fed from the pool, not from the
+writer's batch callback (``aggregator/stream.py``), so the writer does no work per watcher and an
+operator on any replica's API sees every replica's events. The child publishes operators'
+steps on the events topic with an MQTT client of its own (``<client_id>-api``, clean session);
+its ``/readyz`` is that connection and the pool. Ingest's own Prometheus metrics are served on a
+loopback port of this process (``CWG_METRICS_PORT``); the API's token-guarded ``/metrics`` shows
+them with the stream's gauges.
+
+HTTPS: uvicorn's own TLS (``CWG_HTTP__CERTFILE`` / ``CWG_HTTP__KEYFILE``, or ``gateway run
+--certfile --keyfile``): one process fewer to run and test than a reverse proxy, and the same
+dashboard works behind one (nginx, Caddy) for those who already have one.
 
 ``run_service`` is what ``gateway run --http-port …`` calls: it runs in the foreground and stops
-cleanly on SIGINT/SIGTERM (uvicorn's handlers), finishing the batch in hand. ``Service`` is the
-same thing as an object with ``start()``/``stop()`` for tests and embedding.
+cleanly on SIGINT/SIGTERM, finishing the batch in hand. ``Service`` is the same thing as an
+object with ``start()``/``stop()`` for tests and embedding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
+from multiprocessing.sharedctypes import Synchronized
 from types import TracebackType
 from typing import Any, Self
 
-import uvicorn
+import paho.mqtt.client as mqtt
 from argon2 import PasswordHasher
+from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client import start_http_server
 
-from aggregator.api.app import create_app
 from aggregator.auth import AuthStore, dev_mode
 from aggregator.config import Settings
 from aggregator.errors import AggregatorError
 from aggregator.ingest import BatchSink
 from aggregator.service import Aggregator, build_aggregator
-from aggregator.stream import StreamHub
 from aggregator.timeseries import TimeSeriesSettings, TimeSeriesSink
-from contract import load_catalogue
+from contract import EventNoticeV1, Topics
 
 __all__ = ["Service", "ServiceError", "run_service"]
 
@@ -33,11 +55,35 @@ log = logging.getLogger(__name__)
 
 
 class ServiceError(AggregatorError):
-    """The HTTP server did not come up."""
+    """The API process did not come up."""
+
+
+@dataclass(frozen=True)
+class ApiOptions:
+    """What the API process is built from (pickled to it)."""
+
+    settings: Settings
+    host: str
+    port: int
+    log_level: str
+    stream_queue: int
+    metrics_url: str | None
+    password_hasher: PasswordHasher | None = None
+
+
+class StreamClients:
+    """The API process's live-stream client count, readable here (``service.hub.client_count``)."""
+
+    def __init__(self, value: Synchronized[int]) -> None:
+        self._value = value
+
+    @property
+    def client_count(self) -> int:
+        return int(self._value.value)
 
 
 class Service:
-    """Aggregator, stream hub, time-series sink and the web server, built and wired together."""
+    """Aggregator and time-series sink here; the web server in its own process."""
 
     def __init__(
         self,
@@ -47,16 +93,16 @@ class Service:
         *,
         timeseries: TimeSeriesSettings | None = None,
         log_level: str = "info",
-        stream_queue: int = 256,
+        stream_queue: int = 4096,
         password_hasher: PasswordHasher | None = None,
     ) -> None:
         self.settings = settings
-        self.hub = StreamHub(load_catalogue(settings.catalogue_file), queue_size=stream_queue)
+        self.host = host
+        self.log_level = log_level
         self.timeseries = TimeSeriesSink(timeseries) if timeseries is not None else None
-        sinks: list[BatchSink] = [self.hub]
-        if self.timeseries is not None:
-            sinks.append(self.timeseries)
+        sinks: list[BatchSink] = [self.timeseries] if self.timeseries is not None else []
         self.aggregator: Aggregator = build_aggregator(settings, sinks=sinks)
+        # Accounts are made here (tests, the dev admin); the API process opens its own store.
         self.auth = AuthStore(settings.pool, hasher=password_hasher)
         self.dev_notice = self.auth.ensure_dev_admin()
         if not self.auth.accounts():
@@ -65,72 +111,92 @@ class Service:
                 "with `gateway accounts add <username> --level admin`%s",
                 "" if dev_mode() else " (or run the demo with CWG_DEV=1)",
             )
-        agg = self.aggregator
-        self.app = create_app(
-            pool_path=settings.pool,
-            catalogue=agg.catalogue,
-            grids=agg.grids,
-            snapshots=agg.snapshots,
-            metrics=agg.metrics,
-            hub=self.hub,
-            auth=self.auth,
-            broker_connected=lambda: agg.ingest.stats().connected,
-            on_notice=agg.ingest.publish_notice,
-        )
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                self.app,
-                host=host,
-                port=port,
-                log_level=log_level,
-                ws="websockets-sansio",
-                lifespan="on",
-                timeout_graceful_shutdown=5,
-            )
-        )
-        self._thread: threading.Thread | None = None
+        self._requested_port = port
+        self._stream_queue = stream_queue
+        self._hasher = password_hasher
+        ctx = multiprocessing.get_context("spawn")
+        self._mp = ctx
+        self._clients: Synchronized[int] = ctx.Value("i", 0)
+        self.hub = StreamClients(self._clients)
+        self._stop_api = ctx.Event()
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._port: int | None = None
+        self._metrics_server: Any = None
+        self.metrics_port: int | None = None
         self._started = False
 
     @property
     def port(self) -> int:
         """The bound port (useful when started on port 0)."""
-        for server in self.server.servers:
-            for sock in server.sockets:
-                port: int = sock.getsockname()[1]
-                return port
-        return self.server.config.port
+        return self._port if self._port is not None else self._requested_port
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.settings.http.certfile is not None else "http"
 
     @property
     def url(self) -> str:
-        return f"http://{self.server.config.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    # -- lifecycle ---------------------------------------------------------------------------
 
     def _start_backends(self) -> None:
         if self.timeseries is not None:
             self.timeseries.start()
         self.aggregator.start()
         self._started = True
+        server, _thread = start_http_server(
+            self.settings.metrics_port, addr="127.0.0.1", registry=self.aggregator.metrics.registry
+        )
+        self._metrics_server = server
+        self.metrics_port = int(server.server_port)
+        log.info("ingest metrics on http://127.0.0.1:%s/metrics", self.metrics_port)
 
-    def start(self, timeout: float = 15.0) -> None:
-        """Start ingest and serve HTTP on a background thread; returns once it listens."""
-        self._start_backends()
-        self._thread = threading.Thread(target=self.server.run, name="cwg-http", daemon=True)
-        self._thread.start()
+    def _start_api(self, timeout: float) -> None:
+        options = ApiOptions(
+            settings=self.settings,
+            host=self.host,
+            port=self._requested_port,
+            log_level=self.log_level,
+            stream_queue=self._stream_queue,
+            metrics_url=f"http://127.0.0.1:{self.metrics_port}/metrics",
+            password_hasher=self._hasher,
+        )
+        parent_end, child_end = self._mp.Pipe(duplex=False)
+        self._process = self._mp.Process(
+            target=api_process_main,
+            args=(options, child_end, self._stop_api, self._clients, os.getpid()),
+            name="cwg-api",
+            daemon=True,
+        )
+        self._process.start()
+        child_end.close()
         deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
+        while not parent_end.poll(0.1):
+            if not self._process.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                raise ServiceError(
-                    f"the HTTP server did not start on port {self.server.config.port}"
-                )
-            time.sleep(0.02)
+                raise ServiceError(f"the API process did not start on port {self.port}")
+        self._port = int(parent_end.recv())
+        parent_end.close()
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start ingest here and the API process; returns once the API listens."""
+        self._start_backends()
+        self._start_api(timeout)
         log.info("serving the operator API and dashboard at %s", self.url)
 
     def stop(self) -> None:
-        """Stop HTTP first (no new requests), then ingest (commits its batch), then sinks."""
-        self.server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
-            self._thread = None
+        """Stop the API process first (no new requests), then ingest (commits its batch)."""
+        self._stop_api.set()
+        process, self._process = self._process, None
+        if process is not None:
+            process.join(10)
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
         self._stop_backends()
 
     def _stop_backends(self) -> None:
@@ -139,23 +205,34 @@ class Service:
             self.aggregator.stop()
             if self.timeseries is not None:
                 self.timeseries.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
         self.auth.close()
 
     def serve_forever(self) -> None:
-        """Run in the foreground until SIGINT/SIGTERM, then shut everything down in order."""
-        # uvicorn handles the signal (graceful HTTP shutdown) and then raises it again for the
-        # handler that was installed before it. Ours only notes it, so that ingest still gets
-        # to commit and acknowledge its batch instead of the process dying mid-way.
-        received: list[int] = []
+        """Run in the foreground until SIGINT/SIGTERM (or the API process ends), then shut
+        everything down in order: the batch in hand is committed and acknowledged."""
+        stop = threading.Event()
         previous: dict[int, Any] = {}
+        received: list[int] = []
+
+        def note(number: int, _frame: Any) -> None:
+            received.append(number)
+            stop.set()
+
         if threading.current_thread() is threading.main_thread():
             for stop_signal in (signal.SIGINT, signal.SIGTERM):
-                previous[stop_signal] = signal.signal(stop_signal, lambda s, _f: received.append(s))
-        self._start_backends()
+                previous[stop_signal] = signal.signal(stop_signal, note)
         try:
-            self.server.run()
+            self.start()
+            while not stop.wait(0.5):
+                if self._process is not None and not self._process.is_alive():
+                    log.error("the API process ended (exit code %s)", self._process.exitcode)
+                    break
         finally:
-            self._stop_backends()
+            self.stop()
             for number, handler in previous.items():
                 signal.signal(number, handler)
         if received:
@@ -186,6 +263,127 @@ def run_service(
     service = Service(settings, host, port, timeseries=timeseries, log_level=log_level)
     if service.dev_notice:
         print(service.dev_notice, flush=True)
-    print(f"dashboard and API on http://{host}:{port}/ (docs at /docs)", flush=True)
+    print(f"dashboard and API on {service.url}/ (docs at /docs)", flush=True)
     service.serve_forever()
     return 0
+
+
+# -- the API process -----------------------------------------------------------------------
+
+
+class NoticePublisher:
+    """The API process's own MQTT connection: operators' steps go out on the events topic."""
+
+    def __init__(self, settings: Settings) -> None:
+        s = settings.mqtt
+        self.topic = Topics(s.topic_prefix).events
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"{s.client_id}-api",
+            protocol=mqtt.MQTTv5,
+        )
+        self.client.username_pw_set(s.username, s.secret())
+        if s.tls_ca is not None:
+            self.client.tls_set(ca_certs=str(s.tls_ca))
+        # Reconnects stay within a few seconds of the broker coming back.
+        self.client.reconnect_delay_set(min_delay=1, max_delay=5)
+        self.client.max_queued_messages_set(10_000)
+        self.client.connect_async(s.host, s.port, keepalive=s.keepalive_s)
+        self.client.loop_start()
+
+    def connected(self) -> bool:
+        return bool(self.client.is_connected())
+
+    def publish(self, notice: EventNoticeV1) -> None:
+        self.client.publish(self.topic, notice.to_json(), qos=1)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.disconnect()
+        self.client.loop_stop()
+
+
+def api_process_main(
+    options: ApiOptions,
+    report: multiprocessing.connection.Connection,
+    stop: Any,
+    clients: Synchronized[int],
+    parent_pid: int,
+) -> None:
+    """Build the app over the pool file and serve it until told to stop or the parent is gone."""
+    import uvicorn
+
+    from aggregator.api.app import create_app
+    from aggregator.geo import GridIndex, default_grid_file
+    from aggregator.metrics import ScrapedMetrics
+    from aggregator.snapshots import SnapshotStore
+    from aggregator.stream import StreamHub
+    from contract import load_catalogue
+
+    logging.basicConfig(
+        level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    settings = options.settings
+    http = settings.http
+    if http.nice:
+        # Below the pool writer's priority: when the cores are short, ingest goes first.
+        os.nice(http.nice)
+    catalogue = load_catalogue(settings.catalogue_file)
+    grids = GridIndex.from_geojson(settings.grid_file or default_grid_file())
+    hub = StreamHub(
+        catalogue,
+        settings.pool,
+        queue_size=options.stream_queue,
+        update_interval=max(settings.notices.update_interval_ms / 1000, 0.0),
+        stall_s=http.stream_stall_s,
+    )
+
+    def count(n: int) -> None:
+        clients.value = n
+
+    hub.on_clients = count
+    auth = AuthStore(settings.pool, hasher=options.password_hasher)
+    notices = NoticePublisher(settings)
+    app = create_app(
+        pool_path=settings.pool,
+        catalogue=catalogue,
+        grids=grids,
+        snapshots=SnapshotStore(settings.snapshots),
+        metrics=ScrapedMetrics(options.metrics_url),
+        hub=hub,
+        auth=auth,
+        broker_connected=notices.connected,
+        on_notice=notices.publish,
+        access=settings.access,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=options.host,
+            port=options.port,
+            log_level=options.log_level,
+            ws="websockets-sansio",
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+            ssl_certfile=str(http.certfile) if http.certfile else None,
+            ssl_keyfile=str(http.keyfile) if http.keyfile else None,
+        )
+    )
+
+    def watch() -> None:
+        reported = False
+        while not server.should_exit:
+            if not reported and server.started:
+                sock = server.servers[0].sockets[0]
+                report.send(int(sock.getsockname()[1]))
+                report.close()
+                reported = True
+            if stop.wait(0.1) or os.getppid() != parent_pid:
+                server.should_exit = True
+
+    threading.Thread(target=watch, name="cwg-api-watch", daemon=True).start()
+    try:
+        server.run()
+    finally:
+        notices.close()
+        auth.close()
