@@ -106,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-file", type=Path, default=None, help="GeoJSON grids (default: sample)")
     p.add_argument("--http-port", type=int, default=0, help="also serve API/dashboard on this port")
     p.add_argument("--http-host", default="127.0.0.1", help="address the API/dashboard binds to")
+    p.add_argument("--certfile", type=Path, default=None, help="HTTPS: PEM certificate (chain)")
+    p.add_argument("--keyfile", type=Path, default=None, help="HTTPS: PEM private key")
+    p.add_argument(
+        "--dev-https",
+        action="store_true",
+        help="HTTPS with a certificate for --http-host, localhost and 127.0.0.1 signed by the "
+        "development CA in DATA_DIR/broker/tls (made if missing): development only",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="loopback port of ingest's Prometheus metrics (CWG_METRICS_PORT; default: "
+        "none without --http-port, any free port with it)",
+    )
     p.add_argument(
         "--tsdb-url",
         default=os.environ.get("CWG_TSDB_URL"),
@@ -288,6 +303,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         }
     )
     settings = settings.model_copy(update={"mqtt": mqtt})
+    if args.metrics_port is not None:
+        settings = settings.model_copy(update={"metrics_port": args.metrics_port})
+    certfile, keyfile = args.certfile, args.keyfile
+    if args.dev_https:
+        certfile, keyfile = dev_https_files(args.data_dir, args.http_host)
+    if certfile is not None or keyfile is not None:
+        from aggregator.config import HttpSettings
+
+        http = HttpSettings.model_validate(
+            {**settings.http.model_dump(), "certfile": certfile, "keyfile": keyfile}
+        )
+        settings = settings.model_copy(update={"http": http})
     if args.http_port:
         from aggregator.api.server import run_service
         from aggregator.timeseries import TimeSeriesSettings
@@ -304,14 +331,45 @@ def cmd_run(args: argparse.Namespace) -> int:
             else None
         )
         return run_service(settings, args.http_host, args.http_port, timeseries=timeseries)
-    return run_aggregator(settings)
+    return run_aggregator(settings, metrics=args.metrics_port is not None)
 
 
-def run_aggregator(settings: Any) -> int:
+def dev_https_files(data_dir: Path, host: str) -> tuple[Path, Path]:
+    """A server certificate for the API signed by the development CA (the broker's, so one CA
+    file is all a development client needs to trust)."""
+    from aggregator import devca
+
+    ca_dir = data_dir / "broker" / "tls"
+    out = data_dir / "https"
+    for folder in (ca_dir, out):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    import ipaddress
+
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        wildcard = False
+    # a wildcard bind address is not a name a client verifies against
+    names = list(dict.fromkeys([*([] if wildcard else [host]), "localhost", "127.0.0.1"]))
+    devca.ensure(
+        ca_dir / "ca.crt", ca_dir / "ca.key", out / "server.crt", out / "server.key", names
+    )
+    print(f"HTTPS with a development certificate; clients trust {ca_dir / 'ca.crt'}", flush=True)
+    return out / "server.crt", out / "server.key"
+
+
+def run_aggregator(settings: Any, *, metrics: bool = False) -> int:
+    from prometheus_client import start_http_server
+
     from aggregator.service import build_aggregator
 
     agg = build_aggregator(settings)
     agg.start()
+    if metrics:
+        server, _ = start_http_server(
+            settings.metrics_port, addr="127.0.0.1", registry=agg.metrics.registry
+        )
+        log.info("ingest metrics on http://127.0.0.1:%s/metrics", server.server_port)
     log.info("aggregator running; Ctrl-C stops")
     try:
         _wait_for_signal()
