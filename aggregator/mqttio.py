@@ -590,9 +590,12 @@ class IoLoop:
             text = self._topic_text[topic] = topic.decode("utf-8", "replace")
         if not self._rows:
             self._first_row_at = time.monotonic()
-        pre = (
-            None if self.prevalidator is None else self.prevalidator.check(text, payload, self._now)
-        )
+        pre = None
+        if self.prevalidator is not None:
+            try:
+                pre = self.prevalidator.check(text, payload, self._now)
+            except Exception:  # no message may end this loop: the pool writer decides instead
+                log.exception("prevalidation of a message on %s failed", text)
         self._rows.append((text, payload, time.time(), mid, qos, self._generation, pre))
         if qos:
             self._unacked += 1
