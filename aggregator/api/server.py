@@ -131,6 +131,11 @@ class Service:
         return self._port if self._port is not None else self._requested_port
 
     @property
+    def api_pid(self) -> int | None:
+        """The API process's id while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    @property
     def scheme(self) -> str:
         return "https" if self.settings.http.certfile is not None else "http"
 
