@@ -23,6 +23,7 @@ the demo, and says so loudly.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import hashlib
 import logging
@@ -33,8 +34,10 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -52,10 +55,15 @@ __all__ = [
     "AuthStore",
     "IssuedToken",
     "Level",
+    "LimiterPolicy",
+    "LoginLimiter",
+    "LoginThrottledError",
     "Operator",
+    "PasswordChecker",
     "create_account",
     "dev_mode",
     "main_accounts",
+    "verify_login",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,6 +100,15 @@ CREATE INDEX IF NOT EXISTS operator_tokens_user ON operator_tokens(username);
 
 class AuthError(AggregatorError):
     """Credentials or a token were refused; the message is safe to show to the caller."""
+
+
+class LoginThrottledError(AuthError):
+    """A login refused before its password was checked: too many failures, or the password
+    checker is busy. ``retry_after`` is in seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class AccountError(AggregatorError):
@@ -410,6 +427,167 @@ class AuthStore:
             self._db.execute(
                 "DELETE FROM operator_tokens WHERE token_hash=?", (_token_hash(token),)
             )
+
+
+# -- login throttling -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterPolicy:
+    """How many failed logins are free, and how the lockout after them grows."""
+
+    free_failures_user: int = 5
+    # Higher per address: an office behind one NAT (or a reverse proxy without forwarded
+    # headers) holds many operators who each mistype now and then.
+    free_failures_addr: int = 20
+    base_lockout_s: float = 1.0
+    max_lockout_s: float = 900.0
+    # A key with no failure for this long (after its lockout) starts again from zero.
+    forget_after_s: float = 900.0
+    # Bounds memory under a spray of made-up user names or addresses; the oldest go first.
+    max_entries: int = 100_000
+
+
+@dataclass(slots=True)
+class _Strikes:
+    failures: int = 0
+    locked_until: float = 0.0
+    last_failure: float = 0.0
+
+
+@dataclass
+class LoginLimiter:
+    """Failed logins per user name and per client address, with a lockout that doubles.
+
+    Each attempt is counted as a failure when it is admitted (``admit``), before its password
+    is checked, and taken back when it succeeds (``succeeded``): concurrent guesses cannot slip
+    past the count while their hashes are being computed. Attempts refused during a lockout are
+    not counted, so a person retrying does not lengthen their own lockout. The state lives in
+    this process's memory: a restart forgets it, and replicas each keep their own."""
+
+    policy: LimiterPolicy = field(default_factory=LimiterPolicy)
+    clock: Callable[[], float] = time.monotonic
+    _keys: OrderedDict[tuple[str, str], _Strikes] = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _lockout(self, failures: int, free: int) -> float:
+        over = failures - free
+        if over <= 0:
+            return 0.0
+        # 2 ** over overflows float arithmetic far past any sane count; cap the exponent.
+        return min(self.policy.max_lockout_s, self.policy.base_lockout_s * 2.0 ** min(over - 1, 40))
+
+    def _entry(self, key: tuple[str, str], now: float) -> _Strikes:
+        entry = self._keys.get(key)
+        if entry is None:
+            entry = self._keys[key] = _Strikes()
+            while len(self._keys) > self.policy.max_entries:
+                self._keys.popitem(last=False)
+        else:
+            self._keys.move_to_end(key)
+            if now > max(entry.locked_until, entry.last_failure) + self.policy.forget_after_s:
+                entry.failures, entry.locked_until = 0, 0.0
+        return entry
+
+    def admit(self, username: str, address: str) -> None:
+        """Let one attempt through (counted as a failure for now) or raise LoginThrottledError."""
+        now = self.clock()
+        keys = ((("user", username.casefold()), self.policy.free_failures_user),
+                (("addr", address), self.policy.free_failures_addr))  # fmt: skip
+        with self._lock:
+            entries = [(self._entry(key, now), free) for key, free in keys]
+            wait = max(entry.locked_until - now for entry, _ in entries)
+            if wait > 0:
+                raise LoginThrottledError(
+                    "too many failed logins: wait before trying again", retry_after=wait
+                )
+            for entry, free in entries:
+                entry.failures += 1
+                entry.last_failure = now
+                lockout = self._lockout(entry.failures, free)
+                if lockout:
+                    entry.locked_until = now + lockout
+
+    def succeeded(self, username: str, address: str) -> None:
+        """The admitted attempt had the right password: forget the user's failures and take
+        this attempt back from the address's count."""
+        with self._lock:
+            self._keys.pop(("user", username.casefold()), None)
+            entry = self._keys.get(("addr", address))
+            if entry is not None:
+                entry.failures = max(0, entry.failures - 1)
+                if entry.failures <= self.policy.free_failures_addr:
+                    entry.locked_until = 0.0
+
+    def withdraw(self, username: str, address: str) -> None:
+        """Take back an admitted attempt whose password was never checked."""
+        with self._lock:
+            for key in (("user", username.casefold()), ("addr", address)):
+                entry = self._keys.get(key)
+                if entry is not None:
+                    entry.failures = max(0, entry.failures - 1)
+
+    def retry_after(self, username: str, address: str) -> float:
+        """Seconds until an attempt for this user and address would be admitted (0: now)."""
+        now = self.clock()
+        with self._lock:
+            found = [self._keys.get(k) for k in (("user", username.casefold()), ("addr", address))]
+        return max([0.0] + [e.locked_until - now for e in found if e is not None])
+
+
+class PasswordChecker:
+    """Runs logins (argon2 verification) on a small pool of its own threads, never on the
+    event loop and never on the default executor the rest of the API shares.
+
+    argon2-cffi releases the GIL while hashing, so the event loop and the other threads keep
+    running; ``workers`` bounds the cores a login flood can take, and at most ``max_waiting``
+    logins wait for a worker — beyond that a login is refused at once (LoginThrottledError) instead
+    of queueing CPU work."""
+
+    def __init__(self, workers: int = 1, max_waiting: int = 4) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cwg-login")
+        self._limit = workers + max_waiting
+        self._busy = 0
+        self._lock = threading.Lock()
+
+    async def run(
+        self, fn: Callable[[str, str], IssuedToken], username: str, password: str
+    ) -> IssuedToken:
+        with self._lock:
+            if self._busy >= self._limit:
+                raise LoginThrottledError(
+                    "too many logins at once: try again shortly", retry_after=1.0
+                )
+            self._busy += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, fn, username, password)
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def verify_login(
+    store: AuthStore,
+    limiter: LoginLimiter,
+    checker: PasswordChecker,
+    username: str,
+    password: str,
+    address: str,
+) -> IssuedToken:
+    """One login attempt: the limiter first (no hashing when it refuses), then the password on
+    the checker's threads. Raises LoginThrottledError or AuthError."""
+    limiter.admit(username, address)
+    try:
+        issued = await checker.run(store.login, username, password)
+    except LoginThrottledError:
+        limiter.withdraw(username, address)  # refused unchecked: not the caller's failure
+        raise
+    limiter.succeeded(username, address)
+    return issued
 
 
 def create_account(
