@@ -3,21 +3,43 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
-from collections.abc import AsyncIterator, Callable
+import math
+import re
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Body, FastAPI, HTTPException, Request, status
+from fastapi import Body, FastAPI, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aggregator.api import events, live, resources
-from aggregator.api.deps import AUTH_RESPONSES, ApiContext, Ctx, CurrentOperator, Readers
-from aggregator.api.models import Health, OperatorOut, Ready, TokenOut, TokenRequest
-from aggregator.auth import AuthError, AuthStore, Operator
+from aggregator.api.deps import (
+    AUTH_RESPONSES,
+    STREAM_COOKIE,
+    STREAM_COOKIE_PATH,
+    ApiContext,
+    Ctx,
+    CurrentOperator,
+    Readers,
+)
+from aggregator.api.models import Health, OperatorOut, Problem, Ready, TokenOut, TokenRequest
+from aggregator.auth import (
+    AuthError,
+    AuthStore,
+    LimiterPolicy,
+    LoginLimiter,
+    LoginThrottledError,
+    Operator,
+    PasswordChecker,
+    verify_login,
+)
+from aggregator.config import AccessSettings
 from aggregator.geo import GridIndex
 from aggregator.metrics import Metrics
 from aggregator.pool import LifecycleWriter
@@ -25,12 +47,92 @@ from aggregator.snapshots import SnapshotStore
 from aggregator.stream import StreamHub
 from contract import Catalogue, EventNoticeV1
 
-__all__ = ["WEB_ROOT", "create_app"]
+__all__ = ["SECURITY_HEADERS", "WEB_ROOT", "RedactSecrets", "create_app", "redact"]
 
 log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 API_VERSION = "1.0.0"
+
+# Sent with every HTTP response. The dashboard has no inline script or style and loads
+# nothing from elsewhere, so the policy can be this strict; blob: and data: images are the
+# snapshots it fetches with the token and the empty favicon.
+SECURITY_HEADERS: dict[str, str] = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+_RAW_HEADERS = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+
+class SecurityHeaders:
+    """Adds ``SECURITY_HEADERS`` to every HTTP response. Plain ASGI rather than Starlette's
+    BaseHTTPMiddleware, which would buffer the event stream through a second task."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in _RAW_HEADERS if k not in names]
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+# Credentials that a client may put in a query string (we accept none there, but a client
+# may still send them) or in a header that ends up in a message.
+_SECRET_PARAM = re.compile(
+    r"(?i)((?:^|[?&;\s])(?:access_token|token|password|passwd|secret|api_key)=)[^&\s\"']*"
+)
+_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
+
+
+def redact(text: str) -> str:
+    """``text`` with the values of secret-looking query parameters and bearer tokens hidden."""
+    return _BEARER.sub(r"\1[redacted]", _SECRET_PARAM.sub(r"\1[redacted]", text))
+
+
+def _redact_arg(arg: object) -> object:
+    return redact(arg) if isinstance(arg, str) else arg
+
+
+class RedactSecrets(logging.Filter):
+    """Rewrites a record's message and string arguments through ``redact``. On uvicorn's
+    access logger the arguments keep their shape (its formatter unpacks them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact_arg(a) for a in record.args)
+        elif isinstance(record.args, MutableMapping):
+            record.args = {k: _redact_arg(v) for k, v in record.args.items()}
+        return True
+
+
+# uvicorn.access logs every request line with its query string; uvicorn.error logs each
+# WebSocket's path with its query string.
+REDACTED_LOGGERS = ("uvicorn.access", "uvicorn.error", "uvicorn")
+
+
+def install_log_redaction() -> None:
+    """Put ``RedactSecrets`` on the loggers that print request URLs (once per process)."""
+    for name in REDACTED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactSecrets) for f in logger.filters):
+            logger.addFilter(RedactSecrets())
 
 
 def create_app(
@@ -45,12 +147,15 @@ def create_app(
     broker_connected: Callable[[], bool] = lambda: False,
     on_notice: Callable[[EventNoticeV1], None] | None = None,
     web_root: Path | None = WEB_ROOT,
+    access: AccessSettings | None = None,
 ) -> FastAPI:
     """The FastAPI app over one pool file. The pool must exist (the aggregator creates it).
 
     ``on_notice`` also receives the notice of every lifecycle step an operator takes (the live
     stream always does), e.g. to publish it on the MQTT events topic for integrators."""
     pool_path = Path(pool_path)
+    access = access or AccessSettings()
+    install_log_redaction()
     ctx = ApiContext(
         pool_path=pool_path,
         catalogue=catalogue,
@@ -64,6 +169,18 @@ def create_app(
         readers=Readers(pool_path),
         writer=LifecycleWriter(pool_path),
         grid_features=grids.to_geojson()["features"],
+        limiter=LoginLimiter(
+            LimiterPolicy(
+                free_failures_user=access.login_free_failures_user,
+                free_failures_addr=access.login_free_failures_addr,
+                base_lockout_s=access.login_lockout_base_s,
+                max_lockout_s=access.login_lockout_max_s,
+            )
+        ),
+        checker=PasswordChecker(access.login_workers, access.login_max_waiting),
+        metrics_token=(
+            access.metrics_token.get_secret_value() if access.metrics_token is not None else None
+        ),
     )
 
     @asynccontextmanager
@@ -73,6 +190,7 @@ def create_app(
             yield
         finally:
             hub.unbind()
+            ctx.checker.close()
             ctx.readers.close()
             ctx.writer.close()
 
@@ -82,14 +200,17 @@ def create_app(
         description=(
             "The community event pool (社区事件池) of smart-community warnings (Longgang 5.4): "
             "events, their alerts and lifecycle, devices, grids, dead letters, statistics and "
-            "a live stream (WebSocket `/api/v1/stream?token=…`, or SSE). Every route except "
-            "the health checks and `/metrics` needs a bearer token from `/api/v1/auth/token`; "
-            "what it returns is limited to the operator's level and scope (GB/T 34300 "
-            "一级一权限)."
+            "a live stream (WebSocket `/api/v1/stream`: the first message is "
+            '`{"token": "…"}`; or SSE `/api/v1/stream/sse` with the bearer header or the '
+            "cookie set at login). Every route except the health checks needs a bearer token "
+            "from `/api/v1/auth/token` (`/metrics`: an admin's or the metrics token); what it "
+            "returns is limited to the operator's level and scope (GB/T 34300 一级一权限). "
+            "Tokens are never accepted in a URL."
         ),
         lifespan=lifespan,
     )
     app.state.ctx = ctx
+    app.add_middleware(SecurityHeaders)
 
     _auth_routes(app)
     _ops_routes(app)
@@ -115,18 +236,50 @@ def _auth_routes(app: FastAPI) -> None:
     @app.post(
         "/api/v1/auth/token",
         response_model=TokenOut,
-        responses=AUTH_RESPONSES,
+        responses={
+            **AUTH_RESPONSES,
+            429: {
+                "model": Problem,
+                "description": "too many failed logins for this user name or address (see "
+                "Retry-After), or too many logins at once",
+            },
+        },
         tags=["auth"],
         summary="Log in: username and password for a bearer token",
+        description="Also sets an HttpOnly, SameSite=Strict cookie that only the live stream "
+        "paths read (for a browser's EventSource). Failed logins per user name and per client "
+        "address are free up to a limit; after it each further failure doubles a lockout "
+        "(429 with Retry-After) during which no password is checked.",
     )
-    async def issue_token(ctx: Ctx, body: Annotated[TokenRequest, Body()]) -> TokenOut:
+    async def issue_token(
+        ctx: Ctx, request: Request, response: Response, body: Annotated[TokenRequest, Body()]
+    ) -> TokenOut:
+        address = request.client.host if request.client is not None else "-"
         try:
-            # argon2 verification takes tens of milliseconds: off the event loop.
-            issued = await asyncio.to_thread(ctx.auth.login, body.username, body.password)
+            # The limiter answers before any hashing; argon2 then runs on the checker's own
+            # bounded threads, never on the event loop or the shared thread pool.
+            issued = await verify_login(
+                ctx.auth, ctx.limiter, ctx.checker, body.username, body.password, address
+            )
+        except LoginThrottledError as exc:
+            raise HTTPException(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                str(exc),
+                headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))},
+            ) from exc
         except AuthError as exc:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED, str(exc), headers={"WWW-Authenticate": "Bearer"}
             ) from exc
+        response.set_cookie(
+            STREAM_COOKIE,
+            issued.token,
+            max_age=max(1, int(ctx.auth.token_ttl.total_seconds())),
+            path=STREAM_COOKIE_PATH,
+            secure=request.url.scheme == "https",
+            httponly=True,
+            samesite="strict",
+        )
         return TokenOut(
             access_token=issued.token,
             expires_at=issued.expires_at,
@@ -150,9 +303,16 @@ def _auth_routes(app: FastAPI) -> None:
         tags=["auth"],
         summary="End this token's session",
     )
-    def logout(ctx: Ctx, request: Request, operator: CurrentOperator) -> None:
+    def logout(ctx: Ctx, request: Request, response: Response, operator: CurrentOperator) -> None:
         header = request.headers.get("authorization", "")
         ctx.auth.revoke(header.partition(" ")[2].strip())
+        response.delete_cookie(
+            STREAM_COOKIE,
+            path=STREAM_COOKIE_PATH,
+            secure=request.url.scheme == "https",
+            httponly=True,
+            samesite="strict",
+        )
         log.info("operator %s logged out", operator.username)
 
 
@@ -182,11 +342,17 @@ def _ops_routes(app: FastAPI) -> None:
     @app.get(
         "/metrics",
         response_class=PlainTextResponse,
-        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+        responses={
+            200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"},
+            **AUTH_RESPONSES,
+        },
         tags=["operations"],
         summary="Prometheus metrics: ingest, rejections, dedup ratio, batch latency, queue",
+        description="Needs a bearer token: the metrics token (setting "
+        "`CWG_ACCESS__METRICS_TOKEN`) or an admin operator's token.",
     )
-    def metrics(ctx: Ctx) -> PlainTextResponse:
+    def metrics(ctx: Ctx, request: Request) -> PlainTextResponse:
+        _require_metrics_reader(ctx, request)
         body = generate_latest(ctx.metrics.registry).decode()
         hub = ctx.hub
         # Derived gauges are rendered here rather than registered: several apps may share
@@ -203,3 +369,25 @@ def _ops_routes(app: FastAPI) -> None:
             f"cwg_stream_dropped_clients_total {hub.dropped_clients}",
         ]
         return PlainTextResponse(body + "\n".join(extra) + "\n", media_type=CONTENT_TYPE_LATEST)
+
+
+def _require_metrics_reader(ctx: ApiContext, request: Request) -> None:
+    """Let the metrics token or an admin's token through; 401 for anything else."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    token = credentials.strip() if scheme.lower() == "bearer" else ""
+    if (
+        token
+        and ctx.metrics_token
+        and hmac.compare_digest(token.encode(), ctx.metrics_token.encode())
+    ):
+        return
+    try:
+        if token and ctx.auth.resolve(token).is_admin:
+            return
+    except AuthError:
+        pass
+    raise HTTPException(
+        status.HTTP_401_UNAUTHORIZED,
+        "/metrics needs the metrics token or an admin's bearer token",
+        headers={"WWW-Authenticate": "Bearer"},
+    )

@@ -13,7 +13,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from aggregator.api.models import Problem
-from aggregator.auth import AuthError, AuthStore, Operator
+from aggregator.auth import AuthError, AuthStore, LoginLimiter, Operator, PasswordChecker
 from aggregator.geo import GridIndex
 from aggregator.metrics import Metrics
 from aggregator.pool import LifecycleWriter, connect
@@ -65,6 +65,10 @@ class ApiContext:
     writer: LifecycleWriter
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     grid_features: list[dict[str, Any]] = field(default_factory=list)
+    limiter: LoginLimiter = field(default_factory=LoginLimiter)
+    checker: PasswordChecker = field(default_factory=PasswordChecker)
+    # Besides an admin operator's token, this one may read /metrics (a scraper's own secret).
+    metrics_token: str | None = None
 
 
 def get_ctx(request: Request) -> ApiContext:
@@ -97,6 +101,19 @@ def current_operator(
 
 
 CurrentOperator = Annotated[Operator, Depends(current_operator)]
+
+# The stream's cookie (set at login, HttpOnly, SameSite=Strict, only sent to the stream's
+# paths): what a browser's EventSource, which cannot set headers, authenticates with.
+STREAM_COOKIE = "cwg_stream"
+STREAM_COOKIE_PATH = "/api/v1/stream"
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, else of the stream cookie."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.cookies.get(STREAM_COOKIE) or None
 
 
 def db(ctx: Ctx) -> sqlite3.Connection:

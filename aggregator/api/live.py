@@ -1,7 +1,16 @@
 """The live stream over WebSocket (``/api/v1/stream``) and Server-Sent Events
-(``/api/v1/stream/sse``). Browsers cannot set headers on either, so the token travels as
-``?token=``; the filters (``grid``, ``type``, ``severity``, ``kind``) apply on the server,
-always inside the operator's own scope."""
+(``/api/v1/stream/sse``); the filters (``grid``, ``type``, ``severity``, ``kind``) apply on
+the server, always inside the operator's own scope.
+
+A token never travels in a URL, where access logs, proxies and browser history keep it. The
+WebSocket authenticates with its first message, ``{"token": "…"}``, within
+``AUTH_TIMEOUT_S``, and is answered ``{"kind": "authenticated", …}`` (or closed with 1008).
+That was preferred to a ``Sec-WebSocket-Protocol: cwg.bearer.<token>`` subprotocol: a header
+is what proxies and servers log, the server must echo the chosen subprotocol back (the token
+again, in a response header), and the header's token syntax does not fit every token. The
+price is one accepted socket for at most ``AUTH_TIMEOUT_S`` before it is known whose it is.
+SSE takes the ``Authorization: Bearer`` header, or the HttpOnly, SameSite=Strict cookie the
+login sets for the stream's paths (a browser's EventSource cannot set headers)."""
 
 from __future__ import annotations
 
@@ -12,12 +21,14 @@ import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, WebSocket, status
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from aggregator.api.deps import AUTH_RESPONSES, ApiContext, Ctx
+from aggregator.api.deps import AUTH_RESPONSES, ApiContext, Ctx, bearer_token
 from aggregator.api.events import GRID_PREFIX
 from aggregator.api.models import Problem
 from aggregator.auth import AuthError, Operator
@@ -32,6 +43,15 @@ _GRID = re.compile(GRID_PREFIX)
 _TYPE = re.compile(r"^[a-z][a-z0-9_]{1,63}$")
 _KINDS = {"event", "alert"}
 POLICY_VIOLATION = 1008
+AUTH_TIMEOUT_S = 5.0
+
+
+class StreamAuth(BaseModel):
+    """The first message a WebSocket client sends."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(min_length=1, max_length=256)
 
 
 class FilterError(ValueError):
@@ -71,8 +91,32 @@ def wanted_kinds(kinds: list[str], alerts: str | bool | None) -> list[str]:
 
 def _resolve(ctx: ApiContext, token: str | None) -> Operator:
     if not token:
-        raise AuthError("missing token: pass ?token=<bearer token>")
+        raise AuthError(
+            "missing token: send the bearer token in the Authorization header "
+            "(or log in first: the login's cookie works for the stream)"
+        )
     return ctx.auth.resolve(token)
+
+
+async def _first_message_auth(websocket: WebSocket, ctx: ApiContext) -> Operator | None:
+    """The operator whose token the client's first message carries; None once the socket has
+    been closed with 1008 (no message in time, not the expected JSON, or a bad token)."""
+    try:
+        text = await asyncio.wait_for(websocket.receive_text(), AUTH_TIMEOUT_S)
+        auth = StreamAuth.model_validate_json(text)
+        return await asyncio.to_thread(ctx.auth.resolve, auth.token)
+    except TimeoutError:
+        reason = f'send {{"token": "<bearer token>"}} within {AUTH_TIMEOUT_S:g} s'
+    except (ValidationError, KeyError):
+        # KeyError: a binary frame where text was expected.
+        reason = 'the first message must be {"token": "<bearer token>"}'
+    except AuthError as exc:
+        reason = str(exc)
+    except (WebSocketDisconnect, RuntimeError):
+        return None  # gone before it said who it is
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
+        await websocket.close(POLICY_VIOLATION, reason[:120])
+    return None
 
 
 @router.websocket("")
@@ -80,16 +124,21 @@ async def stream_ws(websocket: WebSocket) -> None:
     ctx: ApiContext = websocket.app.state.ctx
     q = websocket.query_params
     try:
-        operator = await asyncio.to_thread(_resolve, ctx, q.get("token"))
         flt = parse_filter(q.get("grid"), q.getlist("type"), q.getlist("severity"),
                            wanted_kinds(q.getlist("kind"), q.get("alerts")))  # fmt: skip
-    except AuthError as exc:
-        await _deny(websocket, status.HTTP_401_UNAUTHORIZED, str(exc))
-        return
     except FilterError as exc:
         await _deny(websocket, status.HTTP_400_BAD_REQUEST, str(exc))
         return
     await websocket.accept()
+    operator = await _first_message_auth(websocket, ctx)
+    if operator is None:
+        return
+    try:
+        await websocket.send_text(
+            orjson.dumps({"kind": "authenticated", "username": operator.username}).decode()
+        )
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        return
     client = ctx.hub.connect(operator, flt)
     receiver = asyncio.create_task(_drain_incoming(websocket))
     try:
@@ -151,7 +200,6 @@ async def _deny(websocket: WebSocket, code: int, detail: str) -> None:
 async def stream_sse(
     request: Request,
     ctx: Ctx,
-    token: Annotated[str, Query(min_length=1, max_length=256)],
     grid: Annotated[str | None, Query(pattern=GRID_PREFIX)] = None,
     type_: Annotated[list[str] | None, Query(alias="type")] = None,
     severity: Annotated[list[Severity] | None, Query()] = None,
@@ -162,7 +210,7 @@ async def stream_sse(
     ] = 3600,
 ) -> StreamingResponse:
     try:
-        operator = await asyncio.to_thread(_resolve, ctx, token)
+        operator = await asyncio.to_thread(_resolve, ctx, bearer_token(request))
     except AuthError as exc:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, str(exc), headers={"WWW-Authenticate": "Bearer"}

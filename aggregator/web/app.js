@@ -205,6 +205,7 @@ async function login(ev) {
       body: JSON.stringify({ username: $("username").value, password: $("password").value }),
     });
     const data = await res.json();
+    if (res.status === 429) throw new Error(`${data.detail} (${res.headers.get("Retry-After") || "?"} s)`);
     if (!res.ok) throw new Error(data.detail || t("login_failed"));
     state.token = data.access_token;
     sessionStorage.setItem("cwg.token", state.token);
@@ -367,18 +368,21 @@ function setLive(on) {
 function connectStream() {
   if (!state.token) return;
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  const ws = new WebSocket(`${proto}//${location.host}${API}/stream?token=${encodeURIComponent(state.token)}`);
+  // The token goes in the first message, never in the URL (access logs keep URLs).
+  const ws = new WebSocket(`${proto}//${location.host}${API}/stream`);
   state.ws = ws;
-  ws.onopen = () => { state.wsRetry = 0; setLive(true); };
+  ws.onopen = () => { ws.send(JSON.stringify({ token: state.token })); };
   ws.onmessage = (m) => {
     let msg;
     try { msg = JSON.parse(m.data); } catch (_) { return; }
-    if (msg.kind === "event") onEventNotice(msg);
+    if (msg.kind === "authenticated") { state.wsRetry = 0; setLive(true); }
+    else if (msg.kind === "event") onEventNotice(msg);
     else if (msg.kind === "dropped") console.warn(t("dropped"));
   };
   ws.onclose = (e) => {
     setLive(false);
     if (!state.token) return;
+    if (e.code === 1008) { logout(); return; } // the stream refused the token: log in again
     // Dropped as a slow consumer (1013) or a network blip: reconnect, and reload the list so
     // nothing missed while away stays missing.
     const delay = Math.min(10000, 500 * 2 ** state.wsRetry++);

@@ -130,7 +130,8 @@ def test_no_or_bad_token_is_401_and_health_is_open(filled: Filled) -> None:
     assert r.status_code == 401
     assert api.get("/healthz").json() == {"status": "ok"}
     assert api.get("/readyz").json() == {"ready": True, "pool": True, "broker": True}
-    metrics = api.get("/metrics").text
+    assert api.get("/metrics").status_code == 401  # an admin token or the metrics token
+    metrics = api.get("/metrics", "admin").text
     assert 'cwg_alerts_total{outcome="merged"} 1.0' in metrics
     assert "cwg_dedup_ratio 0.125000" in metrics  # 1 merged of 8 pooled alerts
     assert "cwg_batch_seconds_bucket" in metrics

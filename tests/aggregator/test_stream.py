@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,14 @@ from websockets.sync.client import ClientConnection, connect
 from aggregator.api.server import Service
 
 from .conftest import grid_in_community, interior, make_alert, offset, wait_until
-from .operator_support import COMMUNITY_A, COMMUNITY_B, Api, publish, running_service
+from .operator_support import (
+    COMMUNITY_A,
+    COMMUNITY_B,
+    PASSWORD,
+    Api,
+    publish,
+    running_service,
+)
 
 
 @pytest.fixture
@@ -32,9 +40,20 @@ def api(service: Service) -> Iterator[Api]:
     a.close()
 
 
-def ws_url(service: Service, token: str | None, **params: str) -> str:
-    query = httpx.QueryParams({**({"token": token} if token else {}), **params})
+def ws_url(service: Service, **params: str) -> str:
+    query = httpx.QueryParams(params)
     return f"{service.url.replace('http', 'ws', 1)}/api/v1/stream?{query}"
+
+
+@contextmanager
+def stream(service: Service, token: str, **params: str) -> Iterator[ClientConnection]:
+    """A WebSocket that has authenticated with its first message (the token is never in the
+    URL) and been answered ``authenticated``."""
+    with connect(ws_url(service, **params)) as ws:
+        ws.send(orjson.dumps({"token": token}).decode())
+        reply = orjson.loads(ws.recv(timeout=5))
+        assert reply["kind"] == "authenticated", reply
+        yield ws
 
 
 def collect(ws: ClientConnection, seconds: float) -> list[dict[str, Any]]:
@@ -73,10 +92,10 @@ def test_stream_is_scoped_filtered_and_carries_events_alerts_and_lifecycle(
     broker: Any, service: Service, api: Api
 ) -> None:
     with (
-        connect(ws_url(service, api.token("comm_a"), alerts="1")) as comm_a,
-        connect(ws_url(service, api.token("comm_b"))) as comm_b,
-        connect(ws_url(service, api.token("admin"), type="smoke_fire", alerts="1")) as admin_fire,
-        connect(ws_url(service, api.token("police"))) as police,
+        stream(service, api.token("comm_a"), alerts="1") as comm_a,
+        stream(service, api.token("comm_b")) as comm_b,
+        stream(service, api.token("admin"), type="smoke_fire", alerts="1") as admin_fire,
+        stream(service, api.token("police")) as police,
     ):
         wait_until(lambda: service.hub.client_count == 4, what="four stream clients")
         lat, lon = interior(grid_in_community(0, 4))
@@ -122,19 +141,51 @@ def test_stream_is_scoped_filtered_and_carries_events_alerts_and_lifecycle(
         assert collect(comm_b, 0.3) == []
 
 
+def closed_with(ws: ClientConnection, seconds: float = 10.0) -> int | None:
+    """The close code the server ends ``ws`` with (after any messages it still sends)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            message = orjson.loads(ws.recv(timeout=seconds))
+        except ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd is not None else None
+        assert message.get("kind") != "authenticated", message
+    raise AssertionError("the server kept the socket open")
+
+
 def test_stream_refuses_missing_bad_token_and_bad_filters(service: Service, api: Api) -> None:
-    for url in (ws_url(service, None), ws_url(service, "forged-token")):
-        with pytest.raises(InvalidStatus) as info, connect(url):
-            pass
-        assert info.value.response.status_code == 401
+    # A forged token, a message that is not {"token": …}, or a binary frame: closed with 1008.
+    for first in ('{"token": "forged-token"}', "token=abc", '{"token": ""}', b"\x00\x01"):
+        with connect(ws_url(service)) as ws:
+            ws.send(first)
+            assert closed_with(ws) == 1008, first
+    assert service.hub.client_count == 0
     with (
         pytest.raises(InvalidStatus) as info,
-        connect(ws_url(service, api.token("admin"), grid="x")),
+        connect(ws_url(service, grid="x")),
     ):
         pass
     assert info.value.response.status_code == 400
-    r = api.http.get("/api/v1/stream/sse", params={"token": "forged"})
+    r = api.http.get("/api/v1/stream/sse", headers={"Authorization": "Bearer forged"})
     assert r.status_code == 401
+
+
+def test_stream_takes_no_token_from_the_url(service: Service, api: Api) -> None:
+    """A valid token in the query string is not accepted, for the WebSocket (which then waits
+    for its first message and closes after the timeout) nor for SSE."""
+    token = api.token("admin")
+    started = time.monotonic()
+    with connect(ws_url(service, token=token)) as ws:
+        assert closed_with(ws, 10) == 1008
+    assert 4.0 <= time.monotonic() - started < 9.0  # closed by the first-message timeout
+    # A client of its own: ``api.http`` holds the login's stream cookie.
+    r = httpx.get(
+        f"{service.url}/api/v1/stream/sse",
+        params={"token": token, "access_token": token, "max_seconds": "1"},
+        timeout=10,
+    )
+    assert r.status_code == 401
+    assert service.hub.client_count == 0
 
 
 def test_slow_consumer_is_dropped_told_why_and_ingest_goes_on(broker: Any, tmp_path: Path) -> None:
@@ -142,7 +193,7 @@ def test_slow_consumer_is_dropped_told_why_and_ingest_goes_on(broker: Any, tmp_p
     with running_service(broker, tmp_path, stream_queue=1) as service:
         api = Api(service.url)
         try:
-            with connect(ws_url(service, api.token("admin"))) as ws:
+            with stream(service, api.token("admin")) as ws:
                 wait_until(lambda: service.hub.client_count == 1, what="the stream client")
                 cam = broker.client("cam-001")
                 alerts = [
@@ -167,15 +218,27 @@ def test_slow_consumer_is_dropped_told_why_and_ingest_goes_on(broker: Any, tmp_p
                 what="ten events",
             )
             assert len(items) == 10
-            assert "cwg_stream_dropped_clients_total 1" in api.get("/metrics").text
+            assert "cwg_stream_dropped_clients_total 1" in api.get("/metrics", "admin").text
         finally:
             api.close()
 
 
-def test_server_sent_events(broker: Any, service: Service, api: Api) -> None:
-    params = {"token": api.token("comm_a"), "max_seconds": "5"}
-    with httpx.stream(
-        "GET", f"{service.url}/api/v1/stream/sse", params=params, timeout=10
+@pytest.mark.parametrize("auth", ["header", "cookie"])
+def test_server_sent_events(broker: Any, service: Service, auth: str) -> None:
+    http = httpx.Client(base_url=service.url, timeout=10)
+    r = http.post("/api/v1/auth/token", json={"username": "comm_a", "password": PASSWORD})
+    assert r.status_code == 200
+    # The login's cookie: HttpOnly, SameSite=Strict, sent only to the stream's paths.
+    cookie = r.headers["set-cookie"].lower()
+    assert "httponly" in cookie
+    assert "samesite=strict" in cookie
+    assert "path=/api/v1/stream" in cookie
+    headers = {}
+    if auth == "header":
+        http.cookies.clear()
+        headers["Authorization"] = f"Bearer {r.json()['access_token']}"
+    with http.stream(
+        "GET", "/api/v1/stream/sse", params={"max_seconds": "5"}, headers=headers
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -190,6 +253,7 @@ def test_server_sent_events(broker: Any, service: Service, api: Api) -> None:
                 break
         else:
             raise AssertionError("the stream ended without a message")
+    http.close()
     assert message["kind"] in {"event", "alert"}
     assert service.hub.client_count == 0 or wait_until(
         lambda: service.hub.client_count == 0, what="SSE client gone"
