@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import math
 import sqlite3
 import time
 from datetime import UTC, datetime
@@ -126,13 +127,34 @@ def encode_cursor(payload: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(orjson.dumps(payload)).decode().rstrip("=")
 
 
+# SQLite stores integers in 64 bits and raises OverflowError on a larger one: a cursor is
+# checked against that here, where a bad one is the caller's 400, not the server's 500.
+_INT64 = range(-(2**63), 2**63)
+
+
+def _fits_sqlite(value: Any) -> bool:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return True
+    if isinstance(value, int):
+        return value in _INT64
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_fits_sqlite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_fits_sqlite(v) for v in value.values())
+    return False
+
+
 def decode_cursor(cursor: str) -> dict[str, Any]:
+    """The cursor's fields; a 400 for anything that is not a cursor this API could have made
+    (its numbers are bounded to what the pool stores)."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         data = orjson.loads(raw)
     except (binascii.Error, ValueError, orjson.JSONDecodeError) as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "invalid cursor") from exc
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or not _fits_sqlite(data):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "invalid cursor")
     return data
 
