@@ -10,11 +10,12 @@ import hashlib
 import os
 from pathlib import Path
 
+from aggregator.fileperms import DIR_MODE, FILE_MODE, private_dir
+
 
 class SnapshotStore:
     def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_dir(Path(root))
 
     def path_of(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -25,9 +26,12 @@ class SnapshotStore:
         sha = hashlib.sha256(jpeg).hexdigest()
         path = self.path_of(sha)
         if not path.exists():
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(mode=DIR_MODE, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(jpeg)
+            # Residents' pictures: readable by the service's user only.
+            fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
+                f.write(jpeg)
             tmp.replace(path)
         return sha
 
