@@ -1,0 +1,420 @@
+"""Operator access hardened: login lockout, security headers, cursors that are a 400 and never a
+500, /metrics behind a token, private pool files, and secrets kept out of logs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import SecretStr
+
+from aggregator.api.app import SECURITY_HEADERS, RedactSecrets, redact
+from aggregator.api.server import Service
+from aggregator.auth import LimiterPolicy, LoginLimiter, LoginThrottledError
+from aggregator.config import AccessSettings
+from aggregator.pool import EventPool
+from aggregator.snapshots import SnapshotStore
+from contract import load_catalogue
+
+from .conftest import aggregator_settings, grid_in_community, interior, jpeg, make_alert
+from .operator_support import (
+    FAST_HASHER,
+    OPERATORS,
+    PASSWORD,
+    Api,
+    publish,
+    running_service,
+    wait_for_events,
+)
+
+METRICS_TOKEN = "metrics-scraper-secret-0123456789"
+
+
+@pytest.fixture
+def service(broker: Any, tmp_path: Path) -> Iterator[Service]:
+    with running_service(broker, tmp_path) as s:
+        yield s
+
+
+@pytest.fixture
+def api(service: Service) -> Iterator[Api]:
+    a = Api(service.url)
+    yield a
+    a.close()
+
+
+# -- login throttling -------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def attempt(limiter: LoginLimiter, user: str = "alice", addr: str = "10.0.0.1") -> float:
+    """0 when the attempt is admitted (and then failed), else the Retry-After it got."""
+    try:
+        limiter.admit(user, addr)
+    except LoginThrottledError as exc:
+        return exc.retry_after
+    return 0.0
+
+
+def test_lockout_starts_after_the_free_failures_and_doubles_up_to_the_cap() -> None:
+    clock = Clock()
+    limiter = LoginLimiter(LimiterPolicy(max_lockout_s=8.0), clock=clock)
+    assert [attempt(limiter) for _ in range(5)] == [0.0] * 5  # five free failures
+    assert attempt(limiter) == 0.0  # the sixth is checked, and locks for 1 s
+    waits = []
+    for _ in range(6):
+        wait = attempt(limiter)
+        assert wait > 0  # refused without a password check, and not counted
+        assert attempt(limiter) == wait  # a retry during the lockout does not lengthen it
+        waits.append(wait)
+        clock.now += wait
+        assert attempt(limiter) == 0.0  # admitted once the lockout has passed
+    assert waits == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]  # doubling, capped
+    # Another user name from another address is not affected; the right password clears it.
+    assert attempt(limiter, "bob", "10.0.0.2") == 0.0
+    limiter.succeeded("bob", "10.0.0.2")
+    # Quiet for the forget period: alice starts from zero again.
+    clock.now += 8.0 + LimiterPolicy().forget_after_s + 1
+    assert [attempt(limiter) for _ in range(6)] == [0.0] * 6
+
+
+def test_lockout_per_address_covers_a_spray_of_user_names() -> None:
+    clock = Clock()
+    limiter = LoginLimiter(LimiterPolicy(free_failures_addr=20), clock=clock)
+    assert all(attempt(limiter, f"user{i}") == 0.0 for i in range(21))
+    assert attempt(limiter, "user-new") == 1.0  # the address is locked, whatever the name
+    assert attempt(limiter, "user-new", "10.9.9.9") == 0.0  # another address is not
+
+
+def test_a_success_clears_the_user_and_gives_the_address_its_attempt_back() -> None:
+    limiter = LoginLimiter(LimiterPolicy(free_failures_user=2, free_failures_addr=3))
+    for _ in range(2):
+        attempt(limiter)
+    attempt(limiter)  # admitted: the right password this time
+    limiter.succeeded("alice", "10.0.0.1")
+    assert limiter.retry_after("alice", "10.0.0.1") == 0.0
+    assert attempt(limiter) == 0.0
+
+
+def test_entries_are_bounded() -> None:
+    limiter = LoginLimiter(LimiterPolicy(max_entries=50))
+    for i in range(500):
+        attempt(limiter, f"u{i}", f"10.0.{i // 250}.{i % 250}")
+    assert len(limiter._keys) <= 50
+
+
+def test_twenty_wrong_logins_lock_out_even_the_right_password(service: Service, api: Api) -> None:
+    statuses: list[int] = []
+    refused_s: list[float] = []
+    for i in range(20):
+        t0 = time.perf_counter()
+        r = api.http.post(
+            "/api/v1/auth/token", json={"username": "comm_a", "password": f"wrong guess {i}"}
+        )
+        statuses.append(r.status_code)
+        if r.status_code == 429:
+            refused_s.append(time.perf_counter() - t0)
+            assert int(r.headers["retry-after"]) >= 1
+    assert statuses[:6] == [401] * 6, statuses
+    assert statuses.count(429) >= 10, statuses
+    assert set(statuses) <= {401, 429}
+    r = api.http.post("/api/v1/auth/token", json={"username": "comm_a", "password": PASSWORD})
+    assert r.status_code == 429, r.text
+    assert "access_token" not in r.text
+    assert int(r.headers["retry-after"]) >= 1
+    # Refused before any hashing: answered at once.
+    assert sorted(refused_s)[len(refused_s) // 2] < 0.2, refused_s
+    # The address is not locked by one user's lockout: another operator still logs in.
+    r = api.http.post("/api/v1/auth/token", json={"username": "comm_b", "password": PASSWORD})
+    assert r.status_code == 200
+    # Once the lockout has passed, the right password works again.
+    time.sleep(int(api.http.post(
+        "/api/v1/auth/token", json={"username": "comm_a", "password": PASSWORD}
+    ).headers.get("retry-after", "0")) + 0.2)  # fmt: skip
+    r = api.http.post("/api/v1/auth/token", json={"username": "comm_a", "password": PASSWORD})
+    assert r.status_code == 200, r.text
+
+
+# -- headers ----------------------------------------------------------------------------------
+
+
+def test_security_headers_on_every_response(service: Service, api: Api) -> None:
+    csp = SECURITY_HEADERS["Content-Security-Policy"]
+    assert "'unsafe-inline'" not in csp
+    assert "frame-ancestors 'none'" in csp
+    responses = [
+        api.get("/"),
+        api.get("/app.js"),
+        api.get("/app.css"),
+        api.get("/healthz"),
+        api.get("/no-such-page"),
+        api.get("/api/v1/events"),  # 401
+        api.get("/api/v1/events", "admin"),
+        api.get("/api/v1/events", "admin", cursor="!!"),  # 400
+        api.http.post("/api/v1/auth/token", json={"username": "x"}),  # 422
+        api.http.post("/api/v1/auth/token", json={"username": "admin", "password": PASSWORD}),
+    ]
+    for r in responses:
+        for name, value in SECURITY_HEADERS.items():
+            assert r.headers.get(name) == value, (r.request.url, r.status_code, name)
+    # The dashboard's page has no inline script or style for the policy to refuse.
+    page = responses[0].text
+    assert "<script>" not in page
+    assert "<style" not in page
+    assert " style=" not in page
+    assert '<script src="app.js"></script>' in page
+
+
+# -- cursors ----------------------------------------------------------------------------------
+
+
+def b64(payload: Any) -> str:
+    # json, not orjson: a crafted cursor may hold integers beyond 64 bits.
+    raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+HUGE = 2**63
+
+
+def test_crafted_cursors_are_400(service: Service, api: Api, broker: Any) -> None:
+    for i in range(3):
+        publish(broker, make_alert(f"cam-{i}", *interior(grid_in_community(i, 1)), seq=i))
+    wait_for_events(api, 3)
+    first = api.get("/api/v1/events", "admin", limit=1).json()
+    assert first["next_cursor"]
+    assert (
+        api.get("/api/v1/events", "admin", limit=1, cursor=first["next_cursor"]).status_code == 200
+    )
+    bad = [
+        b64({"s": "-registered_at", "v": HUGE, "i": 1}),
+        b64({"s": "-registered_at", "v": 1.0, "i": HUGE}),
+        b64({"s": "-registered_at", "v": 1.0, "i": -HUGE - 1}),
+        b64({"s": "-registered_at", "v": 2**64 - 1, "i": 2**64 - 1}),
+        b64({"s": "-registered_at", "v": 1.0, "i": 1, "x": [HUGE]}),
+        b64(b'{"s": "-registered_at", "v": 1e400, "i": 1}'),
+        b64(b'{"s": "-registered_at", "v": NaN, "i": 1}'),
+        b64([1, 2]),
+        "not base64 at all ✓",
+        "",
+    ]
+    for cursor in bad:
+        r = api.get("/api/v1/events", "admin", cursor=cursor)
+        assert r.status_code in (400, 200), (cursor, r.status_code, r.text)
+        if cursor:
+            assert r.status_code == 400, (cursor, r.text)
+        r = api.get("/api/v1/dead-letters", "admin", cursor=cursor)
+        assert r.status_code == (400 if cursor else 200), (cursor, r.text)
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4)
+    ),
+    max_leaves=10,
+)
+_cursor_dicts = st.fixed_dictionaries(
+    {},
+    optional={
+        "s": st.sampled_from(["-registered_at", "registered_at", "-severity", "x"]) | st.text(),
+        "v": _json_values,
+        "i": _json_values,
+    },
+)
+_cursors = (
+    _cursor_dicts.map(b64)
+    | _json_values.map(b64)
+    | st.binary(max_size=200).map(b64)
+    | st.text(max_size=300)
+    | st.text(
+        alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=", max_size=300
+    )
+)
+
+
+def test_fuzzed_cursors_are_400_or_200_never_500(service: Service, api: Api) -> None:
+    token = api.token("admin")
+    headers = {"Authorization": f"Bearer {token}"}
+    seen: dict[int, int] = {}
+
+    @given(cursor=_cursors, path=st.sampled_from(["/api/v1/events", "/api/v1/dead-letters"]))
+    @settings(
+        max_examples=int(os.environ.get("CWG_CURSOR_EXAMPLES", "300")),
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    def run(cursor: str, path: str) -> None:
+        r = api.http.get(path, params={"cursor": cursor}, headers=headers)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        # 422: longer than the parameter's documented 512 characters.
+        assert r.status_code in (200, 400, 422), (cursor, r.status_code, r.text)
+        if len(cursor) > 512:
+            assert r.status_code == 422
+
+    run()
+    assert seen.get(400, 0) > 0, seen
+
+
+# -- /metrics ---------------------------------------------------------------------------------
+
+
+def test_metrics_need_the_metrics_token_or_an_admin(broker: Any, tmp_path: Path) -> None:
+    settings_ = aggregator_settings(
+        broker,
+        tmp_path / "agg",
+        access=AccessSettings(metrics_token=SecretStr(METRICS_TOKEN)),
+    )
+    service = Service(settings_, port=0, log_level="warning", password_hasher=FAST_HASHER)
+    for username, (level, scope, department) in OPERATORS.items():
+        service.auth.create_account(
+            username, level, scope_code=scope, department=department, password=PASSWORD
+        )
+    with service:
+        api = Api(service.url)
+        try:
+            assert api.get("/metrics").status_code == 401
+            assert api.get("/metrics", "comm_a").status_code == 401
+            r = api.http.get("/metrics", headers={"Authorization": "Bearer not-the-token"})
+            assert r.status_code == 401
+            r = api.http.get("/metrics", params={"token": METRICS_TOKEN})
+            assert r.status_code == 401  # never from the URL
+            assert api.get("/metrics", "admin").status_code == 200
+            r = api.http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+            assert r.status_code == 200
+            assert "cwg_stream_clients" in r.text
+        finally:
+            api.close()
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_pool_wal_and_snapshots_are_private_and_fixed_on_open(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    catalogue = load_catalogue()
+    pool = EventPool(data / "pool.db", catalogue)
+    pool.close()
+    pool = EventPool(data / "pool.db", catalogue)  # WAL and SHM exist while it is open
+    files = [data / "pool.db", data / "pool.db-wal", data / "pool.db-shm"]
+    try:
+        assert mode(data) == 0o700
+        for f in files:
+            assert f.exists(), f
+            assert mode(f) == 0o600, (f, oct(mode(f)))
+    finally:
+        pool.close()
+    # A pool made or copied with loose modes is tightened when it is opened.
+    data.chmod(0o755)
+    for f in files:
+        if f.exists():
+            f.chmod(0o644)
+    pool = EventPool(data / "pool.db", catalogue)
+    try:
+        assert mode(data) == 0o700
+        for f in files:
+            if f.exists():
+                assert mode(f) == 0o600, (f, oct(mode(f)))
+    finally:
+        pool.close()
+    store = SnapshotStore(data / "snapshots")
+    sha = store.put(jpeg(1))
+    assert mode(data / "snapshots") == 0o700
+    assert mode(store.path_of(sha)) == 0o600
+    assert mode(store.path_of(sha).parent) == 0o700
+
+
+def test_a_shared_directory_is_left_alone(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: sticky, everyone's
+    pool = EventPool(shared / "pool.db", load_catalogue())
+    pool.close()
+    assert mode(shared) == 0o1777
+    assert mode(shared / "pool.db") == 0o600
+
+
+# -- logs -------------------------------------------------------------------------------------
+
+
+def test_redaction_hides_secrets_and_keeps_the_access_log_shape() -> None:
+    secret = "s3cr3t-Token_value.~+/="
+    assert secret not in redact(f"GET /api/v1/stream?grid=33&token={secret}&type=x")
+    assert "grid=33" in redact(f"GET /api/v1/stream?grid=33&token={secret}&type=x")
+    assert "type=x" in redact(f"/x?access_token={secret}&type=x")
+    assert secret not in redact(f"/x?password={secret}")
+    assert secret not in redact(f"Authorization: Bearer {secret}")
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "GET", f"/api/v1/stream/sse?token={secret}", "1.1", 401),
+        None,
+    )
+    assert RedactSecrets().filter(record)
+    assert isinstance(record.args, tuple)
+    assert len(record.args) == 5
+    assert record.args[4] == 401
+    assert secret not in record.getMessage()
+    assert "/api/v1/stream/sse?token=" in record.getMessage()
+
+
+def test_no_token_in_the_service_logs(
+    broker: Any, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Every request line is logged (info), with tokens sent where they do not belong too: not
+    one log line of the service's processes holds a token."""
+    service = Service(
+        aggregator_settings(broker, tmp_path / "agg"),
+        port=0,
+        log_level="info",
+        password_hasher=FAST_HASHER,
+    )
+    service.auth.create_account("admin", "admin", password=PASSWORD)
+    tokens: list[str] = []
+    with service, httpx.Client(base_url=service.url, timeout=10) as http:
+        for _ in range(2):
+            r = http.post("/api/v1/auth/token", json={"username": "admin", "password": PASSWORD})
+            tokens.append(r.json()["access_token"])
+        http.cookies.clear()  # the login's stream cookie would open the SSE stream below
+        auth = {"Authorization": f"Bearer {tokens[0]}"}
+        http.get("/api/v1/events", headers=auth)
+        http.get("/api/v1/events", params={"token": tokens[0], "access_token": tokens[1]})
+        http.get("/api/v1/stream/sse", params={"token": tokens[1], "password": PASSWORD})
+        http.get("/metrics", params={"token": tokens[0]}, headers=auth)
+        http.post("/api/v1/auth/logout", headers={"Authorization": f"Bearer {tokens[1]}"})
+    out, err = capfd.readouterr()
+    logged = out + err
+    assert "GET /api/v1/events" in logged, "the access log was not captured"
+    for token in tokens:
+        assert token not in logged
+    assert PASSWORD not in logged
