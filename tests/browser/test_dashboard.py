@@ -13,9 +13,16 @@ from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from aggregator.api.server import Service
 from contract import DeviceState, Health, StatusV1
-from tests.aggregator.conftest import grid_in_community, interior, jpeg, make_alert
+from tests.aggregator.conftest import (
+    aggregator_settings,
+    grid_in_community,
+    interior,
+    jpeg,
+    make_alert,
+)
 from tests.aggregator.operator_support import (
     COMMUNITY_A,
+    FAST_HASHER,
     PASSWORD,
     publish,
     running_service,
@@ -55,6 +62,13 @@ def page(browser: Browser) -> Iterator[Page]:
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    # The service sends a strict Content-Security-Policy; Chromium reports each thing it
+    # refuses (an inline script or style, a foreign origin) on the console.
+    violations: list[str] = []
+    pg.on(
+        "console",
+        lambda msg: violations.append(msg.text) if "Content Security Policy" in msg.text else None,
+    )
     # Everything the page needs comes from the service itself: refuse anything else.
     outside: list[str] = []
 
@@ -70,6 +84,7 @@ def page(browser: Browser) -> Iterator[Page]:
     yield pg
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not violations, f"Content-Security-Policy violations: {violations}"
     assert not outside, f"the page tried to reach outside the service: {outside}"
 
 
@@ -203,3 +218,50 @@ def test_handling_tab_shows_rates_per_department_and_community(
     expect(page.locator("button.tab[data-tab=handling]")).to_have_text("Handling")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard-handling.png"))
+
+
+def test_no_token_in_any_log_line_after_a_browser_session(
+    broker: Any, tmp_path: Path, page: Page, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """With every request logged (info), a whole session — login, live stream, an event with
+    its snapshot, a lifecycle step, logout — leaves no token in any line the service's
+    processes wrote."""
+    service = Service(
+        aggregator_settings(broker, tmp_path / "agg"),
+        port=0,
+        log_level="info",
+        password_hasher=FAST_HASHER,
+    )
+    service.auth.create_account("admin", "admin", password=PASSWORD)
+    with service:
+        assert service.aggregator.ingest.wait_connected(5)
+        login(page, service, "admin")
+        token = page.evaluate("sessionStorage.getItem('cwg.token')")
+        assert token
+        expect(page.locator("#live.on")).to_be_visible()
+        publish(
+            broker,
+            make_alert(
+                "cam-001", *interior(grid_in_community(0, 3)), type="smoke_fire", snapshot=jpeg(3)
+            ),
+        )
+        expect(page.locator("#event-list .event")).to_have_count(1, timeout=5_000)
+        page.locator("#event-list .event").first.click()
+        page.wait_for_function(
+            "() => { const i = document.getElementById('d-snapshot');"
+            " return i && i.complete && i.naturalWidth > 0; }",
+            timeout=5_000,
+        )
+        page.click("button[data-action=verify]")
+        expect(page.locator("#d-body")).to_contain_text("已核实")
+        # The session cookie the login set is HttpOnly: page scripts cannot read it.
+        assert "cwg_stream" not in page.evaluate("document.cookie")
+        page.click("#logout")
+        expect(page.locator("#login-view")).to_be_visible()
+        page.wait_for_timeout(300)
+    out, err = capfd.readouterr()
+    logged = out + err
+    assert '"POST /api/v1/auth/token HTTP/1.1" 200' in logged, "the access log was not captured"
+    assert "WebSocket /api/v1/stream" in logged
+    assert token not in logged
+    assert PASSWORD not in logged
