@@ -542,13 +542,24 @@ class PasswordChecker:
     argon2-cffi releases the GIL while hashing, so the event loop and the other threads keep
     running; ``workers`` bounds the cores a login flood can take, and at most ``max_waiting``
     logins wait for a worker — beyond that a login is refused at once (LoginThrottledError) instead
-    of queueing CPU work."""
+    of queueing CPU work. The threads run at the lowest priority (``nice``)."""
 
-    def __init__(self, workers: int = 1, max_waiting: int = 4) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cwg-login")
+    def __init__(self, workers: int = 1, max_waiting: int = 4, nice: int = 19) -> None:
+        self._nice = nice
+        self._pool = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="cwg-login", initializer=self._lower_priority
+        )
         self._limit = workers + max_waiting
         self._busy = 0
         self._lock = threading.Lock()
+
+    def _lower_priority(self) -> None:
+        # Linux schedules threads one by one: a nice checker thread yields the cores to ingest
+        # (and to the API's other requests) when they are short, and a login just takes longer.
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
+        except (AttributeError, OSError) as exc:
+            log.debug("password checker stays at normal priority: %s", exc)
 
     async def run(
         self, fn: Callable[[str, str], IssuedToken], username: str, password: str
