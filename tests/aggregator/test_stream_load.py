@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -12,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from aggregator.api.server import Service
 from aggregator.auth import Level
+from aggregator.config import HttpSettings
 from simulators.loadgen import LoadConfig, run_load
 from simulators.stack import CredentialsDir
 
@@ -60,9 +63,16 @@ class Reader:
         self._thread.join(5)
 
 
+def read_to_the_end(ws: ClientConnection, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ws.recv(timeout=5)
+
+
 @contextmanager
-def open_stream(service: Service, token: str) -> Iterator[ClientConnection]:
-    with connect(f"{service.url.replace('http', 'ws', 1)}/api/v1/stream") as ws:
+def open_stream(service: Service, token: str, **params: str) -> Iterator[ClientConnection]:
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    with connect(f"{service.url.replace('http', 'ws', 1)}/api/v1/stream?{query}") as ws:
         ws.send(orjson.dumps({"token": token}).decode())  # the token goes first, not in the URL
         yield ws
 
@@ -121,6 +131,69 @@ def test_a_reading_client_stays_connected_at_5000_alerts_per_second(
                 f"{report.sent} alerts in {took:.1f} s; the reader got {received} event notices "
                 f"({received / took:.0f}/s); ingest p99 {report.latency_ms.get('p99', 0):.0f} ms"
             )
+    finally:
+        api.close()
+        service.stop()
+
+
+@contextmanager
+def silent_stream(service: Service, token: str) -> Iterator[ClientConnection]:
+    """A raw-alerts stream whose socket holds little: a small fixed receive buffer (no
+    autotuning), no compression and no pings, so that a client that reads nothing soon
+    leaves the server with messages it cannot send."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", service.port))
+    url = f"{service.url.replace('http', 'ws', 1)}/api/v1/stream?alerts=1"
+    with connect(url, sock=sock, compression=None, ping_interval=None, max_queue=1) as ws:
+        ws.send(orjson.dumps({"token": token}).decode())
+        yield ws
+
+
+def test_only_the_client_that_stops_reading_is_dropped(broker: Any, tmp_path: Path) -> None:
+    # Raw alert outcomes (alerts=1) at 2,000/s fill a silent client's socket buffers in
+    # seconds; the queue is made huge so that only the stall rule can drop anyone.
+    settings = aggregator_settings(broker, tmp_path / "agg", http=HttpSettings(stream_stall_s=2))
+    service = Service(
+        settings, port=0, log_level="warning", password_hasher=FAST_HASHER, stream_queue=1_000_000
+    )
+    service.auth.create_account("admin", Level.ADMIN, password=PASSWORD)
+    service.start()
+    api = Api(service.url)
+    try:
+        assert service.aggregator.ingest.wait_connected(5)
+        token = api.token("admin")
+        with (
+            open_stream(service, token, alerts="1") as reading_ws,
+            silent_stream(service, token) as silent,
+        ):
+            reading = Reader(reading_ws)
+            wait_until(lambda: service.hub.client_count == 2, what="two stream clients")
+            provisioner = CredentialsDir(
+                tmp_path / "load-credentials",
+                topic_prefix=broker.prefix,
+                registry=broker.registry_path,
+                broker_state=broker.settings.state_dir,
+                broker_host=broker.host,
+                broker_port=broker.port,
+            )
+            report = run_load(
+                LoadConfig(rate=2000, duration_s=15, mode="raw", drain_timeout_s=60),
+                provisioner,
+                settings.pool,
+            )
+            assert report.zero_loss, report.summary()
+            # The silent one is dropped (and let go of), the reading one never.
+            wait_until(lambda: service.hub.client_count == 1, 30, "the silent client dropped")
+            time.sleep(1)
+            reading.stop()
+            assert reading.closed is None, f"the reading client was closed: {reading.closed!r}"
+            assert reading.kinds.get("dropped", 0) == 0
+            assert reading.kinds.get("alert", 0) >= report.sent * 0.9
+            assert "cwg_stream_dropped_clients_total 1" in api.get("/metrics", "admin").text
+            # What the silent client finds when it reads at last: the end of its stream.
+            with pytest.raises(ConnectionClosed):
+                read_to_the_end(silent, 30)
     finally:
         api.close()
         service.stop()
