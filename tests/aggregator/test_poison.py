@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 
@@ -225,7 +226,11 @@ class FailingGrids(GridIndex):
 
     poison: tuple[float, float] = (0.0, 0.0)
 
-    def locate_many(self, lats: Sequence[float], lons: Sequence[float]) -> list[Grid | None]:
+    def locate_many(
+        self,
+        lats: Sequence[float] | np.ndarray[Any, Any],
+        lons: Sequence[float] | np.ndarray[Any, Any],
+    ) -> list[Grid | None]:
         if any((lat, lon) == self.poison for lat, lon in zip(lats, lons, strict=True)):
             raise RuntimeError("grid lookup failed")
         return super().locate_many(lats, lons)
