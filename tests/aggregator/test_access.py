@@ -244,8 +244,24 @@ _cursor_dicts = st.fixed_dictionaries(
         "i": _json_values,
     },
 )
+# Well-formed cursors of the default sort whose numbers reach past 64 bits: the shape that
+# gave a 500 (SQLite's OverflowError) before cursors were checked.
+_edge_ints = (
+    st.integers(2**63, 2**66)
+    | st.integers(-(2**66), -(2**63) - 1)
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.sampled_from([2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 2**64 - 1])
+)
+_near_miss = st.fixed_dictionaries(
+    {
+        "s": st.just("-registered_at"),
+        "v": _edge_ints | st.floats(allow_nan=False, allow_infinity=False),
+        "i": _edge_ints,
+    }
+)
 _cursors = (
-    _cursor_dicts.map(b64)
+    _near_miss.map(b64)
+    | _cursor_dicts.map(b64)
     | _json_values.map(b64)
     | st.binary(max_size=200).map(b64)
     | st.text(max_size=300)
