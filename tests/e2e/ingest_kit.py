@@ -88,7 +88,7 @@ class AlertStream:
         )
         self.ids: list[str] = []
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def _build(self, seq: int) -> AlertV1:
         return AlertV1(
@@ -114,7 +114,7 @@ class AlertStream:
             owed = 0.0
             t0 = time.monotonic()
             n = 0
-            while not self._stop.is_set() and time.monotonic() - t0 < seconds:
+            while not self._done.is_set() and time.monotonic() - t0 < seconds:
                 owed += per_tick
                 while owed >= 1:
                     alert, result = self.outbox.enqueue(self._build)
@@ -124,10 +124,15 @@ class AlertStream:
                 self.publisher.wake()
                 n += 1
                 # Paced against the start, so a slow round is made up, not lost.
-                self._stop.wait(max(0.0, t0 + n * tick - time.monotonic()))
+                self._done.wait(max(0.0, t0 + n * tick - time.monotonic()))
 
         self._thread = threading.Thread(target=run, name="alert-producer", daemon=True)
         self._thread.start()
+
+    def finish(self, timeout: float = 10.0) -> None:
+        """Stop raising alerts (the publisher goes on draining the outbox)."""
+        self._done.set()
+        self.join(timeout)
 
     def join(self, timeout: float) -> None:
         if self._thread is not None:
@@ -135,7 +140,7 @@ class AlertStream:
             assert not self._thread.is_alive(), "the producer did not finish"
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         if self._thread is not None:
             self._thread.join(10)
         self.publisher.stop()
@@ -242,16 +247,18 @@ class AggregatorProcess:
 class EdgeAgentProcess:
     """``edge-agent run`` for a sensor replaying smoke-alarm episodes; SIGKILL is a crash."""
 
-    def __init__(self, broker: BrokerHandle, device_id: str, state_dir: Path, rate: float) -> None:
+    def __init__(
+        self, broker: BrokerHandle, device_id: str, state_dir: Path, rate: float, episodes: int
+    ) -> None:
         self.broker = broker
         self.device_id = device_id
         self.state_dir = state_dir
         self.outbox = state_dir / "outbox.db"
         state_dir.mkdir(parents=True, exist_ok=True)
-        # Each 1 → 0 pair is one smoke_alarm alert (no cooldown); the file loops.
+        # Each 1 → 0 pair is one smoke_alarm alert (no cooldown): ``episodes`` alerts a run.
         step = 1.0 / rate / 2
         rows = ["timestamp,quantity,value"]
-        for i in range(200):
+        for i in range(episodes):
             rows += [f"{2 * i * step:.4f},smoke_alarm,1", f"{(2 * i + 1) * step:.4f},smoke_alarm,0"]
         replay = state_dir / "smoke.csv"
         replay.write_text("\n".join(rows) + "\n", encoding="utf-8")
@@ -265,7 +272,7 @@ class EdgeAgentProcess:
                     "name": "smoke",
                     "kind": "smoke",
                     "unit": "",
-                    "source": {"type": "csv", "path": str(replay), "loop": True},
+                    "source": {"type": "csv", "path": str(replay), "loop": False},
                 }
             ],
             "rules": [
@@ -286,12 +293,13 @@ class EdgeAgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = state_dir / "agent.log"
 
-    def start(self) -> None:
+    def start(self, *, exit_when_done: bool = False) -> None:
         env = {**os.environ, "CWG_TEST_PASSWORD": self.broker.password(self.device_id)}
+        extra = ["--exit-when-done"] if exit_when_done else []
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edge.cli", "run", str(self.config),
-                 "--state-dir", str(self.state_dir)],
+                 "--state-dir", str(self.state_dir), *extra],
                 cwd=ROOT,
                 env=env,
                 stdout=out,
@@ -335,3 +343,18 @@ class EdgeAgentProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+
+
+def caught_up(pool: Path, device_id: str, n: int) -> bool:
+    """Whether the pool holds the device's alerts of seq 0..n-1 (all that was raised by then)."""
+    if n == 0:
+        return True
+    try:
+        with closing(pool_connect(pool, readonly=True)) as db:
+            row = db.execute(
+                "SELECT count(DISTINCT seq) FROM alerts WHERE device_id = ? AND seq < ?",
+                (device_id, n),
+            ).fetchone()
+    except sqlite3.Error:
+        return False  # not created yet, or being recovered
+    return int(row[0]) >= n
