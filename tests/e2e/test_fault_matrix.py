@@ -26,8 +26,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -53,6 +53,14 @@ DEVICE = "sensor-001"
 RATE = 200  # alerts/s from the device while faults come and go
 RECOVERY_LIMIT_S = 40.0
 _FAULT_LOG = "the pool could not commit"
+_LOCK_HOLDER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.read()
+db.execute("ROLLBACK")
+"""
 
 
 @dataclass
@@ -309,14 +317,23 @@ def test_disk_full(broker: BrokerHandle, tmp_path: Path, small_fs: Path) -> None
 @pytest.mark.slow
 def test_pool_locked(broker: BrokerHandle, tmp_path: Path) -> None:
     with stack(broker, tmp_path) as s:
-        holder: list[sqlite3.Connection] = []
+        holder: list[subprocess.Popen[str]] = []
         seen: list[int] = []
 
         def inject() -> None:
             mark = log_mark(s.agg)
-            db = sqlite3.connect(s.agg.pool, isolation_level=None, timeout=30)
-            db.execute("BEGIN IMMEDIATE")  # the write lock, held past the writer's busy timeout
-            holder.append(db)
+            # Another process takes the write lock and keeps it past the writer's busy timeout.
+            # (A process of its own: a connection in this one would share SQLite's per-process
+            # lock and shared-memory state with the test's readers.)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _LOCK_HOLDER, str(s.agg.pool)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            holder.append(proc)
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "locked"
             wait_for(
                 lambda: _FAULT_LOG in log_since(s.agg, mark),
                 30,
@@ -325,9 +342,10 @@ def test_pool_locked(broker: BrokerHandle, tmp_path: Path) -> None:
             seen.append(log_since(s.agg, mark).count(_FAULT_LOG))
 
         def clear() -> None:
-            db = holder.pop()
-            db.execute("ROLLBACK")
-            db.close()
+            proc = holder.pop()
+            assert proc.stdin is not None
+            proc.stdin.close()  # it rolls back and exits
+            assert proc.wait(10) == 0
 
         run_row(
             s,
