@@ -196,6 +196,13 @@ class Health(_Part):
     inference_ms: float | None = Field(default=None, ge=0)
     outbox_depth: int | None = Field(default=None, ge=0, le=INT64_MAX)
     outbox_dropped: int | None = Field(default=None, ge=0, le=INT64_MAX)
+    outbox_resent: int | None = Field(
+        default=None,
+        ge=0,
+        le=INT64_MAX,
+        description="alerts published again because the aggregator's feedback did not come in "
+        "time (the outbox keeps an alert until it does)",
+    )
     frames_dropped: int | None = Field(default=None, ge=0, le=INT64_MAX)
     uptime_s: float | None = Field(default=None, ge=0)
     version: str | None = Field(default=None, max_length=64)

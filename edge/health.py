@@ -88,8 +88,6 @@ class Heartbeat:
             else None,
             outbox_depth=self.outbox.depth(),
             outbox_dropped=self.outbox.dropped_total(),
-            # Not (yet) a field of the contract's Health, which keeps unknown fields: alerts
-            # published again because the aggregator's feedback did not come in time.
             outbox_resent=self.outbox.resent_total(),
             frames_dropped=m.frames_dropped if camera else None,
             uptime_s=m.uptime_s(),

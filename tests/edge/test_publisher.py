@@ -32,6 +32,7 @@ from contract import (
 )
 from contract.topics import DeviceChannel
 from edge.config import Broker, Tls
+from edge.health import AgentMetrics, Heartbeat
 from edge.outbox import Outbox
 from edge.publisher import Backoff, Publisher
 
@@ -472,6 +473,19 @@ def test_silence_resends_and_any_feedback_clears(broker: BrokerHandle, tmp_path:
         assert [a.alert_id for a in again] == [a.alert_id for a in queued]  # same ids, in order
         assert pub.stats.alerts_resent >= 5
         assert box.resent_total() >= 5
+        # The heartbeat reports them.
+        health = Heartbeat(
+            device_id=DEVICE,
+            kind="camera",
+            version="test",
+            metrics=AgentMetrics(),
+            outbox=box,
+            sink=pub,
+            interval_s=30,
+        ).health()
+        assert health.outbox_resent is not None
+        assert health.outbox_resent >= 5
+        assert health.outbox_depth == 5
         # The aggregator answers: one batch, one single message, one answer naming only the seq.
         agg = broker.client("aggregator")
         topic = broker.topics.feedback(DEVICE)
