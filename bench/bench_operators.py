@@ -1,0 +1,344 @@
+"""Operators against ingest: does watching, polling or guessing passwords slow the pool writer?
+
+Starts Mosquitto, the service (ingest here, the operator API in its own process) and the load
+generator under a temporary directory, and measures ingest p99 (``observed_at`` to the commit of
+the alert's batch) in pairs of runs in this one invocation, the baseline first:
+
+1. **dashboard users**: N simulated users (default 100, in a process of their own), each holding
+   a live stream (WebSocket) filtered to one community and polling that community's event list
+   every 5 s, at 6,000 alerts/s from 16 devices — against the same load with nobody watching;
+2. **login flood**: 8 clients posting wrong passwords to ``/api/v1/auth/token`` as fast as they
+   are answered, at 5,000 alerts/s — against the same load without them.
+
+    python bench/bench_operators.py [--alerts 60000] [--users 100] [--api-nice 0]
+        [--skip-users] [--skip-flood] [--json report.json]
+
+Every run is bounded (``--alerts`` per run). The box is shared by the broker, the load
+generator, the service and the simulated users: read the ratios, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import multiprocessing as mp
+import os
+import random
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from argon2 import PasswordHasher
+from pydantic import SecretStr
+
+from aggregator.api.server import Service
+from aggregator.auth import Level
+from aggregator.broker import BrokerSettings, MosquittoBroker
+from aggregator.config import HttpSettings, MqttSettings, Settings
+from aggregator.geo import GridIndex, default_grid_file
+from aggregator.registry import AccountRole, DeviceRegistry
+from simulators.loadgen import LoadConfig, LoadReport, loop_seconds, machine_description, run_load
+from simulators.stack import CredentialsDir
+
+PASSWORD = secrets.token_urlsafe(16)  # the simulated operators' own, made per run
+POLL_S = 5.0
+FLOOD_CLIENTS = 8
+
+
+# -- the simulated dashboard users (a process of their own) ---------------------------------
+
+
+async def _user(
+    base: str, token: str, community: str, stop: asyncio.Event, tally: dict[str, Any]
+) -> None:
+    from websockets.asyncio.client import connect
+
+    ws_url = base.replace("http", "ws", 1) + f"/api/v1/stream?grid={community}"
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as http:
+
+        async def poll() -> None:
+            await asyncio.sleep(random.uniform(0, POLL_S))  # users do not poll in step
+            while not stop.is_set():
+                started = time.monotonic()
+                r = await http.get("/api/v1/events", params={"grid": community, "limit": 50})
+                tally["poll_ms"].append((time.monotonic() - started) * 1000)
+                tally["polls"] += 1
+                if r.status_code != 200:
+                    tally["poll_errors"] += 1
+                await asyncio.sleep(max(0.0, POLL_S - (time.monotonic() - started)))
+
+        poller = asyncio.create_task(poll())
+        try:
+            async with connect(ws_url, max_queue=None) as ws:
+                await ws.send(orjson.dumps({"token": token}).decode())
+                tally["connected"] += 1
+                while not stop.is_set():
+                    try:
+                        text = await asyncio.wait_for(ws.recv(), timeout=0.5)
+                    except TimeoutError:
+                        continue
+                    kind = orjson.loads(text).get("kind")
+                    if kind == "event":
+                        tally["events"] += 1
+                    elif kind == "dropped":
+                        tally["dropped"] += 1
+        except Exception as exc:  # noqa: BLE001 - counted and reported, the run goes on
+            tally["closed"] += 1
+            tally["close_reasons"].append(repr(exc)[:120])
+        finally:
+            poller.cancel()
+
+
+async def _users(base: str, tokens: list[tuple[str, str]], n: int, control: str) -> None:
+    stop = asyncio.Event()
+    tally: dict[str, Any] = {
+        "connected": 0, "events": 0, "dropped": 0, "closed": 0, "polls": 0,
+        "poll_errors": 0, "poll_ms": [], "close_reasons": [],
+    }  # fmt: skip
+    tasks = [
+        asyncio.create_task(_user(base, *tokens[i % len(tokens)], stop, tally)) for i in range(n)
+    ]
+    flag = Path(control)
+    while not flag.exists():  # the parent writes this file to stop us
+        Path(control + ".connected").write_text(str(tally["connected"]))
+        await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    lat = sorted(tally.pop("poll_ms"))
+    tally["poll_p50_ms"] = lat[len(lat) // 2] if lat else None
+    tally["poll_p99_ms"] = lat[int(len(lat) * 0.99)] if lat else None
+    Path(control + ".result").write_text(json.dumps(tally))
+
+
+def users_main(base: str, tokens: list[tuple[str, str]], n: int, nice: int, control: str) -> None:
+    # The simulated browsers stand for operators' own machines: with --clients-nice their CPU
+    # yields to the server's, as it would not be on the server at all.
+    os.nice(nice)
+    asyncio.run(_users(base, tokens, n, control))
+
+
+# -- the login flood (a process of its own) ------------------------------------------------
+
+
+async def _flood(base: str, control: str) -> None:
+    counts: dict[str, int] = {}
+
+    async def client(i: int) -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+            while not Path(control).exists():
+                r = await http.post(
+                    "/api/v1/auth/token",
+                    json={"username": f"user{i % 3}", "password": f"wrong-{random.random()}"},
+                )
+                counts[str(r.status_code)] = counts.get(str(r.status_code), 0) + 1
+
+    await asyncio.gather(*(client(i) for i in range(FLOOD_CLIENTS)))
+    Path(control + ".result").write_text(json.dumps(counts))
+
+
+def flood_main(base: str, nice: int, control: str) -> None:
+    os.nice(nice)
+    asyncio.run(_flood(base, control))
+
+
+# -- the runs -------------------------------------------------------------------------------
+
+
+def _p99(report: LoadReport) -> float:
+    return float(report.latency_ms.get("p99", float("inf")))
+
+
+def _line(label: str, report: LoadReport) -> str:
+    lat = report.latency_ms
+    return (
+        f"{label:<28} {report.ingest_rate:>8,.0f} alerts/s  p50 {lat.get('p50', 0):7.1f} ms  "
+        f"p99 {lat.get('p99', 0):7.1f} ms  max {lat.get('max', 0):7.1f} ms  "
+        f"{'zero loss' if report.zero_loss else 'LOSS'}"
+    )
+
+
+def _with_process(
+    target: Any, args: tuple[Any, ...], control: Path, ready: Any, run: Any, timeout: float = 60
+) -> tuple[LoadReport, dict[str, Any]]:
+    ctx = mp.get_context("spawn")
+    process = ctx.Process(target=target, args=(*args, str(control)), daemon=True)
+    process.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if time.monotonic() > deadline or not process.is_alive():
+                raise RuntimeError("the simulated clients did not come up")
+            time.sleep(0.2)
+        report = run()
+    finally:
+        control.write_text("stop")
+        process.join(60)
+        if process.is_alive():
+            process.kill()
+    result_file = Path(str(control) + ".result")
+    result = json.loads(result_file.read_text()) if result_file.exists() else {}
+    return report, result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--alerts", type=int, default=60_000, help="alerts per run")
+    ap.add_argument("--users", type=int, default=100)
+    ap.add_argument("--users-rate", type=float, default=6000)
+    ap.add_argument("--flood-rate", type=float, default=5000)
+    ap.add_argument("--publishers", type=int, default=16)
+    ap.add_argument("--api-nice", type=int, default=0, help="niceness of the API process")
+    ap.add_argument(
+        "--clients-nice",
+        type=int,
+        default=0,
+        help="niceness of the simulated users' and flooders' process (they stand for other "
+        "machines; 19 keeps their CPU from the server's measurement)",
+    )
+    ap.add_argument("--skip-users", action="store_true")
+    ap.add_argument("--skip-flood", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    machine = machine_description()
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}; "
+        f"5M-addition loop {loop_seconds():.2f} s; API niceness {args.api_nice}, simulated "
+        f"clients' {args.clients_nice}"
+    )
+    root = Path(tempfile.mkdtemp(prefix="cwg-bench-ops-"))
+    registry = DeviceRegistry(root / "registry.yaml")
+    _, agg_password = registry.add_account("aggregator", AccountRole.AGGREGATOR)
+    registry.save()
+    broker = MosquittoBroker(BrokerSettings(state_dir=root / "broker"), registry)
+    service: Service | None = None
+    out: dict[str, Any] = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}}
+    try:
+        broker.start()
+        settings = Settings(
+            data_dir=root / "data",
+            mqtt=MqttSettings(
+                port=broker.port, password=SecretStr(agg_password), client_id="cwg-bench-ops"
+            ),
+            http=HttpSettings(nice=args.api_nice),
+        )
+        # The library's default argon2 cost: what a login flood would make the API compute
+        # if nothing stopped it.
+        service = Service(settings, port=0, log_level="warning", password_hasher=PasswordHasher())
+        communities = [c.code for c in GridIndex.from_geojson(default_grid_file()).communities()]
+        for i, code in enumerate(communities):
+            service.auth.create_account(
+                f"user{i}", Level.COMMUNITY, scope_code=code, password=PASSWORD
+            )
+        service.start()
+        assert service.aggregator.ingest.wait_connected(15), "the aggregator did not connect"
+        provisioner = CredentialsDir(
+            root / "devices",
+            registry=root / "registry.yaml",
+            broker_state=root / "broker",
+            broker_host=broker.host,
+            broker_port=broker.port,
+        )
+        pool = settings.pool
+        seed = iter(range(1000))
+
+        def load(rate: float) -> LoadReport:
+            config = LoadConfig(
+                rate=rate,
+                count=args.alerts,
+                mode="raw",
+                publishers=args.publishers,
+                seed=next(seed),
+                drain_timeout_s=120,
+            )
+            return run_load(config, provisioner, pool)
+
+        run_load(LoadConfig(rate=2000, count=4000, mode="raw"), provisioner, pool)  # warm-up
+
+        if not args.skip_users:
+            with httpx.Client(base_url=service.url, timeout=30) as http:
+                tokens = [
+                    (
+                        http.post(
+                            "/api/v1/auth/token",
+                            json={"username": f"user{i}", "password": PASSWORD},
+                        ).json()["access_token"],
+                        code,
+                    )
+                    for i, code in enumerate(communities)
+                ]
+            none = load(args.users_rate)
+            print(_line("nobody watching", none))
+            control = root / "users.stop"
+            connected = Path(str(control) + ".connected")
+
+            def users_ready() -> bool:
+                return connected.exists() and connected.read_text() == str(args.users)
+
+            watched, users = _with_process(
+                users_main,
+                (service.url, tokens, args.users, args.clients_nice),
+                control,
+                users_ready,
+                lambda: load(args.users_rate),
+            )
+            print(_line(f"{args.users} dashboard users", watched))
+            ratio = _p99(watched) / _p99(none)
+            print(
+                f"  users: {users.get('connected')} streams, {users.get('events')} event "
+                f"notices received, {users.get('dropped')} dropped, {users.get('closed')} "
+                f"closed; {users.get('polls')} polls (p50 {users.get('poll_p50_ms') or 0:.0f} "
+                f"ms, p99 {users.get('poll_p99_ms') or 0:.0f} ms, {users.get('poll_errors')} "
+                f"errors)"
+            )
+            print(f"  ingest p99 with users / without: {ratio:.2f}  (target ≤ 1.20)")
+            out["users"] = {
+                "none": json.loads(none.to_json()),
+                "watched": json.loads(watched.to_json()),
+                "clients": users,
+                "p99_ratio": ratio,
+            }
+
+        if not args.skip_flood:
+            quiet = load(args.flood_rate)
+            print(_line("no login flood", quiet))
+            control = root / "flood.stop"
+            flooded, answers = _with_process(
+                flood_main,
+                (service.url, args.clients_nice),
+                control,
+                lambda: True,
+                lambda: load(args.flood_rate),
+            )
+            print(_line(f"{FLOOD_CLIENTS} clients flooding logins", flooded))
+            ratio = _p99(flooded) / _p99(quiet)
+            print(f"  login answers by status: {answers}")
+            print(f"  ingest p99 during the flood / without: {ratio:.2f}  (target ≤ 1.20)")
+            out["flood"] = {
+                "none": json.loads(quiet.to_json()),
+                "flooded": json.loads(flooded.to_json()),
+                "answers": answers,
+                "p99_ratio": ratio,
+            }
+    finally:
+        if service is not None:
+            service.stop()
+        broker.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"5M-addition loop after: {loop_seconds():.2f} s")
+    if args.json is not None:
+        args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
