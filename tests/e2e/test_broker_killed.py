@@ -91,10 +91,12 @@ def test_broker_sigkilled_three_times_early_loses_no_alert(
             wait_for(lambda: stream.outbox.depth() == 0, 45, "every alert answered")
             result = tally(aggregator.settings.pool, DEVICE, raised)
             resent = stream.outbox.resent_total()
+            feedback = stream.publisher.stats.feedback
             print(
                 f"\nbroker SIGKILLed at {kills} s: raised {result.raised}, stored "
-                f"{result.stored}, lost {result.lost}, doubled {result.doubled}, "
-                f"resent {resent}, feedback {dict(stream.publisher.stats.feedback)}"
+                f"{result.stored}, lost {result.lost}, doubled {result.doubled}; resent for want "
+                f"of feedback {resent}, of which the broker had lost about "
+                f"{max(0, resent - feedback['duplicate'])}; feedback {dict(feedback)}"
             )
             assert (result.lost, result.doubled, result.unknown) == (0, 0, 0), result
             assert result.stored == len(raised)
