@@ -75,7 +75,12 @@ async def _user(
                     tally["poll_errors"] += 1
                 await asyncio.sleep(max(0.0, POLL_S - (time.monotonic() - started)))
 
-        poller = asyncio.create_task(poll())
+        poller = asyncio.create_task(poll() if "poll" in tally["does"] else asyncio.sleep(0))
+        if "stream" not in tally["does"]:
+            tally["connected"] += 1
+            await stop.wait()
+            poller.cancel()
+            return
         try:
             async with connect(ws_url, max_queue=None) as ws:
                 await ws.send(orjson.dumps({"token": token}).decode())
@@ -97,11 +102,11 @@ async def _user(
             poller.cancel()
 
 
-async def _users(base: str, tokens: list[tuple[str, str]], n: int, control: str) -> None:
+async def _users(base: str, tokens: list[tuple[str, str]], n: int, does: str, control: str) -> None:
     stop = asyncio.Event()
     tally: dict[str, Any] = {
         "connected": 0, "events": 0, "dropped": 0, "closed": 0, "polls": 0,
-        "poll_errors": 0, "poll_ms": [], "close_reasons": [],
+        "poll_errors": 0, "poll_ms": [], "close_reasons": [], "does": does,
     }  # fmt: skip
     tasks = [
         asyncio.create_task(_user(base, *tokens[i % len(tokens)], stop, tally)) for i in range(n)
@@ -118,11 +123,13 @@ async def _users(base: str, tokens: list[tuple[str, str]], n: int, control: str)
     Path(control + ".result").write_text(json.dumps(tally))
 
 
-def users_main(base: str, tokens: list[tuple[str, str]], n: int, nice: int, control: str) -> None:
+def users_main(
+    base: str, tokens: list[tuple[str, str]], n: int, does: str, nice: int, control: str
+) -> None:
     # The simulated browsers stand for operators' own machines: with --clients-nice their CPU
     # yields to the server's, as it would not be on the server at all.
     os.nice(nice)
-    asyncio.run(_users(base, tokens, n, control))
+    asyncio.run(_users(base, tokens, n, does, control))
 
 
 # -- the login flood (a process of its own) ------------------------------------------------
@@ -150,6 +157,17 @@ def flood_main(base: str, nice: int, control: str) -> None:
 
 
 # -- the runs -------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _p99(report: LoadReport) -> float:
@@ -203,6 +221,12 @@ def main() -> int:
         help="niceness of the simulated users' and flooders' process (they stand for other "
         "machines; 19 keeps their CPU from the server's measurement)",
     )
+    ap.add_argument(
+        "--user-does",
+        choices=["stream+poll", "stream", "poll"],
+        default="stream+poll",
+        help="what each simulated user does (to see which costs what)",
+    )
     ap.add_argument("--skip-users", action="store_true")
     ap.add_argument("--skip-flood", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
@@ -252,6 +276,8 @@ def main() -> int:
         seed = iter(range(1000))
 
         def load(rate: float) -> LoadReport:
+            ingest0, api0 = cpu_seconds(os.getpid()), cpu_seconds(service.api_pid)
+            started = time.monotonic()
             config = LoadConfig(
                 rate=rate,
                 count=args.alerts,
@@ -260,7 +286,15 @@ def main() -> int:
                 seed=next(seed),
                 drain_timeout_s=120,
             )
-            return run_load(config, provisioner, pool)
+            report = run_load(config, provisioner, pool)
+            took = time.monotonic() - started
+            ingest = cpu_seconds(os.getpid()) - ingest0
+            api = cpu_seconds(service.api_pid) - api0
+            print(
+                f"  CPU over {took:.1f} s: pool-writer process {ingest / took:.0%} of a core "
+                f"({ingest / report.sent * 1e6:.0f} µs per alert), API process {api / took:.0%}"
+            )
+            return report
 
         run_load(LoadConfig(rate=2000, count=4000, mode="raw"), provisioner, pool)  # warm-up
 
@@ -286,7 +320,7 @@ def main() -> int:
 
             watched, users = _with_process(
                 users_main,
-                (service.url, tokens, args.users, args.clients_nice),
+                (service.url, tokens, args.users, args.user_does, args.clients_nice),
                 control,
                 users_ready,
                 lambda: load(args.users_rate),

@@ -368,6 +368,9 @@ def api_process_main(
             port=options.port,
             log_level=options.log_level,
             ws="websockets-sansio",
+            # Compressing every stream message cost more CPU than anything else the stream
+            # does; notices are small and operators few, so the bytes are cheaper.
+            ws_per_message_deflate=False,
             lifespan="on",
             timeout_graceful_shutdown=5,
             ssl_certfile=str(http.certfile) if http.certfile else None,
