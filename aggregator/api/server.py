@@ -368,8 +368,8 @@ def api_process_main(
             port=options.port,
             log_level=options.log_level,
             ws="websockets-sansio",
-            # Compressing every stream message cost more CPU than anything else the stream
-            # does; notices are small and operators few, so the bytes are cheaper.
+            # Per-message deflate compresses each small stream message on its own: CPU in the
+            # API process per message and client, for little saved on a link to an operator.
             ws_per_message_deflate=False,
             lifespan="on",
             timeout_graceful_shutdown=5,
