@@ -28,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -375,26 +376,32 @@ def test_pool_unwritable(broker: BrokerHandle, tmp_path: Path) -> None:
     with stack(broker, tmp_path) as s:
         pool = s.agg.pool
         files = [pool.parent, pool, Path(f"{pool}-wal"), Path(f"{pool}-shm")]
-        starts: list[int] = []
+        starts: list[float] = []
+        immutable = threading.Event()
+        done = threading.Event()
+
+        def supervise() -> None:
+            # As systemd's Restart=always would: whenever it exits, start it again.
+            while not done.wait(0.5):
+                if not s.agg.alive():
+                    if immutable.is_set():
+                        starts.append(time.monotonic())
+                    s.agg.start()
+
+        supervisor = threading.Thread(target=supervise, name="supervisor", daemon=True)
 
         def inject() -> None:
             mark = log_mark(s.agg)
             s.agg.kill()
             chattr("+i", files)
-            # A supervisor (systemd Restart=always) starts it again while the pool cannot be
-            # written; it must lose nothing whether it waits or exits.
-            deadline = time.monotonic() + 6.0
-            while time.monotonic() < deadline:
-                if not s.agg.alive():
-                    s.agg.start()
-                    starts.append(1)
-                time.sleep(1.0)
+            immutable.set()
+            supervisor.start()
+            time.sleep(6.0)  # it must lose nothing whether it waits or exits meanwhile
             assert log_since(s.agg, mark).strip(), "the aggregator said nothing"
 
         def clear() -> None:
             chattr("-i", files)
-            if not s.agg.alive():
-                s.agg.start()
+            immutable.clear()
 
         try:
             run_row(
@@ -406,4 +413,7 @@ def test_pool_unwritable(broker: BrokerHandle, tmp_path: Path) -> None:
                 note=lambda: f"{len(starts)} starts while immutable",
             )
         finally:
+            done.set()
+            if supervisor.is_alive():
+                supervisor.join(10)
             chattr("-i", files)
