@@ -446,11 +446,19 @@ class StreamHub:
         )
 
     def _fan_out(self, items: Sequence[_Item]) -> None:
+        # Clients of one account with one filter want the same items: decide once for them
+        # (a hundred operators of a few communities are a few such groups).
+        chosen: dict[tuple[str, StreamFilter], list[_Item]] = {}
         for client in list(self._clients):
             if client.dropped:
                 continue
-            for item in items:
-                if client.wants(item) and not client.queue.offer(item.key, item.text):
+            group = (client.operator.username, client.filter)
+            wanted = chosen.get(group)
+            if wanted is None:
+                wanted = chosen[group] = [item for item in items if client.wants(item)]
+            offer = client.queue.offer
+            for item in wanted:
+                if not offer(item.key, item.text):
                     self._drop(client, f"more than {self.queue_size} distinct messages waiting")
                     break
 
