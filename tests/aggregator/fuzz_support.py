@@ -53,6 +53,8 @@ TYPES = sorted(default_catalogue().types)
 
 # ---------------------------------------------------------------- JSON Schema → strategy
 
+_I64 = (-(2**63), 2**63 - 1)
+
 
 def from_schema(schema: dict[str, Any], root: dict[str, Any] | None = None) -> Any:
     """A hypothesis strategy for values valid by ``schema`` (the subset pydantic emits)."""
@@ -72,7 +74,8 @@ def from_schema(schema: dict[str, Any], root: dict[str, Any] | None = None) -> A
     if kind == "boolean":
         return st.booleans()
     if kind == "integer":
-        return st.integers(schema.get("minimum"), schema.get("maximum"))
+        # unbounded integers come from RAW_NUMBERS: orjson writes no more than 64 bits
+        return st.integers(schema.get("minimum", _I64[0]), schema.get("maximum", _I64[1]))
     if kind == "number":
         return st.floats(
             schema.get("minimum"), schema.get("maximum"), allow_nan=False, allow_infinity=False
@@ -107,7 +110,11 @@ def _string(schema: dict[str, Any]) -> Any:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
+    st.none()
+    | st.booleans()
+    | st.integers(*_I64)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=10),
     lambda children: (
         st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
     ),

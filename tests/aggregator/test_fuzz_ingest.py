@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 
 from contract import Outcome
 
@@ -58,6 +58,9 @@ def tracebacks() -> Iterator[_Tracebacks]:
     deadline=None,
     derandomize=True,  # the same examples on every run: CI is reproducible
     database=None,
+    # no shrinking: a failure surfaces a few examples late (see the window below) and names
+    # its payload, and a broken stack would make every shrink step wait for a timeout
+    phases=[Phase.explicit, Phase.generate],
     suppress_health_check=[
         HealthCheck.too_slow,
         HealthCheck.data_too_large,
