@@ -253,12 +253,18 @@ class DeadLetterOut(_Out):
     alert_id: str | None
     reason: str
     detail: str
-    payload_bytes: int
+    payload_bytes: int = Field(description="the payload's full size, however much is kept")
+    payload_sha256: str | None = Field(
+        default=None, description="sha256 of the full payload (None in rows kept before it was)"
+    )
     payload_encoding: Literal["utf-8", "base64"] = Field(
         description="utf-8 when the payload decodes as text, else base64 of the raw bytes"
     )
     payload: str
-    truncated: bool = Field(description="payload shortened (lists show a preview)")
+    truncated: bool = Field(
+        description="payload shortened: lists show a preview, and the pool keeps only the "
+        "first dead_letters.keep_bytes of a long payload"
+    )
 
 
 class DeadLetterPage(_Out):

@@ -228,13 +228,24 @@ def _require_admin(operator: Operator) -> None:
 
 def _dead_letter(r: sqlite3.Row, limit: int | None) -> DeadLetterOut:
     raw: bytes = bytes(r["payload"])
+    # the pool keeps only the head of a long payload (dead_letters.keep_bytes), and its size
+    size: int = r["payload_size"] if r["payload_size"] is not None else len(raw)
+    capped = size > len(raw)
+    if capped:  # the cut may split a UTF-8 sequence: drop its pieces, keep the text readable
+        for cut in range(4):
+            try:
+                raw[: len(raw) - cut].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            raw = raw[: len(raw) - cut]
+            break
     try:
         text = raw.decode("utf-8")
         encoding = "utf-8"
     except UnicodeDecodeError:
         text = base64.b64encode(raw).decode("ascii")
         encoding = "base64"
-    truncated = limit is not None and len(text) > limit
+    truncated = capped or (limit is not None and len(text) > limit)
     return DeadLetterOut(
         id=r["id"],
         received_at=datetime.fromtimestamp(r["received_at"], UTC),
@@ -243,7 +254,8 @@ def _dead_letter(r: sqlite3.Row, limit: int | None) -> DeadLetterOut:
         alert_id=r["alert_id"],
         reason=r["reason"],
         detail=r["detail"],
-        payload_bytes=len(raw),
+        payload_bytes=size,
+        payload_sha256=r["payload_sha256"],
         payload_encoding=encoding,
         payload=text[:limit] if truncated and limit is not None else text,
         truncated=truncated,
