@@ -331,7 +331,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             else None
         )
         return run_service(settings, args.http_host, args.http_port, timeseries=timeseries)
-    return run_aggregator(settings, metrics=args.metrics_port is not None)
+    return run_aggregator(
+        settings, metrics=args.metrics_port is not None or settings.metrics_port != 0
+    )
 
 
 def dev_https_files(data_dir: Path, host: str) -> tuple[Path, Path]:
