@@ -2,35 +2,63 @@
 
 Everything the broker needs lives in one state directory::
 
-    mosquitto.conf   generated from BrokerSettings on every start
-    passwd           Mosquitto password file, generated from the device registry
-    acl              access control list, generated from the device registry
-    mosquitto.log    the broker's log (and whatever it prints before the log is open)
-    data/            persistence (mosquitto.db): queued messages and sessions survive restarts
-    broker.json      pid, host and port of the broker this module started, while it runs
+    mosquitto.conf          generated from BrokerSettings on every start
+    dynamic-security.json   accounts and their rights, generated from the device registry on
+                            every start; while the broker runs its plugin owns (and rewrites) it
+    dynsec-admin.password   the broker-admin account that provisions on the running broker
+    dynsec-applied.json     which registry entries the running broker holds (for hot changes)
+    tls/                    the development CA and server certificate (when generated)
+    mosquitto.log           the broker's log (and whatever it prints before the log is open)
+    data/                   persistence (mosquitto.db): queued messages and sessions
+    broker.json             pid, host and ports of the broker this module started, while it runs
 
-Access control is written as one explicit ``user`` block per account rather than ``pattern``
-lines with ``%u``: Mosquitto applies pattern lines to *every* user, so the service accounts
-would also gain device rights under ``devices/aggregator/...``. Explicit blocks give each
-device exactly its own four topics and nothing else, and the file reads as an audit list.
+Why the dynamic-security plugin and not ``acl_file`` (both tried against Debian's 2.0.11):
+
+* Mosquitto 2.0's ``acl_file`` check never refuses a SUBSCRIBE (subscriptions are checked only
+  when a message is delivered). A device was *granted* ``$share/g/cwg/v1/devices/+/alert``; the
+  broker then routed a share of the alerts to it, refused delivery on ACL grounds and dropped
+  them. The plugin checks ``subscribeLiteral``/``subscribePattern`` rules when the client
+  subscribes, with every right denied unless granted: a device may subscribe to its own
+  feedback and status topics and to nothing else (``#``, ``$SYS/#`` and any ``$share/...`` get
+  SUBACK 0x87 Not authorized).
+* A plugin client may be bound to one client id. Every device is bound to its device id, so a
+  device that connects with the aggregator's client id, or another device's, is refused at
+  CONNACK (0x87) and cannot knock the owner off or wipe its session. ``use_username_as_clientid``
+  would also stop that, but it applies to every client of a listener and would give all
+  aggregator replicas (one account, distinct client ids) the same id.
+* The aggregator role alone may subscribe to the device topics, plain or shared
+  (``$share/<group>/...``), and publish feedback and events.
+
+The registry stays the source of truth: the plugin's file is regenerated from it (the password
+hashes are the same PBKDF2-SHA512 in both formats) on every start. The plugin does not re-read
+its file on SIGHUP, so a device provisioned while the broker runs is added through the plugin's
+control topic by the ``broker-admin`` account (loopback listener), and can connect at once.
+
+Two listeners: the plain one binds to loopback by default (the aggregator on the same host);
+devices use the TLS listener (``tls_port``), whose certificate comes from the operator's PKI
+(``tls_certfile``/``tls_keyfile``/``tls_cafile``) or, in development, from a CA generated in
+``tls/`` on first start (keys 0600). Provisioning hands a device that CA beside its credentials.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
+import threading
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import yaml
 from pydantic import (
@@ -41,6 +69,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from aggregator.errors import AggregatorError
@@ -51,10 +80,13 @@ from aggregator.registry import (
     DeviceRegistry,
     RegistryError,
     atomic_write,
+    generate_password,
+    mosquitto_password_hash,
 )
 from contract.topics import TopicError, Topics
 
 __all__ = [
+    "ADMIN_USERNAME",
     "INSTALL_HINT",
     "AccountCredentials",
     "BrokerEndpoint",
@@ -66,13 +98,13 @@ __all__ = [
     "DeviceCredentials",
     "DeviceTopics",
     "MosquittoBroker",
+    "ensure_tls_files",
     "free_port",
     "provision_account",
     "provision_device",
     "read_runtime",
-    "render_acl",
     "render_config",
-    "render_password_file",
+    "render_dynsec",
     "write_auth_files",
 ]
 
@@ -81,8 +113,9 @@ logger = logging.getLogger(__name__)
 MiB = 1024 * 1024
 INSTALL_HINT = "install it with: apt-get install -y mosquitto mosquitto-clients"
 _READY_LINE = b" running\n"  # "mosquitto version X running"
-_RELOAD_LINE = b"Reloading config."
 _LOG_TAIL_LINES = 30
+# Addresses that mean "every interface" when a listener binds to them.
+_WILDCARDS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - compared with, never bound here
 
 
 class BrokerError(AggregatorError):
@@ -103,8 +136,39 @@ class BrokerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     state_dir: Path = Field(description="config, password file, ACL, log and persistence live here")
-    host: str = Field("127.0.0.1", description="address the listener binds to")
-    port: int = Field(0, ge=0, le=65535, description="listener port; 0 picks a free one at start")
+    host: str = Field("127.0.0.1", description="address the plain listener binds to")
+    port: int = Field(
+        0, ge=0, le=65535, description="plain listener port; 0 picks a free one at start"
+    )
+    tls_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="TLS listener port for devices (8883 by convention); 0 picks a free one at "
+        "start; None: no TLS listener",
+    )
+    tls_host: str = Field(
+        "0.0.0.0",  # noqa: S104 - devices reach the TLS listener from the network
+        description="address the TLS listener binds to",
+    )
+    tls_cafile: Path | None = Field(
+        None,
+        description="CA certificate handed to devices (operator PKI); with tls_certfile and "
+        "tls_keyfile. Unset: a development CA is generated in <state_dir>/tls",
+    )
+    tls_certfile: Path | None = Field(None, description="server certificate (operator PKI)")
+    tls_keyfile: Path | None = Field(None, description="server private key (operator PKI)")
+    tls_server_names: tuple[str, ...] = Field(
+        ("localhost", "127.0.0.1"),
+        min_length=1,
+        description="DNS names and IP addresses the generated server certificate is valid for "
+        "(what devices put in their broker host)",
+    )
+    dynsec_plugin: Path = Field(
+        default_factory=lambda: _default_plugin(),
+        description="Mosquitto's dynamic-security plugin (accounts, subscribe ACLs, client-id "
+        "binding)",
+    )
     topic_prefix: str = Field("cwg", description="the contract's topic prefix")
     max_queued_messages: int = Field(
         1_000_000,
@@ -135,10 +199,17 @@ class BrokerSettings(BaseModel):
     )
     persistence: bool = Field(True, description="keep sessions and queued messages on disk")
     autosave_interval_s: int = Field(
-        60,
+        1,
         ge=0,
-        description="seconds between saves of the in-memory state (it is always saved on a clean "
-        "stop); a killed broker loses what arrived since the last save",
+        description="seconds between saves of the in-memory state (sessions, subscriptions, "
+        "queued messages; it is always saved on a clean stop). A killed broker loses what "
+        "changed since the last save, so it is short: a save writes the whole state, which is "
+        "small while the aggregator keeps up",
+    )
+    autosave_on_changes: bool = Field(
+        False,
+        description="count autosave_interval in changes (subscriptions, retained and queued "
+        "messages) instead of seconds",
     )
     persistent_client_expiration: str | None = Field(
         "14d",
@@ -157,6 +228,20 @@ class BrokerSettings(BaseModel):
         if any(c.isspace() for c in str(value)):
             raise ValueError(f"state_dir {value} contains whitespace, which mosquitto.conf forbids")
         return value
+
+    @field_validator("tls_certfile", "tls_keyfile", "tls_cafile")
+    @classmethod
+    def _no_whitespace_in_pki(cls, value: Path | None) -> Path | None:
+        if value is not None and any(c.isspace() for c in str(value)):
+            raise ValueError(f"{value} contains whitespace, which mosquitto.conf forbids")
+        return value
+
+    @model_validator(mode="after")
+    def _pki_complete(self) -> Self:
+        given = [self.tls_cafile, self.tls_certfile, self.tls_keyfile]
+        if any(given) and not all(given):
+            raise ValueError("tls_cafile, tls_certfile and tls_keyfile are given together or not")
+        return self
 
     @field_validator("topic_prefix")
     @classmethod
@@ -183,12 +268,33 @@ class BrokerSettings(BaseModel):
         return self.state_dir / "mosquitto.conf"
 
     @property
-    def password_file(self) -> Path:
-        return self.state_dir / "passwd"
+    def dynsec_file(self) -> Path:
+        return self.state_dir / "dynamic-security.json"
 
     @property
-    def acl_file(self) -> Path:
-        return self.state_dir / "acl"
+    def admin_password_file(self) -> Path:
+        return self.state_dir / "dynsec-admin.password"
+
+    @property
+    def applied_file(self) -> Path:
+        return self.state_dir / "dynsec-applied.json"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.state_dir / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA devices verify the broker with: the operator's, or the generated one."""
+        return self.tls_cafile or self.tls_dir / "ca.crt"
+
+    @property
+    def server_cert_file(self) -> Path:
+        return self.tls_certfile or self.tls_dir / "server.crt"
+
+    @property
+    def server_key_file(self) -> Path:
+        return self.tls_keyfile or self.tls_dir / "server.key"
 
     @property
     def log_file(self) -> Path:
@@ -210,18 +316,41 @@ class BrokerSettings(BaseModel):
 # --- generated files ---------------------------------------------------------------------
 
 
+def _default_plugin() -> Path:
+    """Where Debian/Ubuntu (any architecture) or a source build put the plugin."""
+    for path in [
+        *sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so")),
+        Path("/usr/lib/mosquitto_dynamic_security.so"),
+        Path("/usr/local/lib/mosquitto_dynamic_security.so"),
+    ]:
+        if path.exists():
+            return path
+    return Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
+
+
 def render_config(settings: BrokerSettings) -> str:
-    """The mosquitto.conf for ``settings``; the port must already be chosen (not 0)."""
-    if settings.port == 0:
-        raise BrokerError("render_config needs a concrete port; choose one with free_port()")
+    """The mosquitto.conf for ``settings``; the ports must already be chosen (not 0)."""
+    if settings.port == 0 or settings.tls_port == 0:
+        raise BrokerError("render_config needs concrete ports; choose them with free_port()")
     state = settings.state_dir.resolve()
     lines = [
         "# Generated from BrokerSettings by aggregator.broker on every start; edits are lost.",
+        # One security configuration for both listeners: the plugin's accounts and rights.
         "per_listener_settings false",
-        f"listener {settings.port} {settings.host}",
         "allow_anonymous false",
-        f"password_file {state / settings.password_file.name}",
-        f"acl_file {state / settings.acl_file.name}",
+        f"plugin {settings.dynsec_plugin}",
+        f"plugin_opt_config_file {state / settings.dynsec_file.name}",
+        f"listener {settings.port} {settings.host}",
+    ]
+    if settings.tls_port is not None:
+        lines += [
+            f"listener {settings.tls_port} {settings.tls_host}",
+            f"cafile {settings.ca_file.resolve()}",
+            f"certfile {settings.server_cert_file.resolve()}",
+            f"keyfile {settings.server_key_file.resolve()}",
+            "tls_version tlsv1.2",  # the minimum: TLS 1.3 is negotiated when both sides have it
+        ]
+    lines += [
         # Started as root, mosquitto would switch to the 'mosquitto' user and could then not
         # write its own state directory; it runs as whoever launched it instead.
         f"user {pwd.getpwuid(os.geteuid()).pw_name}",
@@ -230,6 +359,7 @@ def render_config(settings: BrokerSettings) -> str:
         # 2.0 adds its own, and the doubled slash is harmless.
         f"persistence_location {state / settings.persistence_dir.name}/",
         f"autosave_interval {settings.autosave_interval_s}",
+        f"autosave_on_changes {'true' if settings.autosave_on_changes else 'false'}",
     ]
     if settings.persistent_client_expiration:
         lines.append(f"persistent_client_expiration {settings.persistent_client_expiration}")
@@ -256,56 +386,213 @@ def render_config(settings: BrokerSettings) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_acl(registry: DeviceRegistry, prefix: str = "cwg") -> str:
-    """The ACL: each device its own topics, the service accounts what their role allows."""
-    topics = Topics(prefix)
-    devices = f"{prefix}/v1/devices"
-    out = [
-        "# Generated from the device registry by aggregator.broker; edits are lost.",
-        "# Anonymous clients are refused (allow_anonymous false): no anonymous section.",
+# --- accounts and rights (dynamic-security plugin) ------------------------------------------
+
+ADMIN_USERNAME = "broker-admin"
+CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
+# Nothing is allowed unless a role grants it; unsubscribing cannot hurt anyone.
+_DEFAULT_ACCESS = {
+    "publishClientSend": False,
+    "publishClientReceive": False,
+    "subscribe": False,
+    "unsubscribe": True,
+}
+
+
+def _acl(kind: str, topic: str) -> dict[str, Any]:
+    return {"acltype": kind, "topic": topic, "priority": 0, "allow": True}
+
+
+def _role_name(username: str) -> str:
+    return f"account-{username}"
+
+
+def _device_acls(topics: Topics, device_id: str) -> list[dict[str, Any]]:
+    alert, tele = topics.alert(device_id), topics.telemetry(device_id)
+    status, feedback = topics.status(device_id), topics.feedback(device_id)
+    return [
+        _acl("publishClientSend", alert),
+        _acl("publishClientSend", tele),
+        # The device publishes its status (and its Last Will) and reads back its own retained
+        # status after a restart.
+        _acl("publishClientSend", status),
+        _acl("subscribeLiteral", status),
+        _acl("publishClientReceive", status),
+        # Literal: the exact feedback topic, never a filter or a $share/... form of it.
+        _acl("subscribeLiteral", feedback),
+        _acl("publishClientReceive", feedback),
     ]
-    for account in registry.accounts:
-        out += ["", f"user {account.username}"]
-        if account.role is AccountRole.AGGREGATOR:
-            out += [
-                f"topic read {devices}/+/#",
-                # Delivery is checked against the real topic; this line covers brokers that also
-                # check the filter of a shared subscription ($share/<group>/...) literally.
-                f"topic read $share/+/{devices}/+/#",
-                f"topic write {devices}/+/feedback",
-                f"topic write {topics.events}",
-            ]
-        elif account.role is AccountRole.INTEGRATOR:
-            out += [
-                f"topic read {topics.events}",
-                f"topic read $share/+/{topics.events}",
-                # Device status is published "to all" (retained online/offline).
-                f"topic read {devices}/+/status",
-            ]
-    for device in registry.devices:
-        d = device.device_id
-        out += [
-            "",
-            f"user {d}",
-            f"topic write {topics.alert(d)}",
-            f"topic write {topics.telemetry(d)}",
-            # readwrite: the device publishes its status (and its Last Will) and reads back its
-            # own retained status after a restart.
-            f"topic readwrite {topics.status(d)}",
-            f"topic read {topics.feedback(d)}",
+
+
+def _account_acls(topics: Topics, role: AccountRole) -> list[dict[str, Any]]:
+    devices = f"{topics.prefix}/v1/devices/+/#"
+    if role is AccountRole.AGGREGATOR:
+        return [
+            _acl("subscribePattern", devices),
+            # The replicas' shared subscription; no other role may join any share group of
+            # the device topics.
+            _acl("subscribePattern", f"$share/+/{devices}"),
+            _acl("publishClientReceive", devices),
+            _acl("publishClientSend", f"{topics.prefix}/v1/devices/+/feedback"),
+            _acl("publishClientSend", topics.events),
         ]
-    return "\n".join(out) + "\n"
+    status = f"{topics.prefix}/v1/devices/+/status"
+    return [  # integrator: the events topic and device status ("to all")
+        _acl("subscribePattern", topics.events),
+        _acl("subscribePattern", f"$share/+/{topics.events}"),
+        _acl("publishClientReceive", topics.events),
+        _acl("subscribePattern", status),
+        _acl("publishClientReceive", status),
+    ]
 
 
-def render_password_file(registry: DeviceRegistry) -> str:
-    return "".join(f"{user}:{pw_hash}\n" for user, pw_hash in registry.password_entries())
+def _admin_acls() -> list[dict[str, Any]]:
+    control = "$CONTROL/dynamic-security/#"
+    return [
+        _acl("publishClientSend", control),
+        _acl("subscribePattern", control),
+        _acl("publishClientReceive", control),
+    ]
+
+
+def _hash_fields(password_hash: str) -> dict[str, Any] | None:
+    """The plugin's form of a registry hash; None for one it cannot check (``$6$``)."""
+    parts = password_hash.split("$")
+    if len(parts) != 5 or parts[1] != "7":
+        return None
+    return {"password": parts[4], "salt": parts[3], "iterations": int(parts[2])}
+
+
+@dataclass(frozen=True, slots=True)
+class _Wanted:
+    """One account as the plugin should hold it."""
+
+    username: str
+    password_hash: str
+    clientid: str | None
+    acls: tuple[tuple[str, str], ...]
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "hash": self.password_hash,
+            "clientid": self.clientid,
+            "acls": [list(a) for a in self.acls],
+        }
+
+
+def _wanted(registry: DeviceRegistry, topics: Topics) -> dict[str, tuple[_Wanted, list[Any]]]:
+    out: dict[str, tuple[_Wanted, list[Any]]] = {}
+    for account in registry.accounts:
+        acls = _account_acls(topics, account.role)
+        # Service accounts are not bound to a client id: aggregator replicas share the
+        # account under distinct ids. Devices cannot take those ids (they are bound).
+        out[account.username] = (
+            _Wanted(account.username, account.password_hash, None, _acl_key(acls)),
+            acls,
+        )
+    for device in registry.devices:
+        acls = _device_acls(topics, device.device_id)
+        out[device.device_id] = (
+            _Wanted(device.device_id, device.password_hash, device.device_id, _acl_key(acls)),
+            acls,
+        )
+    return out
+
+
+def _acl_key(acls: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    return tuple((a["acltype"], a["topic"]) for a in acls)
+
+
+def render_dynsec(
+    registry: DeviceRegistry, prefix: str = "cwg", *, admin_password: str
+) -> dict[str, Any]:
+    """The plugin's configuration: one role per account, every device bound to its id."""
+    topics = Topics(prefix)
+    clients: list[dict[str, Any]] = []
+    roles: list[dict[str, Any]] = []
+    admin_hash = _hash_fields(mosquitto_password_hash(admin_password))
+    assert admin_hash is not None
+    clients.append(
+        {
+            "username": ADMIN_USERNAME,
+            "textName": "provisions accounts on the running broker",
+            **admin_hash,
+            "roles": [{"rolename": _role_name(ADMIN_USERNAME)}],
+        }
+    )
+    roles.append({"rolename": _role_name(ADMIN_USERNAME), "acls": _admin_acls()})
+    for want, acls in _wanted(registry, topics).values():
+        fields = _hash_fields(want.password_hash)
+        if fields is None:
+            logger.warning(
+                "account %s has a $6$ password hash, which the broker cannot check: "
+                "issue it a new password",
+                want.username,
+            )
+            continue
+        client: dict[str, Any] = {
+            "username": want.username,
+            **fields,
+            "roles": [{"rolename": _role_name(want.username)}],
+        }
+        if want.clientid is not None:
+            client["clientid"] = want.clientid
+        clients.append(client)
+        roles.append({"rolename": _role_name(want.username), "acls": acls})
+    return {
+        "defaultACLAccess": dict(_DEFAULT_ACCESS),
+        "clients": clients,
+        "groups": [],
+        "roles": roles,
+    }
 
 
 def write_auth_files(settings: BrokerSettings, registry: DeviceRegistry) -> None:
-    """Write the password file and the ACL; each is replaced atomically (the broker may reload)."""
+    """Write the plugin's configuration (for the next start) and the record of what it holds.
+
+    The admin password is kept while the file exists: a running broker still knows it."""
     _prepare_state_dir(settings)
-    atomic_write(settings.password_file, render_password_file(registry), mode=0o600)
-    atomic_write(settings.acl_file, render_acl(registry, settings.topic_prefix), mode=0o600)
+    admin_password = _admin_password(settings)
+    config = render_dynsec(registry, settings.topic_prefix, admin_password=admin_password)
+    atomic_write(settings.dynsec_file, json.dumps(config, indent=1) + "\n", mode=0o600)
+    applied = {u: w.fingerprint() for u, (w, _) in _wanted(registry, settings.topics).items()}
+    atomic_write(settings.applied_file, json.dumps(applied) + "\n", mode=0o600)
+
+
+def _admin_password(settings: BrokerSettings) -> str:
+    try:
+        password = settings.admin_password_file.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        password = ""
+    if not password:
+        password = generate_password()
+        atomic_write(settings.admin_password_file, password + "\n", mode=0o600)
+    return password
+
+
+# --- TLS ------------------------------------------------------------------------------------
+
+
+def ensure_tls_files(settings: BrokerSettings) -> None:
+    """Check the operator's PKI files, or make the development CA and server certificate.
+
+    The CA is made once and kept (devices hold it); the server certificate is made again when
+    ``tls_server_names`` no longer matches it or it is within 30 days of expiry."""
+    if settings.tls_certfile is not None:
+        for path in (settings.ca_file, settings.server_cert_file, settings.server_key_file):
+            if not path.is_file():
+                raise BrokerError(f"TLS file {path} does not exist")
+        return
+    from aggregator import devca  # the cryptography package is needed only here
+
+    settings.tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    devca.ensure(
+        settings.tls_dir / "ca.crt",
+        settings.tls_dir / "ca.key",
+        settings.tls_dir / "server.crt",
+        settings.tls_dir / "server.key",
+        settings.tls_server_names,
+    )
 
 
 def _prepare_state_dir(settings: BrokerSettings) -> None:
@@ -367,6 +654,7 @@ class BrokerRuntime(BaseModel):
     pid: int = Field(gt=0)
     host: str
     port: int = Field(ge=1, le=65535)
+    tls_port: int | None = Field(None, ge=1, le=65535)
     conf_file: Path
 
 
@@ -400,23 +688,171 @@ def read_runtime(state_dir: Path) -> BrokerRuntime | None:
     return runtime if _is_our_broker(runtime) else None
 
 
-def _signal_reload(pid: int, log_file: Path, timeout_s: float) -> None:
-    """SIGHUP the broker and wait until it has reloaded password file and ACL.
+class _Control:
+    """A connection to the dynamic-security plugin's control topic as ``broker-admin``."""
 
-    Mosquitto logs "Reloading config." and reloads in the same turn of its single-threaded
-    loop, so a client that connects after the line appears is checked against the new files.
-    """
-    offset = _log_size(log_file)
-    os.kill(pid, signal.SIGHUP)
-    deadline = time.monotonic() + timeout_s
-    while _RELOAD_LINE not in _log_since(log_file, offset):
-        if time.monotonic() > deadline:
+    def __init__(self, host: str, port: int, password: str, timeout_s: float) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self._timeout_s = timeout_s
+        self._responses: list[bytes] = []
+        self._cond = threading.Condition()
+        self._ready = False
+        self._refused: str | None = None
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            protocol=mqtt.MQTTv5,
+            client_id=f"{ADMIN_USERNAME}-{uuid.uuid4().hex[:8]}",
+        )
+        self._client.username_pw_set(ADMIN_USERNAME, password)
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        # Loopback: the address the plain listener binds to, or 127.0.0.1 for a wildcard.
+        self._host = "127.0.0.1" if host in _WILDCARDS else host
+        self._port = port
+
+    def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            with self._cond:
+                self._refused = str(reason)
+                self._cond.notify_all()
+            return
+        client.subscribe(f"{CONTROL_TOPIC}/response", qos=1)
+
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, reasons: Any, _p: Any) -> None:
+        with self._cond:
+            if reasons[0].is_failure:
+                self._refused = f"control topic subscription refused: {reasons[0]}"
+            self._ready = True
+            self._cond.notify_all()
+
+    def _on_message(self, _c: Any, _u: Any, message: Any) -> None:
+        with self._cond:
+            self._responses.append(message.payload)
+            self._cond.notify_all()
+
+    def __enter__(self) -> Self:
+        try:
+            self._client.connect(self._host, self._port, keepalive=30)
+        except OSError as exc:
             raise BrokerError(
-                f"mosquitto (pid {pid}) did not log a reload within {timeout_s:.0f} s; log tail:\n"
-                f"{_log_tail(log_file, offset)}"
-            )
-        time.sleep(0.01)
-    logger.info("broker pid %s reloaded its password file and ACL", pid)
+                f"cannot reach the broker at {self._host}:{self._port}: {exc}"
+            ) from exc
+        self._client.loop_start()
+        self._wait(lambda: self._ready or self._refused is not None, "a connection")
+        if self._refused is not None:
+            self.__exit__(None, None, None)
+            raise BrokerError(f"the broker refused its admin account: {self._refused}")
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _wait(self, done: Any, what: str) -> None:
+        deadline = time.monotonic() + self._timeout_s
+        with self._cond:
+            while not done():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BrokerError(f"no {what} from the broker within {self._timeout_s:.0f} s")
+                self._cond.wait(remaining)
+
+    def run(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Send the commands as one message; the plugin's responses, in order."""
+        if not commands:
+            return []
+        with self._cond:
+            self._responses.clear()
+        self._client.publish(CONTROL_TOPIC, json.dumps({"commands": commands}), qos=1)
+        self._wait(lambda: bool(self._responses), "answer to the provisioning commands")
+        with self._cond:
+            payload = self._responses.pop(0)
+        answer = json.loads(payload)
+        responses: list[dict[str, Any]] = answer.get("responses", [])
+        return responses
+
+
+def _read_applied(settings: BrokerSettings) -> dict[str, Any]:
+    try:
+        data = json.loads(settings.applied_file.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _apply_live(
+    settings: BrokerSettings,
+    registry: DeviceRegistry,
+    runtime: BrokerRuntime,
+    passwords: dict[str, str],
+) -> None:
+    """Bring the running broker's accounts in line with ``registry``.
+
+    The plugin takes passwords in plaintext only, so an account that is new, or whose password
+    changed, needs its plaintext in ``passwords``; removals need nothing. What cannot be
+    applied is named in the error, and is loaded by the next start."""
+    applied = _read_applied(settings)
+    wanted = _wanted(registry, settings.topics)
+    commands: list[dict[str, Any]] = []
+    done: dict[str, Any] = dict(applied)
+    missing: list[str] = []
+    for username in sorted(applied.keys() - wanted.keys()):
+        commands += [
+            {"command": "deleteClient", "username": username},
+            {"command": "deleteRole", "rolename": _role_name(username)},
+        ]
+        done.pop(username)
+    for username, (want, acls) in wanted.items():
+        old = applied.get(username)
+        fingerprint = want.fingerprint()
+        if old == fingerprint:
+            continue
+        password = passwords.get(username)
+        if password is None:
+            missing.append(username)
+            continue
+        if old is not None:
+            commands += [
+                {"command": "deleteClient", "username": username},
+                {"command": "deleteRole", "rolename": _role_name(username)},
+            ]
+        client: dict[str, Any] = {
+            "command": "createClient",
+            "username": username,
+            "password": password,
+            "roles": [{"rolename": _role_name(username)}],
+        }
+        if want.clientid is not None:
+            client["clientid"] = want.clientid
+        commands += [
+            {"command": "createRole", "rolename": _role_name(username), "acls": acls},
+            client,
+        ]
+        done[username] = fingerprint
+    if commands:
+        with _Control(
+            runtime.host, runtime.port, _admin_password(settings), settings.start_timeout_s
+        ) as control:
+            responses = control.run(commands)
+        errors = [
+            f"{r.get('command')}: {r['error']}"
+            for r in responses
+            # Deleting what is already gone is the outcome we want.
+            if r.get("error") and not str(r["error"]).endswith("not found")
+        ]
+        if errors:
+            raise BrokerError("the broker refused account changes: " + "; ".join(errors))
+        atomic_write(settings.applied_file, json.dumps(done) + "\n", mode=0o600)
+        logger.info("broker pid %s: %s account commands applied", runtime.pid, len(commands))
+    if missing:
+        raise BrokerError(
+            f"the running broker cannot take {', '.join(sorted(missing))} without the "
+            "plaintext password (the registry holds hashes only); restart the broker to load "
+            "them from the registry"
+        )
 
 
 # --- the broker ----------------------------------------------------------------------------
@@ -446,6 +882,18 @@ class MosquittoBroker:
         if self.settings.port == 0:
             raise BrokerError("the port is chosen at start(); the broker has not started yet")
         return self.settings.port
+
+    @property
+    def tls_port(self) -> int | None:
+        """The TLS listener port, once chosen; None without a TLS listener."""
+        if self.settings.tls_port == 0:
+            raise BrokerError("the port is chosen at start(); the broker has not started yet")
+        return self.settings.tls_port
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA file devices verify the TLS listener with."""
+        return self.settings.ca_file
 
     @property
     def url(self) -> str:
@@ -494,15 +942,20 @@ class MosquittoBroker:
             )
         # A port we chose ourselves may be taken between free_port() and mosquitto's bind:
         # choose again. A port the caller fixed, or one clients already know (a restart), stays.
-        attempts = 3 if self.settings.port == 0 else 1
+        chosen = self.settings.port == 0 or self.settings.tls_port == 0
+        attempts = 3 if chosen else 1
+        if self.settings.tls_port is not None:
+            ensure_tls_files(self.settings)
         for attempt in range(1, attempts + 1):
             settings = self.settings
             if settings.port == 0:
                 settings = settings.model_copy(update={"port": free_port(self.host)})
+            if settings.tls_port == 0:
+                settings = settings.model_copy(update={"tls_port": free_port(self.host)})
             try:
                 self._launch(exe, settings)
             except BrokerStartError as exc:
-                if self.settings.port == 0 and attempt < attempts and "in use" in str(exc):
+                if chosen and attempt < attempts and "in use" in str(exc):
                     logger.warning("port %s was taken; trying another", settings.port)
                     continue
                 raise
@@ -548,19 +1001,24 @@ class MosquittoBroker:
                 )
             time.sleep(0.01)
         runtime = BrokerRuntime(
-            pid=proc.pid, host=s.host, port=s.port, conf_file=s.conf_file.resolve()
+            pid=proc.pid,
+            host=s.host,
+            port=s.port,
+            tls_port=s.tls_port,
+            conf_file=s.conf_file.resolve(),
         )
         atomic_write(s.runtime_file, runtime.model_dump_json() + "\n", mode=0o600)
         logger.info(
-            "mosquitto pid %s serving %s:%s (%s devices)",
+            "mosquitto pid %s serving %s:%s, TLS %s (%s devices)",
             proc.pid,
             s.host,
             s.port,
+            f"{s.tls_host}:{s.tls_port}" if s.tls_port else "off",
             len(self.registry.devices),
         )
 
     def _write_auth_from_registry(self, settings: BrokerSettings) -> None:
-        """Re-read the registry file (if any) and write password file and ACL from it, under
+        """Re-read the registry file (if any) and write the plugin's accounts from it, under
         the registry lock so that a concurrent provisioning is not overwritten."""
         path = self.registry.path
         if not path.exists():
@@ -605,19 +1063,34 @@ class MosquittoBroker:
         self.stop()
         self.start()
 
-    def reload(self, registry: DeviceRegistry | None = None) -> None:
-        """Regenerate password file and ACL and make the running broker load them (SIGHUP).
+    def reload(
+        self, registry: DeviceRegistry | None = None, *, passwords: dict[str, str] | None = None
+    ) -> None:
+        """Bring the running broker's accounts in line with the registry.
 
-        Without ``registry`` the registry file is re-read. Mosquitto re-checks connected
-        clients: one whose account was removed or whose password changed is disconnected.
+        Without ``registry`` the registry file is re-read. New accounts and changed passwords
+        need their plaintext in ``passwords`` (the plugin hashes them itself); a removed
+        account is disconnected. Nothing runs: only the files for the next start are written.
         """
-        if registry is not None:
-            self.registry = registry
+        if registry is None:
+            path = self.registry.path
+            if path.exists():
+                with _registry_lock(path):
+                    registry = DeviceRegistry.load(path)
+            else:
+                registry = self.registry
+        self.registry = registry
+        if self._proc is None or not self.running:
             write_auth_files(self.settings, registry)
-        else:
-            self._write_auth_from_registry(self.settings)
-        if self._proc is not None and self.running:
-            _signal_reload(self._proc.pid, self.settings.log_file, self.settings.start_timeout_s)
+            return
+        runtime = BrokerRuntime(
+            pid=self._proc.pid,
+            host=self.settings.host,
+            port=self.settings.port,
+            tls_port=self.settings.tls_port,
+            conf_file=self.settings.conf_file.resolve(),
+        )
+        _apply_live(self.settings, registry, runtime, passwords or {})
 
 
 # --- provisioning --------------------------------------------------------------------------
@@ -650,6 +1123,11 @@ class BrokerEndpoint(BaseModel):
 
     host: str = Field(description="broker host name or address as the device reaches it")
     port: int = Field(ge=1, le=65535)
+    ca_file: Path | None = Field(
+        None,
+        description="CA certificate to verify the broker with (TLS, host name checked against "
+        "host); None: plain MQTT, for the loopback listener only",
+    )
 
 
 class DeviceTopics(BaseModel):
@@ -706,8 +1184,20 @@ def _registry_lock(registry_path: Path) -> Iterator[None]:
 
 
 def _endpoint(
-    settings: BrokerSettings, runtime: BrokerRuntime | None, host: str | None, port: int | None
+    settings: BrokerSettings,
+    runtime: BrokerRuntime | None,
+    host: str | None,
+    port: int | None,
+    ca_file: Path | None = None,
 ) -> BrokerEndpoint:
+    """Where the account connects: the TLS listener when there is one and ``ca_file`` is
+    given, otherwise the plain one."""
+    tls_port = runtime.tls_port if runtime else settings.tls_port
+    if ca_file is not None and tls_port:
+        tls_host = runtime.host if runtime else settings.host
+        if settings.tls_host not in _WILDCARDS:
+            tls_host = settings.tls_host
+        return BrokerEndpoint(host=host or tls_host, port=port or tls_port, ca_file=ca_file)
     port = port or (runtime.port if runtime else settings.port)
     if not port:
         raise BrokerError(
@@ -718,11 +1208,27 @@ def _endpoint(
 
 
 def _apply(
-    settings: BrokerSettings, registry: DeviceRegistry, runtime: BrokerRuntime | None
+    settings: BrokerSettings,
+    registry: DeviceRegistry,
+    runtime: BrokerRuntime | None,
+    passwords: dict[str, str],
 ) -> None:
-    write_auth_files(settings, registry)
-    if runtime is not None:
-        _signal_reload(runtime.pid, settings.log_file, settings.start_timeout_s)
+    if runtime is None:
+        write_auth_files(settings, registry)
+    else:
+        _apply_live(settings, registry, runtime, passwords)
+
+
+def _hand_out_ca(
+    settings: BrokerSettings, runtime: BrokerRuntime | None, out_dir: Path, name: str
+) -> Path | None:
+    """Copy the broker's CA beside a device's credentials; None without a TLS listener."""
+    if not (runtime.tls_port if runtime else settings.tls_port is not None):
+        return None
+    ensure_tls_files(settings)
+    target = (Path(out_dir) / f"{name}.ca.crt").absolute()
+    atomic_write(target, settings.ca_file.read_text(encoding="ascii"), mode=0o644)
+    return target
 
 
 def provision_device(
@@ -740,8 +1246,10 @@ def provision_device(
 ) -> DeviceCredentials:
     """Register a device, write its connection config to ``out_dir/<device_id>.yaml`` (0600).
 
-    The password file and ACL are regenerated and, if a broker started by this module runs on
-    ``settings.state_dir``, it reloads them (SIGHUP): the device can connect at once.
+    The broker's accounts are regenerated and, if a broker started by this module runs on
+    ``settings.state_dir``, the device is added to it through the plugin's control topic: it
+    can connect at once. With a TLS listener the device gets the CA as
+    ``out_dir/<device_id>.ca.crt`` and its config points at the TLS port.
     ``broker_host``/``broker_port`` override the address written for the device (for example
     a public name instead of the bind address).
     """
@@ -752,12 +1260,13 @@ def provision_device(
             device_id, kind, name, location=location, grid_code=grid_code
         )
         runtime = read_runtime(settings.state_dir)
+        ca_file = _hand_out_ca(settings, runtime, out_dir, device.device_id)
         creds = DeviceCredentials(
             device_id=device.device_id,
             kind=device.kind,
             username=device.username,
             password=SecretStr(password),
-            broker=_endpoint(settings, runtime, broker_host, broker_port),
+            broker=_endpoint(settings, runtime, broker_host, broker_port, ca_file),
             topic_prefix=settings.topic_prefix,
             topics=DeviceTopics.for_device(settings.topics, device.device_id),
         )
@@ -770,7 +1279,7 @@ def provision_device(
         except (OSError, RegistryError):
             out_path.unlink(missing_ok=True)
             raise
-        _apply(settings, registry, runtime)
+        _apply(settings, registry, runtime, {device.device_id: password})
     logger.info("provisioned device %s; config in %s", device.device_id, out_path)
     return creds
 
@@ -803,6 +1312,6 @@ def provision_account(
         creds.write(out_dir / f"{username}.yaml")
         atomic_write(out_dir / f"{username}.password", password + "\n", mode=0o600)
         registry.save()
-        _apply(settings, registry, runtime)
+        _apply(settings, registry, runtime, {account.username: password})
     logger.info("provisioned %s account %s", account.role, username)
     return creds

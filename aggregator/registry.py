@@ -71,7 +71,8 @@ _HASH_6 = re.compile(r"^\$6\$(?P<salt>[A-Za-z0-9+/=]+)\$(?P<hash>[A-Za-z0-9+/=]+
 
 # Service-account names a device id may never take, whether or not the account exists yet: a
 # device called "aggregator" would otherwise inherit the aggregator's broker permissions.
-RESERVED_USERNAMES = frozenset({"aggregator", "integrator", "admin", "root"})
+# "broker-admin" is the broker's own provisioning account (aggregator.broker.ADMIN_USERNAME).
+RESERVED_USERNAMES = frozenset({"aggregator", "integrator", "admin", "root", "broker-admin"})
 
 
 class RegistryError(AggregatorError):
@@ -326,6 +327,8 @@ class DeviceRegistry:
         """Register a service account; returns it and its plaintext password."""
         if username in self:
             raise DuplicateAccountError(f"{username!r} is already registered")
+        if username == "broker-admin":
+            raise RegistryError("'broker-admin' is the broker's own account")
         password = password or generate_password()
         try:
             account = ServiceAccount(

@@ -62,7 +62,7 @@ class SimDevice:
         self._started = time.monotonic()
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"sim-{creds.device_id}",
+            client_id=client_id or creds.device_id,  # the broker binds a device to its id
             protocol=mqtt.MQTTv5,
         )
         self._client.username_pw_set(creds.username, creds.password.get_secret_value())

@@ -615,10 +615,7 @@ class Fleet:
         c = self.config
         specs = [DeviceSpec(d.device_id, d.kind, d.lat, d.lon) for d in self.plan.devices]
         creds = self.provisioner.provision(specs)
-        self._sims = {
-            d: SimDevice(creds[d], on_feedback=self._feedback, client_id=f"fleet-{d}")
-            for d in creds
-        }
+        self._sims = {d: SimDevice(creds[d], on_feedback=self._feedback) for d in creds}
         origin = self.origin()
         started = time.monotonic()
         total = c.count or (int(c.rate * c.duration_s) if c.duration_s else None)

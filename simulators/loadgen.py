@@ -312,7 +312,7 @@ def _feed_mosquitto_pub(job: WorkerJob, sync: _Sync, window: list[float]) -> tup
                     "-V",
                     "mqttv5",
                     "-i",
-                    f"load-{p.device_id}",
+                    p.device_id,  # the broker binds a device to its id
                     "-t",
                     p.topic,
                     "-q",
@@ -388,7 +388,7 @@ class _Clients:
         self.room = [0] * n  # 0 until CONNACK, then how many may be unacknowledged
         self.errors: list[str] = []
         for i, p in enumerate(job.publishers):
-            c = own_loop_client(f"load-{p.device_id}")
+            c = own_loop_client(p.device_id)  # the broker binds a device to its id
             c.username_pw_set(p.username, p.password)
             c.on_connect = partial(self._on_connect, i)
             c.on_publish = partial(self._on_publish, i)

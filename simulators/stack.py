@@ -247,7 +247,7 @@ class GatewayStack:
         """One more service account (a benchmark's bare counting subscriber, say)."""
         with self._lock:
             _, password = self.registry.add_account(username, role)
-            self._reload()
+            self._reload({username: password})
         return AccountSecret(username, password, self.host, self.port)
 
     # -- provisioning ----------------------------------------------------------------------
@@ -259,6 +259,7 @@ class GatewayStack:
             if self.registry_path.exists():
                 self.registry = DeviceRegistry.load(self.registry_path)
             fresh = [s for s in specs if s.device_id not in self._credentials]
+            passwords: dict[str, str] = {}
             for spec in fresh:
                 location = (
                     DeviceLocation(lat=spec.lat, lon=spec.lon)
@@ -271,6 +272,7 @@ class GatewayStack:
                     )
                 except RegistryError as exc:
                     raise StackError(f"cannot provision {spec.device_id!r}: {exc}") from exc
+                passwords[spec.device_id] = password
                 self._credentials[spec.device_id] = DeviceCredentials(
                     device_id=device.device_id,
                     kind=device.kind,
@@ -281,15 +283,17 @@ class GatewayStack:
                     topics=DeviceTopics.for_device(self.topics, device.device_id),
                 )
             if fresh:
-                self._reload()
+                self._reload(passwords)
             return {s.device_id: self._credentials[s.device_id] for s in specs}
 
-    def _reload(self) -> None:
+    def _reload(self, passwords: dict[str, str]) -> None:
+        """Save the registry and add the new accounts to the running broker (the plugin
+        takes plaintext passwords, hashing them itself)."""
         self.registry.save()
         if self.broker is None:
             raise StackError("the stack is not started")
         try:
-            self.broker.reload(self.registry)
+            self.broker.reload(self.registry, passwords=passwords)
         except BrokerError as exc:
             raise StackError(f"the broker did not reload its accounts: {exc}") from exc
 

@@ -48,6 +48,7 @@ DEFAULT_DEVICES: tuple[tuple[str, DeviceKind], ...] = (
     ("hub-001", DeviceKind.HUB),
 )
 WAIT_S = 5.0
+SERVICE_ACCOUNTS = frozenset({"aggregator", "integrator"})
 _T = TypeVar("_T")
 
 
@@ -78,6 +79,7 @@ class MqttTestClient:
         session_expiry_s: int | None = None,
         receive_maximum: int | None = None,
         manual_ack: bool = False,
+        ca_file: Path | None = None,
     ) -> None:
         self.username = username
         self.client_id = client_id or f"{username or 'anon'}-{uuid.uuid4().hex[:8]}"
@@ -105,6 +107,8 @@ class MqttTestClient:
         )
         if username is not None:
             self.paho.username_pw_set(username, password)
+        if ca_file is not None:  # verified TLS: the CA, and the host name against the SANs
+            self.paho.tls_set(ca_certs=str(ca_file))
         self.paho.on_connect = self._on_connect
         self.paho.on_message = self._on_message
         self.paho.on_publish = self._on_publish
@@ -273,6 +277,17 @@ class BrokerHandle:
         return self.broker.port
 
     @property
+    def tls_port(self) -> int:
+        """The TLS listener's port (start the broker with ``tls_port=0`` to have one)."""
+        port = self.broker.tls_port
+        assert port is not None, "this broker has no TLS listener"
+        return port
+
+    @property
+    def ca_file(self) -> Path:
+        return self.broker.ca_file
+
+    @property
     def prefix(self) -> str:
         return self.settings.topic_prefix
 
@@ -304,12 +319,26 @@ class BrokerHandle:
         self.broker.reload()
 
     def new_client(
-        self, username: str | None, password: str | None = None, **options: Any
+        self,
+        username: str | None,
+        password: str | None = None,
+        *,
+        tls: bool = False,
+        **options: Any,
     ) -> MqttTestClient:
-        """A client not yet connected (``password`` defaults to the account's)."""
+        """A client not yet connected (``password`` defaults to the account's).
+
+        A device's client id defaults to its device id, the only one the broker lets it use;
+        ``tls`` connects to the TLS listener, verifying it with the broker's CA."""
         if password is None and username in self.accounts:
             password = self.accounts[username].password
-        client = MqttTestClient(self.host, self.port, username, password, **options)
+        if username in self.accounts and username not in SERVICE_ACCOUNTS:
+            options.setdefault("client_id", username)
+        port = self.port
+        if tls:
+            port = self.tls_port
+            options.setdefault("ca_file", self.ca_file)
+        client = MqttTestClient(self.host, port, username, password, **options)
         self._clients.append(client)
         return client
 

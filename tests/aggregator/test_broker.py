@@ -25,8 +25,8 @@ from aggregator.broker import (
     free_port,
     provision_device,
     read_runtime,
-    render_acl,
     render_config,
+    render_dynsec,
 )
 from aggregator.registry import (
     AccountRole,
@@ -121,7 +121,8 @@ def test_device_cannot_publish_as_another_device_or_as_the_aggregator(
     broker: BrokerHandle, forged_topic: OtherTopic
 ) -> None:
     aggregator = broker.client("aggregator")
-    aggregator.subscribe("cwg/#")
+    # Everything of every device (the aggregator's rights stop there: "cwg/#" is refused).
+    assert not aggregator.subscribe("cwg/v1/devices/+/#")[0].is_failure
     camera = broker.client("cam-001")
 
     reason = camera.publish(forged_topic(broker.topics), b"forged")
@@ -137,10 +138,15 @@ def test_device_cannot_publish_as_another_device_or_as_the_aggregator(
 
 def test_device_cannot_read_another_devices_feedback(broker: BrokerHandle) -> None:
     spy = broker.client("cam-001")
-    for flt in ("cwg/v1/devices/cam-002/feedback", "cwg/v1/devices/+/feedback", "#"):
-        # Mosquitto 2.0.11 grants the SUBACK and filters on delivery (a broker may refuse the
-        # SUBACK instead). Either way nothing of cam-002 may arrive.
-        spy.subscribe(flt)
+    for flt in (
+        "cwg/v1/devices/cam-002/feedback",
+        "cwg/v1/devices/+/feedback",
+        "#",
+        "$share/g/cwg/v1/devices/cam-001/feedback",
+    ):
+        # Refused when subscribing, not only filtered on delivery.
+        assert spy.subscribe(flt)[0].value == NOT_AUTHORIZED, flt
+    assert not spy.subscribe(broker.topics.feedback("cam-001"))[0].is_failure
     owner = broker.client("cam-002")
     owner.subscribe(broker.topics.feedback("cam-002"))
     aggregator = broker.client("aggregator")
@@ -157,7 +163,10 @@ def test_device_cannot_read_another_devices_feedback(broker: BrokerHandle) -> No
 
 def test_integrator_reads_events_and_status_but_not_alerts(broker: BrokerHandle) -> None:
     integrator = broker.client("integrator")
-    integrator.subscribe("cwg/#")
+    for refused in ("cwg/#", "cwg/v1/devices/+/alert", "$share/cwg/cwg/v1/devices/+/alert"):
+        assert integrator.subscribe(refused)[0].value == NOT_AUTHORIZED, refused
+    for granted in ("cwg/v1/events", "cwg/v1/devices/+/status"):
+        assert not integrator.subscribe(granted)[0].is_failure, granted
     camera = broker.client("cam-001")
     aggregator = broker.client("aggregator")
 
@@ -195,7 +204,7 @@ def test_provisioning_while_running_then_connecting_with_the_new_credentials(
     assert yaml.safe_load(path.read_text())["password"] == plaintext
     # Only the hash is kept on the gateway side.
     assert plaintext not in broker.registry_path.read_text()
-    assert plaintext not in broker.settings.password_file.read_text()
+    assert plaintext not in broker.settings.dynsec_file.read_text()
 
     # Same process (a reload, not a restart), and the new device works at once.
     assert broker.broker.pid == pid_before
@@ -229,23 +238,41 @@ def test_generated_config_raises_queue_limit_and_persists(broker: BrokerHandle) 
     assert "set_tcp_nodelay true" in lines
     assert f"listener {broker.port} 127.0.0.1" in lines
     assert "message_size_limit 4194304" in lines
-    for private in ("mosquitto.conf", "passwd", "acl"):
+    assert "autosave_interval 1" in lines
+    for private in ("mosquitto.conf", "dynamic-security.json", "dynsec-admin.password"):
         assert stat.S_IMODE((broker.settings.state_dir / private).stat().st_mode) == 0o600
 
 
-def test_acl_gives_each_device_only_its_own_topics() -> None:
+def test_rights_give_each_device_only_its_own_topics_and_bind_its_client_id() -> None:
     registry = DeviceRegistry(Path("unused.yaml"))
     registry.add_account("aggregator", AccountRole.AGGREGATOR)
     registry.add_device("cam-001", DeviceKind.CAMERA)
-    acl = render_acl(registry, "city")
-    block = acl.split("user cam-001\n", 1)[1].strip().splitlines()
-    assert block == [
-        "topic write city/v1/devices/cam-001/alert",
-        "topic write city/v1/devices/cam-001/telemetry",
-        "topic readwrite city/v1/devices/cam-001/status",
-        "topic read city/v1/devices/cam-001/feedback",
+    config = render_dynsec(registry, "city", admin_password="admin-secret")
+    # Everything is denied unless a role grants it (unsubscribing cannot hurt anyone).
+    assert config["defaultACLAccess"] == {
+        "publishClientSend": False,
+        "publishClientReceive": False,
+        "subscribe": False,
+        "unsubscribe": True,
+    }
+    clients = {c["username"]: c for c in config["clients"]}
+    assert clients["cam-001"]["clientid"] == "cam-001"
+    assert "clientid" not in clients["aggregator"]  # replicas share it under distinct ids
+    roles = {r["rolename"]: r["acls"] for r in config["roles"]}
+    acls = [(a["acltype"], a["topic"]) for a in roles["account-cam-001"]]
+    assert acls == [
+        ("publishClientSend", "city/v1/devices/cam-001/alert"),
+        ("publishClientSend", "city/v1/devices/cam-001/telemetry"),
+        ("publishClientSend", "city/v1/devices/cam-001/status"),
+        ("subscribeLiteral", "city/v1/devices/cam-001/status"),
+        ("publishClientReceive", "city/v1/devices/cam-001/status"),
+        ("subscribeLiteral", "city/v1/devices/cam-001/feedback"),
+        ("publishClientReceive", "city/v1/devices/cam-001/feedback"),
     ]
-    assert "pattern" not in acl
+    # The same PBKDF2 hash as the registry's, never the plaintext.
+    salt = registry.device("cam-001").password_hash.split("$")[3]
+    assert clients["cam-001"]["salt"] == salt
+    assert "admin-secret" not in str(config)
 
 
 @pytest.mark.parametrize("restart", [False, True], ids=["reconnect", "broker-restart"])
@@ -297,10 +324,10 @@ def test_provisioning_offline_then_starting_the_broker(tmp_path: Path) -> None:
     )
     assert (creds.broker.host, creds.broker.port) == ("gateway.example", 8883)
     assert DeviceRegistry.load(registry_path).device("cam-100").name == "East gate"
-    assert "user cam-100" in settings.acl_file.read_text()
+    assert '"cam-100"' in settings.dynsec_file.read_text()
 
     with MosquittoBroker(settings, DeviceRegistry(registry_path)) as broker:
-        login = ["-u", "cam-100", "-P", creds.password.get_secret_value()]
+        login = ["-i", "cam-100", "-u", "cam-100", "-P", creds.password.get_secret_value()]
         target = ["-h", broker.host, "-p", str(broker.port), "-t", creds.topics.alert]
         reason = subprocess.run(
             ["mosquitto_pub", *target, *login, "-m", "x"],
@@ -350,7 +377,7 @@ def test_payloads_over_the_aggregator_limit_pass_and_oversized_ones_are_refused(
     # PUBACK reason and drops the connection instead, so publishers must cap payloads first.
     oversized = broker.creds_dir.parent / "oversized.bin"
     oversized.write_bytes(b"x" * (broker.settings.message_size_limit + 1))
-    login = ["-u", "cam-001", "-P", broker.password("cam-001")]
+    login = ["-i", "cam-001", "-u", "cam-001", "-P", broker.password("cam-001")]
     command = ["mosquitto_pub", "-d", "-V", "mqttv5", "-q", "1", "-h", broker.host]
     command += ["-p", str(broker.port), *login, "-t", topic, "-f", str(oversized)]
     result = subprocess.run(
