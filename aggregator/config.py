@@ -130,6 +130,20 @@ class AccessSettings(BaseModel):
     login_max_waiting: int = Field(
         4, ge=0, le=1000, description="logins that may wait for a checker; more are refused (429)"
     )
+    login_refusal_delay_s: float = Field(
+        2.0,
+        ge=0,
+        le=30,
+        description="a refused login (429) is answered after its remaining lockout, at most this "
+        "long: a client that waits for its answers then tries once per delay, not hundreds of "
+        "times a second (0: answer at once)",
+    )
+    login_refusal_max_delayed: int = Field(
+        256,
+        ge=0,
+        le=100_000,
+        description="refused logins held back at once; more are answered at once",
+    )
 
 
 class DeadLetterSettings(BaseModel):
