@@ -655,6 +655,7 @@ class BrokerRuntime(BaseModel):
     host: str
     port: int = Field(ge=1, le=65535)
     tls_port: int | None = Field(None, ge=1, le=65535)
+    ca_file: Path | None = Field(None, description="the CA devices verify the TLS listener with")
     conf_file: Path
 
 
@@ -1005,6 +1006,7 @@ class MosquittoBroker:
             host=s.host,
             port=s.port,
             tls_port=s.tls_port,
+            ca_file=s.ca_file.resolve() if s.tls_port else None,
             conf_file=s.conf_file.resolve(),
         )
         atomic_write(s.runtime_file, runtime.model_dump_json() + "\n", mode=0o600)
@@ -1223,11 +1225,17 @@ def _hand_out_ca(
     settings: BrokerSettings, runtime: BrokerRuntime | None, out_dir: Path, name: str
 ) -> Path | None:
     """Copy the broker's CA beside a device's credentials; None without a TLS listener."""
-    if not (runtime.tls_port if runtime else settings.tls_port is not None):
-        return None
-    ensure_tls_files(settings)
+    if runtime is not None:
+        if runtime.tls_port is None or runtime.ca_file is None:
+            return None
+        ca_file = runtime.ca_file  # the running broker's, operator PKI or generated
+    else:
+        if settings.tls_port is None:
+            return None
+        ensure_tls_files(settings)
+        ca_file = settings.ca_file
     target = (Path(out_dir) / f"{name}.ca.crt").absolute()
-    atomic_write(target, settings.ca_file.read_text(encoding="ascii"), mode=0o644)
+    atomic_write(target, ca_file.read_text(encoding="ascii"), mode=0o644)
     return target
 
 

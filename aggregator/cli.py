@@ -3,7 +3,7 @@
 Every command works on one data directory (``--data-dir``, default ``./var``)::
 
     var/registry.yaml           devices and service accounts (password hashes only)
-    var/broker/                 the embedded Mosquitto's config, password file, ACL, log, state
+    var/broker/                 the embedded Mosquitto's config, accounts, TLS files, log, state
     var/devices/<id>.yaml       connection config handed to each provisioned device (mode 0600)
     var/accounts/<name>.*       service account credentials (the aggregator's among them)
     var/pool.db                 the community event pool (SQLite, WAL)
@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("broker", help="start the embedded Mosquitto with generated config")
     _common(p)
-    p.add_argument("--host", default="127.0.0.1", help="listener address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=1883, help="listener port (0: any free port)")
+    p.add_argument("--host", default="127.0.0.1", help="plain listener address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=1883, help="plain listener port (0: any free)")
+    _tls_options(p)
 
     p = sub.add_parser("run", help="run the aggregator (and optionally the API/dashboard)")
     _common(p)
@@ -138,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lat", type=float, default=None, help="installed position, WGS-84")
     p.add_argument("--lon", type=float, default=None)
     p.add_argument("--out", type=Path, default=None, help="where to write DEVICE_ID.yaml")
+    p.add_argument(
+        "--broker-host",
+        default=None,
+        help="the broker's name as the device reaches it (default: the TLS listener's address; "
+        "it must be in the server certificate)",
+    )
+    _tls_options(p)
 
     p = sub.add_parser("events", help="list events in the pool, newest first")
     _common(p)
@@ -211,10 +219,44 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---------------------------------------------------------------------------- broker
 
 
-def _broker_settings(data_dir: Path, host: str = "127.0.0.1", port: int = 0) -> Any:
+def _tls_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tls-port",
+        type=int,
+        default=8883,
+        help="the devices' TLS listener (default 8883; 0: any free port)",
+    )
+    p.add_argument("--no-tls", action="store_true", help="no TLS listener (loopback-only use)")
+    p.add_argument("--tls-host", default="0.0.0.0", help="TLS listener address")  # noqa: S104
+    p.add_argument(
+        "--tls-name",
+        action="append",
+        default=None,
+        help="a host name or address devices use, for the generated server certificate "
+        "(repeatable; default localhost and 127.0.0.1)",
+    )
+    p.add_argument("--cafile", type=Path, default=None, help="operator PKI: CA for devices")
+    p.add_argument("--certfile", type=Path, default=None, help="operator PKI: server cert")
+    p.add_argument("--keyfile", type=Path, default=None, help="operator PKI: server key")
+
+
+def _broker_settings(
+    data_dir: Path, host: str = "127.0.0.1", port: int = 0, args: Any = None
+) -> Any:
     from aggregator.broker import BrokerSettings
 
-    return BrokerSettings(state_dir=(data_dir / "broker").absolute(), host=host, port=port)
+    tls: dict[str, Any] = {}
+    if args is not None and not args.no_tls:
+        tls = {
+            "tls_port": args.tls_port,
+            "tls_host": args.tls_host,
+            "tls_cafile": args.cafile,
+            "tls_certfile": args.certfile,
+            "tls_keyfile": args.keyfile,
+        }
+        if args.tls_name:
+            tls["tls_server_names"] = tuple(args.tls_name)
+    return BrokerSettings(state_dir=(data_dir / "broker").absolute(), host=host, port=port, **tls)
 
 
 def ensure_aggregator_account(data_dir: Path) -> Path:
@@ -250,9 +292,14 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     ensure_aggregator_account(args.data_dir)
     registry = DeviceRegistry.load(args.data_dir / "registry.yaml")
-    settings = _broker_settings(args.data_dir, args.host, args.port)
+    settings = _broker_settings(args.data_dir, args.host, args.port, args)
     with MosquittoBroker(settings, registry) as broker:
         print(f"broker listening on {broker.host}:{broker.port} (state in {settings.state_dir})")
+        if broker.tls_port is not None:
+            print(
+                f"devices: TLS on {settings.tls_host}:{broker.tls_port}, CA {broker.ca_file} "
+                "(provisioning hands it out)"
+            )
         print("provision devices with: gateway provision DEVICE_ID --kind camera")
         _wait_for_signal()
     return 0
@@ -395,13 +442,16 @@ def cmd_provision(args: argparse.Namespace) -> int:
         args.data_dir / "registry.yaml",
         args.device_id,
         args.kind,
-        settings=_broker_settings(args.data_dir, port=1883),
+        settings=_broker_settings(args.data_dir, port=1883, args=args),
         out_dir=out,
         name=args.name,
         location=location,
+        broker_host=args.broker_host,
     )
     print(f"provisioned {creds.device_id} ({creds.kind}); hand this file to the device:")
     print(f"  {out / (creds.device_id + '.yaml')}  (contains its password; mode 0600)")
+    if creds.broker.ca_file is not None:
+        print(f"  {creds.broker.ca_file}  (the CA it verifies the broker's TLS listener with)")
     return 0
 
 
