@@ -4,10 +4,11 @@ Pure: no I/O. Every way a message can be wrong maps to one ``RejectReason`` and 
 person can act on; the caller keeps the raw bytes as a dead letter and tells the device.
 
 One strict parse: whatever this module accepts, every later stage accepts. JSON is read by one
-parser, pydantic's (``pydantic_core.from_json`` is the same parser ``model_validate_json``
-uses), and one set of number rules applies anywhere in the payload, unknown fields included:
-no NaN or Infinity tokens (not JSON, RFC 8259), no number that overflows a double (``1e400``),
-no integer outside signed 64-bit (SQLite's INTEGER, and what orjson writes back).
+parser, pydantic's (the pipeline rereads a payload with ``pydantic_core.from_json``, the parser
+``model_validate_json`` uses), and one set of number rules applies anywhere in the payload,
+unknown fields included (``number_problem``): no NaN or Infinity tokens (not JSON, RFC 8259),
+no number that overflows a double (``1e400``), no integer outside signed 64-bit (SQLite's
+INTEGER, and what orjson writes back).
 """
 
 from __future__ import annotations
@@ -16,19 +17,16 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from functools import lru_cache
+from typing import Any, get_args
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import from_json
 
 from contract import AlertV1, Catalogue, RejectReason
 from contract.messages import ALERT_ID_PATTERN, INT64_MAX
 
 _INT64_MIN = -INT64_MAX - 1
-# Only a payload holding one of these can break the number rules: a NaN / Infinity token, an
-# integer outside 64 bits (19 digits or more), or a float beyond a double (an exponent of three
-# digits or more, or a mantissa of 19+ digits). The valid majority costs one regex scan.
-_SUSPECT = re.compile(rb"NaN|Infinity|[0-9]{19}|[eE][+-]?[0-9]{3}")
 _ALERT_ID = re.compile(ALERT_ID_PATTERN)
 
 _LOCATION_ERRORS = {"greater_than_equal", "less_than_equal", "finite_number"}
@@ -82,7 +80,7 @@ def decode_alert(
                 RejectReason.INVALID_UTF8, f"payload is not UTF-8: {bad.reason} at byte {bad.start}"
             )
         return _classify(exc, payload)
-    problem = number_problem(payload)
+    problem = number_problem(alert, payload)
     if problem is not None:
         reason, detail = problem
         return Rejection(reason, detail, alert.alert_id, alert.seq)
@@ -143,22 +141,16 @@ def _classify(exc: ValidationError, payload: bytes) -> Rejection:
     return Rejection(reason, "; ".join(found[reason])[:2000], alert_id, seq)
 
 
-def number_problem(payload: bytes) -> tuple[RejectReason, str] | None:
-    """What breaks the number rules in a payload that is otherwise JSON, or None.
+def number_problem(model: BaseModel, payload: bytes) -> tuple[RejectReason, str] | None:
+    """What breaks the number rules in a message that validated as ``model``, or None.
 
-    pydantic's parser, as ``model_validate_json`` runs it, reads NaN, Infinity and ``1e400`` as
-    floats and keeps integers of any size in fields it does not know; orjson (which rewrites a
-    payload that carries a snapshot) and SQLite refuse them later. So they are refused here."""
-    if _SUSPECT.search(payload) is None:
-        return None
-    try:
-        tree = from_json(payload, allow_inf_nan=False)
-    except ValueError as exc:
-        # model_validate_json read this payload, so what fails now is a NaN / Infinity token
-        return RejectReason.INVALID_JSON, (
-            f"NaN and Infinity are not JSON numbers (RFC 8259): {exc}"[:2000]
-        )
-    stack: list[tuple[Any, tuple[str | int, ...]]] = [(tree, ())]
+    pydantic's parser reads NaN, Infinity and ``1e400`` as floats and keeps integers of any
+    size; in the fields a model declares, ``allow_inf_nan=False`` and the 64-bit bounds refuse
+    them, but unknown fields (kept, at any depth) take them as they come, and orjson (which
+    rewrites a payload that carries a snapshot) and SQLite refuse them later. So the unknown
+    fields are walked here: a message without any costs a few attribute reads."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = []
+    _unknown_fields(model, (), stack)
     while stack:
         node, path = stack.pop()
         if isinstance(node, dict):
@@ -168,15 +160,51 @@ def number_problem(payload: bytes) -> tuple[RejectReason, str] | None:
         elif isinstance(node, bool):
             continue
         elif isinstance(node, int) and not _INT64_MIN <= node <= INT64_MAX:
-            digits = len(str(abs(node)))
             return RejectReason.SCHEMA_VIOLATION, (
-                f"{_where(path)}: integer of {digits} digits is outside signed 64-bit"
+                f"{_where(path)}: integer of {node.bit_length()} bits is outside signed 64-bit"
             )
         elif isinstance(node, float) and not math.isfinite(node):
+            if math.isnan(node):  # only the token makes a NaN
+                return RejectReason.INVALID_JSON, (
+                    f"{_where(path)}: NaN is not a JSON number (RFC 8259)"
+                )
+            if b"Infinity" in payload:
+                return RejectReason.INVALID_JSON, (
+                    f"{_where(path)}: Infinity is not a JSON number (RFC 8259)"
+                )
             return RejectReason.SCHEMA_VIOLATION, (
                 f"{_where(path)}: number overflows a 64-bit float"
             )
     return None
+
+
+def _unknown_fields(
+    model: BaseModel, path: tuple[str | int, ...], out: list[tuple[Any, tuple[str | int, ...]]]
+) -> None:
+    """Push the unknown fields of ``model`` and of every model nested in it onto ``out``."""
+    extra = model.__pydantic_extra__
+    if extra:
+        out.append((extra, path))
+    for name in _nested_fields(type(model)):
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            _unknown_fields(value, (*path, name), out)
+        elif isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    _unknown_fields(item, (*path, name, i), out)
+
+
+@lru_cache(maxsize=64)
+def _nested_fields(cls: type[BaseModel]) -> tuple[str, ...]:
+    """The fields of ``cls`` that can hold models (their unknown fields are walked too)."""
+    return tuple(n for n, f in cls.model_fields.items() if _mentions_model(f.annotation))
+
+
+def _mentions_model(annotation: Any) -> bool:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_mentions_model(arg) for arg in get_args(annotation))
 
 
 def _where(path: tuple[str | int, ...]) -> str:

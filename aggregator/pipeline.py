@@ -338,7 +338,7 @@ class Pipeline:
         except ValidationError as exc:
             self._reject(out, pos, msg, device_id, _schema_rejection(exc))
             return None
-        problem = number_problem(msg.payload)  # the same number rules as alerts
+        problem = number_problem(decoded, msg.payload)  # the same number rules as alerts
         if problem is not None:
             self._reject(out, pos, msg, device_id, Rejection(*problem))
             return None

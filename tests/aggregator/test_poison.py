@@ -8,19 +8,25 @@ MQTT I/O process was never restarted, and that a valid alert sent afterwards lan
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aggregator.config import DeadLetterSettings
+from aggregator.decode import DecodeLimits, Rejection, decode_alert
 from aggregator.geo import Grid, GridIndex, default_grid_file
 from aggregator.service import Aggregator, build_aggregator
-from contract import FeedbackV1, Outcome, RejectReason
+from contract import AlertV1, FeedbackV1, Outcome, RejectReason, default_catalogue
 
 from .conftest import (
     GRIDS,
@@ -362,3 +368,66 @@ def test_dead_letters_and_out_of_area_rows_expire(broker: Any, tmp_path: Path) -
         )
     finally:
         agg.stop()
+
+
+_NUMBER_TEXT = st.one_of(
+    st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"1e308", b"1e309", b"-1e400", b"1e-400"]),
+    st.integers(-(2**70), 2**70).map(lambda n: str(n).encode()),
+    st.builds(
+        lambda m, e: b"%de%d" % (m, e), st.integers(-(10**20), 10**20), st.integers(-400, 400)
+    ),
+    st.floats(allow_nan=False, allow_infinity=False).map(lambda f: repr(f).encode()),
+)
+
+
+def _reference_verdict(text: bytes) -> bool:
+    """Whether the number rules hold, by the standard library's parser and its hooks."""
+
+    def bad(_: str) -> Any:
+        raise ValueError
+
+    def checked_int(s: str) -> int:
+        n = int(s)
+        if not -(2**63) <= n <= 2**63 - 1:
+            raise ValueError
+        return n
+
+    def checked_float(s: str) -> float:
+        f = float(s)
+        if not math.isfinite(f):
+            raise ValueError
+        return f
+
+    try:
+        json.loads(text, parse_constant=bad, parse_int=checked_int, parse_float=checked_float)
+    except ValueError:
+        return False
+    return True
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, database=None)
+@given(
+    numbers=st.lists(_NUMBER_TEXT, min_size=1, max_size=4),
+    where=st.sampled_from(["top", "evidence", "object", "location"]),
+)
+def test_number_rules_agree_with_a_reference_parser(numbers: list[bytes], where: str) -> None:
+    """decode accepts an otherwise valid alert exactly when every number in its unknown fields
+    is a JSON number within a double and, if an integer, within signed 64 bits."""
+    d = alert_dict(CAM)
+    marker = "__numbers__"
+    if where == "top":
+        d["vendor"] = marker
+    elif where == "evidence":
+        d["evidence"] = {"vendor": marker}
+    elif where == "object":
+        d["evidence"] = {"objects": [{"cls": "car", "score": 0.5, "vendor": marker}]}
+    else:
+        d["location"] = {**d["location"], "vendor": marker}
+    payload = orjson.dumps(d).replace(b'"%s"' % marker.encode(), b"[" + b",".join(numbers) + b"]")
+    expected_ok = _reference_verdict(payload)
+    got = decode_alert(payload, CAM, default_catalogue(), datetime.now(UTC), DecodeLimits())
+    assert isinstance(got, AlertV1) is expected_ok, (payload[-200:], got)
+    if not expected_ok:
+        assert isinstance(got, Rejection)
+        assert got.reason in (RejectReason.INVALID_JSON, RejectReason.SCHEMA_VIOLATION)
+        assert (got.alert_id, got.seq) == (d["alert_id"], d["seq"])
