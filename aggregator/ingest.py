@@ -469,7 +469,9 @@ class MqttIngest:
                         },
                     )
                 )
-        entries.sort(key=lambda e: e[0])  # stable: ties keep their order
+        kinds = bool(result.alerts) + bool(result.out_of_area) + bool(result.dead_letters)
+        if kinds > 1:  # each kind is listed in arrival order already
+            entries.sort(key=lambda e: e[0])
         by_device: dict[str, list[dict[str, Any]]] = {}
         for _, device_id, item in entries:
             by_device.setdefault(device_id, []).append(item)
