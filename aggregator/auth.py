@@ -60,6 +60,7 @@ __all__ = [
     "LoginThrottledError",
     "Operator",
     "PasswordChecker",
+    "RefusalPause",
     "create_account",
     "dev_mode",
     "main_accounts",
@@ -579,6 +580,32 @@ class PasswordChecker:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class RefusalPause:
+    """Holds back the answer to a refused login for its remaining lockout, at most
+    ``max_delay_s``. A flooding client that waits for each answer (as HTTP clients do) then
+    makes a few attempts a second instead of hundreds, and the server spends its cores on
+    ingest rather than on answering 429s. At most ``max_held`` answers are held at once; the
+    rest go out at once, so holding costs bounded memory."""
+
+    def __init__(self, max_delay_s: float = 2.0, max_held: int = 256) -> None:
+        self.max_delay_s = max_delay_s
+        self.max_held = max_held
+        self._held = 0
+
+    async def pause(self, retry_after: float) -> float:
+        """Wait (part of) ``retry_after``; returns the seconds waited."""
+        delay = min(max(retry_after, 0.0), self.max_delay_s)
+        # Only touched on the event loop: no lock needed.
+        if delay <= 0 or self._held >= self.max_held:
+            return 0.0
+        self._held += 1
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self._held -= 1
+        return delay
 
 
 async def verify_login(

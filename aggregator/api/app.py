@@ -37,6 +37,7 @@ from aggregator.auth import (
     LoginThrottledError,
     Operator,
     PasswordChecker,
+    RefusalPause,
     verify_login,
 )
 from aggregator.config import AccessSettings
@@ -178,6 +179,7 @@ def create_app(
             )
         ),
         checker=PasswordChecker(access.login_workers, access.login_max_waiting),
+        refusal_pause=RefusalPause(access.login_refusal_delay_s, access.login_refusal_max_delayed),
         metrics_token=(
             access.metrics_token.get_secret_value() if access.metrics_token is not None else None
         ),
@@ -262,10 +264,13 @@ def _auth_routes(app: FastAPI) -> None:
                 ctx.auth, ctx.limiter, ctx.checker, body.username, body.password, address
             )
         except LoginThrottledError as exc:
+            # No hashing was done; the answer waits out (part of) the lockout so that a
+            # flooding client's next guess comes no sooner.
+            waited = await ctx.refusal_pause.pause(exc.retry_after)
             raise HTTPException(
                 status.HTTP_429_TOO_MANY_REQUESTS,
                 str(exc),
-                headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))},
+                headers={"Retry-After": str(max(1, math.ceil(exc.retry_after - waited)))},
             ) from exc
         except AuthError as exc:
             raise HTTPException(

@@ -13,7 +13,14 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from aggregator.api.models import Problem
-from aggregator.auth import AuthError, AuthStore, LoginLimiter, Operator, PasswordChecker
+from aggregator.auth import (
+    AuthError,
+    AuthStore,
+    LoginLimiter,
+    Operator,
+    PasswordChecker,
+    RefusalPause,
+)
 from aggregator.geo import GridIndex
 from aggregator.metrics import Metrics
 from aggregator.pool import LifecycleWriter, connect
@@ -67,6 +74,7 @@ class ApiContext:
     grid_features: list[dict[str, Any]] = field(default_factory=list)
     limiter: LoginLimiter = field(default_factory=LoginLimiter)
     checker: PasswordChecker = field(default_factory=PasswordChecker)
+    refusal_pause: RefusalPause = field(default_factory=RefusalPause)
     # Besides an admin operator's token, this one may read /metrics (a scraper's own secret).
     metrics_token: str | None = None
 
