@@ -66,6 +66,10 @@ class SimDevice:
             protocol=mqtt.MQTTv5,
         )
         self._client.username_pw_set(creds.username, creds.password.get_secret_value())
+        if creds.broker.ca_file is not None:
+            # Verified TLS: the broker's certificate must chain to the provisioned CA and name
+            # the host the device connects to.
+            self._client.tls_set(ca_certs=str(creds.broker.ca_file))
         self._client.max_inflight_messages_set(max_inflight)
         self._client.max_queued_messages_set(0)
         will = StatusV1(

@@ -38,6 +38,7 @@ import queue
 import random
 import select
 import shutil
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -86,6 +87,9 @@ _PAHO_INFLIGHT = 1000
 _KEEPALIVE_S = 30
 _DRAIN_S = 60.0
 _RECV_CHUNK = 1 << 16
+# "Try again later" on a non-blocking socket, plain or TLS (a TLS write may need a read first
+# and the other way round; either way the same bytes are offered again on the next turn).
+_WOULD_BLOCK: Final = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class LoadConfig(BaseModel):
@@ -220,6 +224,7 @@ class Publisher:
     port: int
     topic: str
     templates: list[Template]
+    ca_file: str | None = None  # verified TLS with this CA; None: plain MQTT
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +306,7 @@ def _feed_mosquitto_pub(job: WorkerJob, sync: _Sync, window: list[float]) -> tup
         opts = home / "mosquitto_pub"
         opts.touch(mode=0o600)
         opts.write_text(f"-u {p.username}\n-P {p.password}\n", encoding="utf-8")
+        tls = ["--cafile", p.ca_file] if p.ca_file is not None else []  # verifies the host too
         procs.append(
             subprocess.Popen(
                 [
@@ -321,6 +327,7 @@ def _feed_mosquitto_pub(job: WorkerJob, sync: _Sync, window: list[float]) -> tup
                     str(_PAHO_INFLIGHT),
                     "-l",
                     "--quiet",
+                    *tls,
                 ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
@@ -390,6 +397,8 @@ class _Clients:
         for i, p in enumerate(job.publishers):
             c = own_loop_client(p.device_id)  # the broker binds a device to its id
             c.username_pw_set(p.username, p.password)
+            if p.ca_file is not None:
+                c.tls_set(ca_certs=p.ca_file)
             c.on_connect = partial(self._on_connect, i)
             c.on_publish = partial(self._on_publish, i)
             c.connect(p.host, p.port, keepalive=_KEEPALIVE_S)
@@ -545,6 +554,7 @@ class RawConnection:
         "pending",
         "room",
         "sock",
+        "tls",
         "topic",
         "unacked",
     )
@@ -561,6 +571,7 @@ class RawConnection:
         self.unacked: set[int] = set()
         self.last_write = time.monotonic()
         self._mid = 0
+        self.tls = isinstance(sock, ssl.SSLSocket)
 
     def busy(self) -> bool:
         """Messages still to send or to be acknowledged."""
@@ -574,7 +585,7 @@ class RawConnection:
         if self.out:
             try:
                 n = self.sock.send(self.out)
-            except BlockingIOError:
+            except _WOULD_BLOCK:
                 n = 0
             except OSError as exc:
                 raise LoadError(f"{self.name}: connection to the broker lost: {exc}") from exc
@@ -602,14 +613,16 @@ class RawConnection:
         while True:
             try:
                 data = self.sock.recv(_RECV_CHUNK)
-            except BlockingIOError:
+            except _WOULD_BLOCK:
                 break
             except OSError as exc:
                 raise LoadError(f"{self.name}: connection to the broker lost: {exc}") from exc
             if not data:
                 raise LoadError(f"{self.name}: the broker closed the connection")
             self.inbuf += data
-            if len(data) < _RECV_CHUNK:
+            # TLS returns a record at a time; what it has decrypted already is invisible to
+            # select(), so it is read now.
+            if len(data) < _RECV_CHUNK and not (self.tls and self.sock.pending()):
                 break
         self._parse()
 
@@ -791,6 +804,7 @@ def run_load(
                 catalogue,
                 snapshot=config.snapshot,
             ),
+            str(c.broker.ca_file) if c.broker.ca_file is not None else None,
         )
         for c in (creds[s.device_id] for s in specs)
     ]

@@ -101,6 +101,9 @@ class StackOptions:
     max_clock_skew_s: float = 300
     max_payload_bytes: int = 1024 * 1024
     grid_file: Path | None = None
+    # Devices connect to the broker's TLS listener (verified against the stack's generated CA),
+    # as real ones do; the aggregator uses the loopback plain listener. False: devices plain.
+    device_tls: bool = True
 
 
 class GatewayStack:
@@ -112,8 +115,11 @@ class GatewayStack:
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="cwg-stack-"))
         # model_validate: the aggregator's models give defaults positionally, which mypy
         # (without the pydantic plugin) reads as required arguments.
+        tls: dict[str, object] = (
+            {"tls_port": 0, "tls_host": "127.0.0.1"} if self.options.device_tls else {}
+        )
         self.broker_settings = BrokerSettings.model_validate(
-            {"state_dir": self.root / "broker", "topic_prefix": self.options.topic_prefix}
+            {"state_dir": self.root / "broker", "topic_prefix": self.options.topic_prefix, **tls}
         )
         self.registry_path = self.root / "registry.yaml"
         self.registry = DeviceRegistry(self.registry_path)
@@ -138,6 +144,17 @@ class GatewayStack:
         if self.broker is None:
             raise StackError("the stack is not started")
         return self.broker.port
+
+    @property
+    def device_endpoint(self) -> BrokerEndpoint:
+        """Where devices connect: the TLS listener with the stack's CA, or the plain one."""
+        if self.broker is None:
+            raise StackError("the stack is not started")
+        if self.broker.tls_port is not None:
+            return BrokerEndpoint(
+                host=self.host, port=self.broker.tls_port, ca_file=self.broker.ca_file
+            )
+        return BrokerEndpoint(host=self.host, port=self.broker.port)
 
     @property
     def pool_path(self) -> Path:
@@ -278,7 +295,7 @@ class GatewayStack:
                     kind=device.kind,
                     username=device.username,
                     password=SecretStr(password),
-                    broker=BrokerEndpoint(host=self.host, port=self.port),
+                    broker=self.device_endpoint,
                     topic_prefix=self.options.topic_prefix,
                     topics=DeviceTopics.for_device(self.topics, device.device_id),
                 )
