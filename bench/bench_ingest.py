@@ -85,6 +85,69 @@ def bare_result(process: Any, results: Any) -> dict[str, float] | None:
     return bare
 
 
+def run_once(args: argparse.Namespace, tls: bool) -> tuple[Any, Any, bool, float, float]:
+    """One stack, one load run; prints its figures."""
+    options = StackOptions(
+        device_tls=tls,
+        batch_max_messages=args.batch_size,
+        batch_linger_ms=args.linger_ms,
+        batch_min_messages=args.min_batch,
+        receive_maximum=args.receive_maximum,
+        feedback_qos=args.feedback_qos,
+        feedback_batching=args.feedback_batching == "on",
+        notice_update_interval_ms=args.notice_interval_ms,
+    )
+    config = LoadConfig(
+        rate=args.rate,
+        count=args.alerts,
+        mode=args.mode,
+        publishers=args.publishers,
+        alert_ids=args.alert_ids,
+    )
+    print(f"devices: {'TLS listener' if tls else 'plain MQTT on loopback'}")
+    loop_before = loop_seconds()
+    started = time.monotonic()
+    bare: dict[str, float] | None = None
+    stack = GatewayStack(options=options)
+    try:
+        stack.start(aggregator=False)
+        if args.baseline == "before":
+            process, results = start_bare_subscriber(stack, args.alerts, "bench-counter-before")
+            sending = run_load(config, stack, None)
+            print(f"baseline stream: {sending.sent:,} sent at {sending.send_rate:,.0f}/s")
+            bare = bare_result(process, results)
+        stack.start_aggregator()
+        baseline: Any = None
+        if args.baseline == "concurrent":
+            baseline = start_bare_subscriber(stack, args.alerts, "bench-counter")
+        report = run_load(config, stack, stack.pool_path)
+        print(report.summary())
+        if baseline is not None:
+            bare = bare_result(*baseline)
+    finally:
+        stack.stop()
+    elapsed = time.monotonic() - started
+    loop_after = loop_seconds()
+    p99 = report.latency_ms.get("p99", float("inf"))
+    print(
+        f"aggregator      {report.ingest_rate:>9,.0f} alerts/s  p50 "
+        f"{report.latency_ms.get('p50', float('nan')):,.1f} ms  p99 {p99:,.1f} ms"
+    )
+    if bare:
+        ratio = report.ingest_rate / bare["rate"] if bare["rate"] else 0.0
+        print(f"bare paho sub   {bare['rate']:>9,.0f} msgs/s   ({bare['count']:,} counted)")
+        print(f"ratio           {ratio:>9.2f}  (aggregator / bare subscriber, same stream)")
+    elif args.baseline != "none":
+        print("bare paho sub   no result (it did not finish within its time limit)")
+    verdict = report.zero_loss and report.ingest_rate >= TARGET_RATE and p99 <= TARGET_P99_MS
+    print(
+        f"target ≥ {TARGET_RATE:,}/s, p99 ≤ {TARGET_P99_MS:.0f} ms, zero loss: "
+        f"{'MET' if verdict else 'NOT MET'}  (run took {elapsed:.1f} s; 5M-addition loop "
+        f"{loop_before:.2f} s before, {loop_after:.2f} s after)"
+    )
+    return report, bare, verdict, loop_before, loop_after
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--alerts", type=int, default=100_000, help="alerts to push (≤ 2,000,000)")
@@ -141,6 +204,13 @@ def main() -> int:
         "(the same stream: generator, count, rate and seed, on the same broker, alone), "
         "'concurrent'ly with it (both share the cores), or not at all",
     )
+    parser.add_argument(
+        "--tls",
+        choices=["off", "on", "compare"],
+        default="off",
+        help="devices publish over the broker's TLS listener (on), plain MQTT on loopback "
+        "(off, default), or one run of each in this order and the TLS/plain ratio (compare)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
     if not 1 <= args.alerts <= 2_000_000:
@@ -160,61 +230,18 @@ def main() -> int:
         f"{args.feedback_batching}, notice interval {args.notice_interval_ms:g} ms; "
         f"alert ids {args.alert_ids}; baseline {args.baseline}"
     )
-    options = StackOptions(
-        batch_max_messages=args.batch_size,
-        batch_linger_ms=args.linger_ms,
-        batch_min_messages=args.min_batch,
-        receive_maximum=args.receive_maximum,
-        feedback_qos=args.feedback_qos,
-        feedback_batching=args.feedback_batching == "on",
-        notice_update_interval_ms=args.notice_interval_ms,
-    )
-    config = LoadConfig(
-        rate=args.rate,
-        count=args.alerts,
-        mode=args.mode,
-        publishers=args.publishers,
-        alert_ids=args.alert_ids,
-    )
-    started = time.monotonic()
-    bare: dict[str, float] | None = None
-    stack = GatewayStack(options=options)
-    try:
-        stack.start(aggregator=False)
-        if args.baseline == "before":
-            process, results = start_bare_subscriber(stack, args.alerts, "bench-counter-before")
-            sending = run_load(config, stack, None)
-            print(f"baseline stream: {sending.sent:,} sent at {sending.send_rate:,.0f}/s")
-            bare = bare_result(process, results)
-        stack.start_aggregator()
-        baseline: Any = None
-        if args.baseline == "concurrent":
-            baseline = start_bare_subscriber(stack, args.alerts, "bench-counter")
-        report = run_load(config, stack, stack.pool_path)
-        print(report.summary())
-        if baseline is not None:
-            bare = bare_result(*baseline)
-    finally:
-        stack.stop()
-    elapsed = time.monotonic() - started
-    loop_after = loop_seconds()
-    p99 = report.latency_ms.get("p99", float("inf"))
-    print(
-        f"aggregator      {report.ingest_rate:>9,.0f} alerts/s  p50 "
-        f"{report.latency_ms.get('p50', float('nan')):,.1f} ms  p99 {p99:,.1f} ms"
-    )
-    if bare:
-        ratio = report.ingest_rate / bare["rate"] if bare["rate"] else 0.0
-        print(f"bare paho sub   {bare['rate']:>9,.0f} msgs/s   ({bare['count']:,} counted)")
-        print(f"ratio           {ratio:>9.2f}  (aggregator / bare subscriber, same stream)")
-    elif args.baseline != "none":
-        print("bare paho sub   no result (it did not finish within its time limit)")
-    verdict = report.zero_loss and report.ingest_rate >= TARGET_RATE and p99 <= TARGET_P99_MS
-    print(
-        f"target ≥ {TARGET_RATE:,}/s, p99 ≤ {TARGET_P99_MS:.0f} ms, zero loss: "
-        f"{'MET' if verdict else 'NOT MET'}  (run took {elapsed:.1f} s; 5M-addition loop "
-        f"{loop_before:.2f} s before, {loop_after:.2f} s after)"
-    )
+    runs = {"off": [False], "on": [True], "compare": [False, True]}[args.tls]
+    results = [run_once(args, tls) for tls in runs]
+    report, bare, verdict, loop_before, loop_after = results[-1]
+    if len(results) == 2:
+        plain, tls_report = results[0][0], results[1][0]
+        ratio = tls_report.ingest_rate / plain.ingest_rate if plain.ingest_rate else 0.0
+        p99_plain = plain.latency_ms.get("p99", float("nan"))
+        p99_tls = tls_report.latency_ms.get("p99", float("nan"))
+        print(
+            f"TLS / plain     {ratio:>9.2f}  ingest rate ({tls_report.ingest_rate:,.0f} against "
+            f"{plain.ingest_rate:,.0f}/s); p99 {p99_tls:,.1f} against {p99_plain:,.1f} ms"
+        )
     if args.json is not None:
         out = {
             "machine": machine | {"loop_s_before": loop_before, "loop_s_after": loop_after},
@@ -224,7 +251,7 @@ def main() -> int:
             "target_met": verdict,
         }
         args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    return 0 if report.zero_loss else 1
+    return 0 if all(r[0].zero_loss for r in results) else 1
 
 
 if __name__ == "__main__":
