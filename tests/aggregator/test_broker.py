@@ -6,6 +6,7 @@ import base64
 import socket
 import stat
 import subprocess
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -518,3 +519,31 @@ def test_broker_factory_takes_custom_devices_and_settings(broker_factory: Broker
     hub = handle.client("hub-9")
     assert not hub.publish("city/v1/devices/hub-9/telemetry", b"{}").is_failure
     assert hub.publish("cwg/v1/devices/hub-9/telemetry", b"{}").value == NOT_AUTHORIZED
+
+
+def test_a_broker_killed_soon_after_start_keeps_the_session_and_queued_alerts(
+    broker: BrokerHandle,
+) -> None:
+    """Autosave every second: a SIGKILL a few seconds into the broker's life loses neither the
+    aggregator's session (its subscription) nor the alerts queued for it. With Mosquitto's
+    30-minute default (or the 60 s this project had), both were gone."""
+    broker.kill()
+    broker.start()  # a fresh life: nothing saved since this start yet
+    session = {"client_id": "aggregator-durable", "clean_start": False, "session_expiry_s": 3600}
+    aggregator = broker.client("aggregator", **session)
+    aggregator.subscribe(broker.topics.device_filter(DeviceChannel.ALERT))
+    aggregator.disconnect()
+    camera = broker.client("cam-001")
+    payloads = [b"queued-%03d" % i for i in range(200)]
+    assert not any(
+        r.is_failure for r in camera.publish_many(broker.topics.alert("cam-001"), payloads)
+    )
+    camera.disconnect()
+
+    time.sleep(2.5)  # autosave runs every second
+    broker.kill()
+    broker.start()
+
+    back = broker.client("aggregator", **session)
+    assert back.session_present, "the aggregator's session was lost"
+    assert [m.payload for m in back.expect(len(payloads), timeout=10)] == payloads
