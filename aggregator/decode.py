@@ -137,7 +137,7 @@ def _classify(exc: ValidationError, payload: bytes) -> Rejection:
     reason = min(found, key=_PRIORITY.index)
     if reason is RejectReason.UNSUPPORTED_SCHEMA:
         found[reason].append("this aggregator reads schema 'alert/v1'")
-    alert_id, seq = _best_effort_ids(payload)
+    alert_id, seq = best_effort_ids(payload)
     return Rejection(reason, "; ".join(found[reason])[:2000], alert_id, seq)
 
 
@@ -213,7 +213,7 @@ def _where(path: tuple[str | int, ...]) -> str:
     return ".".join(p[:64] for p in parts) or "(message)"
 
 
-def _best_effort_ids(payload: bytes) -> tuple[str | None, int | None]:
+def best_effort_ids(payload: bytes) -> tuple[str | None, int | None]:
     """alert_id and seq from a message that failed validation, so the feedback can name it.
 
     Read leniently (NaN tokens, a truncated tail), because a bad latitude or a cut-off message

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aggregator.config import BatchSettings, DeadLetterSettings, MqttSettings, NoticeSettings
+from aggregator.decode import best_effort_ids
 from aggregator.metrics import Metrics
 from aggregator.pipeline import Assembled, Inbound, Pipeline, Prevalidator, internal_rejection
 from aggregator.pool import BatchResult, DeadLetterIn, EventPool, Notice, event_summaries
@@ -256,9 +257,13 @@ class MqttIngest:
             device_id: str | None = self.topics.parse(msg.topic).device_id
         except TopicError:
             device_id = None
-        ids = (msg.pre[3], msg.pre[4]) if msg.pre and msg.pre[0] == "rejected" else (None, None)
+        # the ids as the I/O loop read them, or read leniently here, for the device's feedback
         if msg.pre and msg.pre[0] == "ok":
             ids = (msg.pre[1], msg.pre[3])
+        elif msg.pre and msg.pre[0] == "rejected":
+            ids = (msg.pre[3], msg.pre[4])
+        else:
+            ids = best_effort_ids(msg.payload)
         rej = internal_rejection(exc, ids)
         assembled = Assembled()
         if device_id is not None:
