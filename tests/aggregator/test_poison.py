@@ -7,9 +7,11 @@ MQTT I/O process was never restarted, and that a valid alert sent afterwards lan
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import sqlite3
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -25,6 +27,7 @@ from hypothesis import strategies as st
 from aggregator.config import DeadLetterSettings
 from aggregator.decode import DecodeLimits, Rejection, decode_alert
 from aggregator.geo import Grid, GridIndex, default_grid_file
+from aggregator.ingest import is_pool_fault
 from aggregator.service import Aggregator, build_aggregator
 from contract import AlertV1, FeedbackV1, Outcome, RejectReason, default_catalogue
 
@@ -431,3 +434,39 @@ def test_number_rules_agree_with_a_reference_parser(numbers: list[bytes], where:
         assert isinstance(got, Rejection)
         assert got.reason in (RejectReason.INVALID_JSON, RejectReason.SCHEMA_VIOLATION)
         assert (got.alert_id, got.seq) == (d["alert_id"], d["seq"])
+
+
+def _raised(action: Any) -> BaseException:
+    try:
+        action()
+    except (sqlite3.Error, OverflowError, UnicodeError) as exc:
+        return exc
+    raise AssertionError("nothing was raised")
+
+
+def test_pool_faults_are_told_from_message_faults_by_sqlite_error_codes(tmp_path: Path) -> None:
+    path = tmp_path / "p.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)")
+    db.execute("INSERT INTO t VALUES (1, x'00')")
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count={pages}")
+    full = _raised(lambda: db.execute("INSERT INTO t VALUES (2, ?)", (b"x" * 100_000,)))
+    db.execute("PRAGMA max_page_count=1073741823")
+    ro = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    readonly = _raised(lambda: ro.execute("INSERT INTO t VALUES (3, x'00')"))
+    other = sqlite3.connect(path, isolation_level=None, timeout=0)
+    db.execute("BEGIN IMMEDIATE")
+    busy = _raised(lambda: other.execute("BEGIN IMMEDIATE"))
+    db.execute("ROLLBACK")
+    duplicate = _raised(lambda: db.execute("INSERT INTO t VALUES (1, x'00')"))
+    overflow = _raised(lambda: db.execute("INSERT INTO t VALUES (?, x'00')", (2**63,)))
+    surrogate = _raised(lambda: db.execute("INSERT INTO t VALUES (4, ?)", ("\ud800",)))
+    disk = OSError(errno.ENOSPC, "No space left on device")
+    for exc in (full, readonly, busy, disk):
+        assert is_pool_fault(exc), exc
+    for exc in (duplicate, overflow, surrogate, RuntimeError("bug"), ValueError("x")):
+        assert not is_pool_fault(exc), exc
+    for conn in (db, ro, other):
+        conn.close()
