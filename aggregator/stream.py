@@ -142,6 +142,8 @@ class StreamClient:
     sent: int = 0
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[Any] | None = None  # the request's task, cancelled if stuck in a send
+    seen_taken: float = 0.0  # the queue's last_taken at the previous tick
+    stalled_s: float = 0.0  # how long messages have waited with none taken
 
     def wants(self, item: _Item) -> bool:
         if item.kind not in self.filter.kinds:
@@ -325,6 +327,7 @@ class StreamHub:
         self._offered: dict[int, str] = {}
         self.dropped_clients = 0
         self.poll_errors = 0
+        self._last_tick = 0.0
         self.on_clients: Any = None  # called with the client count whenever it changes
 
     # -- binding to the server's loop ------------------------------------------------------
@@ -376,44 +379,48 @@ class StreamHub:
                 self._sent_at.clear()
                 self._held.clear()
                 continue
-            want_alerts = any("alert" in c.filter.kinds for c in self._clients)
             try:
-                events, alerts = await asyncio.to_thread(self._feed.look, want_alerts)
-            except sqlite3.Error:
+                await self._step()
+            except Exception:
+                # The feed must outlive any one bad look: count it and look again.
                 self.poll_errors += 1
-                log.warning("live stream: the pool could not be read", exc_info=True)
-                continue
-            now = time.monotonic()
-            items: list[_Item] = []
-            for change, notice in events:
-                eid = notice.event.event_id
-                offered = self._offered.pop(eid, None)
-                if offered is not None and offered == notice.event.model_dump_json():
-                    continue  # an operator's step, already offered as it happened
-                item = self._event_item(Notice.of(notice))
-                # created and closed at once; an update once its interval has passed
-                due = now - self._sent_at.get(eid, 0.0) >= self.update_interval
-                if change != "updated" or due:
-                    self._held.pop(eid, None)
-                    self._sent_at[eid] = now
-                    items.append(item)
-                else:
-                    self._held[eid] = item  # replaces the one that waited
-            for eid in [
-                e for e, _ in self._held.items() if now - self._sent_at[e] >= self.update_interval
-            ]:
-                items.append(self._held.pop(eid))
+                log.exception("live stream: a look at the pool failed")
+            self._drop_stalled(time.monotonic())
+
+    async def _step(self) -> None:
+        """One look at the pool: pace the event changes, offer them and any raw alerts."""
+        want_alerts = any("alert" in c.filter.kinds for c in self._clients)
+        events, alerts = await asyncio.to_thread(self._feed.look, want_alerts)
+        now = time.monotonic()
+        items: list[_Item] = []
+        for change, notice in events:
+            eid = notice.event.event_id
+            offered = self._offered.pop(eid, None)
+            if offered is not None and offered == notice.event.model_dump_json():
+                continue  # an operator's step, already offered as it happened
+            item = self._event_item(Notice.of(notice))
+            # created and closed at once; an update once its interval has passed
+            due = now - self._sent_at.get(eid, 0.0) >= self.update_interval
+            if change != "updated" or due:
+                self._held.pop(eid, None)
                 self._sent_at[eid] = now
-            if len(self._sent_at) > 100_000:  # an entry older than the interval means nothing
-                horizon = now - self.update_interval
-                self._sent_at = {
-                    e: t for e, t in self._sent_at.items() if t > horizon or e in self._held
-                }
-            if len(self._offered) > 10_000:
-                self._offered.clear()
-            items.extend(alerts)
-            self._fan_out(items)
-            self._drop_stalled(now)
+                items.append(item)
+            else:
+                self._held[eid] = item  # replaces the one that waited
+        for eid in [
+            e for e, _ in self._held.items() if now - self._sent_at[e] >= self.update_interval
+        ]:
+            items.append(self._held.pop(eid))
+            self._sent_at[eid] = now
+        if len(self._sent_at) > 100_000:  # an entry older than the interval means nothing
+            horizon = now - self.update_interval
+            self._sent_at = {
+                e: t for e, t in self._sent_at.items() if t > horizon or e in self._held
+            }
+        if len(self._offered) > 10_000:
+            self._offered.clear()
+        items.extend(alerts)
+        self._fan_out(items)
 
     def publish_notice(self, notice: EventNoticeV1) -> None:
         """An operator's lifecycle step, offered at once. Any thread (routes run on a pool)."""
@@ -463,14 +470,24 @@ class StreamHub:
                     break
 
     def _drop_stalled(self, now: float) -> None:
+        # A client's stall is counted in ticks of this loop, each worth at most two poll
+        # intervals: when this process itself was held up (busy, or short of CPU), that time
+        # is not laid at the client's door.
+        tick = min(now - self._last_tick, 2 * self.poll_s) if self._last_tick else 0.0
+        self._last_tick = now
         for client in list(self._clients):
             q = client.queue
+            if q.last_taken != client.seen_taken or q.empty():
+                client.seen_taken = q.last_taken
+                client.stalled_s = 0.0
+                continue
+            client.stalled_s += tick
             if client.dropped:
                 # told to go but stuck in a send to a client that reads nothing: end it
-                if now - q.last_taken > self.stall_s + 5 and client.task is not None:
+                if client.stalled_s > self.stall_s + 5 and client.task is not None:
                     client.task.cancel()
                 continue
-            if not q.empty() and now - q.last_taken > self.stall_s:
+            if client.stalled_s > self.stall_s:
                 self._drop(client, f"read nothing for {self.stall_s:g} s")
 
     def _drop(self, client: StreamClient, why: str) -> None:

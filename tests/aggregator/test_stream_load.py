@@ -153,7 +153,7 @@ def silent_stream(service: Service, token: str) -> Iterator[ClientConnection]:
 def test_only_the_client_that_stops_reading_is_dropped(broker: Any, tmp_path: Path) -> None:
     # Raw alert outcomes (alerts=1) at 2,000/s fill a silent client's socket buffers in
     # seconds; the queue is made huge so that only the stall rule can drop anyone.
-    settings = aggregator_settings(broker, tmp_path / "agg", http=HttpSettings(stream_stall_s=2))
+    settings = aggregator_settings(broker, tmp_path / "agg", http=HttpSettings(stream_stall_s=4))
     service = Service(
         settings, port=0, log_level="warning", password_hasher=FAST_HASHER, stream_queue=1_000_000
     )
