@@ -17,6 +17,8 @@ if [ "$purpose" = test ]; then
   command -v victoria-metrics >/dev/null 2>&1 || need+=(victoria-metrics)
   [ -x /usr/bin/chromium ] || need+=(chromium)
   [ -f /usr/share/doc/opencv-doc/examples/data/vtest.avi ] || need+=(opencv-doc)
+  # the PostgreSQL pool's tests start a real server from these binaries
+  [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql)
   # Chinese glyphs for the dashboard screenshots the browser tests save
   [ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || need+=(fonts-wqy-microhei)
 fi
