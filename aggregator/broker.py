@@ -967,7 +967,10 @@ class MosquittoBroker:
         atomic_write(s.conf_file, render_config(s), mode=0o600)
         self._write_auth_from_registry(s)
         self._log_offset = _log_size(s.log_file)
-        # Output before the log file is open (config errors, warnings) goes to the same file.
+        # Output before the log file is open (config errors, warnings) goes to the same file,
+        # which only the owner reads: it names every client and account that connects.
+        s.log_file.touch(mode=0o600)
+        s.log_file.chmod(0o600)
         with s.log_file.open("ab") as out:
             self._proc = subprocess.Popen(
                 [exe, "-c", str(s.conf_file.resolve())],
@@ -1092,7 +1095,10 @@ class MosquittoBroker:
             tls_port=self.settings.tls_port,
             conf_file=self.settings.conf_file.resolve(),
         )
-        _apply_live(self.settings, registry, runtime, passwords or {})
+        # Under the registry lock: another process provisioning on this broker also updates
+        # the record of what the broker holds.
+        with _registry_lock(registry.path):
+            _apply_live(self.settings, registry, runtime, passwords or {})
 
 
 # --- provisioning --------------------------------------------------------------------------
