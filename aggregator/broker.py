@@ -106,6 +106,7 @@ __all__ = [
     "render_config",
     "render_dynsec",
     "write_auth_files",
+    "write_edge_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -1329,3 +1330,57 @@ def provision_account(
         _apply(settings, registry, runtime, {account.username: password})
     logger.info("provisioned %s account %s", account.role, username)
     return creds
+
+
+def write_edge_config(
+    template: Path,
+    creds: DeviceCredentials,
+    out_dir: Path,
+    *,
+    location: DeviceLocation | None = None,
+    description: str | None = None,
+) -> Path:
+    """An edge-agent config for a provisioned device, from a template of the same kind.
+
+    The template brings what provisioning cannot know (video or sensor sources, zones, rules,
+    outbox); identity, credentials, broker and (when given) position come from provisioning.
+    The password goes to ``out_dir/<device_id>.password`` (0600) and the config names that
+    file, so the config holds no secret. Relative CSV paths are made absolute, since the
+    config no longer sits beside them. Returns the config's path, ``<device_id>.edge.yaml``.
+    """
+    try:
+        data = yaml.safe_load(Path(template).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise BrokerError(f"edge config template {template} is unreadable: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BrokerError(f"edge config template {template} is not a mapping")
+    base = Path(template).resolve().parent
+    out_dir = Path(out_dir)
+    secret = (out_dir / f"{creds.device_id}.password").absolute()
+    atomic_write(secret, creds.password.get_secret_value() + "\n", mode=0o600)
+    device = dict(data.get("device") or {})
+    device.update(device_id=creds.device_id, kind=creds.kind.value)
+    if description is not None:
+        device["description"] = description
+    data["device"] = device
+    data["credentials"] = {"username": creds.username, "password_file": str(secret)}
+    broker = {k: v for k, v in dict(data.get("broker") or {}).items() if k != "tls"}
+    broker.update(host=creds.broker.host, port=creds.broker.port, topic_prefix=creds.topic_prefix)
+    if creds.broker.ca_file is not None:
+        broker["tls"] = {"ca_file": str(creds.broker.ca_file)}
+    data["broker"] = broker
+    if location is not None:
+        geo = dict(data.get("geo") or {})
+        geo.update(lat=location.lat, lon=location.lon)
+        if location.floor is not None:
+            geo["floor"] = location.floor
+        data["geo"] = geo
+    for sensor in data.get("sensors") or []:
+        source = sensor.get("source") if isinstance(sensor, dict) else None
+        path = source.get("path") if isinstance(source, dict) else None
+        if isinstance(source, dict) and isinstance(path, str) and not Path(path).is_absolute():
+            source["path"] = str(base / path)
+    target = out_dir / f"{creds.device_id}.edge.yaml"
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    atomic_write(target, text, mode=0o644)
+    return target

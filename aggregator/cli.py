@@ -145,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the broker's name as the device reaches it (default: the TLS listener's address; "
         "it must be in the server certificate)",
     )
+    p.add_argument(
+        "--edge-config",
+        type=Path,
+        default=None,
+        metavar="TEMPLATE",
+        help="also write DEVICE_ID.edge.yaml, an edge-agent config: sources, zones and rules "
+        "from TEMPLATE (a config of the same kind), identity, credentials (by file), broker, "
+        "TLS CA and --lat/--lon from provisioning",
+    )
     _tls_options(p)
 
     p = sub.add_parser("events", help="list events in the pool, newest first")
@@ -452,6 +461,13 @@ def cmd_provision(args: argparse.Namespace) -> int:
     print(f"  {out / (creds.device_id + '.yaml')}  (contains its password; mode 0600)")
     if creds.broker.ca_file is not None:
         print(f"  {creds.broker.ca_file}  (the CA it verifies the broker's TLS listener with)")
+    if args.edge_config is not None:
+        from aggregator.broker import write_edge_config
+
+        path = write_edge_config(
+            args.edge_config, creds, out, location=location, description=args.name
+        )
+        print(f"  {path}  (edge-agent config; its password in {creds.device_id}.password)")
     return 0
 
 

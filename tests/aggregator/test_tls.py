@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 from aggregator import devca
-from aggregator.broker import DeviceCredentials
+from aggregator.broker import DeviceCredentials, write_edge_config
 from aggregator.config import MqttSettings
+from aggregator.registry import DeviceLocation
 from aggregator.service import build_aggregator
 from contract import DeviceChannel, Outcome
 
@@ -154,3 +155,39 @@ def test_device_topics_work_unchanged_over_tls(tls_broker: BrokerHandle) -> None
     camera = tls_broker.client("cam-001", tls=True)
     assert not camera.publish(tls_broker.topics.alert("cam-001"), b"over tls").is_failure
     assert aggregator.expect(1)[0].payload == b"over tls"
+
+
+def test_provisioning_writes_an_edge_agent_config_that_validates_and_connects(
+    tls_broker: BrokerHandle,
+) -> None:
+    from edge.config import load_config
+
+    template = Path(__file__).parents[2] / "firmware-configs" / "sensor-gas-01.yaml"
+    creds = tls_broker.add_device("sensor-tls", "sensor")
+    path = write_edge_config(
+        template,
+        creds,
+        tls_broker.creds_dir,
+        location=DeviceLocation(lat=22.72, lon=114.25),
+        description="kitchen gas, provisioned",
+    )
+    config = load_config(path)  # what `edge-agent validate` checks
+    assert config.device.device_id == "sensor-tls"
+    assert (config.geo.lat, config.geo.lon) == (22.72, 114.25)
+    assert config.broker.port == tls_broker.tls_port
+    assert config.broker.tls is not None
+    assert Path(config.broker.tls.ca_file).read_bytes() == tls_broker.ca_file.read_bytes()
+    assert config.credentials.password() == creds.password.get_secret_value()
+    # No secret in the config itself; the password file is the owner's only.
+    assert creds.password.get_secret_value() not in path.read_text()
+    secret = Path(str(config.credentials.password_file))
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert Path(config.sensors[0].source.path).is_file()
+
+    client = tls_broker.new_client(
+        config.credentials.username,
+        config.credentials.password(),
+        tls=True,
+        ca_file=Path(config.broker.tls.ca_file),
+    )
+    assert client.connect().value == 0
