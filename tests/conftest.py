@@ -40,6 +40,7 @@ from aggregator.broker import (
 from aggregator.registry import AccountRole, DeviceKind, DeviceRegistry
 from contract import FeedbackV1, parse_feedback
 from contract.topics import Topics
+from tests.pgsupport import pg_server, pg_url  # noqa: F401  (fixtures: a real PostgreSQL)
 
 DEFAULT_DEVICES: tuple[tuple[str, DeviceKind], ...] = (
     ("cam-001", DeviceKind.CAMERA),

@@ -1,0 +1,908 @@
+"""The community event pool on PostgreSQL (``CWG_POOL_URL=postgresql://…``), for replicas on
+several machines.
+
+The write interface and its results are ``EventPool``'s (aggregator/pool.py): ``commit_batch``,
+``set_status``, ``prune``, ``close``. What differs is how a batch is made safe against other
+writers, which here may be aggregator replicas on other machines:
+
+- Exact dedup: a batch first claims its alert ids in ``alert_ids`` (``INSERT … ON CONFLICT DO
+  NOTHING RETURNING``): the ids returned are exactly the ones this batch pools. A replica
+  claiming the same id at the same moment waits on the unique index until this batch commits
+  or rolls back.
+- Semantic dedup is decided inside the batch's transaction. The batch takes a transaction-level
+  advisory lock for every (type, coarse cell) within the merge radius of its alerts, in sorted
+  order (no deadlock between replicas), then reads the open and recently closed candidate
+  events near each alert from the table (``FOR NO KEY UPDATE``, so an operator's lifecycle step
+  waits for the batch or the batch sees it). Two alerts of one incident are within the merge
+  radius of each other, so their lock sets share a cell: replicas pooling them queue, and the
+  second reads the first's event. No in-memory cache is trusted across batches.
+- Writes go in a few round trips: ``COPY`` for the alerts, pipelined ``executemany`` for the
+  rest; event ids come from the ``events`` sequence.
+- The change feed: every commit sends ``NOTIFY cwg_pool`` (payload: batch, change number,
+  created and updated event ids) inside its transaction, so listeners hear only of committed
+  changes, in commit order.
+
+Connection and server faults (``psycopg.OperationalError``: the server down or restarting, a
+broken connection, a deadlock or serialization failure, a full disk) raise ``PoolUnavailableError``:
+the batch is to be retried unacknowledged, not blamed on its messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import orjson
+import psycopg
+import psycopg_pool
+from psycopg import sql
+
+from aggregator.dedup import EARTH_RADIUS_M, DedupIndex, EventState
+from aggregator.errors import PoolError
+from aggregator.pool import (
+    SOURCE,
+    AlertIn,
+    AlertResult,
+    Batch,
+    BatchResult,
+    DeadLetterIn,
+    DeadLetterResult,
+    OutOfAreaIn,
+    _BatchWork,
+    summary_dict,
+)
+from contract import Catalogue, EventStatus, Outcome, Severity
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS: Final = Path(__file__).parent / "migrations" / "postgres"
+CHANNEL: Final = "cwg_pool"
+# pg_advisory_xact_lock keys of this schema. Cell keys are 64-bit hashes; a collision with these
+# (or between cells) only makes two batches queue that needed not.
+_MIGRATION_LOCK: Final = 0x6377_6700_0000_0001
+_PARTITION_LOCK: Final = 0x6377_6700_0000_0002
+_BATCH_LOCK: Final = 0x6377_6700_0000_0003
+# The lock grid: cells of this many degrees of latitude and longitude (about 2 × 2 km in
+# Shenzhen). Much larger than any merge radius, so most alerts lock one cell and only those
+# within a radius of a cell's edge lock two or four; small enough that replicas pooling
+# different neighbourhoods do not queue behind each other.
+LOCK_CELL_DEG: Final = 0.02
+# NOTIFY payloads are limited to 8,000 bytes: a larger change names only its batch.
+_NOTIFY_MAX: Final = 7_000
+
+LockMode = Literal["cell", "batch"]
+
+
+class PoolUnavailableError(PoolError):
+    """The PostgreSQL pool cannot be reached or refused the transaction for its own reasons
+    (restart, broken connection, deadlock, disk full): retry the batch, do not blame it."""
+
+
+def is_pg_pool_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is a fault of the PostgreSQL pool rather than of the messages."""
+    return isinstance(
+        exc,
+        PoolUnavailableError
+        | psycopg.OperationalError
+        | psycopg.InterfaceError
+        | psycopg_pool.PoolTimeout
+        | psycopg_pool.PoolClosed,
+    )
+
+
+@contextmanager
+def _faults() -> Iterator[None]:
+    try:
+        yield
+    except (
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+        psycopg_pool.PoolTimeout,
+        psycopg_pool.PoolClosed,
+    ) as exc:
+        raise PoolUnavailableError(f"PostgreSQL pool: {type(exc).__name__}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------- migrations
+
+
+def migrations(folder: Path = MIGRATIONS) -> list[tuple[int, str, str]]:
+    """The numbered SQL files (``NNNN_name.sql``) as (version, name, text), in order."""
+    out = []
+    for path in sorted(folder.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+        out.append((int(path.name[:4]), path.stem[5:], path.read_text("utf-8")))
+    versions = [v for v, _, _ in out]
+    if len(set(versions)) != len(versions):
+        raise PoolError(f"{folder}: two migrations share a number: {versions}")
+    return out
+
+
+def migrate(conninfo: str, folder: Path = MIGRATIONS) -> list[int]:
+    """Apply the migrations not yet applied, in order, in one transaction; returns their
+    versions. Replicas starting together queue on an advisory lock: the first applies, the
+    others find nothing left to do."""
+    wanted = migrations(folder)
+    with psycopg.connect(conninfo, autocommit=True) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+            " name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        applied = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+        newer = max(applied, default=0)
+        if newer > max((v for v, _, _ in wanted), default=0):
+            raise PoolError(
+                f"pool schema version {newer} is newer than this aggregator knows; upgrade it"
+            )
+        done = []
+        for version, name, text in wanted:
+            if version in applied:
+                continue
+            log.info("pool migration %04d_%s", version, name)
+            conn.execute(text.encode())  # no parameters: several statements in one go
+            conn.execute(
+                "INSERT INTO schema_migrations(version, name) VALUES (%s, %s)", (version, name)
+            )
+            done.append(version)
+    return done
+
+
+# ---------------------------------------------------------------------------- the adapter
+
+_EVENT_COLUMNS: Final = (
+    "id, type, status, severity, department, grid_code, grid_path, lat, lon, address,"
+    " description, first_observed_at, last_observed_at, registered_at, deadline_at,"
+    " alert_count, snapshot_sha256, snapshot_score, recurrence_of, closed_at"
+)
+
+# The open events near each point whose span can reach the alert's window, and the closed ones
+# that closed within it (recurrence links). One row per (type, box) from unnest: a batch's
+# alerts in a few hundred distinct places cost one statement.
+_CANDIDATES: Final = f"""
+SELECT {_EVENT_COLUMNS} FROM events WHERE id IN (
+    SELECT e.id FROM unnest(%(t)s::text[], %(la0)s::float8[], %(la1)s::float8[],
+                            %(lo0)s::float8[], %(lo1)s::float8[], %(since)s::float8[])
+        AS q(type, la0, la1, lo0, lo1, since)
+    JOIN events e ON e.type = q.type AND e.status <> 'closed' AND e.lat BETWEEN q.la0 AND q.la1
+        AND e.lon BETWEEN q.lo0 AND q.lo1 AND e.last_observed_at >= q.since
+    UNION
+    SELECT e.id FROM unnest(%(t)s::text[], %(la0)s::float8[], %(la1)s::float8[],
+                            %(lo0)s::float8[], %(lo1)s::float8[], %(since)s::float8[])
+        AS q(type, la0, la1, lo0, lo1, since)
+    JOIN events e ON e.type = q.type AND e.status = 'closed' AND e.lat BETWEEN q.la0 AND q.la1
+        AND e.lon BETWEEN q.lo0 AND q.lo1 AND e.closed_at >= q.since
+) ORDER BY id FOR NO KEY UPDATE
+"""
+
+_COPY_ALERTS: Final = (
+    "COPY alerts (alert_id, event_id, device_id, seq, type, severity, confidence, observed_at,"
+    " received_at, batch_id, lat, lon, grid_code, outcome, snapshot_sha256, payload) FROM STDIN"
+)
+
+
+def _month(t: float) -> int:
+    d = datetime.fromtimestamp(t, UTC)
+    return d.year * 12 + d.month - 1
+
+
+def _month_start(m: int) -> float:
+    return datetime(m // 12, m % 12 + 1, 1, tzinfo=UTC).timestamp()
+
+
+def _lock_key(type_: str, cy: int, cx: int) -> int:
+    digest = hashlib.blake2b(f"{type_}/{cy}/{cx}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _box(lat: float, lon: float, radius_m: float) -> tuple[float, float, float, float]:
+    """A lat/lon box holding every point within ``radius_m`` of (lat, lon), with a margin.
+    North-south, a great circle is at least as long as its latitude difference; east-west the
+    cap's widest longitude is asin(sin r / cos φ), never less than r / cos φ."""
+    dlat = math.degrees(radius_m / EARTH_RADIUS_M) * 1.01
+    cos = math.cos(math.radians(min(89.0, abs(lat) + dlat)))
+    dlon = min(180.0, math.degrees(radius_m / EARTH_RADIUS_M) / max(cos, 1e-6) * 1.01)
+    return lat - dlat, lat + dlat, lon - dlon, lon + dlon
+
+
+def _json(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
+class PgEventPool:
+    """The writer side of the pool on PostgreSQL. Any number of instances, in one process or on
+    many machines, may write to one database at once."""
+
+    def __init__(
+        self,
+        url: str,
+        catalogue: Catalogue,
+        ref_lat: float = 0.0,
+        *,
+        dead_letter_keep_bytes: int = 64 * 1024,
+        lock: LockMode = "cell",
+        min_size: int = 1,
+        max_size: int = 4,
+        connect_timeout_s: float = 10.0,
+        migrate_on_open: bool = True,
+    ) -> None:
+        self.catalogue = catalogue
+        self.ref_lat = ref_lat
+        self.dead_letter_keep_bytes = dead_letter_keep_bytes
+        self.lock = lock
+        self._radius = {c: t.merge_radius_m for c, t in catalogue.types.items()}
+        self._window = {c: t.merge_window_s for c, t in catalogue.types.items()}
+        self._months: set[int] = set()
+        if migrate_on_open:
+            with _faults():
+                migrate(url)
+        self._pool = psycopg_pool.ConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            kwargs={"autocommit": True},
+            # a connection broken by a server restart is found out and replaced on checkout,
+            # so the batch after a restart commits instead of failing once more
+            check=psycopg_pool.ConnectionPool.check_connection,
+            timeout=connect_timeout_s,
+            open=False,
+            name="cwg-pool",
+        )
+        with _faults():
+            self._pool.open(wait=True, timeout=connect_timeout_s)
+            now = time.time()
+            self._ensure_partitions([now - 31 * 86400, now + 31 * 86400])
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection of the pool (autocommit); faults raise ``PoolUnavailableError``."""
+        with _faults(), self._pool.connection() as conn:
+            yield conn
+
+    # -- partitions ----------------------------------------------------------
+
+    def _ensure_partitions(self, times: Iterable[float]) -> None:
+        """Monthly partitions of ``alerts`` for every month the times fall in (and the next),
+        made in a transaction of their own: DDL on the parent must not sit in a batch's."""
+        ts = list(times)
+        if not ts:
+            return
+        lo, hi = _month(min(ts)), _month(max(ts)) + 1
+        missing = [m for m in range(lo, hi + 1) if m not in self._months]
+        if not missing:
+            return
+        with self.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
+            for m in missing:
+                name = f"alerts_p{m // 12:04d}{m % 12 + 1:02d}"
+                conn.execute(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {} PARTITION OF alerts"
+                        " FOR VALUES FROM ({}) TO ({})"
+                    ).format(
+                        sql.Identifier(name),
+                        sql.Literal(_month_start(m)),
+                        sql.Literal(_month_start(m + 1)),
+                    )
+                )
+        self._months.update(missing)
+
+    # -- the one write path --------------------------------------------------
+
+    def commit_batch(self, batch: Batch) -> BatchResult:
+        """Pool a micro-batch in one transaction; returns what became of each message, as
+        ``EventPool.commit_batch`` does."""
+        received = [a.received_at for a in batch.alerts]
+        if received:
+            self._ensure_partitions((min(received), max(received)))
+        with self.connection() as conn, conn.transaction():
+            return self._commit(conn, batch)
+
+    def _lock_keys(self, alerts: Sequence[AlertIn]) -> list[int]:
+        if self.lock == "batch":
+            return [_BATCH_LOCK]
+        keys: set[int] = set()
+        seen: set[tuple[str, float, float]] = set()
+        for a in alerts:
+            point = (a.type, a.lat, a.lon)
+            if point in seen:
+                continue
+            seen.add(point)
+            la0, la1, lo0, lo1 = _box(a.lat, a.lon, self._radius[a.type])
+            for cy in range(math.floor(la0 / LOCK_CELL_DEG), math.floor(la1 / LOCK_CELL_DEG) + 1):
+                for cx in range(
+                    math.floor(lo0 / LOCK_CELL_DEG), math.floor(lo1 / LOCK_CELL_DEG) + 1
+                ):
+                    keys.add(_lock_key(a.type, cy, cx))
+        return sorted(keys)
+
+    def _commit(self, conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
+        result = BatchResult()
+        now = time.time()
+        cur = conn.cursor()
+        keys = self._lock_keys(batch.alerts)
+        if keys:
+            # sorted, one at a time: two replicas wanting overlapping cells queue, never deadlock
+            cur.execute(
+                "SELECT count(pg_advisory_xact_lock(k))"
+                " FROM (SELECT unnest(%s::bigint[]) AS k ORDER BY 1) AS s",
+                (keys,),
+            )
+        row = cur.execute(
+            "INSERT INTO batches(started_at) VALUES (%s) RETURNING id, nextval('pool_change_seq')",
+            (now,),
+        ).fetchone()
+        assert row is not None
+        batch_id, change = int(row[0]), int(row[1])
+
+        # Exact dedup: claim the ids. Sorted, so two replicas claiming overlapping sets queue.
+        first_received: dict[str, float] = {}
+        for a in batch.alerts:
+            first_received.setdefault(a.alert_id, a.received_at)
+        claimed: set[str] = set()
+        if first_received:
+            ids = sorted(first_received)
+            cur.execute(
+                "INSERT INTO alert_ids(alert_id, received_at)"
+                " SELECT i, r FROM unnest(%s::text[], %s::float8[]) AS u(i, r) ORDER BY i"
+                " ON CONFLICT DO NOTHING RETURNING alert_id",
+                (ids, [first_received[i] for i in ids]),
+            )
+            claimed = {r[0] for r in cur.fetchall()}
+        known: dict[str, int | EventState | None] = {}
+        pooled_before = [i for i in first_received if i not in claimed]
+        if pooled_before:
+            for r in cur.execute(
+                "SELECT alert_id, event_id FROM alerts WHERE alert_id = ANY(%s)", (pooled_before,)
+            ):
+                known[r[0]] = int(r[1])
+            for i in pooled_before:
+                known.setdefault(i, None)  # its month was dropped by retention
+
+        work = _BatchWork(DedupIndex(self.ref_lat, self._radius, self._window))
+        fresh = [a for a in batch.alerts if a.alert_id in claimed]
+        self._read_candidates(cur, work, fresh)
+
+        decisions: list[tuple[AlertIn, Outcome, int | EventState | None]] = []
+        log_new: list[tuple[EventState, dict[str, Any]]] = []
+        provisional = 0
+        for a in batch.alerts:
+            if a.alert_id in known:
+                decisions.append((a, Outcome.DUPLICATE, known[a.alert_id]))
+                continue
+            state = self._find_open(work, a)
+            if state is None:
+                provisional -= 1  # a real id from the sequence once the batch knows how many
+                state = self._new_event(a, provisional, now, self._recurrence_of(work, a))
+                work.created(state, a)
+                outcome = Outcome.ACCEPTED
+                detail: dict[str, Any] = {"alert_id": a.alert_id, "device_id": a.device_id}
+                if state.recurrence_of is not None:
+                    detail["recurrence_of"] = state.recurrence_of
+                log_new.append((state, detail))
+            else:
+                work.merge(state, a)
+                outcome = Outcome.MERGED
+            known[a.alert_id] = state
+            decisions.append((a, outcome, state))
+
+        new_states = [work.get(i) for i in work.new_ids]
+        new_set = set(work.new_ids)
+        changed = sorted(
+            (work.get(i) for i in work.edited_ids if i not in new_set), key=lambda s: s.id
+        )
+        device_alerts = [(work.get(eid), dev, v) for (eid, dev), v in work.device_alerts.items()]
+        if new_states:
+            cur.execute(
+                "SELECT nextval('events_id_seq') FROM generate_series(1, %s)", (len(new_states),)
+            )
+            for state, r in zip(new_states, cur.fetchall(), strict=True):
+                state.id = int(r[0])
+
+        def event_of(ref: int | EventState | None) -> int | None:
+            return ref.id if isinstance(ref, EventState) else ref
+
+        for a, outcome, ref in decisions:
+            event_id = event_of(ref)
+            result.alerts.append(AlertResult(a.alert_id, a.device_id, a.seq, outcome, event_id))
+            if outcome is Outcome.ACCEPTED:
+                assert event_id is not None
+                result.created.add(event_id)
+            elif outcome is Outcome.MERGED:
+                assert event_id is not None
+                result.updated.add(event_id)
+
+        self._write_events(cur, new_states, changed, device_alerts, now, change)
+        with cur.copy(_COPY_ALERTS) as copy:
+            for a, outcome, ref in decisions:
+                if outcome is Outcome.DUPLICATE:
+                    continue
+                copy.write_row(
+                    (
+                        a.alert_id,
+                        event_of(ref),
+                        a.device_id,
+                        a.seq,
+                        a.type,
+                        a.severity.value,
+                        a.confidence,
+                        a.observed_at,
+                        a.received_at,
+                        batch_id,
+                        a.lat,
+                        a.lon,
+                        a.grid_code,
+                        outcome.value,
+                        a.snapshot_sha256,
+                        a.payload,
+                    )
+                )
+        if log_new:
+            cur.executemany(
+                "INSERT INTO event_log(event_id, at, action, actor, detail)"
+                " VALUES (%s, %s, 'registered', 'aggregator', %s)",
+                [(s.id, now, _json(detail)) for s, detail in log_new],
+            )
+        self._record_out_of_area(cur, batch.out_of_area)
+        result.out_of_area = batch.out_of_area
+        self._record_dead_letters(cur, batch.dead_letters, result)
+        self._update_devices(cur, batch, result)
+        result.updated -= result.created
+        result.committed_at = time.time()
+        cur.execute(
+            "UPDATE batches SET committed_at=%s, size=%s WHERE id=%s",
+            (result.committed_at, len(batch), batch_id),
+        )
+        self._notify(cur, batch_id, change, result.created, result.updated)
+
+        final = {s.id: s for s in work.states.values()}
+        catalogue = self.catalogue
+
+        def summary(event_id: int) -> dict[str, Any]:
+            return summary_dict(final[event_id], catalogue)
+
+        result.summary = summary
+        return result
+
+    @staticmethod
+    def _notify(
+        cur: psycopg.Cursor[Any], batch_id: int, change: int, created: set[int], updated: set[int]
+    ) -> None:
+        """The change feed: delivered to listeners at COMMIT, never for a rolled-back batch."""
+        payload = _json(
+            {
+                "batch": batch_id,
+                "change": change,
+                "created": sorted(created),
+                "updated": sorted(updated),
+            }
+        )
+        if len(payload) > _NOTIFY_MAX:  # listeners read the batch's events from the table
+            payload = _json({"batch": batch_id, "change": change, "truncated": True})
+        cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+
+    def _read_candidates(
+        self, cur: psycopg.Cursor[Any], work: _BatchWork, alerts: Sequence[AlertIn]
+    ) -> None:
+        """Every event any of these alerts could join or link to, read under the batch's locks
+        into the batch's view; nothing is taken from memory of earlier batches."""
+        boxes: dict[tuple[str, float, float], list[float]] = {}
+        for a in alerts:
+            key = (a.type, a.lat, a.lon)
+            since = a.observed_at - self._window[a.type]
+            box = boxes.get(key)
+            if box is None:
+                boxes[key] = [*_box(a.lat, a.lon, self._radius[a.type]), since]
+            elif since < box[4]:
+                box[4] = since
+        if not boxes:
+            return
+        cols: dict[str, list[Any]] = {"t": [], "la0": [], "la1": [], "lo0": [], "lo1": []}
+        cols["since"] = []
+        for (type_, _, _), (la0, la1, lo0, lo1, since) in boxes.items():
+            cols["t"].append(type_)
+            cols["la0"].append(la0)
+            cols["la1"].append(la1)
+            cols["lo0"].append(lo0)
+            cols["lo1"].append(lo1)
+            cols["since"].append(since)
+        rows = cur.execute(_CANDIDATES, cols).fetchall()
+        if not rows:
+            return
+        devices: dict[int, dict[str, int]] = {}
+        for d in cur.execute(
+            "SELECT event_id, device_id, alert_count FROM event_devices WHERE event_id = ANY(%s)"
+            " ORDER BY event_id, first_alert_at, device_id",
+            ([r[0] for r in rows],),
+        ):
+            devices.setdefault(d[0], {})[d[1]] = d[2]
+        for r in rows:
+            if r[1] not in self.catalogue.types:
+                continue
+            work.refresh(
+                EventState(
+                    id=r[0],
+                    type=r[1],
+                    status=r[2],
+                    severity=Severity(r[3]),
+                    department=r[4],
+                    grid_code=r[5],
+                    grid_path=r[6],
+                    lat=r[7],
+                    lon=r[8],
+                    address=r[9],
+                    description=r[10],
+                    first=r[11],
+                    last=r[12],
+                    registered_at=r[13],
+                    deadline_at=r[14],
+                    alert_count=r[15],
+                    devices=devices.get(r[0], {}),
+                    snapshot_sha256=r[16],
+                    snapshot_score=r[17],
+                    recurrence_of=r[18],
+                    closed_at=r[19],
+                )
+            )
+
+    def _find_open(self, work: _BatchWork, a: AlertIn) -> EventState | None:
+        """The nearest open event of the type whose observed span, widened by the type's
+        window, holds the alert; ties go to the older event (as ``EventPool``)."""
+        wt = self.catalogue.types[a.type]
+        lo, hi = a.observed_at - wt.merge_window_s, a.observed_at + wt.merge_window_s
+        for _, event_id in work.open_near(a.type, a.lat, a.lon, wt.merge_radius_m):
+            s = work.get(event_id)
+            if s.status != "closed" and s.last >= lo and s.first <= hi:
+                return work.edit(event_id)
+        return None
+
+    def _recurrence_of(self, work: _BatchWork, a: AlertIn) -> int | None:
+        """A closed event absorbs nothing; a recurrence near it opens a new event linked to it."""
+        from aggregator.dedup import haversine_m
+
+        wt = self.catalogue.types[a.type]
+        best: tuple[float, int] | None = None
+        for event_id in work.candidates(a.type, a.lat, a.lon, closed=True):
+            s = work.get(event_id)
+            if s.status != "closed" or (s.closed_at or 0) < a.observed_at - wt.merge_window_s:
+                continue
+            d = haversine_m(a.lat, a.lon, s.lat, s.lon)
+            if d <= wt.merge_radius_m and (best is None or (d, -s.id) < best):
+                best = (d, -s.id)  # the latest closed event nearby
+        return None if best is None else -best[1]
+
+    def _new_event(
+        self, a: AlertIn, event_id: int, now: float, recurrence: int | None
+    ) -> EventState:
+        wt = self.catalogue.types[a.type]
+        return EventState(
+            id=event_id,
+            type=a.type,
+            status=EventStatus.REGISTERED.value,
+            severity=a.severity,
+            department=wt.department,
+            grid_code=a.grid_code,
+            grid_path=a.grid_path,
+            lat=a.lat,
+            lon=a.lon,
+            address=a.address,
+            description=a.description or f"{wt.zh} / {wt.en}",
+            first=a.observed_at,
+            last=a.observed_at,
+            registered_at=now,
+            deadline_at=now + wt.handling_deadline.total_seconds(),
+            alert_count=1,
+            devices={a.device_id: 1},
+            snapshot_sha256=a.snapshot_sha256,
+            snapshot_score=a.confidence if a.snapshot_sha256 else None,
+            recurrence_of=recurrence,
+        )
+
+    @staticmethod
+    def _write_events(
+        cur: psycopg.Cursor[Any],
+        new: Sequence[EventState],
+        changed: Sequence[EventState],
+        device_alerts: Sequence[tuple[EventState, str, list[Any]]],
+        now: float,
+        change: int,
+    ) -> None:
+        if new:
+            cur.executemany(
+                "INSERT INTO events(id, source, type, severity, status, department, grid_code,"
+                " grid_path, lat, lon, address, description, snapshot_sha256, snapshot_score,"
+                " first_observed_at, last_observed_at, registered_at, updated_at, deadline_at,"
+                " alert_count, device_count, recurrence_of, change_seq)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                [
+                    (
+                        s.id,
+                        SOURCE,
+                        s.type,
+                        s.severity.value,
+                        s.status,
+                        s.department,
+                        s.grid_code,
+                        s.grid_path,
+                        s.lat,
+                        s.lon,
+                        s.address,
+                        s.description,
+                        s.snapshot_sha256,
+                        s.snapshot_score,
+                        s.first,
+                        s.last,
+                        s.registered_at,
+                        now,
+                        s.deadline_at,
+                        s.alert_count,
+                        len(s.devices),
+                        s.recurrence_of,
+                        change,
+                    )
+                    for s in new
+                ],
+            )
+        if changed:
+            cur.executemany(
+                "UPDATE events SET severity=%s, snapshot_sha256=%s, snapshot_score=%s,"
+                " first_observed_at=%s, last_observed_at=%s, updated_at=%s, alert_count=%s,"
+                " device_count=%s, change_seq=%s, version=version+1 WHERE id=%s",
+                [
+                    (
+                        s.severity.value,
+                        s.snapshot_sha256,
+                        s.snapshot_score,
+                        s.first,
+                        s.last,
+                        now,
+                        s.alert_count,
+                        len(s.devices),
+                        change,
+                        s.id,
+                    )
+                    for s in changed
+                ],
+            )
+        if device_alerts:
+            cur.executemany(
+                "INSERT INTO event_devices(event_id, device_id, first_alert_at, alert_count)"
+                " VALUES (%s,%s,%s,%s) ON CONFLICT(event_id, device_id)"
+                " DO UPDATE SET alert_count = event_devices.alert_count + excluded.alert_count",
+                sorted((s.id, device, first_at, n) for s, device, (first_at, n) in device_alerts),
+            )
+
+    @staticmethod
+    def _record_out_of_area(cur: psycopg.Cursor[Any], items: Sequence[OutOfAreaIn]) -> None:
+        if not items:
+            return
+        cur.executemany(
+            "INSERT INTO out_of_area(alert_id, device_id, type, observed_at, received_at, lat,"
+            " lon) VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT(alert_id) DO NOTHING",
+            sorted(
+                (o.alert_id, o.device_id, o.type, o.observed_at, o.received_at, o.lat, o.lon)
+                for o in items
+            ),
+        )
+
+    def _record_dead_letters(
+        self, cur: psycopg.Cursor[Any], items: Sequence[DeadLetterIn], result: BatchResult
+    ) -> None:
+        """Each rejected message once, keyed by the sha256 of topic, NUL, payload (as
+        ``EventPool``); only the head of a long payload is kept, with its full size and hash."""
+        keep = self.dead_letter_keep_bytes
+        for dl in items:
+            key = hashlib.sha256(dl.topic.encode("utf-8", "replace") + b"\0" + dl.payload)
+            row = cur.execute(
+                "INSERT INTO dead_letters(received_at, topic, device_id, alert_id, reason,"
+                " detail, payload, message_sha256, payload_size, payload_sha256)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                " ON CONFLICT(message_sha256) DO NOTHING RETURNING id",
+                (
+                    dl.received_at,
+                    dl.topic,
+                    dl.device_id,
+                    dl.alert_id,
+                    dl.reason.value,
+                    dl.detail,
+                    dl.payload[:keep],
+                    key.hexdigest(),
+                    len(dl.payload),
+                    hashlib.sha256(dl.payload).hexdigest(),
+                ),
+            ).fetchone()
+            duplicate = row is None
+            if row is None:
+                row = cur.execute(
+                    "SELECT id FROM dead_letters WHERE message_sha256 = %s", (key.hexdigest(),)
+                ).fetchone()
+                assert row is not None
+            result.dead_letters.append(
+                DeadLetterResult(
+                    int(row[0]),
+                    dl.device_id,
+                    dl.alert_id,
+                    dl.reason,
+                    dl.detail,
+                    duplicate=duplicate,
+                    seq=dl.seq,
+                )
+            )
+
+    @staticmethod
+    def _update_devices(cur: psycopg.Cursor[Any], batch: Batch, result: BatchResult) -> None:
+        counts: dict[str, list[int]] = {}
+        last_seq: dict[str, int] = {}
+        for r in result.alerts:
+            if r.outcome is not Outcome.DUPLICATE:
+                counts.setdefault(r.device_id, [0, 0, 0])[0] += 1
+                last_seq[r.device_id] = max(last_seq.get(r.device_id, -1), r.seq)
+        for d in result.dead_letters:
+            if d.device_id and not d.duplicate:
+                counts.setdefault(d.device_id, [0, 0, 0])[1] += 1
+        for o in batch.out_of_area:
+            counts.setdefault(o.device_id, [0, 0, 0])[2] += 1
+        position: dict[str, tuple[float, float, float]] = {}
+        for a in batch.alerts:
+            if a.observed_at >= position.get(a.device_id, (0.0, 0.0, -1.0))[2]:
+                position[a.device_id] = (a.lat, a.lon, a.observed_at)
+        rows = []
+        # sorted by device: replicas upserting the same devices lock their rows in one order
+        for device_id in sorted(batch.seen):
+            c = counts.get(device_id, [0, 0, 0])
+            lat, lon, _ = position.get(device_id, (None, None, None))
+            rows.append(
+                (
+                    device_id,
+                    batch.seen[device_id],
+                    last_seq.get(device_id),
+                    c[0],
+                    c[1],
+                    c[2],
+                    lat,
+                    lon,
+                )
+            )
+        if rows:
+            cur.executemany(
+                "INSERT INTO devices(device_id, last_seen, last_seq, alerts_total,"
+                " rejected_total, out_of_area_total, lat, lon) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)"
+                " ON CONFLICT(device_id) DO UPDATE SET"
+                " last_seen = GREATEST(devices.last_seen, excluded.last_seen),"
+                " lat = COALESCE(excluded.lat, devices.lat),"
+                " lon = COALESCE(excluded.lon, devices.lon),"
+                " last_seq = GREATEST(devices.last_seq, excluded.last_seq),"
+                " alerts_total = devices.alerts_total + excluded.alerts_total,"
+                " rejected_total = devices.rejected_total + excluded.rejected_total,"
+                " out_of_area_total = devices.out_of_area_total + excluded.out_of_area_total",
+                rows,
+            )
+        if batch.statuses:
+            # A status is applied only if it is not older than the one held: a retained
+            # "online" replayed on resubscribe must not undo a later Last Will.
+            cur.executemany(
+                "UPDATE devices SET state=%s, state_reason=%s, state_at=%s,"
+                " kind=COALESCE(%s, kind), health=COALESCE(%s, health)"
+                " WHERE device_id=%s AND (state_at IS NULL OR state_at <= %s)",
+                [
+                    (s.state, s.reason, s.at, s.kind, s.health, s.device_id, s.at)
+                    for s in sorted(batch.statuses, key=lambda s: s.device_id)
+                ],
+            )
+
+    # -- lifecycle (operators) ----------------------------------------------
+
+    def set_status(
+        self, event_id: int, status: EventStatus, actor: str, note: str = ""
+    ) -> dict[str, Any]:
+        """Move an event along its lifecycle; a closed event stays closed. The row lock makes
+        a batch merging into the event wait for the step, or the step for the batch."""
+        now = time.time()
+        with self.connection() as conn, conn.transaction():
+            row = conn.execute(
+                "SELECT status FROM events WHERE id=%s FOR UPDATE", (event_id,)
+            ).fetchone()
+            if row is None:
+                raise PoolError(f"no event {event_id}")
+            if row[0] == EventStatus.CLOSED.value:
+                raise PoolError(f"event {event_id} is closed; a recurrence opens a new event")
+            change_row = conn.execute(
+                "UPDATE events SET status=%s, updated_at=%s, closed_at=%s, version=version+1,"
+                " change_seq=nextval('pool_change_seq') WHERE id=%s RETURNING change_seq",
+                (status.value, now, now if status is EventStatus.CLOSED else None, event_id),
+            ).fetchone()
+            assert change_row is not None
+            conn.execute(
+                "INSERT INTO event_log(event_id, at, action, actor, detail)"
+                " VALUES (%s,%s,%s,%s,%s)",
+                (
+                    event_id,
+                    now,
+                    f"status:{status.value}",
+                    actor,
+                    _json({"from": row[0], "note": note}),
+                ),
+            )
+            conn.execute(
+                "SELECT pg_notify(%s, %s)",
+                (CHANNEL, _json({"change": int(change_row[0]), "updated": [event_id]})),
+            )
+        return {"event_id": event_id, "from": row[0], "to": status.value, "at": now}
+
+    # -- retention -------------------------------------------------------------
+
+    def prune(self, before: float, limit: int = 10_000) -> int:
+        """Delete up to ``limit`` dead letters and out-of-area rows received before ``before``
+        (epoch seconds), oldest first; returns how many went (as ``EventPool.prune``)."""
+        removed = 0
+        with self.connection() as conn, conn.transaction():
+            for table, key in (("dead_letters", "id"), ("out_of_area", "alert_id")):
+                cur = conn.execute(
+                    sql.SQL(
+                        "DELETE FROM {t} WHERE {k} IN (SELECT {k} FROM {t}"
+                        " WHERE received_at < %s ORDER BY received_at LIMIT %s)"
+                    ).format(t=sql.Identifier(table), k=sql.Identifier(key)),
+                    (before, limit),
+                )
+                removed += max(cur.rowcount, 0)
+        return removed
+
+    def drop_alerts_before(self, before: float) -> list[str]:
+        """The retention job for months of alerts: drop every monthly partition that ends at
+        or before ``before``, with its alert ids (a redelivery of one later would be pooled
+        again, as a new alert: keep months for longer than any device's outbox). Events and
+        their logs stay. Returns the partitions dropped."""
+        dropped = []
+        with self.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
+            parts = conn.execute(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                " WHERE i.inhparent = 'alerts'::regclass ORDER BY c.relname"
+            ).fetchall()
+            for (name,) in parts:
+                if not (name.startswith("alerts_p") and name[8:].isdigit()):
+                    continue
+                m = int(name[8:12]) * 12 + int(name[12:14]) - 1
+                if _month_start(m + 1) > before:
+                    continue
+                conn.execute(
+                    "DELETE FROM alert_ids WHERE received_at >= %s AND received_at < %s",
+                    (_month_start(m), _month_start(m + 1)),
+                )
+                conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+                self._months.discard(m)
+                dropped.append(name)
+        return dropped
+
+
+class PgSnapshotStore:
+    """Snapshots where every replica reads them: content-addressed JPEG bytes in the pool's
+    ``snapshots`` table. Written (autocommit) before the batch that names them commits, as
+    ``SnapshotStore`` writes its files."""
+
+    def __init__(self, pool: PgEventPool) -> None:
+        self._pool = pool
+
+    def put(self, jpeg: bytes) -> str:
+        sha = hashlib.sha256(jpeg).hexdigest()
+        with self._pool.connection() as conn:
+            conn.execute(
+                "INSERT INTO snapshots(sha256, jpeg, stored_at) VALUES (%s, %s, %s)"
+                " ON CONFLICT(sha256) DO NOTHING",
+                (sha, jpeg, time.time()),
+            )
+        return sha
+
+    def get(self, sha256: str) -> bytes | None:
+        with self._pool.connection() as conn:
+            row = conn.execute("SELECT jpeg FROM snapshots WHERE sha256=%s", (sha256,)).fetchone()
+        return None if row is None else bytes(row[0])
