@@ -388,6 +388,7 @@ class CredentialsDir:
                         "broker": BrokerEndpoint(
                             host=self.broker_host or creds.broker.host,
                             port=self.broker_port or creds.broker.port,
+                            ca_file=creds.broker.ca_file,  # TLS stays on with its CA
                         )
                     }
                 )
