@@ -9,7 +9,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,6 @@ from aggregator.pgpool import (
     LockMode,
     PgEventPool,
     PgSnapshotStore,
-    PoolUnavailableError,
-    is_pg_pool_fault,
     migrate,
     migrations,
 )
@@ -54,9 +51,7 @@ class PgHarness:
 
     def send(self, *alerts: AlertV1) -> list[Outcome]:
         result = self.pool.commit_batch(self.batch(*alerts))
-        return [r.outcome for r in result.alerts] + [Outcome.OUT_OF_AREA] * len(
-            result.out_of_area
-        )
+        return [r.outcome for r in result.alerts] + [Outcome.OUT_OF_AREA] * len(result.out_of_area)
 
     def rows(self, query: str, *params: object) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.url) as conn:
@@ -97,3 +92,279 @@ def test_same_alert_id_twice_is_one_row(h: PgHarness) -> None:
         "SELECT count(*), sum(alert_count) FROM alerts JOIN events ON events.id = alerts.event_id"
     ) == [(1, 1)]
     assert h.rows("SELECT count(*) FROM alert_ids") == [(1,)]
+
+
+def test_three_devices_within_radius_and_window_make_one_event(h: PgHarness) -> None:
+    lat, lon = interior(grid_in_community(2))
+    # smoke_fire: 150 m radius, 1800 s window
+    a = make_alert("cam-1", lat, lon, observed_at=past(600), snapshot=jpeg(1), confidence=0.6)
+    b = make_alert("cam-2", *offset(lat, lon, north_m=80), observed_at=past(300), confidence=0.9,
+                   snapshot=jpeg(2))  # fmt: skip
+    c = make_alert("cam-3", *offset(lat, lon, east_m=-100), observed_at=past(0), confidence=0.7,
+                   snapshot=jpeg(3))  # fmt: skip
+    assert h.send(a) == [Outcome.ACCEPTED]
+    assert h.send(b, c) == [Outcome.MERGED, Outcome.MERGED]
+    [(event_id, alerts, devices, snap)] = h.rows(
+        "SELECT id, alert_count, device_count, snapshot_sha256 FROM events"
+    )
+    assert (alerts, devices) == (3, 3)
+    assert h.rows(
+        "SELECT device_id FROM event_devices WHERE event_id=%s ORDER BY device_id", event_id
+    ) == [("cam-1",), ("cam-2",), ("cam-3",)]
+    assert snap == h.rows("SELECT snapshot_sha256 FROM alerts WHERE device_id='cam-2'")[0][0]
+
+
+@pytest.mark.parametrize(
+    ("north_m", "seconds_apart", "same_event"),
+    [(140, 0, True), (170, 0, False), (0, 1700, True), (0, 1900, False)],
+)
+def test_radius_and_window_come_from_the_catalogue(
+    h: PgHarness, north_m: float, seconds_apart: float, same_event: bool
+) -> None:
+    lat, lon = interior(grid_in_community(3))
+    h.send(make_alert("cam-1", lat, lon, observed_at=past(4000)))
+    second = make_alert(
+        "cam-2", *offset(lat, lon, north_m=north_m), observed_at=past(4000 - seconds_apart)
+    )
+    assert h.send(second) == [Outcome.MERGED if same_event else Outcome.ACCEPTED]
+
+
+def test_closed_event_absorbs_nothing_and_recurrence_links_to_it(h: PgHarness) -> None:
+    lat, lon = interior(grid_in_community(1))
+    h.send(make_alert("cam-1", lat, lon, observed_at=past(60)))
+    [(closed_id,)] = h.rows("SELECT id FROM events")
+    done = h.pool.set_status(int(closed_id), EventStatus.CLOSED, actor="test", note="put out")
+    assert (done["from"], done["to"]) == ("registered", "closed")
+    assert h.send(make_alert("cam-2", lat, lon)) == [Outcome.ACCEPTED]
+    rows = h.rows("SELECT id, status, recurrence_of, alert_count FROM events ORDER BY id")
+    assert rows == [(closed_id, "closed", None, 1), (rows[1][0], "registered", closed_id, 1)]
+    with pytest.raises(Exception, match="closed"):
+        h.pool.set_status(int(closed_id), EventStatus.HANDLING, actor="test")
+
+
+def test_out_of_area_alert_makes_no_event(h: PgHarness) -> None:
+    assert h.send(make_alert("cam-1", *OUTSIDE)) == [Outcome.OUT_OF_AREA]
+    assert h.rows("SELECT count(*) FROM events") == [(0,)]
+    assert h.rows("SELECT device_id, out_of_area_total FROM devices") == [("cam-1", 1)]
+
+
+def test_batch_is_one_transaction_and_a_rolled_back_batch_notifies_nobody(h: PgHarness) -> None:
+    lat, lon = interior(grid_in_community(0))
+    batch = h.batch(*(make_alert("cam-1", lat, lon, seq=i) for i in range(3)))
+    batch.alerts[2] = replace(batch.alerts[2], type="not_in_catalogue")
+    with psycopg.connect(h.url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {CHANNEL}")
+        with pytest.raises(KeyError):
+            h.pool.commit_batch(batch)
+        assert list(listener.notifies(timeout=0.3)) == []
+    for table in ("events", "alerts", "alert_ids", "devices", "batches"):
+        assert h.rows(f"SELECT count(*) FROM {table}") == [(0,)], table
+    # the same alerts, whole, pool afterwards: nothing of the failed try is left claimed
+    batch.alerts[2] = replace(batch.alerts[2], type="smoke_fire")
+    assert [r.outcome for r in h.pool.commit_batch(batch).alerts] == [
+        Outcome.ACCEPTED,
+        Outcome.MERGED,
+        Outcome.MERGED,
+    ]
+
+
+def test_change_feed_notifies_committed_batches_and_lifecycle_steps(h: PgHarness) -> None:
+    lat, lon = interior(grid_in_community(2, 2))
+    with psycopg.connect(h.url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {CHANNEL}")
+        first = h.pool.commit_batch(h.batch(make_alert("cam-1", lat, lon)))
+        second = h.pool.commit_batch(h.batch(make_alert("cam-2", lat, lon)))
+        [event_id] = first.created
+        h.pool.set_status(event_id, EventStatus.VERIFIED, actor="op")
+        got = [orjson_loads(n.payload) for n in listener.notifies(timeout=5, stop_after=3)]
+    assert [g.get("created") for g in got] == [[event_id], [], None]
+    assert [g["updated"] for g in got] == [[], [event_id], [event_id]]
+    assert second.updated == {event_id}
+    changes = [g["change"] for g in got]
+    assert changes == sorted(changes)
+    assert len(set(changes)) == 3
+    assert h.rows("SELECT change_seq FROM events") == [(changes[2],)]
+
+
+def orjson_loads(text: str) -> dict[str, Any]:
+    import orjson
+
+    value: dict[str, Any] = orjson.loads(text)
+    return value
+
+
+def test_dead_letters_are_kept_once_with_their_key(h: PgHarness) -> None:
+    raw = ((TOPICS.alert("cam-9"), b'{"schema": "alert/v1", "broken'),)
+    first = h.pool.commit_batch(h.batch(raw=raw))
+    again = h.pool.commit_batch(h.batch(raw=raw))
+    [a], [b] = first.dead_letters, again.dead_letters
+    assert (a.duplicate, b.duplicate, a.id) == (False, True, b.id)
+    assert h.rows("SELECT count(*), max(payload_size) FROM dead_letters") == [(1, len(raw[0][1]))]
+    assert h.rows("SELECT rejected_total FROM devices WHERE device_id='cam-9'") == [(1,)]
+
+
+def test_prune_drops_old_dead_letters_and_out_of_area_rows(h: PgHarness) -> None:
+    old = time.time() - 1000
+    msgs = [
+        Inbound(TOPICS.alert("cam-9"), b"{not json", old),
+        Inbound(TOPICS.alert("cam-8"), make_alert("cam-8", *OUTSIDE).to_json(), old),
+    ]
+    h.pool.commit_batch(h.pipeline.assemble(msgs).batch)
+    h.pool.commit_batch(h.batch(raw=((TOPICS.alert("cam-9"), b"{new"),)))
+    assert h.pool.prune(time.time() - 500) == 2
+    assert h.rows("SELECT count(*) FROM dead_letters") == [(1,)]
+    assert h.rows("SELECT count(*) FROM out_of_area") == [(0,)]
+
+
+def test_snapshots_are_shared_in_the_pool(h: PgHarness) -> None:
+    store = PgSnapshotStore(h.pool)
+    sha = store.put(jpeg(5))
+    assert store.put(jpeg(5)) == sha
+    assert store.get(sha) == jpeg(5)
+    assert store.get("0" * 64) is None
+    assert h.rows("SELECT count(*) FROM snapshots") == [(1,)]
+
+
+def test_months_of_alerts_are_partitions_and_retention_drops_them_with_their_ids(
+    h: PgHarness,
+) -> None:
+    lat, lon = interior(grid_in_community(3, 1))
+    now = time.time()
+    old = now - 120 * 86400  # four months ago: a partition made on demand
+    msgs = [Inbound(TOPICS.alert("cam-1"), make_alert("cam-1", lat, lon).to_json(), old)]
+    h.pool.commit_batch(h.pipeline.assemble(msgs).batch)
+    h.send(make_alert("cam-2", lat, lon, type="crowd_gathering"))
+    dropped = h.pool.drop_alerts_before(now - 60 * 86400)
+    assert len(dropped) >= 1
+    assert h.rows("SELECT device_id FROM alerts") == [("cam-2",)]
+    assert h.rows("SELECT count(*) FROM alert_ids") == [(1,)]
+    assert h.rows("SELECT count(*) FROM events") == [(2,)]  # events stay
+
+
+# ---------------------------------------------------------------------------- replicas
+
+
+def _alert(device: str, lat: float, lon: float, observed_at: float) -> AlertIn:
+    return AlertIn(
+        alert_id=f"{device}-{uuid.uuid4().hex}",
+        device_id=device,
+        seq=1,
+        type="smoke_fire",
+        severity=Severity.HIGH,
+        confidence=0.8,
+        observed_at=observed_at,
+        received_at=time.time(),
+        lat=lat,
+        lon=lon,
+        grid_code="g",
+        grid_path="[]",
+        address="a",
+        description="d",
+        snapshot_sha256=None,
+        payload=b"{}",
+    )
+
+
+@pytest.mark.parametrize(("lock", "rounds"), [("cell", 200), ("batch", 50)])
+def test_two_replicas_pooling_one_incident_at_the_same_instant_make_one_event(
+    pg_url: str, lock: LockMode, rounds: int
+) -> None:
+    """Two writers with pools of their own commit an alert of one incident each, released by a
+    barrier, ``rounds`` times; half the incidents straddle a lock cell's edge."""
+    replicas = [PgEventPool(pg_url, CATALOGUE, lock=lock) for _ in range(2)]
+    barrier = threading.Barrier(2, timeout=30)
+    errors: list[BaseException] = []
+    now = time.time()
+
+    def place(i: int) -> tuple[tuple[float, float], tuple[float, float]]:
+        edge = (1100 + 2 * i) * LOCK_CELL_DEG  # incidents 4 cells (~4 km) apart
+        if i % 2:  # both in one cell
+            return (edge + 0.004, 114.25), (edge + 0.0045, 114.2505)
+        return (edge - 0.0003, 114.25), (edge + 0.0003, 114.2502)  # ~70 m, across the edge
+
+    def run(k: int) -> None:
+        try:
+            for i in range(rounds):
+                (lat, lon) = place(i)[k]
+                alert = _alert(f"cam-{k}", lat, lon, now)
+                barrier.wait()
+                result = replicas[k].commit_batch(
+                    Batch(alerts=[alert], seen={alert.device_id: now})
+                )
+                assert result.alerts[0].outcome in (Outcome.ACCEPTED, Outcome.MERGED)
+        except BaseException as exc:  # noqa: BLE001  (reported by the main thread)
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for r in replicas:
+        r.close()
+    assert not errors, errors
+    with psycopg.connect(pg_url) as conn:
+        counts = conn.execute(
+            "SELECT count(*), min(alert_count), max(alert_count) FROM events"
+        ).fetchone()
+        accepted = conn.execute("SELECT count(*) FROM alerts WHERE outcome='accepted'").fetchone()
+    assert counts == (rounds, 2, 2)
+    assert accepted == (rounds,)
+
+
+# ---------------------------------------------------------------------------- same as SQLite
+
+
+def _comparable(result: BatchResult) -> dict[str, Any]:
+    touched = sorted(result.created | result.updated)
+    summaries = []
+    for event_id in touched:
+        s = dict(result.summary(event_id))
+        # registered now by each pool: equal spans, different instants
+        registered, deadline = s.pop("registered_at"), s.pop("deadline_at")
+        s["deadline_after_s"] = round((deadline - registered).total_seconds())
+        summaries.append(s)
+    return {
+        "alerts": [(r.alert_id, r.device_id, r.seq, r.outcome, r.event_id) for r in result.alerts],
+        "dead": [
+            (d.id, d.device_id, d.reason, d.detail, d.duplicate, d.seq) for d in result.dead_letters
+        ],
+        "out": [o.alert_id for o in result.out_of_area],
+        "created": sorted(result.created),
+        "updated": sorted(result.updated),
+        "summaries": summaries,
+    }
+
+
+def test_the_same_batches_give_the_same_outcomes_as_the_sqlite_pool(
+    h: PgHarness, tmp_path: Path
+) -> None:
+    lite = EventPool(tmp_path / "pool.db", CATALOGUE)
+    try:
+        g0, g1 = interior(grid_in_community(0)), interior(grid_in_community(1, 3))
+        a = make_alert("cam-1", *g0, observed_at=past(900), snapshot=jpeg(1), confidence=0.6)
+        bad = ((TOPICS.alert("cam-7"), b'{"schema": "alert/v1"'),)
+        b = make_alert("cam-2", *offset(*g0, north_m=60), observed_at=past(600), confidence=0.9,
+                       snapshot=jpeg(2), severity="critical")  # fmt: skip
+        batches = [
+            h.batch(a, a, make_alert("cam-3", *OUTSIDE), raw=bad),
+            h.batch(b, a, make_alert("cam-4", *g1, type="crowd_gathering"), raw=bad),
+            h.batch(make_alert("cam-1", *g0, observed_at=past(1700), seq=2)),  # backlog
+        ]
+        batches[0].statuses.append(StatusIn("cam-1", "online", None, time.time(), "camera", "{}"))
+        for batch in batches:
+            assert _comparable(h.pool.commit_batch(batch)) == _comparable(lite.commit_batch(batch))
+        lite.set_status(1, EventStatus.CLOSED, "op")
+        h.pool.set_status(1, EventStatus.CLOSED, "op")
+        again = h.batch(make_alert("cam-5", *offset(*g0, east_m=20)))
+        pg, sq = _comparable(h.pool.commit_batch(again)), _comparable(lite.commit_batch(again))
+        assert pg == sq
+        assert pg["summaries"][0]["recurrence_of"] == 1
+        devices = (
+            "SELECT device_id, state, last_seq, alerts_total, rejected_total, out_of_area_total"
+            " FROM devices ORDER BY device_id"
+        )
+        assert h.rows(devices) == [tuple(r) for r in lite.reader.execute(devices)]
+    finally:
+        lite.close()
