@@ -22,6 +22,8 @@ from aggregator.pgpool import (
     LockMode,
     PgEventPool,
     PgSnapshotStore,
+    PoolUnavailableError,
+    is_pg_pool_fault,
     migrate,
     migrations,
 )
@@ -368,3 +370,47 @@ def test_the_same_batches_give_the_same_outcomes_as_the_sqlite_pool(
         assert h.rows(devices) == [tuple(r) for r in lite.reader.execute(devices)]
     finally:
         lite.close()
+
+
+# ---------------------------------------------------------------------------- faults
+
+
+def test_server_down_is_a_pool_fault_and_the_next_batch_after_a_restart_commits(
+    pg_server: PgServer, pg_url: str, tmp_path: Path
+) -> None:
+    h = PgHarness(pg_url, tmp_path)
+    h.pool.close()
+    h.pool = PgEventPool(pg_url, CATALOGUE, connect_timeout_s=2)
+    try:
+        lat, lon = interior(grid_in_community(0, 3))
+        assert h.send(make_alert("cam-1", lat, lon)) == [Outcome.ACCEPTED]
+        pg_server.stop()
+        try:
+            batch = h.batch(make_alert("cam-2", lat, lon))
+            with pytest.raises(PoolUnavailableError) as caught:
+                h.pool.commit_batch(batch)
+            assert is_pg_pool_fault(caught.value)
+            assert isinstance(caught.value.__cause__, psycopg.Error | TimeoutError)
+        finally:
+            pg_server.start()
+        # the same batch again, as the ingest worker retries it unacknowledged
+        started = time.monotonic()
+        while True:
+            try:
+                result = h.pool.commit_batch(batch)
+                break
+            except PoolUnavailableError:
+                assert time.monotonic() - started < 10, "no commit within 10 s of the restart"
+                time.sleep(0.2)
+        assert [r.outcome for r in result.alerts] == [Outcome.MERGED]
+        assert h.rows("SELECT alert_count FROM events") == [(2,)]
+    finally:
+        h.pool.close()
+
+
+def test_a_restart_between_batches_costs_no_batch(pg_server: PgServer, h: PgHarness) -> None:
+    lat, lon = interior(grid_in_community(1, 2))
+    assert h.send(make_alert("cam-1", lat, lon)) == [Outcome.ACCEPTED]
+    pg_server.restart()
+    # the pool checks a connection before handing it out: the broken one is replaced
+    assert h.send(make_alert("cam-2", lat, lon)) == [Outcome.MERGED]
