@@ -163,22 +163,86 @@ _EVENT_COLUMNS: Final = (
 )
 
 # The open events near each point whose span can reach the alert's window, and the closed ones
-# that closed within it (recurrence links). One row per (type, box) from unnest: a batch's
-# alerts in a few hundred distinct places cost one statement.
+# that closed within it (recurrence links). One row per (type, box) in one JSON parameter: a
+# batch's alerts in a few hundred distinct places cost one statement.
 _CANDIDATES: Final = f"""
+WITH q AS MATERIALIZED (
+    SELECT * FROM json_to_recordset(%s::json)
+        AS q(type text, la0 float8, la1 float8, lo0 float8, lo1 float8, since float8)
+)
 SELECT {_EVENT_COLUMNS} FROM events WHERE id IN (
-    SELECT e.id FROM unnest(%(t)s::text[], %(la0)s::float8[], %(la1)s::float8[],
-                            %(lo0)s::float8[], %(lo1)s::float8[], %(since)s::float8[])
-        AS q(type, la0, la1, lo0, lo1, since)
-    JOIN events e ON e.type = q.type AND e.status <> 'closed' AND e.lat BETWEEN q.la0 AND q.la1
-        AND e.lon BETWEEN q.lo0 AND q.lo1 AND e.last_observed_at >= q.since
+    SELECT e.id FROM q JOIN events e ON e.type = q.type AND e.status <> 'closed'
+        AND e.lat BETWEEN q.la0 AND q.la1 AND e.lon BETWEEN q.lo0 AND q.lo1
+        AND e.last_observed_at >= q.since
     UNION
-    SELECT e.id FROM unnest(%(t)s::text[], %(la0)s::float8[], %(la1)s::float8[],
-                            %(lo0)s::float8[], %(lo1)s::float8[], %(since)s::float8[])
-        AS q(type, la0, la1, lo0, lo1, since)
-    JOIN events e ON e.type = q.type AND e.status = 'closed' AND e.lat BETWEEN q.la0 AND q.la1
-        AND e.lon BETWEEN q.lo0 AND q.lo1 AND e.closed_at >= q.since
+    SELECT e.id FROM q JOIN events e ON e.type = q.type AND e.status = 'closed'
+        AND e.lat BETWEEN q.la0 AND q.la1 AND e.lon BETWEEN q.lo0 AND q.lo1
+        AND e.closed_at >= q.since
 ) ORDER BY id FOR NO KEY UPDATE
+"""
+
+# Many rows in one statement: the rows travel as one JSON parameter (orjson writes it in
+# microseconds, PostgreSQL reads it in one pass), where executemany would cost the server a
+# statement per row. Floats are written in their shortest round-trip form, so they arrive exact.
+_INSERT_EVENTS: Final = """
+INSERT INTO events(id, source, type, severity, status, department, grid_code, grid_path, lat,
+    lon, address, description, snapshot_sha256, snapshot_score, first_observed_at,
+    last_observed_at, registered_at, updated_at, deadline_at, alert_count, device_count,
+    recurrence_of, change_seq)
+SELECT * FROM json_to_recordset(%s::json) AS x(id bigint, source text, type text,
+    severity text, status text, department text, grid_code text, grid_path text, lat float8,
+    lon float8, address text, description text, snapshot_sha256 text, snapshot_score float8,
+    first_observed_at float8, last_observed_at float8, registered_at float8, updated_at float8,
+    deadline_at float8, alert_count int, device_count int, recurrence_of bigint,
+    change_seq bigint)
+"""
+_UPDATE_EVENTS: Final = """
+UPDATE events e SET severity = x.severity, snapshot_sha256 = x.snapshot_sha256,
+    snapshot_score = x.snapshot_score, first_observed_at = x.first_observed_at,
+    last_observed_at = x.last_observed_at, updated_at = x.updated_at,
+    alert_count = x.alert_count, device_count = x.device_count, change_seq = x.change_seq,
+    version = e.version + 1
+FROM json_to_recordset(%s::json) AS x(id bigint, severity text, snapshot_sha256 text,
+    snapshot_score float8, first_observed_at float8, last_observed_at float8,
+    updated_at float8, alert_count int, device_count int, change_seq bigint)
+WHERE e.id = x.id
+"""
+_UPSERT_EVENT_DEVICES: Final = """
+INSERT INTO event_devices(event_id, device_id, first_alert_at, alert_count)
+SELECT * FROM json_to_recordset(%s::json)
+    AS x(event_id bigint, device_id text, first_alert_at float8, alert_count int)
+ORDER BY event_id, device_id
+ON CONFLICT (event_id, device_id)
+    DO UPDATE SET alert_count = event_devices.alert_count + excluded.alert_count
+"""
+_INSERT_LOG: Final = """
+INSERT INTO event_log(event_id, at, action, actor, detail)
+SELECT event_id, at, 'registered', 'aggregator', detail
+FROM json_to_recordset(%s::json) AS x(event_id bigint, at float8, detail text)
+"""
+_INSERT_OUT_OF_AREA: Final = """
+INSERT INTO out_of_area(alert_id, device_id, type, observed_at, received_at, lat, lon)
+SELECT * FROM json_to_recordset(%s::json) AS x(alert_id text, device_id text, type text,
+    observed_at float8, received_at float8, lat float8, lon float8)
+ORDER BY alert_id
+ON CONFLICT (alert_id) DO NOTHING
+"""
+# sorted by device: replicas upserting the same devices lock their rows in one order
+_UPSERT_DEVICES: Final = """
+INSERT INTO devices(device_id, last_seen, last_seq, alerts_total, rejected_total,
+    out_of_area_total, lat, lon)
+SELECT * FROM json_to_recordset(%s::json) AS x(device_id text, last_seen float8,
+    last_seq bigint, alerts_total bigint, rejected_total bigint, out_of_area_total bigint,
+    lat float8, lon float8)
+ORDER BY device_id
+ON CONFLICT (device_id) DO UPDATE SET
+    last_seen = GREATEST(devices.last_seen, excluded.last_seen),
+    lat = COALESCE(excluded.lat, devices.lat),
+    lon = COALESCE(excluded.lon, devices.lon),
+    last_seq = GREATEST(devices.last_seq, excluded.last_seq),
+    alerts_total = devices.alerts_total + excluded.alerts_total,
+    rejected_total = devices.rejected_total + excluded.rejected_total,
+    out_of_area_total = devices.out_of_area_total + excluded.out_of_area_total
 """
 
 _COPY_ALERTS: Final = (
@@ -447,11 +511,8 @@ class PgEventPool:
                     )
                 )
         if log_new:
-            cur.executemany(
-                "INSERT INTO event_log(event_id, at, action, actor, detail)"
-                " VALUES (%s, %s, 'registered', 'aggregator', %s)",
-                [(s.id, now, _json(detail)) for s, detail in log_new],
-            )
+            records = [{"event_id": s.id, "at": now, "detail": _json(d)} for s, d in log_new]
+            cur.execute(_INSERT_LOG, (_json(records),))
         self._record_out_of_area(cur, batch.out_of_area)
         result.out_of_area = batch.out_of_area
         self._record_dead_letters(cur, batch.dead_letters, result)
@@ -506,16 +567,11 @@ class PgEventPool:
                 box[4] = since
         if not boxes:
             return
-        cols: dict[str, list[Any]] = {"t": [], "la0": [], "la1": [], "lo0": [], "lo1": []}
-        cols["since"] = []
-        for (type_, _, _), (la0, la1, lo0, lo1, since) in boxes.items():
-            cols["t"].append(type_)
-            cols["la0"].append(la0)
-            cols["la1"].append(la1)
-            cols["lo0"].append(lo0)
-            cols["lo1"].append(lo1)
-            cols["since"].append(since)
-        rows = cur.execute(_CANDIDATES, cols).fetchall()
+        records = [
+            {"type": t, "la0": la0, "la1": la1, "lo0": lo0, "lo1": lo1, "since": since}
+            for (t, _, _), (la0, la1, lo0, lo1, since) in boxes.items()
+        ]
+        rows = cur.execute(_CANDIDATES, (_json(records),)).fetchall()
         if not rows:
             return
         devices: dict[int, dict[str, int]] = {}
@@ -617,82 +673,76 @@ class PgEventPool:
         change: int,
     ) -> None:
         if new:
-            cur.executemany(
-                "INSERT INTO events(id, source, type, severity, status, department, grid_code,"
-                " grid_path, lat, lon, address, description, snapshot_sha256, snapshot_score,"
-                " first_observed_at, last_observed_at, registered_at, updated_at, deadline_at,"
-                " alert_count, device_count, recurrence_of, change_seq)"
-                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                [
-                    (
-                        s.id,
-                        SOURCE,
-                        s.type,
-                        s.severity.value,
-                        s.status,
-                        s.department,
-                        s.grid_code,
-                        s.grid_path,
-                        s.lat,
-                        s.lon,
-                        s.address,
-                        s.description,
-                        s.snapshot_sha256,
-                        s.snapshot_score,
-                        s.first,
-                        s.last,
-                        s.registered_at,
-                        now,
-                        s.deadline_at,
-                        s.alert_count,
-                        len(s.devices),
-                        s.recurrence_of,
-                        change,
-                    )
-                    for s in new
-                ],
-            )
+            records: list[dict[str, Any]] = [
+                {
+                    "id": s.id,
+                    "source": SOURCE,
+                    "type": s.type,
+                    "severity": s.severity.value,
+                    "status": s.status,
+                    "department": s.department,
+                    "grid_code": s.grid_code,
+                    "grid_path": s.grid_path,
+                    "lat": s.lat,
+                    "lon": s.lon,
+                    "address": s.address,
+                    "description": s.description,
+                    "snapshot_sha256": s.snapshot_sha256,
+                    "snapshot_score": s.snapshot_score,
+                    "first_observed_at": s.first,
+                    "last_observed_at": s.last,
+                    "registered_at": s.registered_at,
+                    "updated_at": now,
+                    "deadline_at": s.deadline_at,
+                    "alert_count": s.alert_count,
+                    "device_count": len(s.devices),
+                    "recurrence_of": s.recurrence_of,
+                    "change_seq": change,
+                }
+                for s in new
+            ]
+            cur.execute(_INSERT_EVENTS, (_json(records),))
         if changed:
-            cur.executemany(
-                "UPDATE events SET severity=%s, snapshot_sha256=%s, snapshot_score=%s,"
-                " first_observed_at=%s, last_observed_at=%s, updated_at=%s, alert_count=%s,"
-                " device_count=%s, change_seq=%s, version=version+1 WHERE id=%s",
-                [
-                    (
-                        s.severity.value,
-                        s.snapshot_sha256,
-                        s.snapshot_score,
-                        s.first,
-                        s.last,
-                        now,
-                        s.alert_count,
-                        len(s.devices),
-                        change,
-                        s.id,
-                    )
-                    for s in changed
-                ],
-            )
+            records = [
+                {
+                    "id": s.id,
+                    "severity": s.severity.value,
+                    "snapshot_sha256": s.snapshot_sha256,
+                    "snapshot_score": s.snapshot_score,
+                    "first_observed_at": s.first,
+                    "last_observed_at": s.last,
+                    "updated_at": now,
+                    "alert_count": s.alert_count,
+                    "device_count": len(s.devices),
+                    "change_seq": change,
+                }
+                for s in changed
+            ]
+            cur.execute(_UPDATE_EVENTS, (_json(records),))
         if device_alerts:
-            cur.executemany(
-                "INSERT INTO event_devices(event_id, device_id, first_alert_at, alert_count)"
-                " VALUES (%s,%s,%s,%s) ON CONFLICT(event_id, device_id)"
-                " DO UPDATE SET alert_count = event_devices.alert_count + excluded.alert_count",
-                sorted((s.id, device, first_at, n) for s, device, (first_at, n) in device_alerts),
-            )
+            records = [
+                {"event_id": s.id, "device_id": d, "first_alert_at": first_at, "alert_count": n}
+                for s, d, (first_at, n) in device_alerts
+            ]
+            cur.execute(_UPSERT_EVENT_DEVICES, (_json(records),))
 
     @staticmethod
     def _record_out_of_area(cur: psycopg.Cursor[Any], items: Sequence[OutOfAreaIn]) -> None:
         if not items:
             return
-        cur.executemany(
-            "INSERT INTO out_of_area(alert_id, device_id, type, observed_at, received_at, lat,"
-            " lon) VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT(alert_id) DO NOTHING",
-            sorted(
-                (o.alert_id, o.device_id, o.type, o.observed_at, o.received_at, o.lat, o.lon)
-                for o in items
-            ),
-        )
+        records = [
+            {
+                "alert_id": o.alert_id,
+                "device_id": o.device_id,
+                "type": o.type,
+                "observed_at": o.observed_at,
+                "received_at": o.received_at,
+                "lat": o.lat,
+                "lon": o.lon,
+            }
+            for o in items
+        ]
+        cur.execute(_INSERT_OUT_OF_AREA, (_json(records),))
 
     def _record_dead_letters(
         self, cur: psycopg.Cursor[Any], items: Sequence[DeadLetterIn], result: BatchResult
@@ -755,37 +805,24 @@ class PgEventPool:
         for a in batch.alerts:
             if a.observed_at >= position.get(a.device_id, (0.0, 0.0, -1.0))[2]:
                 position[a.device_id] = (a.lat, a.lon, a.observed_at)
-        rows = []
-        # sorted by device: replicas upserting the same devices lock their rows in one order
-        for device_id in sorted(batch.seen):
+        records = []
+        for device_id, seen in batch.seen.items():
             c = counts.get(device_id, [0, 0, 0])
             lat, lon, _ = position.get(device_id, (None, None, None))
-            rows.append(
-                (
-                    device_id,
-                    batch.seen[device_id],
-                    last_seq.get(device_id),
-                    c[0],
-                    c[1],
-                    c[2],
-                    lat,
-                    lon,
-                )
+            records.append(
+                {
+                    "device_id": device_id,
+                    "last_seen": seen,
+                    "last_seq": last_seq.get(device_id),
+                    "alerts_total": c[0],
+                    "rejected_total": c[1],
+                    "out_of_area_total": c[2],
+                    "lat": lat,
+                    "lon": lon,
+                }
             )
-        if rows:
-            cur.executemany(
-                "INSERT INTO devices(device_id, last_seen, last_seq, alerts_total,"
-                " rejected_total, out_of_area_total, lat, lon) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)"
-                " ON CONFLICT(device_id) DO UPDATE SET"
-                " last_seen = GREATEST(devices.last_seen, excluded.last_seen),"
-                " lat = COALESCE(excluded.lat, devices.lat),"
-                " lon = COALESCE(excluded.lon, devices.lon),"
-                " last_seq = GREATEST(devices.last_seq, excluded.last_seq),"
-                " alerts_total = devices.alerts_total + excluded.alerts_total,"
-                " rejected_total = devices.rejected_total + excluded.rejected_total,"
-                " out_of_area_total = devices.out_of_area_total + excluded.out_of_area_total",
-                rows,
-            )
+        if records:
+            cur.execute(_UPSERT_DEVICES, (_json(records),))
         if batch.statuses:
             # A status is applied only if it is not older than the one held: a retained
             # "online" replayed on resubscribe must not undo a later Last Will.
