@@ -89,6 +89,7 @@ _DRAIN_S = 60.0
 _RECV_CHUNK = 1 << 16
 # "Try again later" on a non-blocking socket, plain or TLS (a TLS write may need a read first
 # and the other way round; either way the same bytes are offered again on the next turn).
+_TLS_RECORD: Final = 16384  # the largest TLS record's payload
 _WOULD_BLOCK: Final = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
@@ -583,8 +584,11 @@ class RawConnection:
         if not self.out and time.monotonic() - self.last_write > _KEEPALIVE_S / 3:
             self.out += _PINGREQ  # idle (draining): keep the session alive
         if self.out:
+            # TLS: at most one record per call, so a write that must be retried is retried
+            # with exactly the same bytes, as OpenSSL requires.
+            chunk = bytes(self.out[:_TLS_RECORD]) if self.tls else self.out
             try:
-                n = self.sock.send(self.out)
+                n = self.sock.send(chunk)
             except _WOULD_BLOCK:
                 n = 0
             except OSError as exc:
