@@ -12,12 +12,15 @@ writers, which here may be aggregator replicas on other machines:
 - Semantic dedup is decided inside the batch's transaction. The batch takes a transaction-level
   advisory lock for every (type, coarse cell) within the merge radius of its alerts, in sorted
   order (no deadlock between replicas), then reads the open and recently closed candidate
-  events near each alert from the table (``FOR NO KEY UPDATE``, so an operator's lifecycle step
-  waits for the batch or the batch sees it). Two alerts of one incident are within the merge
+  events near each alert from the table. Two alerts of one incident are within the merge
   radius of each other, so their lock sets share a cell: replicas pooling them queue, and the
-  second reads the first's event. No in-memory cache is trusted across batches.
-- Writes go in a few round trips: ``COPY`` for the alerts, pipelined ``executemany`` for the
-  rest; event ids come from the ``events`` sequence.
+  second reads the first's event. No in-memory cache is trusted across batches. An operator's
+  lifecycle step takes the lock of its event's cell, so it waits for a batch that may merge
+  into the event, or the batch sees the step (no row locks on the candidates: locking a
+  thousand rows a batch dirtied as many heap pages). Every writer of one pool must use the
+  same lock mode.
+- Writes go in a few round trips: ``COPY`` for the alerts, and one statement per table for the
+  rest (rows as one JSON recordset parameter); event ids come from the ``events`` sequence.
 - The change feed: every commit sends ``NOTIFY cwg_pool`` (payload: batch, change number,
   created and updated event ids) inside its transaction, so listeners hear only of committed
   changes, in commit order.
@@ -178,7 +181,7 @@ SELECT {_EVENT_COLUMNS} FROM events WHERE id IN (
     SELECT e.id FROM q JOIN events e ON e.type = q.type AND e.status = 'closed'
         AND e.lat BETWEEN q.la0 AND q.la1 AND e.lon BETWEEN q.lo0 AND q.lo1
         AND e.closed_at >= q.since
-) ORDER BY id FOR NO KEY UPDATE
+) ORDER BY id
 """
 
 # Many rows in one statement: the rows travel as one JSON parameter (orjson writes it in
@@ -841,15 +844,29 @@ class PgEventPool:
     def set_status(
         self, event_id: int, status: EventStatus, actor: str, note: str = ""
     ) -> dict[str, Any]:
-        """Move an event along its lifecycle; a closed event stays closed. The row lock makes
-        a batch merging into the event wait for the step, or the step for the batch."""
-        now = time.time()
+        """Move an event along its lifecycle; a closed event stays closed. The lock of the
+        event's cell makes a batch that may merge into the event wait for the step, or the
+        step for the batch."""
         with self.connection() as conn, conn.transaction():
+            place = conn.execute(
+                "SELECT type, lat, lon FROM events WHERE id=%s", (event_id,)
+            ).fetchone()
+            if place is None:
+                raise PoolError(f"no event {event_id}")
+            type_, lat, lon = place
+            key = (
+                _BATCH_LOCK
+                if self.lock == "batch"
+                else _lock_key(
+                    type_, math.floor(lat / LOCK_CELL_DEG), math.floor(lon / LOCK_CELL_DEG)
+                )
+            )
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
             row = conn.execute(
                 "SELECT status FROM events WHERE id=%s FOR UPDATE", (event_id,)
             ).fetchone()
-            if row is None:
-                raise PoolError(f"no event {event_id}")
+            assert row is not None  # events are never deleted
+            now = time.time()  # under the lock: after every batch that merged into the event
             if row[0] == EventStatus.CLOSED.value:
                 raise PoolError(f"event {event_id} is closed; a recurrence opens a new event")
             change_row = conn.execute(

@@ -414,3 +414,51 @@ def test_a_restart_between_batches_costs_no_batch(pg_server: PgServer, h: PgHarn
     pg_server.restart()
     # the pool checks a connection before handing it out: the broken one is replaced
     assert h.send(make_alert("cam-2", lat, lon)) == [Outcome.MERGED]
+
+
+def test_a_lifecycle_step_and_batches_merging_into_its_event_never_overlap(pg_url: str) -> None:
+    """An operator closes an event while another writer keeps merging alerts into it: every
+    batch that merged into the event committed before the close, and later alerts open a
+    recurrence."""
+    writer, operator = (PgEventPool(pg_url, CATALOGUE) for _ in range(2))
+    lat, lon = 22.61, 114.05
+    try:
+        for round_ in range(10):
+            place = (lat + round_ * 0.05, lon)
+            first = writer.commit_batch(Batch(alerts=[_alert("cam-1", *place, time.time())]))
+            [event_id] = first.created
+            stop = threading.Event()
+
+            def merge_until_stopped(
+                place: tuple[float, float] = place, stop: threading.Event = stop
+            ) -> None:
+                while not stop.is_set():
+                    writer.commit_batch(Batch(alerts=[_alert("cam-2", *place, time.time())]))
+
+            merger = threading.Thread(target=merge_until_stopped)
+            merger.start()
+            time.sleep(0.02)
+            operator.set_status(event_id, EventStatus.CLOSED, actor="op")
+            time.sleep(0.02)
+            stop.set()
+            merger.join(10)
+            with psycopg.connect(pg_url) as conn:
+                late = conn.execute(
+                    "SELECT count(*) FROM alerts a JOIN batches b ON b.id = a.batch_id"
+                    " JOIN events e ON e.id = a.event_id"
+                    " WHERE e.id = %s AND b.committed_at > e.closed_at",
+                    (event_id,),
+                ).fetchone()
+                counted = conn.execute(
+                    "SELECT e.alert_count, (SELECT count(*) FROM alerts WHERE event_id = e.id),"
+                    " (SELECT count(*) FROM events WHERE recurrence_of = e.id)"
+                    " FROM events e WHERE e.id = %s",
+                    (event_id,),
+                ).fetchone()
+            assert late == (0,)
+            assert counted is not None
+            assert counted[0] == counted[1]
+            assert counted[2] == 1  # the alerts after the close opened one recurrence
+    finally:
+        writer.close()
+        operator.close()
