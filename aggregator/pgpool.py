@@ -14,7 +14,8 @@ writers, which here may be aggregator replicas on other machines:
   order (no deadlock between replicas), then reads the open and recently closed candidate
   events near each alert from the table. Two alerts of one incident are within the merge
   radius of each other, so their lock sets share a cell: replicas pooling them queue, and the
-  second reads the first's event. No in-memory cache is trusted across batches. An operator's
+  second reads the first's event. A writer's memory of events is used only where the row's
+  version (bumped by every write) says it is still current. An operator's
   lifecycle step takes the lock of its event's cell, so it waits for a batch that may merge
   into the event, or the batch sees the step (no row locks on the candidates: locking a
   thousand rows a batch dirtied as many heap pages). Every writer of one pool must use the
@@ -160,20 +161,21 @@ def migrate(conninfo: str, folder: Path = MIGRATIONS) -> list[int]:
 # ---------------------------------------------------------------------------- the adapter
 
 _EVENT_COLUMNS: Final = (
-    "id, type, status, severity, department, grid_code, grid_path, lat, lon, address,"
+    "version, id, type, status, severity, department, grid_code, grid_path, lat, lon, address,"
     " description, first_observed_at, last_observed_at, registered_at, deadline_at,"
     " alert_count, snapshot_sha256, snapshot_score, recurrence_of, closed_at"
 )
 
 # The open events near each point whose span can reach the alert's window, and the closed ones
 # that closed within it (recurrence links). One row per (type, box) in one JSON parameter: a
-# batch's alerts in a few hundred distinct places cost one statement.
-_CANDIDATES: Final = f"""
+# batch's alerts in a few hundred distinct places cost one statement. It returns ids and
+# versions; whole rows are read only for the events the writer does not hold at that version.
+_CANDIDATES: Final = """
 WITH q AS MATERIALIZED (
     SELECT * FROM json_to_recordset(%s::json)
         AS q(type text, la0 float8, la1 float8, lo0 float8, lo1 float8, since float8)
 )
-SELECT {_EVENT_COLUMNS} FROM events WHERE id IN (
+SELECT id, version FROM events WHERE id IN (
     SELECT e.id FROM q JOIN events e ON e.type = q.type AND e.status <> 'closed'
         AND e.lat BETWEEN q.la0 AND q.la1 AND e.lon BETWEEN q.lo0 AND q.lo1
         AND e.last_observed_at >= q.since
@@ -286,6 +288,9 @@ class PgEventPool:
     """The writer side of the pool on PostgreSQL. Any number of instances, in one process or on
     many machines, may write to one database at once."""
 
+    # held events beyond this many are forgotten at once (the next batches read them again)
+    HOLD_MAX = 200_000
+
     def __init__(
         self,
         url: str,
@@ -306,6 +311,10 @@ class PgEventPool:
         self._radius = {c: t.merge_radius_m for c, t in catalogue.types.items()}
         self._window = {c: t.merge_window_s for c, t in catalogue.types.items()}
         self._months: set[int] = set()
+        # Events as this writer last read or wrote them, by id: (version, state). Only a cache:
+        # a batch uses a held state only when the row still has that version (every write
+        # bumps it), so other replicas' and operators' changes are always read.
+        self._held: dict[int, tuple[int, EventState]] = {}
         if migrate_on_open:
             with _faults():
                 migrate(url)
@@ -372,7 +381,12 @@ class PgEventPool:
         if received:
             self._ensure_partitions((min(received), max(received)))
         with self.connection() as conn, conn.transaction():
-            return self._commit(conn, batch)
+            result, held = self._commit(conn, batch)
+        # Committed: only now may the writer's memory learn what this batch did.
+        if len(self._held) + len(held) > self.HOLD_MAX:
+            self._held = {}
+        self._held.update(held)
+        return result
 
     def _lock_keys(self, alerts: Sequence[AlertIn]) -> list[int]:
         if self.lock == "batch":
@@ -392,7 +406,9 @@ class PgEventPool:
                     keys.add(_lock_key(a.type, cy, cx))
         return sorted(keys)
 
-    def _commit(self, conn: psycopg.Connection[Any], batch: Batch) -> BatchResult:
+    def _commit(
+        self, conn: psycopg.Connection[Any], batch: Batch
+    ) -> tuple[BatchResult, dict[int, tuple[int, EventState]]]:
         result = BatchResult()
         now = time.time()
         cur = conn.cursor()
@@ -435,9 +451,12 @@ class PgEventPool:
             for i in pooled_before:
                 known.setdefault(i, None)  # its month was dropped by retention
 
-        work = _BatchWork(DedupIndex(self.ref_lat, self._radius, self._window))
         fresh = [a for a in batch.alerts if a.alert_id in claimed]
-        self._read_candidates(cur, work, fresh)
+        held = self._read_candidates(cur, fresh)
+        index = DedupIndex(self.ref_lat, self._radius, self._window)
+        for _, base in held.values():
+            index.put(base)  # read only: the batch edits copies (_BatchWork.edit)
+        work = _BatchWork(index)
 
         decisions: list[tuple[AlertIn, Outcome, int | EventState | None]] = []
         log_new: list[tuple[EventState, dict[str, Any]]] = []
@@ -535,7 +554,11 @@ class PgEventPool:
             return summary_dict(final[event_id], catalogue)
 
         result.summary = summary
-        return result
+        for state in changed:
+            held[state.id] = (held[state.id][0] + 1, state)
+        for state in new_states:
+            held[state.id] = (1, state)
+        return result, held
 
     @staticmethod
     def _notify(
@@ -555,10 +578,11 @@ class PgEventPool:
         cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
 
     def _read_candidates(
-        self, cur: psycopg.Cursor[Any], work: _BatchWork, alerts: Sequence[AlertIn]
-    ) -> None:
-        """Every event any of these alerts could join or link to, read under the batch's locks
-        into the batch's view; nothing is taken from memory of earlier batches."""
+        self, cur: psycopg.Cursor[Any], alerts: Sequence[AlertIn]
+    ) -> dict[int, tuple[int, EventState]]:
+        """Every event any of these alerts could join or link to, as it is now (read under the
+        batch's locks), by id: (version, state). Rows the writer holds at the same version are
+        not read again."""
         boxes: dict[tuple[str, float, float], list[float]] = {}
         for a in alerts:
             key = (a.type, a.lat, a.lon)
@@ -568,50 +592,62 @@ class PgEventPool:
                 boxes[key] = [*_box(a.lat, a.lon, self._radius[a.type]), since]
             elif since < box[4]:
                 box[4] = since
+        out: dict[int, tuple[int, EventState]] = {}
         if not boxes:
-            return
+            return out
         records = [
             {"type": t, "la0": la0, "la1": la1, "lo0": lo0, "lo1": lo1, "since": since}
             for (t, _, _), (la0, la1, lo0, lo1, since) in boxes.items()
         ]
-        rows = cur.execute(_CANDIDATES, (_json(records),)).fetchall()
-        if not rows:
-            return
+        missing = []
+        for event_id, version in cur.execute(_CANDIDATES, (_json(records),)):
+            hit = self._held.get(event_id)
+            if hit is not None and hit[0] == version:
+                out[event_id] = hit
+            else:
+                missing.append(event_id)
+        if not missing:
+            return out
         devices: dict[int, dict[str, int]] = {}
         for d in cur.execute(
             "SELECT event_id, device_id, alert_count FROM event_devices WHERE event_id = ANY(%s)"
             " ORDER BY event_id, first_alert_at, device_id",
-            ([r[0] for r in rows],),
+            (missing,),
         ):
             devices.setdefault(d[0], {})[d[1]] = d[2]
+        rows = cur.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ANY(%s)", (missing,)
+        ).fetchall()
         for r in rows:
-            if r[1] not in self.catalogue.types:
+            if r[2] not in self.catalogue.types:
                 continue
-            work.refresh(
+            out[r[1]] = (
+                r[0],
                 EventState(
-                    id=r[0],
-                    type=r[1],
-                    status=r[2],
-                    severity=Severity(r[3]),
-                    department=r[4],
-                    grid_code=r[5],
-                    grid_path=r[6],
-                    lat=r[7],
-                    lon=r[8],
-                    address=r[9],
-                    description=r[10],
-                    first=r[11],
-                    last=r[12],
-                    registered_at=r[13],
-                    deadline_at=r[14],
-                    alert_count=r[15],
-                    devices=devices.get(r[0], {}),
-                    snapshot_sha256=r[16],
-                    snapshot_score=r[17],
-                    recurrence_of=r[18],
-                    closed_at=r[19],
-                )
+                    id=r[1],
+                    type=r[2],
+                    status=r[3],
+                    severity=Severity(r[4]),
+                    department=r[5],
+                    grid_code=r[6],
+                    grid_path=r[7],
+                    lat=r[8],
+                    lon=r[9],
+                    address=r[10],
+                    description=r[11],
+                    first=r[12],
+                    last=r[13],
+                    registered_at=r[14],
+                    deadline_at=r[15],
+                    alert_count=r[16],
+                    devices=devices.get(r[1], {}),
+                    snapshot_sha256=r[17],
+                    snapshot_score=r[18],
+                    recurrence_of=r[19],
+                    closed_at=r[20],
+                ),
             )
+        return out
 
     def _find_open(self, work: _BatchWork, a: AlertIn) -> EventState | None:
         """The nearest open event of the type whose observed span, widened by the type's

@@ -462,3 +462,28 @@ def test_a_lifecycle_step_and_batches_merging_into_its_event_never_overlap(pg_ur
     finally:
         writer.close()
         operator.close()
+
+
+def test_a_writer_sees_what_another_replica_and_an_operator_did_to_an_event_it_holds(
+    pg_url: str,
+) -> None:
+    a, b = (PgEventPool(pg_url, CATALOGUE) for _ in range(2))
+    lat, lon, now = 22.63, 114.07, time.time()
+    try:
+        [event_id] = a.commit_batch(Batch(alerts=[_alert("cam-1", lat, lon, now)])).created
+        assert b.commit_batch(Batch(alerts=[_alert("cam-2", lat, lon, now)])).updated == {event_id}
+        third = a.commit_batch(Batch(alerts=[_alert("cam-3", lat, lon, now)]))
+        summary = third.summary(event_id)
+        assert (summary["alert_count"], summary["device_ids"]) == (3, ["cam-1", "cam-2", "cam-3"])
+        b.set_status(event_id, EventStatus.CLOSED, actor="op")
+        fourth = a.commit_batch(Batch(alerts=[_alert("cam-1", lat, lon, now)]))
+        [recurrence] = fourth.created
+        assert fourth.summary(recurrence)["recurrence_of"] == event_id
+        with psycopg.connect(pg_url) as conn:
+            row = conn.execute(
+                "SELECT alert_count, device_count, status FROM events WHERE id = %s", (event_id,)
+            ).fetchone()
+        assert row == (3, 3, "closed")
+    finally:
+        a.close()
+        b.close()
