@@ -39,6 +39,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -972,6 +973,78 @@ class PgEventPool:
                 self._months.discard(m)
                 dropped.append(name)
         return dropped
+
+
+@dataclass(frozen=True, slots=True)
+class PoolChange:
+    """One committed change of the pool, as the change feed announces it."""
+
+    change: int  # the change number (events.change_seq of the rows it touched)
+    batch: int | None  # the batch that made it; None for an operator's lifecycle step
+    created: tuple[int, ...]
+    updated: tuple[int, ...]
+    truncated: bool = False  # too many ids for a notification: read the batch's rows
+
+    @classmethod
+    def parse(cls, payload: str) -> PoolChange:
+        d = orjson.loads(payload)
+        return cls(
+            int(d["change"]),
+            d.get("batch"),
+            tuple(d.get("created", ())),
+            tuple(d.get("updated", ())),
+            bool(d.get("truncated", False)),
+        )
+
+
+class ChangeListener:
+    """Every change committed to the pool by any writer on any machine (``LISTEN cwg_pool``):
+    how a replica's operators see, live, the events other replicas pool.
+
+    Notifications sent while the listener was disconnected are not replayed: after a
+    reconnect ``reconnected`` is set, and the reader catches up from the table (events with a
+    change number above the last it saw, less a margin: numbers are taken before commit)."""
+
+    def __init__(self, url: str, *, connect_timeout_s: float = 5.0) -> None:
+        self._url = url
+        self._timeout = connect_timeout_s
+        self._conn: psycopg.Connection[Any] | None = None
+        self.reconnected = False
+        self.last_change = 0
+        self._open()
+        self.reconnected = False
+
+    def _open(self) -> None:
+        with _faults():
+            conn = psycopg.connect(
+                self._url, autocommit=True, connect_timeout=max(1, round(self._timeout))
+            )
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+        self._conn = conn
+        self.reconnected = True
+
+    def poll(self, timeout: float) -> list[PoolChange]:
+        """The changes committed since the last poll, waiting up to ``timeout`` s for the
+        first. Raises ``PoolUnavailableError`` while the server cannot be reached."""
+        if self._conn is None or self._conn.closed:
+            self._open()
+        assert self._conn is not None
+        try:
+            with _faults():
+                got = list(self._conn.notifies(timeout=timeout, stop_after=1))
+                if got:
+                    got += self._conn.notifies(timeout=0)
+        except PoolUnavailableError:
+            self._conn.close()
+            raise
+        changes = [PoolChange.parse(n.payload) for n in got if n.channel == CHANNEL]
+        for c in changes:
+            self.last_change = max(self.last_change, c.change)
+        return changes
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
 
 
 class PgSnapshotStore:

@@ -19,6 +19,7 @@ from aggregator.decode import DecodeLimits
 from aggregator.pgpool import (
     CHANNEL,
     LOCK_CELL_DEG,
+    ChangeListener,
     LockMode,
     PgEventPool,
     PgSnapshotStore,
@@ -484,6 +485,37 @@ def test_a_writer_sees_what_another_replica_and_an_operator_did_to_an_event_it_h
                 "SELECT alert_count, device_count, status FROM events WHERE id = %s", (event_id,)
             ).fetchone()
         assert row == (3, 3, "closed")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_an_operator_on_replica_b_hears_within_a_second_what_replica_a_commits(
+    pg_server: PgServer, pg_url: str
+) -> None:
+    a = PgEventPool(pg_url, CATALOGUE)
+    b = ChangeListener(pg_url)
+    try:
+        assert b.poll(0.05) == []
+        started = time.monotonic()
+        [event_id] = a.commit_batch(
+            Batch(alerts=[_alert("cam-1", 22.64, 114.08, time.time())])
+        ).created
+        [change] = b.poll(1.0)
+        assert time.monotonic() - started < 1.0
+        assert (change.created, change.updated, change.truncated) == ((event_id,), (), False)
+        assert b.last_change == change.change
+        # the server restarts: the listener says so, then listens again and says it reconnected
+        pg_server.restart()
+        with pytest.raises(PoolUnavailableError):
+            b.poll(1.0)
+        a.commit_batch(Batch(alerts=[_alert("cam-2", 22.64, 114.08, time.time())]))
+        b.reconnected = False
+        assert b.poll(0.2) == []  # reconnects; the notification sent meanwhile is gone
+        assert b.reconnected
+        a.commit_batch(Batch(alerts=[_alert("cam-3", 22.64, 114.08, time.time())]))
+        [after] = b.poll(1.0)
+        assert after.updated == (event_id,)
     finally:
         a.close()
         b.close()
