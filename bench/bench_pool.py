@@ -6,7 +6,9 @@ fixed places across the sample area, several warning types), then committed to a
 each kind. PostgreSQL runs with each dedup lock mode (``cell``: an advisory lock per type and
 coarse cell a batch touches; ``batch``: one lock per batch), with one writer and with two
 writers committing different batches at once from two threads (two "replicas", a connection
-pool each). Prints alerts/s, µs per alert and the batch commit's p50/p99.
+pool each), first with the batches dealt out in turn (what a shared subscription does), then
+with each writer given one half of the area. Prints alerts/s, µs per alert and the batch
+commit's p50/p99.
 
 Without ``--pg-url`` a throwaway PostgreSQL 15 is started as the tests start it
 (tests/pgsupport.py: run from the repository root).
@@ -71,14 +73,28 @@ def timed(commit: Callable[[Batch], BatchResult], batches: Sequence[Batch]) -> l
     return out
 
 
+def split_west_east(batches: Sequence[Batch], size: int) -> list[list[Batch]]:
+    """The same alerts, regrouped into batches of the western and of the eastern half of the
+    devices: two writers that each pool one side of the area (where per-cell locks let them
+    run side by side; with the shared subscription's round robin every batch spans the area)."""
+    alerts = sorted((a for b in batches for a in b.alerts), key=lambda a: a.lon)
+    halves = [alerts[: len(alerts) // 2], alerts[len(alerts) // 2 :]]
+    out: list[list[Batch]] = []
+    for half in halves:
+        half.sort(key=lambda a: a.received_at)
+        chunks = [half[i : i + size] for i in range(0, len(half), size)]
+        out.append([Batch(alerts=c, seen={a.device_id: a.received_at for a in c}) for c in chunks])
+    return out
+
+
 def concurrently(
-    writers: Sequence[PgEventPool], batches: Sequence[Batch]
+    writers: Sequence[PgEventPool], shares: Sequence[Sequence[Batch]]
 ) -> tuple[float, list[float]]:
     """Each writer commits its share of the batches from a thread of its own, all at once."""
     times: list[list[float]] = [[] for _ in writers]
 
     def run(k: int) -> None:
-        times[k].extend(timed(writers[k].commit_batch, batches[k :: len(writers)]))
+        times[k].extend(timed(writers[k].commit_batch, shares[k]))
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(len(writers))]
     t0 = time.perf_counter()
@@ -100,7 +116,7 @@ def report(name: str, alerts: int, wall: float, per_batch: list[float]) -> dict[
         "batch_p99_ms": round(p99 * 1e3, 1),
     }
     print(
-        f"{name:<34} {row['alerts_per_s']:>8} alerts/s {row['us_per_alert']:>7} µs/alert"
+        f"{name:<48} {row['alerts_per_s']:>8} alerts/s {row['us_per_alert']:>7} µs/alert"
         f"   batch p50 {row['batch_p50_ms']:>6} ms  p99 {row['batch_p99_ms']:>6} ms"
     )
     return row
@@ -147,12 +163,16 @@ def main() -> None:
                 per = timed(pg.commit_batch, batches)
                 report(f"PostgreSQL lock={lock}, 1 writer", n, time.perf_counter() - t0, per)
                 pg.close()
-                url = fresh_pg()
-                writers = [PgEventPool(url, catalogue, lock=lock) for _ in range(2)]
-                wall, per = concurrently(writers, batches)
-                report(f"PostgreSQL lock={lock}, 2 writers", n, wall, per)
-                for w in writers:
-                    w.close()
+                for how, shares in (
+                    ("round robin", [batches[0::2], batches[1::2]]),
+                    ("west|east", split_west_east(batches, args.batch)),
+                ):
+                    url = fresh_pg()
+                    writers = [PgEventPool(url, catalogue, lock=lock) for _ in range(2)]
+                    wall, per = concurrently(writers, shares)
+                    report(f"PostgreSQL lock={lock}, 2 writers, {how}", n, wall, per)
+                    for w in writers:
+                        w.close()
         finally:
             if server is not None:
                 server.stop()
