@@ -285,6 +285,17 @@ def _json(value: object) -> str:
     return orjson.dumps(value).decode()
 
 
+def _text(value: str) -> str:
+    """Free text as PostgreSQL can hold it: its text type refuses NUL characters, which SQLite
+    keeps and a device may send (a description, a rejected message's lenient ids). Without
+    this, one such alert would fail every batch it is in."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _opt_text(value: str | None) -> str | None:
+    return None if value is None else _text(value)
+
+
 class PgEventPool:
     """The writer side of the pool on PostgreSQL. Any number of instances, in one process or on
     many machines, may write to one database at once."""
@@ -691,7 +702,7 @@ class PgEventPool:
             lat=a.lat,
             lon=a.lon,
             address=a.address,
-            description=a.description or f"{wt.zh} / {wt.en}",
+            description=_text(a.description) or f"{wt.zh} / {wt.en}",
             first=a.observed_at,
             last=a.observed_at,
             registered_at=now,
@@ -799,11 +810,11 @@ class PgEventPool:
                 " ON CONFLICT(message_sha256) DO NOTHING RETURNING id",
                 (
                     dl.received_at,
-                    dl.topic,
-                    dl.device_id,
-                    dl.alert_id,
+                    _text(dl.topic),
+                    _opt_text(dl.device_id),
+                    _opt_text(dl.alert_id),
                     dl.reason.value,
-                    dl.detail,
+                    _text(dl.detail),
                     dl.payload[:keep],
                     key.hexdigest(),
                     len(dl.payload),
@@ -851,7 +862,7 @@ class PgEventPool:
             lat, lon, _ = position.get(device_id, (None, None, None))
             records.append(
                 {
-                    "device_id": device_id,
+                    "device_id": _text(device_id),
                     "last_seen": seen,
                     "last_seq": last_seq.get(device_id),
                     "alerts_total": c[0],
@@ -871,7 +882,15 @@ class PgEventPool:
                 " kind=COALESCE(%s, kind), health=COALESCE(%s, health)"
                 " WHERE device_id=%s AND (state_at IS NULL OR state_at <= %s)",
                 [
-                    (s.state, s.reason, s.at, s.kind, s.health, s.device_id, s.at)
+                    (
+                        _text(s.state),
+                        _opt_text(s.reason),
+                        s.at,
+                        _opt_text(s.kind),
+                        _opt_text(s.health),
+                        _text(s.device_id),
+                        s.at,
+                    )
                     for s in sorted(batch.statuses, key=lambda s: s.device_id)
                 ],
             )

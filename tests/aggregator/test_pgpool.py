@@ -29,9 +29,17 @@ from aggregator.pgpool import (
     migrations,
 )
 from aggregator.pipeline import Inbound, Pipeline
-from aggregator.pool import AlertIn, Batch, BatchResult, EventPool, StatusIn
+from aggregator.pool import AlertIn, Batch, BatchResult, DeadLetterIn, EventPool, StatusIn
 from aggregator.snapshots import SnapshotStore
-from contract import AlertV1, EventStatus, Outcome, Severity, Topics, default_catalogue
+from contract import (
+    AlertV1,
+    EventStatus,
+    Outcome,
+    RejectReason,
+    Severity,
+    Topics,
+    default_catalogue,
+)
 from tests.pgsupport import PgServer
 
 from .conftest import GRIDS, OUTSIDE, grid_in_community, interior, jpeg, make_alert, offset, past
@@ -519,3 +527,28 @@ def test_an_operator_on_replica_b_hears_within_a_second_what_replica_a_commits(
     finally:
         a.close()
         b.close()
+
+
+def test_nul_characters_that_postgresql_text_refuses_do_not_fail_the_batch(h: PgHarness) -> None:
+    lat, lon = interior(grid_in_community(0, 1))
+    alert = make_alert("cam-1", lat, lon).model_copy(update={"description": "smoke\x00 here"})
+    batch = h.batch(alert)
+    batch.dead_letters.append(
+        DeadLetterIn(
+            time.time(),
+            TOPICS.alert("cam-9"),
+            "cam\x009",
+            "a\x00",
+            RejectReason.SCHEMA_VIOLATION,
+            "bad \x00 byte",
+            b"\x00",
+        )
+    )
+    result = h.pool.commit_batch(batch)
+    assert [r.outcome for r in result.alerts] == [Outcome.ACCEPTED]
+    [event_id] = result.created
+    assert result.summary(event_id)["description"] == "smoke\ufffd here"
+    assert h.rows("SELECT description FROM events") == [("smoke\ufffd here",)]
+    assert h.rows("SELECT device_id, alert_id, detail, payload FROM dead_letters") == [
+        ("cam\ufffd9", "a\ufffd", "bad \ufffd byte", b"\x00")
+    ]
