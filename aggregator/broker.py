@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import pwd
+import resource
 import shutil
 import socket
 import subprocess
@@ -604,6 +605,26 @@ def _prepare_state_dir(settings: BrokerSettings) -> None:
 # --- helpers -------------------------------------------------------------------------------
 
 
+def raise_fd_limit(wanted: int | None = None) -> int:
+    """Raise this process's soft limit on open files to ``wanted`` (default: the hard limit),
+    never above the hard limit and never lowering it; returns the soft limit now.
+
+    Children inherit it. Mosquitto holds one descriptor per client connection, and the usual
+    soft limit of 1,024 would refuse a city fleet's 1,021st device."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if wanted is None else wanted
+    if hard != resource.RLIM_INFINITY:
+        target = min(target, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open-file limit to %s: %s", target, exc)
+            return soft
+        return target
+    return soft
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago on ``host`` (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -972,6 +993,7 @@ class MosquittoBroker:
         # which only the owner reads: it names every client and account that connects.
         s.log_file.touch(mode=0o600)
         s.log_file.chmod(0o600)
+        raise_fd_limit()  # inherited by mosquitto: one descriptor per connected device
         with s.log_file.open("ab") as out:
             self._proc = subprocess.Popen(
                 [exe, "-c", str(s.conf_file.resolve())],
