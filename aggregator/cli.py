@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["accounts"]:  # its own parser, with its own --help
-        from aggregator.auth import main_accounts
+        from aggregator.access.auth import main_accounts
 
         return main_accounts(argv[1:])
     args = build_parser().parse_args(argv)
@@ -252,7 +252,7 @@ def _tls_options(p: argparse.ArgumentParser) -> None:
 def _broker_settings(
     data_dir: Path, host: str = "127.0.0.1", port: int = 0, args: Any = None
 ) -> Any:
-    from aggregator.broker import BrokerSettings
+    from aggregator.broker.launcher import BrokerSettings
 
     tls: dict[str, Any] = {}
     if args is not None and not args.no_tls:
@@ -270,8 +270,8 @@ def _broker_settings(
 
 def ensure_aggregator_account(data_dir: Path) -> Path:
     """The aggregator's own broker account, created on first use; returns its password file."""
-    from aggregator.broker import provision_account, write_auth_files
-    from aggregator.registry import DeviceRegistry, atomic_write
+    from aggregator.broker.launcher import provision_account, write_auth_files
+    from aggregator.broker.registry import DeviceRegistry, atomic_write
 
     secret = data_dir / "accounts" / "aggregator.password"
     registry_path = data_dir / "registry.yaml"
@@ -296,8 +296,8 @@ def ensure_aggregator_account(data_dir: Path) -> Path:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from aggregator.broker import MosquittoBroker
-    from aggregator.registry import DeviceRegistry
+    from aggregator.broker.launcher import MosquittoBroker
+    from aggregator.broker.registry import DeviceRegistry
 
     ensure_aggregator_account(args.data_dir)
     registry = DeviceRegistry.load(args.data_dir / "registry.yaml")
@@ -325,7 +325,7 @@ def _wait_for_signal(duration: float = 0) -> None:
 
 
 def _broker_address(args: argparse.Namespace) -> tuple[str, int]:
-    from aggregator.broker import read_runtime
+    from aggregator.broker.launcher import read_runtime
 
     if args.broker:
         host, _, port = args.broker.rpartition(":")
@@ -373,7 +373,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"http": http})
     if args.http_port:
         from aggregator.api.server import run_service
-        from aggregator.timeseries import TimeSeriesSettings
+        from aggregator.fanout.timeseries import TimeSeriesSettings
 
         token = os.environ.get("CWG_TSDB_TOKEN")
         timeseries = (
@@ -395,7 +395,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def dev_https_files(data_dir: Path, host: str) -> tuple[Path, Path]:
     """A server certificate for the API signed by the development CA (the broker's, so one CA
     file is all a development client needs to trust)."""
-    from aggregator import devca
+    from aggregator.broker import devca
 
     ca_dir = data_dir / "broker" / "tls"
     out = data_dir / "https"
@@ -437,8 +437,8 @@ def run_aggregator(settings: Any, *, metrics: bool = False) -> int:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from aggregator.broker import provision_device
-    from aggregator.registry import DeviceLocation
+    from aggregator.broker.launcher import provision_device
+    from aggregator.broker.registry import DeviceLocation
 
     location = (
         DeviceLocation(lat=args.lat, lon=args.lon)
@@ -462,7 +462,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     if creds.broker.ca_file is not None:
         print(f"  {creds.broker.ca_file}  (the CA it verifies the broker's TLS listener with)")
     if args.edge_config is not None:
-        from aggregator.broker import write_edge_config
+        from aggregator.broker.launcher import write_edge_config
 
         path = write_edge_config(
             args.edge_config, creds, out, location=location, description=args.name
@@ -475,7 +475,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def _open_pool(data_dir: Path) -> sqlite3.Connection:
-    from aggregator.pool import connect
+    from aggregator.pool.sqlite import connect
 
     path = data_dir / "pool.db"
     if not path.exists():
@@ -544,8 +544,8 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 def cmd_handling(args: argparse.Namespace) -> int:
     from aggregator.config import Settings
-    from aggregator.geo import GridIndex, default_grid_file
-    from aggregator.handling import GroupBy, Handling, group_name, handling_stats
+    from aggregator.grids import GridIndex, default_grid_file
+    from aggregator.pool.handling import GroupBy, Handling, group_name, handling_stats
     from contract import load_catalogue
 
     db = _open_pool(args.data_dir)
@@ -663,7 +663,7 @@ def cmd_catalogue(args: argparse.Namespace) -> int:
 
 
 def cmd_grids(args: argparse.Namespace) -> int:
-    from aggregator.geo import GridIndex, default_grid_file
+    from aggregator.grids import GridIndex, default_grid_file
 
     index = GridIndex.from_geojson(args.grid_file or default_grid_file())
     table = Table(header_style="bold", title=f"{len(index)} grids")

@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from aggregator.config import Settings
-from aggregator.decode import DecodeLimits
 from aggregator.gctune import tune_gc
-from aggregator.geo import GridIndex, default_grid_file
-from aggregator.ingest import BatchSink, MqttIngest
+from aggregator.grids import GridIndex, default_grid_file
+from aggregator.ingest.assemble import Pipeline
+from aggregator.ingest.decode import DecodeLimits
+from aggregator.ingest.worker import BatchSink, MqttIngest
 from aggregator.metrics import Metrics
-from aggregator.pipeline import Pipeline
-from aggregator.pool import EventPool
-from aggregator.snapshots import SnapshotStore
+from aggregator.pool.snapshots import SnapshotStore
+from aggregator.pool.sqlite import EventPool
 from contract import Catalogue, Topics, load_catalogue
 
 log = logging.getLogger(__name__)

@@ -43,8 +43,8 @@ from typing import Any
 
 import orjson
 
-from aggregator.auth import Operator
-from aggregator.pool import Notice, connect, event_summaries, iso
+from aggregator.access.auth import Operator
+from aggregator.pool.sqlite import Notice, connect, event_summaries, iso
 from contract import Catalogue, EventNoticeV1, EventStatus, Outcome, Severity, utcnow
 
 __all__ = ["DROPPED_CLOSE_CODE", "DROPPED_MESSAGE", "StreamClient", "StreamFilter", "StreamHub"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import shapely
 
-from aggregator.geo import GridIndex, default_grid_file
+from aggregator.grids import GridIndex, default_grid_file
 
 
 def naive_locate(index: GridIndex, lats: np.ndarray, lons: np.ndarray) -> np.ndarray:

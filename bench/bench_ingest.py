@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aggregator.registry import AccountRole
+from aggregator.broker.registry import AccountRole
 from contract import DeviceChannel
 from simulators.loadgen import (
     LoadConfig,

@@ -30,10 +30,10 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
+from aggregator.access.auth import Level
 from aggregator.api.server import Service
-from aggregator.auth import Level
+from aggregator.broker.registry import AccountRole
 from aggregator.config import AccessSettings, MqttSettings, Settings
-from aggregator.registry import AccountRole
 from simulators.loadgen import LoadConfig, loop_seconds, machine_description, run_load
 from simulators.stack import GatewayStack
 

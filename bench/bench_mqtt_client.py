@@ -1,4 +1,4 @@
-"""MQTT client CPU per message: ``aggregator.mqttio.LeanClient`` driven the way ``IoLoop``
+"""MQTT client CPU per message: ``aggregator.ingest.mqtt.LeanClient`` driven the way ``IoLoop``
 drives it, against stock paho-mqtt, both on a real Mosquitto in the same run.
 
 Two measurements, each a table of variants:
@@ -47,7 +47,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from aggregator.mqttio import LeanClient, own_loop_client
+from aggregator.ingest.mqtt import LeanClient, own_loop_client
 from simulators.loadgen import machine_description
 
 HOST = "127.0.0.1"

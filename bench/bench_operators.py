@@ -39,12 +39,12 @@ import orjson
 from argon2 import PasswordHasher
 from pydantic import SecretStr
 
+from aggregator.access.auth import Level
 from aggregator.api.server import Service
-from aggregator.auth import Level
-from aggregator.broker import BrokerSettings, MosquittoBroker
+from aggregator.broker.launcher import BrokerSettings, MosquittoBroker
+from aggregator.broker.registry import AccountRole, DeviceRegistry
 from aggregator.config import HttpSettings, MqttSettings, Settings
-from aggregator.geo import GridIndex, default_grid_file
-from aggregator.registry import AccountRole, DeviceRegistry
+from aggregator.grids import GridIndex, default_grid_file
 from simulators.loadgen import LoadConfig, LoadReport, loop_seconds, machine_description, run_load
 from simulators.stack import CredentialsDir
 

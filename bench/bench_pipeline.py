@@ -25,8 +25,8 @@ import orjson
 
 from aggregator.config import BatchSettings, MqttSettings, Settings
 from aggregator.gctune import tune_gc
-from aggregator.geo import GridIndex, default_grid_file
-from aggregator.pipeline import Inbound
+from aggregator.grids import GridIndex, default_grid_file
+from aggregator.ingest.assemble import Inbound
 from aggregator.service import build_aggregator
 from contract import Topics, load_catalogue
 from simulators.loadgen import build_templates, machine_description, render, stamp_now

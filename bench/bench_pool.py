@@ -30,12 +30,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from aggregator.decode import DecodeLimits
-from aggregator.geo import GridIndex, default_grid_file
-from aggregator.pgpool import LockMode, PgEventPool, migrate
-from aggregator.pipeline import Inbound, Pipeline
-from aggregator.pool import Batch, BatchResult, EventPool
-from aggregator.snapshots import SnapshotStore
+from aggregator.grids import GridIndex, default_grid_file
+from aggregator.ingest.assemble import Inbound, Pipeline
+from aggregator.ingest.decode import DecodeLimits
+from aggregator.pool.postgres import LockMode, PgEventPool, migrate
+from aggregator.pool.snapshots import SnapshotStore
+from aggregator.pool.sqlite import Batch, BatchResult, EventPool
 from contract import Topics, load_catalogue
 from simulators.loadgen import build_templates, machine_description, render, stamp_now
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from rich.console import Console
 
-from aggregator.geo import GridIndex, default_grid_file
+from aggregator.grids import GridIndex, default_grid_file
 from simulators.errors import SimulatorError
 from simulators.stack import CredentialsDir, GatewayStack, Provisioner, StackOptions
 

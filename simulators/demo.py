@@ -24,13 +24,13 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
+from aggregator.access.auth import DEV_ENV
 from aggregator.api.server import Service
-from aggregator.auth import DEV_ENV
-from aggregator.broker import BrokerSettings, MosquittoBroker
+from aggregator.broker.launcher import BrokerSettings, MosquittoBroker
+from aggregator.broker.registry import AccountRole, DeviceRegistry
 from aggregator.cli import render_events
 from aggregator.config import MqttSettings, Settings
-from aggregator.pool import connect
-from aggregator.registry import AccountRole, DeviceRegistry
+from aggregator.pool.sqlite import connect
 from simulators.fleet import Fleet, FleetConfig
 from simulators.stack import CredentialsDir
 

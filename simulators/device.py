@@ -17,7 +17,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
-from aggregator.broker import DeviceCredentials
+from aggregator.broker.launcher import DeviceCredentials
 from contract import (
     DeviceState,
     FeedbackV1,

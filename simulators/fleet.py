@@ -37,8 +37,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from shapely.geometry import Point as ShapelyPoint
 
-from aggregator.geo import GridIndex, default_grid_file
-from aggregator.registry import DeviceKind, DeviceRegistry
+from aggregator.broker.registry import DeviceKind, DeviceRegistry
+from aggregator.grids import GridIndex, default_grid_file
 from contract import (
     AlertV1,
     Catalogue,

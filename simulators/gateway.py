@@ -11,8 +11,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
-from aggregator.geo import GridIndex
-from aggregator.registry import DeviceKind
+from aggregator.broker.registry import DeviceKind
+from aggregator.grids import GridIndex
 from contract import AlertV1, Catalogue, EventSummary, FeedbackV1, Severity, new_alert_id, utcnow
 from simulators.device import SimDevice
 from simulators.errors import ScenarioError

@@ -7,7 +7,7 @@ Always bounded (a count, a duration, or both). Three publishing paths:
   processes render the lines lazily at the paced rate, so ``observed_at`` is stamped just
   before the line is handed over.
 * ``paho``: two worker processes, each serving its share of the publishers (paho clients with
-  the lean QoS 1 paths of ``aggregator.mqttio``) on one select loop, each client with at most
+  the lean QoS 1 paths of ``aggregator.ingest.mqtt``) on one select loop, each client with at most
   1,000 unacknowledged messages (paho stalls past ~65k). Per alert it takes about half the CPU
   of the ``mosquitto_pub`` path with its feeders.
 * ``raw``: the same two workers, but paho only connects each publisher (CONNECT with its
@@ -28,6 +28,7 @@ counted (zero-loss check) and, per alert, ``observed_at`` → commit of its batc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -36,16 +37,17 @@ import os
 import platform
 import queue
 import random
-import select
+import selectors
 import shutil
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -54,24 +56,32 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 import paho.mqtt.client as mqtt
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from aggregator.geo import GridIndex, default_grid_file
-from aggregator.mqttio import LeanClient, own_loop_client, publish_packet
-from aggregator.registry import DeviceKind
-from contract import Catalogue, default_catalogue
+from aggregator.broker.launcher import (
+    BrokerEndpoint,
+    DeviceCredentials,
+    DeviceTopics,
+    raise_fd_limit,
+)
+from aggregator.broker.registry import DeviceKind, DeviceRegistry
+from aggregator.grids import GridIndex, default_grid_file
+from aggregator.ingest.mqtt import LeanClient, own_loop_client, publish_packet
+from contract import Catalogue, Reading, TelemetryV1, Topics, default_catalogue
 from contract.ids import Uuid7
 from simulators.errors import LoadError
 from simulators.messages import make_alert
 from simulators.poolview import PoolView
-from simulators.stack import DeviceSpec, Provisioner
+from simulators.stack import DeviceSpec, GatewayStack, Provisioner
 
 __all__ = [
     "LoadConfig",
     "LoadReport",
+    "PreProvisioned",
     "Template",
     "count_subscriber",
     "machine_description",
+    "preprovision_fleet",
     "render",
     "run_load",
 ]
@@ -83,6 +93,9 @@ _SEQ = 987654321
 _TS = datetime(2001, 2, 3, 4, 5, 6, 789012, tzinfo=UTC)
 _TS_JSON = b'"2001-02-03T04:05:06.789012Z"'
 _TICK_S = 0.005
+MAX_SMALL_FLEET: Final = 64
+MAX_CONNECTIONS: Final = 20_000
+_PROGRESS_S = 2.0
 _PAHO_INFLIGHT = 1000
 _KEEPALIVE_S = 30
 _DRAIN_S = 60.0
@@ -103,8 +116,25 @@ class LoadConfig(BaseModel):
     duration_s: float | None = Field(default=None, gt=0, le=3600, description="seconds to send for")
     mode: Literal["mosquitto_pub", "paho", "raw"] = "mosquitto_pub"
     publishers: int | None = Field(
-        default=None, ge=1, le=64, description="publishing clients (default: enough for the rate)"
+        default=None,
+        ge=1,
+        le=MAX_CONNECTIONS,
+        description="publishing clients, each a device with its own account and connection "
+        f"(default: enough for the rate); more than {MAX_SMALL_FLEET} only in the raw mode",
     )
+    workers: int | None = Field(
+        default=None, ge=1, le=16, description="generator processes (default 2)"
+    )
+    connect_rate: float = Field(
+        default=500, gt=0, le=10_000, description="new device connections per second, in total"
+    )
+    telemetry_interval_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description="raw mode: each device also sends one telemetry/v1 (QoS 0) this often",
+    )
+    progress: bool = Field(default=False, description="progress lines on stderr")
     snapshot: bool = Field(default=False, description="attach a small JPEG to every alert")
     alert_ids: Literal["uuid7", "uuid4"] = Field(
         default="uuid7",
@@ -121,7 +151,18 @@ class LoadConfig(BaseModel):
     def _bounded(self) -> LoadConfig:
         if self.count is None and self.duration_s is None:
             raise ValueError("give count or duration_s (or both): a load run is always bounded")
+        # Past a few dozen clients only the raw path scales: one mosquitto_pub process per
+        # device, or paho's per-client loop work, would take the cores the broker needs.
+        if (self.publishers or 0) > MAX_SMALL_FLEET and self.mode != "raw":
+            raise ValueError(f"more than {MAX_SMALL_FLEET} publishers need mode 'raw'")
+        if self.telemetry_interval_s is not None and self.mode != "raw":
+            raise ValueError("telemetry is sent by the raw mode only")
         return self
+
+    @property
+    def n_workers(self) -> int:
+        # Two by default, one per core of the 2-core reference machine.
+        return self.workers or 2
 
     @property
     def total(self) -> int:
@@ -226,6 +267,7 @@ class Publisher:
     topic: str
     templates: list[Template]
     ca_file: str | None = None  # verified TLS with this CA; None: plain MQTT
+    telemetry_topic: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +277,9 @@ class WorkerJob:
     publishers: list[Publisher]
     rate: float  # this worker's share
     count: int  # this worker's share
+    index: int = 0  # this worker's slots in _Sync.counters
+    connect_rate: float = 500.0  # this worker's share
+    telemetry_interval_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -244,6 +289,17 @@ class _Sync:
     ready: Any  # multiprocessing Queue
     start_at: Any  # multiprocessing Value('d'); 0 until the parent sets it
     stop: MpEvent
+    # Per worker: connections up, alerts handed to the sockets (for progress lines), as
+    # multiprocessing Array('q') slots 2*index and 2*index+1; None: not counted.
+    counters: Any = None
+
+    def count(self, index: int, connected: int | None = None, sent: int | None = None) -> None:
+        if self.counters is None:
+            return
+        if connected is not None:
+            self.counters[2 * index] = connected
+        if sent is not None:
+            self.counters[2 * index + 1] = sent
 
     def wait_start(self) -> None:
         self.ready.put(os.getpid())
@@ -255,16 +311,27 @@ class _Sync:
 
 def _worker(job: WorkerJob, results: Any, sync: _Sync) -> None:
     window: list[float] = []
+    stats: dict[str, float] = {}
     try:
+        # A spawned child starts with the parent's limits; raised here too in case the parent
+        # could not (it never lowers the limit).
+        raise_fd_limit(len(job.publishers) + 256)
         if job.mode == "mosquitto_pub":
             sent, errors = _feed_mosquitto_pub(job, sync, window)
         elif job.mode == "raw":
-            sent, errors = _publish_raw(job, sync, window)
+            sent, errors = _publish_raw(job, sync, window, stats)
         else:
             sent, errors = _publish_paho(job, sync, window)
-        results.put({"sent": sent, "errors": errors, "window": window})
+        results.put({"sent": sent, "errors": errors, "window": window, "stats": stats})
     except Exception as exc:  # noqa: BLE001 - reported to the parent
-        results.put({"sent": 0, "errors": [f"{type(exc).__name__}: {exc}"], "window": window})
+        results.put(
+            {
+                "sent": 0,
+                "errors": [f"{type(exc).__name__}: {exc}"],
+                "window": window,
+                "stats": stats,
+            }
+        )
 
 
 def _pace(
@@ -286,6 +353,7 @@ def _pace(
         due = min(job.count, int((time.monotonic() - t0) * job.rate) + 1)
         if due > sent:
             sent += emit(due - sent)
+            sync.count(job.index, sent=sent)
         if every_tick is not None:
             every_tick()
         time.sleep(_TICK_S)
@@ -385,25 +453,47 @@ def _feed_mosquitto_pub(job: WorkerJob, sync: _Sync, window: list[float]) -> tup
 
 
 class _Clients:
-    """A worker's publishers as paho clients on one select loop of its own, connected (MQTT 5,
-    with their device credentials) by ``connect``."""
+    """A worker's publishers as paho clients on one selector loop of its own (epoll: no
+    limit at fd 1,024), connected (MQTT 5, with their device credentials) by ``connect`` at
+    the job's connect rate."""
 
-    def __init__(self, job: WorkerJob) -> None:
+    def __init__(self, job: WorkerJob, on_connected: Callable[[int], None] | None = None) -> None:
         self.job = job
         n = len(job.publishers)
         self.clients: list[LeanClient] = []
         self.inflight = [0] * n  # paho mode: QoS 1 messages not yet acknowledged
         self.room = [0] * n  # 0 until CONNACK, then how many may be unacknowledged
         self.errors: list[str] = []
-        for i, p in enumerate(job.publishers):
-            c = own_loop_client(p.device_id)  # the broker binds a device to its id
-            c.username_pw_set(p.username, p.password)
-            if p.ca_file is not None:
-                c.tls_set(ca_certs=p.ca_file)
-            c.on_connect = partial(self._on_connect, i)
-            c.on_publish = partial(self._on_publish, i)
+        self.connected = 0
+        self.connect_seconds = 0.0
+        self.sel = selectors.DefaultSelector()
+        self._on_connected = on_connected
+        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._last_misc = time.monotonic()
+
+    def _open(self, i: int) -> None:
+        p = self.job.publishers[i]
+        c = own_loop_client(p.device_id)  # the broker binds a device to its id
+        c.username_pw_set(p.username, p.password)
+        if p.ca_file is not None:
+            # One verifying context per CA for all of this worker's clients: loading the CA
+            # once, not thousands of times.
+            context = self._contexts.get(p.ca_file)
+            if context is None:
+                context = ssl.create_default_context(cafile=p.ca_file)
+                self._contexts[p.ca_file] = context
+            c.tls_set_context(context)
+        c.on_connect = partial(self._on_connect, i)
+        c.on_publish = partial(self._on_publish, i)
+        self.clients.append(c)
+        try:
             c.connect(p.host, p.port, keepalive=_KEEPALIVE_S)
-            self.clients.append(c)
+        except OSError as exc:
+            self.errors.append(f"{p.device_id}: cannot connect to the broker: {exc}")
+            return
+        sock = c.socket()
+        if sock is not None:
+            self.sel.register(sock, selectors.EVENT_READ, c)
 
     def _on_connect(self, i: int, _c: Any, _u: Any, _f: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
@@ -413,54 +503,71 @@ class _Clients:
             return
         server_max = getattr(props, "ReceiveMaximum", 65535) if props else 65535
         self.room[i] = min(_PAHO_INFLIGHT, int(server_max))
+        self.connected += 1
 
     def _on_publish(self, i: int, _c: Any, _u: Any, _mid: int, rc: Any, _p: Any) -> None:
         self.inflight[i] -= 1
         if rc.is_failure and len(self.errors) < 20:
             self.errors.append(f"{self.job.publishers[i].device_id}: PUBACK {rc}")
 
-    def connect(self, timeout: float = 30.0) -> bool:
-        """Wait for every CONNACK; False (with ``errors`` saying why) if one did not come."""
-        deadline = time.monotonic() + timeout
-        while not all(self.room) and not self.errors and time.monotonic() < deadline:
-            self.serve(0.05)
-        if self.errors or not all(self.room):
+    def connect(self, timeout: float | None = None) -> bool:
+        """Open the connections at the job's connect rate and wait for every CONNACK; False
+        (with ``errors`` saying why) if one did not come. The default timeout is the time the
+        rate needs plus 30 s."""
+        n = len(self.job.publishers)
+        rate = self.job.connect_rate
+        limit = n / rate + 30.0 if timeout is None else timeout
+        t0 = time.monotonic()
+        deadline = t0 + limit
+        while self.connected < n and not self.errors and time.monotonic() < deadline:
+            due = min(n, int((time.monotonic() - t0) * rate) + 1)
+            while len(self.clients) < due and not self.errors:
+                self._open(len(self.clients))
+            self.serve(0.01)
+            if self._on_connected is not None:
+                self._on_connected(self.connected)
+        self.connect_seconds = time.monotonic() - t0
+        if self.errors or self.connected < n:
             if not self.errors:
-                self.errors.append(f"publishers did not get CONNACK within {timeout:.0f} s")
+                self.errors.append(
+                    f"{n - self.connected} of {n} publishers got no CONNACK within {limit:.0f} s"
+                )
             self.disconnect()
             return False
         return True
 
     def serve(self, timeout: float) -> None:
-        """One round of network I/O for every client: writes, reads, keepalive."""
-        socks: dict[Any, LeanClient] = {}
-        for i, c in enumerate(self.clients):
-            sock = c.socket()
-            if sock is None:
-                raise LoadError(
-                    f"{self.job.publishers[i].device_id}: connection to the broker lost"
-                )
-            socks[sock] = c
-        wl = [s for s, c in socks.items() if c.want_write()]
-        readable, writable, _ = select.select(list(socks), wl, [], timeout)
-        for s in writable:
-            socks[s].loop_write()
-        for s in readable:
-            socks[s].loop_read()
+        """One round of network I/O for every client: writes, reads, and (once a second)
+        keepalive."""
         for c in self.clients:
+            if c.want_write():
+                c.loop_write()
+        for key, _ in self.sel.select(timeout):
+            key.data.loop_read()
+        now = time.monotonic()
+        misc = now - self._last_misc >= 1.0
+        if misc:
+            self._last_misc = now
+        for i, c in enumerate(self.clients):
             if c.buffered():
                 c.loop_read()
-            c.loop_misc()
+            if misc:
+                if c.socket() is None:
+                    raise LoadError(
+                        f"{self.job.publishers[i].device_id}: connection to the broker lost"
+                    )
+                c.loop_misc()
 
     def disconnect(self) -> None:
         for c in self.clients:
             c.disconnect()
             c.loop_write()
+        self.sel.close()
 
 
 def _publish_paho(job: WorkerJob, sync: _Sync, window: list[float]) -> tuple[int, list[str]]:
     """All of this worker's publishers on one select loop: paho clients with the lean QoS 1
-    publish and read paths of the aggregator's own session (``aggregator.mqttio``), each with
+    publish and read paths of the aggregator's own session (``aggregator.ingest.mqtt``), each with
     at most ``_PAHO_INFLIGHT`` unacknowledged messages (or the broker's Receive Maximum)."""
     net = _Clients(job)
     if not net.connect():
@@ -581,8 +688,25 @@ class RawConnection:
     def pump(self) -> None:
         """Frame what there is room for, write what the socket takes, read what came back."""
         self._frame()
-        if not self.out and time.monotonic() - self.last_write > _KEEPALIVE_S / 3:
-            self.out += _PINGREQ  # idle (draining): keep the session alive
+        self.ping_if_idle(time.monotonic())
+        self.flush()
+        self._read()
+
+    def ping_if_idle(self, now: float) -> bool:
+        """Queue a PINGREQ if nothing was written for a third of the keepalive (a quiet
+        device, or draining): the broker would otherwise drop the session."""
+        if not self.out and now - self.last_write > _KEEPALIVE_S / 3:
+            self.out += _PINGREQ
+            return True
+        return False
+
+    def read(self) -> None:
+        """Read what the broker sent (PUBACKs free room)."""
+        self._read()
+
+    def flush(self) -> None:
+        """Frame what there is room for and write what the socket takes."""
+        self._frame()
         if self.out:
             # TLS: at most one record per call, so a write that must be retried is retried
             # with exactly the same bytes, as OpenSSL requires.
@@ -596,7 +720,6 @@ class RawConnection:
             if n:
                 del self.out[:n]
                 self.last_write = time.monotonic()
-        self._read()
 
     def _frame(self) -> None:
         pending, unacked = self.pending, self.unacked
@@ -671,11 +794,67 @@ class RawConnection:
         self.sock.close()
 
 
-def _publish_raw(job: WorkerJob, sync: _Sync, window: list[float]) -> tuple[int, list[str]]:
-    """paho connects this worker's publishers, then ``RawConnection`` carries their messages."""
-    net = _Clients(job)
+def publish_qos0_packet(topic: bytes, payload: bytes) -> bytes:
+    """An MQTT 5 PUBLISH, QoS 0, no properties (telemetry: no packet id, no PUBACK)."""
+    remaining = 2 + len(topic) + 1 + len(payload)
+    header = bytearray(b"\x30")
+    while True:
+        byte, remaining = remaining & 0x7F, remaining >> 7
+        header.append(byte | 0x80 if remaining else byte)
+        if not remaining:
+            break
+    return b"".join((header, len(topic).to_bytes(2, "big"), topic, b"\x00", payload))
+
+
+class _Telemetry:
+    """Each device's telemetry/v1 every ``interval`` seconds, the devices spread evenly over
+    the interval (device k first sends at k/n of it), as QoS 0 PUBLISH frames."""
+
+    def __init__(self, publishers: list[Publisher], interval: float) -> None:
+        self.interval = interval
+        self.topics = [p.telemetry_topic.encode() for p in publishers]
+        stamp = _TS_JSON[1:-1]
+        self.parts = [
+            TelemetryV1(
+                device_id=p.device_id,
+                sent_at=_TS,
+                readings=[Reading(quantity="temperature", value=21.5, unit="Cel", observed_at=_TS)],
+            )
+            .to_json()
+            .split(stamp)
+            for p in publishers
+        ]
+        self.sent = 0
+        self.t0: float | None = None
+
+    def due(self) -> Iterator[tuple[int, bytes]]:
+        now = time.monotonic()
+        if self.t0 is None:
+            self.t0 = now
+        n = len(self.topics)
+        due = int((now - self.t0) * n / self.interval) + 1
+        if due <= self.sent:
+            return
+        stamp = stamp_now()
+        for k in range(self.sent, due):
+            i = k % n
+            yield i, publish_qos0_packet(self.topics[i], stamp.join(self.parts[i]))
+        self.sent = due
+
+
+def _publish_raw(
+    job: WorkerJob, sync: _Sync, window: list[float], stats: dict[str, float] | None = None
+) -> tuple[int, list[str]]:
+    """paho connects this worker's publishers, then ``RawConnection`` carries their messages.
+
+    One epoll selector serves every connection; a tick writes only to the connections that
+    have something to send and reads only the ones the selector reports, so a tick costs what
+    its messages cost, not what the fleet's size does."""
+    net = _Clients(job, on_connected=lambda n: sync.count(job.index, connected=n))
     if not net.connect():
         return 0, net.errors
+    if stats is not None:
+        stats["connect_s"] = net.connect_seconds
     conns = []
     for i, c in enumerate(net.clients):
         sock = c.socket()
@@ -684,32 +863,66 @@ def _publish_raw(job: WorkerJob, sync: _Sync, window: list[float]) -> tuple[int,
             return 0, [f"{job.publishers[i].device_id}: unexpected data after CONNACK"]
         p = job.publishers[i]
         conns.append(RawConnection(p.device_id, sock, p.topic, net.room[i], net.errors))
+    net.sel.close()  # paho is done with these sockets; the raw loop has a selector of its own
+    sel = selectors.DefaultSelector()
+    for conn in conns:
+        sel.register(conn.sock, selectors.EVENT_READ, conn)
 
     alerts = _Alerts(job)
+    telemetry = (
+        _Telemetry(job.publishers, job.telemetry_interval_s)
+        if job.telemetry_interval_s is not None
+        else None
+    )
+    dirty: set[RawConnection] = set()
+    state = {"sending": True, "checked": time.monotonic()}
 
     def emit(count: int) -> int:
         for i, payload in alerts.take(count):
-            conns[i].pending.append(payload)
+            conn = conns[i]
+            conn.pending.append(payload)
+            dirty.add(conn)
         return count
 
-    def every_tick() -> None:
-        for conn in conns:
-            conn.pump()
+    def every_tick(timeout: float = 0.0) -> None:
+        nonlocal dirty
+        for key, _ in sel.select(timeout):
+            key.data.read()
+        if telemetry is not None and state["sending"]:
+            for i, frame in telemetry.due():
+                conns[i].out += frame
+                dirty.add(conns[i])
+        now = time.monotonic()
+        if now - state["checked"] >= 1.0:
+            state["checked"] = now
+            for conn in conns:
+                if conn.ping_if_idle(now):
+                    dirty.add(conn)
+        if dirty:
+            left = set()
+            for conn in dirty:
+                conn.flush()
+                if conn.pending or conn.out:  # no room yet, or the socket took part of it
+                    left.add(conn)
+            dirty = left
 
     errors = net.errors
     try:
         sent = _pace(job, sync, emit, window, every_tick)
+        state["sending"] = False
         deadline = time.monotonic() + _DRAIN_S
         while any(c.busy() for c in conns) and time.monotonic() < deadline:
-            select.select([c.sock for c in conns], [], [], 0.05)
-            every_tick()
+            every_tick(0.05)
         if any(c.busy() for c in conns):
             errors.append(f"not every PUBACK arrived within {_DRAIN_S:.0f} s")
     except LoadError as exc:
         return 0, [*errors, str(exc)]
     finally:
+        sel.close()
         for conn in conns:
             conn.close()
+    if stats is not None and telemetry is not None:
+        stats["telemetry"] = telemetry.sent
     return sent, errors
 
 
@@ -732,6 +945,12 @@ class LoadReport:
     latency_ms: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     run_tag: str = ""
+    connect_seconds: float = 0.0  # the slowest worker's, from its first connect to its last CONNACK
+    telemetry_sent: int = 0
+
+    @property
+    def per_connection_rate(self) -> float:
+        return self.send_rate / self.publishers if self.publishers else 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -740,10 +959,14 @@ class LoadReport:
         lat = self.latency_ms
         return "\n".join(
             [
-                f"load run {self.run_tag} ({self.mode}, {self.publishers} publishers, "
+                f"load run {self.run_tag} ({self.mode}, {self.publishers:,} publishers, "
                 f"target {self.target_rate:,.0f}/s)",
+                f"  connect  {self.publishers:>9,} connections, each its own account, in "
+                f"{self.connect_seconds:6.2f} s",
                 f"  sent     {self.sent:>9,} in {self.send_seconds:6.2f} s = "
-                f"{self.send_rate:>9,.0f}/s",
+                f"{self.send_rate:>9,.0f}/s ({self.per_connection_rate:,.2f}/s per connection"
+                + (f"; telemetry {self.telemetry_sent:,}" if self.telemetry_sent else "")
+                + ")",
                 f"  pooled   {self.pooled:>9,} in {self.ingest_seconds:6.2f} s = "
                 f"{self.ingest_rate:>9,.0f}/s (first send → last commit)",
                 f"  loss     {self.lost:>9,}  {'ZERO LOSS' if self.zero_loss else 'LOSS!'}",
@@ -771,6 +994,90 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
+class _Progress:
+    """Progress lines on stderr, at most one every ``_PROGRESS_S``: connections up, alerts
+    handed to the sockets, alerts pooled."""
+
+    def __init__(self, on: bool, counters: Any, workers: int, connections: int, total: int):
+        self.on = on
+        self.counters = counters
+        self.workers = workers
+        self.connections = connections
+        self.total = total
+        self.last = 0.0
+        self.t0 = time.monotonic()
+
+    def _say(self, text: str) -> None:
+        now = time.monotonic()
+        if self.on and now - self.last >= _PROGRESS_S:
+            self.last = now
+            print(f"[{now - self.t0:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+    def connecting(self) -> None:
+        up = sum(self.counters[2 * w] for w in range(self.workers))
+        self._say(f"connected {up:,} / {self.connections:,}")
+
+    def sending(self) -> None:
+        sent = sum(self.counters[2 * w + 1] for w in range(self.workers))
+        self._say(f"sent {sent:,} / {self.total:,}")
+
+    def draining(self, pooled: int, sent: int) -> None:
+        self._say(f"pooled {pooled:,} / {sent:,}")
+
+
+def fleet_ids(tag: str, n: int) -> list[str]:
+    """The device ids of a run's publishers."""
+    return [f"{tag}-p{i:02d}" for i in range(n)]
+
+
+class PreProvisioned:
+    """Devices registered before the broker started (``preprovision_fleet``): the broker
+    loaded their accounts from the registry at start, so a fleet of thousands costs no live
+    account changes (the dynamic-security plugin saves its whole file after each one, which
+    grows with the square of the fleet)."""
+
+    def __init__(self, stack: GatewayStack, passwords: dict[str, str]) -> None:
+        self.stack = stack
+        self.passwords = passwords
+
+    @property
+    def topics(self) -> Topics:
+        return self.stack.topics
+
+    def provision(self, specs: Sequence[DeviceSpec]) -> dict[str, DeviceCredentials]:
+        endpoint: BrokerEndpoint = self.stack.device_endpoint
+        out: dict[str, DeviceCredentials] = {}
+        for spec in specs:
+            if spec.device_id not in self.passwords:
+                # Anything else goes through the running broker as usual.
+                out |= self.stack.provision([spec])
+                continue
+            out[spec.device_id] = DeviceCredentials(
+                device_id=spec.device_id,
+                kind=spec.kind,
+                username=spec.device_id,
+                password=SecretStr(self.passwords[spec.device_id]),
+                broker=endpoint,
+                topic_prefix=self.topics.prefix,
+                topics=DeviceTopics.for_device(self.topics, spec.device_id),
+            )
+        return out
+
+
+def preprovision_fleet(stack: GatewayStack, tag: str, n: int) -> PreProvisioned:
+    """Register ``n`` camera accounts for the run ``tag`` in the stack's registry before its
+    broker starts (call it before ``stack.start()``); pass the result to ``run_load`` as the
+    provisioner, with the same ``run_tag``."""
+    if stack.broker is not None:
+        raise LoadError("pre-provision before the stack starts; a running broker needs live ones")
+    registry: DeviceRegistry = stack.registry
+    passwords = {}
+    for device_id in fleet_ids(tag, n):
+        _, passwords[device_id] = registry.add_device(device_id, DeviceKind.CAMERA)
+    registry.save()
+    return PreProvisioned(stack, passwords)
+
+
 def run_load(
     config: LoadConfig,
     provisioner: Provisioner,
@@ -789,9 +1096,16 @@ def run_load(
     catalogue = catalogue or default_catalogue()
     total = config.total
     n_pub = min(config.n_publishers, total)
-    specs = [DeviceSpec(f"{tag}-p{i:02d}", DeviceKind.CAMERA) for i in range(n_pub)]
+    specs = [DeviceSpec(device_id, DeviceKind.CAMERA) for device_id in fleet_ids(tag, n_pub)]
+    started = time.monotonic()
     creds = provisioner.provision(specs)
+    provision_s = time.monotonic() - started
+    if provision_s > 1:
+        log.info("%s devices provisioned in %.1f s", n_pub, provision_s)
     rng = random.Random(config.seed)
+    # A fleet of thousands gets fewer templates per device: their rendering is the parent's
+    # start-up time, and 4 per device across thousands of devices are variety enough.
+    per_device = min(config.templates_per_device, max(4, 16_384 // n_pub))
     pubs = [
         Publisher(
             c.device_id,
@@ -802,54 +1116,85 @@ def run_load(
             c.topics.alert,
             build_templates(
                 c.device_id,
-                config.templates_per_device,
+                per_device,
                 rng,
                 grids,
                 catalogue,
                 snapshot=config.snapshot,
             ),
             str(c.broker.ca_file) if c.broker.ca_file is not None else None,
+            c.topics.telemetry,
         )
         for c in (creds[s.device_id] for s in specs)
     ]
-    # Two worker processes, one per core of the 2-core reference machine: a mosquitto_pub
-    # feeder only writes lines, and a paho worker serves all its clients on one select loop.
-    n_workers = min(n_pub, 2)
+    # Two worker processes by default, one per core of the 2-core reference machine: a
+    # mosquitto_pub feeder only writes lines, and a paho worker serves all its clients on one
+    # selector loop.
+    n_workers = min(n_pub, config.n_workers)
+    # One descriptor per connection in each worker (spawned children inherit the limit).
+    need = math.ceil(n_pub / n_workers) + 256
+    if (have := raise_fd_limit(need)) < need:
+        raise LoadError(
+            f"{need} open files needed per generator process, the limit is {have}: raise the "
+            "hard limit (ulimit -Hn) or use more workers"
+        )
     # spawn, not fork: the caller may run the aggregator's threads in this very process.
     ctx = mp.get_context("spawn")
     results: Any = ctx.Queue()
     stop = ctx.Event()
-    sync = _Sync(ctx.Queue(), ctx.Value("d", 0.0), stop)
+    counters = ctx.Array("q", 2 * n_workers, lock=False)
+    sync = _Sync(ctx.Queue(), ctx.Value("d", 0.0), stop, counters)
     jobs = []
     for w in range(n_workers):
         mine = pubs[w::n_workers]
         share = len(mine) / n_pub
         count = total * len(mine) // n_pub + (1 if w < total * len(mine) % n_pub else 0)
-        jobs.append(WorkerJob(config.mode, config.alert_ids, mine, config.rate * share, count))
+        jobs.append(
+            WorkerJob(
+                config.mode,
+                config.alert_ids,
+                mine,
+                config.rate * share,
+                count,
+                index=w,
+                connect_rate=config.connect_rate * share,
+                telemetry_interval_s=config.telemetry_interval_s,
+            )
+        )
     fixed = total - sum(j.count for j in jobs)
     if fixed:
-        j0 = jobs[0]
-        jobs[0] = WorkerJob(j0.mode, j0.alert_ids, j0.publishers, j0.rate, j0.count + fixed)
+        jobs[0] = dataclasses.replace(jobs[0], count=jobs[0].count + fixed)
+    progress = _Progress(config.progress, counters, n_workers, n_pub, total)
     procs = [ctx.Process(target=_worker, args=(j, results, sync), daemon=True) for j in jobs]
     for p in procs:
         p.start()
-    for _ in procs:
+    # Connecting takes n / connect_rate; a worker that is not ready by then and a minute
+    # more has failed.
+    ready_deadline = time.monotonic() + n_pub / config.connect_rate + 60
+    ready = 0
+    while ready < len(procs):
         try:
-            sync.ready.get(timeout=60)
+            sync.ready.get(timeout=_PROGRESS_S)
+            ready += 1
         except queue.Empty:
-            stop.set()
-            break
+            progress.connecting()
+            if time.monotonic() > ready_deadline or any(p.exitcode not in (None, 0) for p in procs):
+                stop.set()
+                break
+    progress.connecting()
     sync.start_at.value = time.time() + 0.2
     errors: list[str] = []
     windows: list[float] = []
     sent = 0
     send_deadline = time.monotonic() + (config.duration_s or total / config.rate) * 3 + 60
     got = 0
+    stats: list[dict[str, float]] = []
     try:
         while got < len(procs):
             try:
                 r = results.get(timeout=0.5)
             except queue.Empty:
+                progress.sending()
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
                     errors.append(
@@ -864,6 +1209,7 @@ def run_load(
             sent += r["sent"]
             errors += r["errors"]
             windows += r["window"]
+            stats.append(r["stats"])
     finally:
         stop.set()
         for p in procs:
@@ -871,6 +1217,8 @@ def run_load(
             if p.is_alive():
                 p.kill()
     send_seconds = (max(windows) - min(windows)) if windows else 0.0
+    connect_seconds = max((st.get("connect_s", 0.0) for st in stats), default=0.0)
+    telemetry_sent = int(sum(st.get("telemetry", 0) for st in stats))
     if on_sent is not None:
         on_sent(sent)
     if pool_path is None:
@@ -889,6 +1237,8 @@ def run_load(
             latency_ms={},
             errors=errors,
             run_tag=tag,
+            connect_seconds=connect_seconds,
+            telemetry_sent=telemetry_sent,
         )
     view = PoolView(pool_path, catalogue)
     like = f"{tag}-%"
@@ -899,6 +1249,7 @@ def run_load(
     while pooled < sent and time.monotonic() < deadline:
         time.sleep(0.25)
         pooled = view.alert_count(like=like)
+        progress.draining(pooled, sent)
     lat = view.latencies(like=like)
     span = view.commit_span(like=like)
     ingest_seconds = (span[1] - min(windows)) if span and windows else 0.0
@@ -917,6 +1268,8 @@ def run_load(
         latency_ms=percentiles(lat),
         errors=errors,
         run_tag=tag,
+        connect_seconds=connect_seconds,
+        telemetry_sent=telemetry_sent,
     )
 
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from aggregator.pool import connect, event_summaries
+from aggregator.pool.sqlite import connect, event_summaries
 from contract import Catalogue, EventSummary, default_catalogue
 
 __all__ = ["DeadLetter", "OutOfArea", "PoolView"]

@@ -36,8 +36,8 @@ from typing import Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from aggregator.geo import GridIndex, default_grid_file
-from aggregator.registry import DeviceKind
+from aggregator.broker.registry import DeviceKind
+from aggregator.grids import GridIndex, default_grid_file
 from contract import (
     Catalogue,
     DeviceState,

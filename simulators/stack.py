@@ -21,7 +21,7 @@ from typing import Protocol, Self
 
 from pydantic import SecretStr
 
-from aggregator.broker import (
+from aggregator.broker.launcher import (
     BrokerEndpoint,
     BrokerError,
     BrokerSettings,
@@ -30,14 +30,14 @@ from aggregator.broker import (
     MosquittoBroker,
     provision_device,
 )
-from aggregator.config import BatchSettings, MqttSettings, NoticeSettings, Settings
-from aggregator.registry import (
+from aggregator.broker.registry import (
     AccountRole,
     DeviceKind,
     DeviceLocation,
     DeviceRegistry,
     RegistryError,
 )
+from aggregator.config import BatchSettings, MqttSettings, NoticeSettings, Settings
 from aggregator.service import Aggregator, build_aggregator
 from contract import Topics
 from simulators.errors import StackError

@@ -31,13 +31,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from aggregator.broker import (
+from aggregator.broker.launcher import (
     BrokerSettings,
     DeviceCredentials,
     MosquittoBroker,
     provision_device,
 )
-from aggregator.registry import AccountRole, DeviceKind, DeviceRegistry
+from aggregator.broker.registry import AccountRole, DeviceKind, DeviceRegistry
 from contract import FeedbackV1, parse_feedback
 from contract.topics import Topics
 from tests.pgsupport import pg_server, pg_url  # noqa: F401  (fixtures: a real PostgreSQL)

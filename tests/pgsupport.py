@@ -138,7 +138,7 @@ def start_server() -> PgServer:
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
     """A PostgreSQL cluster for the session, with a migrated template database."""
-    from aggregator.pgpool import migrate
+    from aggregator.pool.postgres import migrate
 
     server = start_server()
     try:

@@ -18,6 +18,17 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from aggregator.access.auth import (
+    AuthError,
+    AuthStore,
+    LimiterPolicy,
+    LoginLimiter,
+    LoginThrottledError,
+    Operator,
+    PasswordChecker,
+    RefusalPause,
+    verify_login,
+)
 from aggregator.api import events, live, resources
 from aggregator.api.deps import (
     AUTH_RESPONSES,
@@ -29,22 +40,11 @@ from aggregator.api.deps import (
     Readers,
 )
 from aggregator.api.models import Health, OperatorOut, Problem, Ready, TokenOut, TokenRequest
-from aggregator.auth import (
-    AuthError,
-    AuthStore,
-    LimiterPolicy,
-    LoginLimiter,
-    LoginThrottledError,
-    Operator,
-    PasswordChecker,
-    RefusalPause,
-    verify_login,
-)
 from aggregator.config import AccessSettings
-from aggregator.geo import GridIndex
+from aggregator.grids import GridIndex
 from aggregator.metrics import Metrics
-from aggregator.pool import LifecycleWriter
-from aggregator.snapshots import SnapshotStore
+from aggregator.pool.snapshots import SnapshotStore
+from aggregator.pool.sqlite import LifecycleWriter
 from aggregator.stream import StreamHub
 from contract import Catalogue, EventNoticeV1
 

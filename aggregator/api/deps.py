@@ -12,8 +12,7 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from aggregator.api.models import Problem
-from aggregator.auth import (
+from aggregator.access.auth import (
     AuthError,
     AuthStore,
     LoginLimiter,
@@ -21,10 +20,11 @@ from aggregator.auth import (
     PasswordChecker,
     RefusalPause,
 )
-from aggregator.geo import GridIndex
+from aggregator.api.models import Problem
+from aggregator.grids import GridIndex
 from aggregator.metrics import Metrics
-from aggregator.pool import LifecycleWriter, connect
-from aggregator.snapshots import SnapshotStore
+from aggregator.pool.snapshots import SnapshotStore
+from aggregator.pool.sqlite import LifecycleWriter, connect
 from aggregator.stream import StreamHub
 from contract import Catalogue, EventNoticeV1
 

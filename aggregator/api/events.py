@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Body, HTTPException, Path, Query, status
 
+from aggregator.access.auth import Level, Operator
 from aggregator.api.deps import SCOPED_RESPONSES, ApiContext, Ctx, CurrentOperator, Db
 from aggregator.api.models import (
     Action,
@@ -28,9 +29,8 @@ from aggregator.api.models import (
     TransitionOut,
     TransitionRequest,
 )
-from aggregator.auth import Level, Operator
 from aggregator.errors import PoolError
-from aggregator.pool import summary_from_row
+from aggregator.pool.sqlite import summary_from_row
 from contract import (
     EventNoticeV1,
     EventStatus,

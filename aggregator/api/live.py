@@ -28,10 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from aggregator.access.auth import AuthError, Operator
 from aggregator.api.deps import AUTH_RESPONSES, ApiContext, Ctx, bearer_token
 from aggregator.api.events import GRID_PREFIX
 from aggregator.api.models import Problem
-from aggregator.auth import AuthError, Operator
 from aggregator.stream import DROPPED_CLOSE_CODE, DROPPED_MESSAGE, StreamClient, StreamFilter
 from contract import Severity
 

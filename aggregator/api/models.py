@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from aggregator.auth import Level
+from aggregator.access.auth import Level
 from contract import EventStatus, EventSummary, Location, Severity
 
 

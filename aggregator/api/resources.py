@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 
+from aggregator.access.auth import Level, Operator
 from aggregator.api.deps import AUTH_RESPONSES, SCOPED_RESPONSES, Ctx, CurrentOperator, Db
 from aggregator.api.events import GRID_PREFIX, decode_cursor, encode_cursor, to_ts
 from aggregator.api.models import (
@@ -32,9 +33,8 @@ from aggregator.api.models import (
     TypeCount,
     TypeInfo,
 )
-from aggregator.auth import Level, Operator
-from aggregator.geo import GridIndex
-from aggregator.handling import GroupBy, Handling, group_name, handling_stats
+from aggregator.grids import GridIndex
+from aggregator.pool.handling import GroupBy, Handling, group_name, handling_stats
 from contract import Location, RejectReason
 from contract.messages import DEVICE_ID_PATTERN
 

@@ -41,12 +41,12 @@ from argon2 import PasswordHasher
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import start_http_server
 
-from aggregator.auth import AuthStore, dev_mode
+from aggregator.access.auth import AuthStore, dev_mode
 from aggregator.config import Settings
 from aggregator.errors import AggregatorError
-from aggregator.ingest import BatchSink
+from aggregator.fanout.timeseries import TimeSeriesSettings, TimeSeriesSink
+from aggregator.ingest.worker import BatchSink
 from aggregator.service import Aggregator, build_aggregator
-from aggregator.timeseries import TimeSeriesSettings, TimeSeriesSink
 from contract import EventNoticeV1, Topics
 
 __all__ = ["Service", "ServiceError", "run_service"]
@@ -319,9 +319,9 @@ def api_process_main(
     import uvicorn
 
     from aggregator.api.app import create_app
-    from aggregator.geo import GridIndex, default_grid_file
+    from aggregator.grids import GridIndex, default_grid_file
     from aggregator.metrics import ScrapedMetrics
-    from aggregator.snapshots import SnapshotStore
+    from aggregator.pool.snapshots import SnapshotStore
     from aggregator.stream import StreamHub
     from contract import load_catalogue
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from aggregator.config import BatchSettings, MqttSettings, Settings
-from aggregator.geo import Grid, GridIndex, default_grid_file
-from aggregator.pool import connect
+from aggregator.grids import Grid, GridIndex, default_grid_file
+from aggregator.pool.sqlite import connect
 from aggregator.service import Aggregator, build_aggregator
 from contract import AlertV1, Location, dump
 

@@ -37,11 +37,11 @@ import paho.mqtt.client as mqtt
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from aggregator.broker import BrokerSettings, MosquittoBroker
+from aggregator.broker.launcher import BrokerSettings, MosquittoBroker
+from aggregator.broker.registry import AccountRole, DeviceKind, DeviceRegistry
 from aggregator.config import BatchSettings, MqttSettings, Settings
-from aggregator.geo import GridIndex, default_grid_file
-from aggregator.pool import connect
-from aggregator.registry import AccountRole, DeviceKind, DeviceRegistry
+from aggregator.grids import GridIndex, default_grid_file
+from aggregator.pool.sqlite import connect
 from aggregator.service import Aggregator, build_aggregator
 from contract import FeedbackV1, Outcome, default_catalogue, parse_feedback
 

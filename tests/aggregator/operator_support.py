@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 from argon2 import PasswordHasher
 
+from aggregator.access.auth import Level
 from aggregator.api.server import Service
-from aggregator.auth import Level
-from aggregator.timeseries import TimeSeriesSettings
+from aggregator.fanout.timeseries import TimeSeriesSettings
 from contract import AlertV1
 
 from .conftest import GRIDS, aggregator_settings, wait_until

@@ -20,12 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
+from aggregator.access.auth import LimiterPolicy, LoginLimiter, LoginThrottledError
 from aggregator.api.app import SECURITY_HEADERS, RedactSecrets, redact
 from aggregator.api.server import Service
-from aggregator.auth import LimiterPolicy, LoginLimiter, LoginThrottledError
 from aggregator.config import AccessSettings
-from aggregator.pool import EventPool
-from aggregator.snapshots import SnapshotStore
+from aggregator.pool.snapshots import SnapshotStore
+from aggregator.pool.sqlite import EventPool
 from contract import load_catalogue
 
 from .conftest import aggregator_settings, grid_in_community, interior, jpeg, make_alert

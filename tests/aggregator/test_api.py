@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from aggregator.api.server import Service
-from aggregator.broker import free_port
+from aggregator.broker.launcher import free_port
 from contract import DeviceState, Health, StatusV1
 
 from .conftest import grid_in_community, interior, jpeg, make_alert, offset, wait_until

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from argon2 import PasswordHasher
 
-from aggregator.auth import (
+from aggregator.access.auth import (
     DEV_ENV,
     AccountError,
     AuthError,
@@ -21,7 +21,7 @@ from aggregator.auth import (
     create_account,
     main_accounts,
 )
-from aggregator.pool import EventPool
+from aggregator.pool.sqlite import EventPool
 from contract import default_catalogue
 
 FAST = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 import yaml
 
-from aggregator.broker import (
+from aggregator.broker.launcher import (
     INSTALL_HINT,
     BrokerError,
     BrokerNotInstalledError,
@@ -29,7 +29,7 @@ from aggregator.broker import (
     render_config,
     render_dynsec,
 )
-from aggregator.registry import (
+from aggregator.broker.registry import (
     AccountRole,
     DeviceKind,
     DeviceLocation,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from aggregator.pool import connect
+from aggregator.pool.sqlite import connect
 
 from .conftest import grid_in_community, interior, make_alert, offset, wait_until
 

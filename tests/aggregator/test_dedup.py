@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.dedup import SpatialHash, haversine_m
-from aggregator.pipeline import Inbound
-from aggregator.pool import EventPool, connect, set_event_status
+from aggregator.ingest.assemble import Inbound
+from aggregator.pool.dedup import SpatialHash, haversine_m
+from aggregator.pool.sqlite import EventPool, connect, set_event_status
 from contract import AlertV1, EventNoticeV1, EventStatus, EventSummary, Outcome, event_notice_json
 
 from .conftest import GRIDS, grid_in_community, interior, jpeg, make_alert, offset, past
@@ -170,7 +170,7 @@ def test_index_and_pool_agree_after_many_random_alerts(tmp_path: Path) -> None:
 
 
 def test_summary_from_the_writer_equals_summary_from_the_row(tmp_path: Path) -> None:
-    from aggregator.pool import event_summaries
+    from aggregator.pool.sqlite import event_summaries
 
     h = Harness(tmp_path)
     lat, lon = interior(grid_in_community(1))

@@ -21,8 +21,8 @@ from schemathesis.checks import (
 )
 
 from aggregator.api.server import Service
-from aggregator.broker import BrokerSettings, MosquittoBroker
-from aggregator.registry import AccountRole, DeviceKind, DeviceRegistry
+from aggregator.broker.launcher import BrokerSettings, MosquittoBroker
+from aggregator.broker.registry import AccountRole, DeviceKind, DeviceRegistry
 from tests.conftest import Account, BrokerHandle
 
 from .conftest import grid_in_community, interior, jpeg, make_alert, wait_until

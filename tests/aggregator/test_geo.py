@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.errors import ConfigError
-from aggregator.geo import GridFileError, GridIndex, GridKind, default_grid_file
+from aggregator.grids import GridFileError, GridIndex, GridKind, default_grid_file
 
 REPO = Path(__file__).resolve().parents[2]
 GENERATOR = REPO / "scripts" / "gen_grids.py"
@@ -501,7 +501,7 @@ def test_overlapping_grids_load_with_a_warning(
     ]
     path = tmp_path / "overlap.geojson"
     path.write_text(json.dumps(_collection(features)), encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="aggregator.geo"):
+    with caplog.at_level(logging.WARNING, logger="aggregator.grids"):
         grids = GridIndex.from_geojson(path)
     assert "33038300100101000001 and 33038300100101000002 overlap" in caplog.text
     assert "33038300100101000002 and 33038300100102000001 overlap" in caplog.text

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from aggregator.cli import main
-from aggregator.handling import GroupBy, Handling, handling_stats
-from aggregator.pool import LifecycleWriter, connect
+from aggregator.pool.handling import GroupBy, Handling, handling_stats
+from aggregator.pool.sqlite import LifecycleWriter, connect
 from contract import EventStatus, Outcome
 
 from .conftest import grid_in_community, interior, make_alert

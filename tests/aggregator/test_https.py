@@ -14,9 +14,9 @@ import orjson
 import pytest
 from websockets.sync.client import connect
 
-from aggregator import devca
+from aggregator.access.auth import Level
 from aggregator.api.server import Service
-from aggregator.auth import Level
+from aggregator.broker import devca
 from aggregator.config import HttpSettings
 
 from .conftest import aggregator_settings, grid_in_community, interior, make_alert, wait_until

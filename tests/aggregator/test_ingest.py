@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from aggregator.config import MqttSettings, NoticeSettings, Settings
-from aggregator.pool import connect, set_event_status
+from aggregator.pool.sqlite import connect, set_event_status
 from aggregator.service import Aggregator, build_aggregator
 from contract import (
     DeviceChannel,

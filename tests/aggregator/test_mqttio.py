@@ -1,5 +1,5 @@
-"""The aggregator's MQTT session (``aggregator/mqttio.py``, ``aggregator/transport.py``) on a
-real broker: lean and stock paho paths, acknowledgement, redelivery, paced publishing beyond
+"""The aggregator's MQTT session (``aggregator/ingest/mqtt.py``, ``transport.py``) on a real
+broker: lean and stock paho paths, acknowledgement, redelivery, paced publishing beyond
 the broker's Receive Maximum, and reconnection after a broker restart."""
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from aggregator.config import BatchSettings, MqttSettings
-from aggregator.mqttio import FrameChannel, IoLoop, LeanClient, publish_packet
-from aggregator.pipeline import Inbound
-from aggregator.transport import ProcessTransport, ThreadTransport, Transport
+from aggregator.ingest.assemble import Inbound
+from aggregator.ingest.mqtt import FrameChannel, IoLoop, LeanClient, publish_packet
+from aggregator.ingest.transport import ProcessTransport, ThreadTransport, Transport
 from contract import DeviceChannel
 
 from .conftest import wait_until

@@ -15,8 +15,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from aggregator.decode import DecodeLimits
-from aggregator.pgpool import (
+from aggregator.ingest.assemble import Inbound, Pipeline
+from aggregator.ingest.decode import DecodeLimits
+from aggregator.pool.postgres import (
     CHANNEL,
     LOCK_CELL_DEG,
     ChangeListener,
@@ -28,9 +29,8 @@ from aggregator.pgpool import (
     migrate,
     migrations,
 )
-from aggregator.pipeline import Inbound, Pipeline
-from aggregator.pool import AlertIn, Batch, BatchResult, DeadLetterIn, EventPool, StatusIn
-from aggregator.snapshots import SnapshotStore
+from aggregator.pool.snapshots import SnapshotStore
+from aggregator.pool.sqlite import AlertIn, Batch, BatchResult, DeadLetterIn, EventPool, StatusIn
 from contract import (
     AlertV1,
     EventStatus,

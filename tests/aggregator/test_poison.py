@@ -25,9 +25,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.config import DeadLetterSettings
-from aggregator.decode import DecodeLimits, Rejection, decode_alert
-from aggregator.geo import Grid, GridIndex, default_grid_file
-from aggregator.ingest import is_pool_fault
+from aggregator.grids import Grid, GridIndex, default_grid_file
+from aggregator.ingest.decode import DecodeLimits, Rejection, decode_alert
+from aggregator.ingest.worker import is_pool_fault
 from aggregator.service import Aggregator, build_aggregator
 from contract import AlertV1, FeedbackV1, Outcome, RejectReason, default_catalogue
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.decode import DecodeLimits
-from aggregator.pipeline import Inbound, Pipeline
-from aggregator.pool import EventPool, connect
-from aggregator.snapshots import SnapshotStore
+from aggregator.ingest.assemble import Inbound, Pipeline
+from aggregator.ingest.decode import DecodeLimits
+from aggregator.pool.snapshots import SnapshotStore
+from aggregator.pool.sqlite import EventPool, connect
 from contract import AlertV1, EventStatus, Outcome, Topics, default_catalogue
 
 from .conftest import GRIDS, OUTSIDE, grid_in_community, interior, jpeg, make_alert, offset, past

@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aggregator.decode import DecodeLimits
-from aggregator.pipeline import Inbound, Pipeline, Prevalidator
-from aggregator.snapshots import SnapshotStore
+from aggregator.ingest.assemble import Inbound, Pipeline, Prevalidator
+from aggregator.ingest.decode import DecodeLimits
+from aggregator.pool.snapshots import SnapshotStore
 from contract import default_catalogue
 
 from .conftest import GRIDS, OUTSIDE, grid_in_community, interior, jpeg, make_alert

@@ -17,8 +17,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from aggregator.access.auth import Level
 from aggregator.api.server import Service
-from aggregator.auth import Level
 from aggregator.config import HttpSettings
 from simulators.loadgen import LoadConfig, run_load
 from simulators.stack import CredentialsDir

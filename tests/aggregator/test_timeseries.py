@@ -14,9 +14,9 @@ import httpx
 import orjson
 import pytest
 
-from aggregator.broker import free_port
+from aggregator.broker.launcher import free_port
+from aggregator.fanout.timeseries import TimeSeriesSettings, TimeSeriesSink
 from aggregator.service import Aggregator, build_aggregator
-from aggregator.timeseries import TimeSeriesSettings, TimeSeriesSink
 from contract import Reading, TelemetryV1
 
 from .conftest import GRIDS, aggregator_settings, count, grid_in_community, interior, make_alert

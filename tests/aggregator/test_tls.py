@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from aggregator import devca
-from aggregator.broker import DeviceCredentials, write_edge_config
+from aggregator.broker import devca
+from aggregator.broker.launcher import DeviceCredentials, write_edge_config
+from aggregator.broker.registry import DeviceLocation
 from aggregator.config import MqttSettings
-from aggregator.registry import DeviceLocation
 from aggregator.service import build_aggregator
 from contract import DeviceChannel, Outcome
 

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Route, expect, sync_playwright
 
+from aggregator.access.auth import Level
 from aggregator.api.server import Service
-from aggregator.auth import Level
 from aggregator.config import HttpSettings
 from tests.aggregator.conftest import (
     aggregator_settings,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from aggregator.pool import connect as pool_connect
+from aggregator.pool.sqlite import connect as pool_connect
 from contract import AlertV1, Location, Severity, new_alert_id, utcnow
 from edge.config import Broker
 from edge.outbox import Outbox

@@ -11,7 +11,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
-from aggregator.pool import connect
+from aggregator.pool.sqlite import connect
 
 
 def _mosquittos_under(path: Path) -> list[str]:

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from aggregator.config import Settings
-from aggregator.pool import connect as pool_connect
+from aggregator.pool.sqlite import connect as pool_connect
 from aggregator.service import Aggregator, build_aggregator
 from contract import AlertV1, DeviceState, Outcome, StatusV1, TelemetryV1
 from edge.agent import build_agent

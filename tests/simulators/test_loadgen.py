@@ -11,8 +11,8 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
-from aggregator.geo import GridIndex, default_grid_file
-from aggregator.mqttio import publish_packet
+from aggregator.grids import GridIndex, default_grid_file
+from aggregator.ingest.mqtt import publish_packet
 from contract import AlertV1, default_catalogue
 from simulators.errors import LoadError
 from simulators.loadgen import (

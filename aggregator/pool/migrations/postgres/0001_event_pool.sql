@@ -1,5 +1,5 @@
 -- The community event pool on PostgreSQL: the same tables and columns as the SQLite pool
--- (aggregator/pool.py), times as UNIX seconds so that window arithmetic reads the same on both.
+-- (aggregator/pool/sqlite.py), times as UNIX seconds so that window arithmetic reads the same on both.
 -- Applied by aggregator.pgpool.migrate inside one transaction under an advisory lock.
 
 -- One row per committed micro-batch; stamped just before COMMIT.

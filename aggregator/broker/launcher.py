@@ -73,8 +73,7 @@ from pydantic import (
     model_validator,
 )
 
-from aggregator.errors import AggregatorError
-from aggregator.registry import (
+from aggregator.broker.registry import (
     AccountRole,
     DeviceKind,
     DeviceLocation,
@@ -84,6 +83,7 @@ from aggregator.registry import (
     generate_password,
     mosquitto_password_hash,
 )
+from aggregator.errors import AggregatorError
 from contract.topics import TopicError, Topics
 
 __all__ = [
@@ -336,7 +336,7 @@ def render_config(settings: BrokerSettings) -> str:
         raise BrokerError("render_config needs concrete ports; choose them with free_port()")
     state = settings.state_dir.resolve()
     lines = [
-        "# Generated from BrokerSettings by aggregator.broker on every start; edits are lost.",
+        "# Generated from BrokerSettings by the broker launcher on every start; edits are lost.",
         # One security configuration for both listeners: the plugin's accounts and rights.
         "per_listener_settings false",
         "allow_anonymous false",
@@ -585,7 +585,7 @@ def ensure_tls_files(settings: BrokerSettings) -> None:
             if not path.is_file():
                 raise BrokerError(f"TLS file {path} does not exist")
         return
-    from aggregator import devca  # the cryptography package is needed only here
+    from aggregator.broker import devca  # the cryptography package is needed only here
 
     settings.tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     devca.ensure(

@@ -46,7 +46,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from aggregator.errors import AggregatorError
-from aggregator.pool import connect
+from aggregator.pool.sqlite import connect
 
 __all__ = [
     "DEV_ENV",
@@ -124,7 +124,7 @@ class Level(StrEnum):
     DEPARTMENT = "department"  # 主管部门 (whistle events routed to it)
 
 
-# Digits of the grid code each area level fixes (see aggregator.geo).
+# Digits of the grid code each area level fixes (see aggregator.grids).
 SCOPE_LENGTH = {Level.COUNTY: 6, Level.STREET: 9, Level.COMMUNITY: 12}
 
 

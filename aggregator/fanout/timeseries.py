@@ -55,8 +55,8 @@ from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.domain.write_precision import WritePrecision
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from aggregator.pipeline import Assembled
-from aggregator.pool import BatchResult, Notice
+from aggregator.ingest.assemble import Assembled
+from aggregator.pool.sqlite import BatchResult, Notice
 from contract import TelemetryV1
 
 __all__ = ["TimeSeriesSettings", "TimeSeriesSink", "TimeSeriesStats"]

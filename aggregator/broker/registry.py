@@ -3,7 +3,7 @@
 One YAML file lists every device (id, kind, name, optional location and grid code) and the
 service accounts (the aggregator, integrators). Each entry carries the Mosquitto password hash
 of its account, never the password itself: the plaintext exists only in the connection config
-handed to the device when it is provisioned (``aggregator.broker.provision_device``).
+handed to the device when it is provisioned (``aggregator.broker.launcher.provision_device``).
 
 Hashes use Mosquitto 2.0's ``$7$`` format (PBKDF2-HMAC-SHA512), computed here with hashlib so
 that a fleet of thousands of devices does not spawn thousands of ``mosquitto_passwd`` processes.
@@ -71,7 +71,7 @@ _HASH_6 = re.compile(r"^\$6\$(?P<salt>[A-Za-z0-9+/=]+)\$(?P<hash>[A-Za-z0-9+/=]+
 
 # Service-account names a device id may never take, whether or not the account exists yet: a
 # device called "aggregator" would otherwise inherit the aggregator's broker permissions.
-# "broker-admin" is the broker's own provisioning account (aggregator.broker.ADMIN_USERNAME).
+# "broker-admin" is the broker's own provisioning account (launcher.ADMIN_USERNAME).
 RESERVED_USERNAMES = frozenset({"aggregator", "integrator", "admin", "root", "broker-admin"})
 
 
@@ -161,7 +161,7 @@ class DeviceKind(StrEnum):
 
 
 class AccountRole(StrEnum):
-    """What a service account may do on the broker (see ``aggregator.broker.render_acl``)."""
+    """What a service account may do on the broker (see ``launcher.render_acl``)."""
 
     AGGREGATOR = "aggregator"
     INTEGRATOR = "integrator"

@@ -2,7 +2,7 @@
 
 Both give the worker the same operations: ``take`` a micro-batch of received messages, ``ack``
 messages once their batch is committed, ``publish`` feedback and notices, and the connection
-state. The I/O loop (``aggregator/mqttio.py``) runs at the other end of a socket pair.
+state. The I/O loop (``aggregator/ingest/mqtt.py``) runs at the other end of a socket pair.
 ``ProcessTransport`` (the default) hosts it in a child process, so MQTT I/O and the pool writer
 each have a core of their own instead of sharing one interpreter lock; ``ThreadTransport`` hosts
 it on a thread of the aggregator.
@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from aggregator.config import BatchSettings, MqttSettings
-from aggregator.mqttio import ChannelClosedError, FrameChannel, Outgoing, child_main, serve
-from aggregator.pipeline import Inbound, Prevalidator
+from aggregator.ingest.assemble import Inbound, Prevalidator
+from aggregator.ingest.mqtt import ChannelClosedError, FrameChannel, Outgoing, child_main, serve
 
 log = logging.getLogger(__name__)
 

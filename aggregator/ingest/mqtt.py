@@ -57,7 +57,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from aggregator.config import BatchSettings, MqttSettings
 from aggregator.gctune import tune_gc
-from aggregator.pipeline import Prevalidator
+from aggregator.ingest.assemble import Prevalidator
 from contract import DeviceChannel, Topics
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from aggregator.registry import atomic_write
+from aggregator.broker.registry import atomic_write
 
 __all__ = ["ensure", "san_names"]
 

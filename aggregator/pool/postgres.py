@@ -1,9 +1,9 @@
 """The community event pool on PostgreSQL (``CWG_POOL_URL=postgresql://…``), for replicas on
 several machines.
 
-The write interface and its results are ``EventPool``'s (aggregator/pool.py): ``commit_batch``,
-``set_status``, ``prune``, ``close``. What differs is how a batch is made safe against other
-writers, which here may be aggregator replicas on other machines:
+The write interface and its results are ``EventPool``'s (aggregator/pool/sqlite.py):
+``commit_batch``, ``set_status``, ``prune``, ``close``. What differs is how a batch is made safe
+against other writers, which here may be aggregator replicas on other machines:
 
 - Exact dedup: a batch first claims its alert ids in ``alert_ids`` (``INSERT … ON CONFLICT DO
   NOTHING RETURNING``): the ids returned are exactly the ones this batch pools. A replica
@@ -49,9 +49,9 @@ import psycopg
 import psycopg_pool
 from psycopg import sql
 
-from aggregator.dedup import EARTH_RADIUS_M, DedupIndex, EventState
 from aggregator.errors import PoolError
-from aggregator.pool import (
+from aggregator.pool.dedup import EARTH_RADIUS_M, DedupIndex, EventState
+from aggregator.pool.sqlite import (
     SOURCE,
     AlertIn,
     AlertResult,
@@ -674,7 +674,7 @@ class PgEventPool:
 
     def _recurrence_of(self, work: _BatchWork, a: AlertIn) -> int | None:
         """A closed event absorbs nothing; a recurrence near it opens a new event linked to it."""
-        from aggregator.dedup import haversine_m
+        from aggregator.pool.dedup import haversine_m
 
         wt = self.catalogue.types[a.type]
         best: tuple[float, int] | None = None

@@ -16,10 +16,10 @@ import orjson
 from pydantic import ValidationError
 from pydantic_core import from_json
 
-from aggregator.decode import DecodeLimits, Rejection, decode_alert, number_problem
-from aggregator.geo import Grid, GridIndex
-from aggregator.pool import AlertIn, Batch, DeadLetterIn, OutOfAreaIn, StatusIn
-from aggregator.snapshots import SnapshotStore
+from aggregator.grids import Grid, GridIndex
+from aggregator.ingest.decode import DecodeLimits, Rejection, decode_alert, number_problem
+from aggregator.pool.snapshots import SnapshotStore
+from aggregator.pool.sqlite import AlertIn, Batch, DeadLetterIn, OutOfAreaIn, StatusIn
 from contract import (
     AlertV1,
     Catalogue,

@@ -27,9 +27,9 @@ from typing import Any, Final
 
 import orjson
 
-from aggregator.dedup import DedupIndex, EventState, SpatialHash, haversine_m
 from aggregator.errors import PoolError
 from aggregator.fileperms import FILE_MODE, private_dir, private_file, tighten
+from aggregator.pool.dedup import DedupIndex, EventState, SpatialHash, haversine_m
 from contract import (
     Catalogue,
     EventNoticeV1,

@@ -1,6 +1,6 @@
 """MQTT ingest: at-least-once in, exactly-once out.
 
-The transport (``aggregator/transport.py``: paho in a child process by default) only receives
+The transport (``aggregator/ingest/transport.py``: paho in a child process by default) only receives
 and queues messages. One worker thread takes them in micro-batches, assembles and commits each
 batch in one pool transaction, and only then acknowledges every message of it
 (``manual_ack``). A crash before the commit leaves the messages unacknowledged in our
@@ -29,11 +29,17 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aggregator.config import BatchSettings, DeadLetterSettings, MqttSettings, NoticeSettings
-from aggregator.decode import best_effort_ids
+from aggregator.ingest.assemble import (
+    Assembled,
+    Inbound,
+    Pipeline,
+    Prevalidator,
+    internal_rejection,
+)
+from aggregator.ingest.decode import best_effort_ids
+from aggregator.ingest.transport import Outgoing, Transport, make_transport
 from aggregator.metrics import Metrics
-from aggregator.pipeline import Assembled, Inbound, Pipeline, Prevalidator, internal_rejection
-from aggregator.pool import BatchResult, DeadLetterIn, EventPool, Notice, event_summaries
-from aggregator.transport import Outgoing, Transport, make_transport
+from aggregator.pool.sqlite import BatchResult, DeadLetterIn, EventPool, Notice, event_summaries
 from contract import (
     EventNoticeV1,
     EventStatus,

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from aggregator.geo import COMMUNITY_LENGTH, GridIndex
+from aggregator.grids import COMMUNITY_LENGTH, GridIndex
 from contract import Catalogue
 
 
