@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
+import re
+import resource
 import socket
 import sqlite3
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -20,6 +23,7 @@ from simulators.loadgen import (
     RawConnection,
     build_templates,
     percentiles,
+    preprovision_fleet,
     render,
     run_load,
     stamp_now,
@@ -188,3 +192,58 @@ def test_raw_connection_stops_on_a_disconnect_from_the_broker() -> None:
     with pytest.raises(LoadError, match="closed the connection"):
         conn.pump()
     conn.close()
+
+
+def test_a_fleet_of_300_connections_each_with_its_own_account(tmp_path: Path) -> None:
+    """300 devices, each its own account and connection (client id = device id), over the
+    broker's TLS listener, one generator process that must raise its open-file limit past
+    the 256 it is given; every alert pooled, every device heard, telemetry besides."""
+    tag = "fl300"
+    n = 300
+    stack = GatewayStack(tmp_path / "stack")
+    provisioner = preprovision_fleet(stack, tag, n)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        stack.start()
+        # Below what one process holding 300 connections needs: the run must raise it.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        report = run_load(
+            LoadConfig(
+                rate=600,
+                count=1800,
+                mode="raw",
+                publishers=n,
+                workers=1,
+                connect_rate=300,
+                telemetry_interval_s=1.0,
+            ),
+            provisioner,
+            stack.pool_path,
+            run_tag=tag,
+        )
+        log_text = stack.broker_settings.log_file.read_text(encoding="utf-8", errors="replace")
+        pool_path = stack.pool_path
+        with sqlite3.connect(f"file:{pool_path}?mode=ro", uri=True) as db:
+            per_device = dict(
+                db.execute(
+                    "SELECT device_id, COUNT(*) FROM alerts WHERE alert_id LIKE ? "
+                    "GROUP BY device_id",
+                    (f"{tag}-%",),
+                ).fetchall()
+            )
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        stack.stop()
+    assert report.errors == []
+    assert report.publishers == n
+    assert report.sent == report.pooled == 1800
+    assert report.zero_loss
+    # A steady per-device rate: each device sent its 6 alerts, and each was its own device.
+    assert per_device == {f"{tag}-p{i:02d}": 6 for i in range(n)}
+    # Each connection authenticated as its own account, bound to its own client id.
+    accounts = set(re.findall(rf" as ({tag}-p\d+) \(.*?u'({tag}-p\d+)'\)", log_text))
+    assert {a for a, u in accounts if a == u} == {f"{tag}-p{i:02d}" for i in range(n)}
+    assert 0.5 < report.connect_seconds < 30  # 300 at 300/s: about a second
+    assert report.telemetry_sent >= n  # each device once a second for about 3 s
+    assert 0 < report.latency_ms["p50"] <= report.latency_ms["p99"] < 10_000
+    assert "300 connections" in report.summary()
