@@ -44,7 +44,9 @@ from typing import Any
 import orjson
 
 from aggregator.access.auth import Operator
-from aggregator.pool.sqlite import Notice, connect, event_summaries, iso
+from aggregator.pool.model import Notice, iso
+from aggregator.pool.queries import event_summaries
+from aggregator.pool.sqlite import connect
 from contract import Catalogue, EventNoticeV1, EventStatus, Outcome, Severity, utcnow
 
 __all__ = ["DROPPED_CLOSE_CODE", "DROPPED_MESSAGE", "StreamClient", "StreamFilter", "StreamHub"]

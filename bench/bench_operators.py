@@ -214,7 +214,12 @@ def main() -> int:
     ap.add_argument("--users-rate", type=float, default=6000)
     ap.add_argument("--flood-rate", type=float, default=5000)
     ap.add_argument("--publishers", type=int, default=16)
-    ap.add_argument("--api-nice", type=int, default=0, help="niceness of the API process")
+    ap.add_argument(
+        "--api-nice",
+        type=int,
+        default=HttpSettings().nice,
+        help="niceness of the API process (default: the http.nice setting's)",
+    )
     ap.add_argument(
         "--clients-nice",
         type=int,

@@ -33,9 +33,10 @@ from typing import Any
 from aggregator.grids import GridIndex, default_grid_file
 from aggregator.ingest.assemble import Inbound, Pipeline
 from aggregator.ingest.decode import DecodeLimits
+from aggregator.pool.model import Batch, BatchResult
 from aggregator.pool.postgres import LockMode, PgEventPool, migrate
 from aggregator.pool.snapshots import SnapshotStore
-from aggregator.pool.sqlite import Batch, BatchResult, EventPool
+from aggregator.pool.sqlite import EventPool
 from contract import Topics, load_catalogue
 from simulators.loadgen import build_templates, machine_description, render, stamp_now
 

@@ -12,7 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from aggregator.pool.sqlite import connect, event_summaries
+from aggregator.pool.queries import event_summaries
+from aggregator.pool.sqlite import connect
 from contract import Catalogue, EventSummary, default_catalogue
 
 __all__ = ["DeadLetter", "OutOfArea", "PoolView"]

@@ -30,7 +30,7 @@ from aggregator.api.models import (
     TransitionRequest,
 )
 from aggregator.errors import PoolError
-from aggregator.pool.sqlite import summary_from_row
+from aggregator.pool.model import summary_from_row
 from contract import (
     EventNoticeV1,
     EventStatus,

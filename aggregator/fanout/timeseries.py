@@ -56,7 +56,7 @@ from influxdb_client.domain.write_precision import WritePrecision
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from aggregator.ingest.assemble import Assembled
-from aggregator.pool.sqlite import BatchResult, Notice
+from aggregator.pool.model import BatchResult, Notice
 from contract import TelemetryV1
 
 __all__ = ["TimeSeriesSettings", "TimeSeriesSink", "TimeSeriesStats"]

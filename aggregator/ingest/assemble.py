@@ -18,8 +18,8 @@ from pydantic_core import from_json
 
 from aggregator.grids import Grid, GridIndex
 from aggregator.ingest.decode import DecodeLimits, Rejection, decode_alert, number_problem
+from aggregator.pool.model import AlertIn, Batch, DeadLetterIn, OutOfAreaIn, StatusIn
 from aggregator.pool.snapshots import SnapshotStore
-from aggregator.pool.sqlite import AlertIn, Batch, DeadLetterIn, OutOfAreaIn, StatusIn
 from contract import (
     AlertV1,
     Catalogue,

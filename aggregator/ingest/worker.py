@@ -39,7 +39,9 @@ from aggregator.ingest.assemble import (
 from aggregator.ingest.decode import best_effort_ids
 from aggregator.ingest.transport import Outgoing, Transport, make_transport
 from aggregator.metrics import Metrics
-from aggregator.pool.sqlite import BatchResult, DeadLetterIn, EventPool, Notice, event_summaries
+from aggregator.pool.model import BatchResult, DeadLetterIn, Notice
+from aggregator.pool.queries import event_summaries
+from aggregator.pool.sqlite import EventPool
 from contract import (
     EventNoticeV1,
     EventStatus,

@@ -51,16 +51,16 @@ from psycopg import sql
 
 from aggregator.errors import PoolError
 from aggregator.pool.dedup import EARTH_RADIUS_M, DedupIndex, EventState
-from aggregator.pool.sqlite import (
+from aggregator.pool.model import (
     SOURCE,
     AlertIn,
     AlertResult,
     Batch,
     BatchResult,
+    BatchWork,
     DeadLetterIn,
     DeadLetterResult,
     OutOfAreaIn,
-    _BatchWork,
     summary_dict,
 )
 from contract import Catalogue, EventStatus, Outcome, Severity
@@ -467,8 +467,8 @@ class PgEventPool:
         held = self._read_candidates(cur, fresh)
         index = DedupIndex(self.ref_lat, self._radius, self._window)
         for _, base in held.values():
-            index.put(base)  # read only: the batch edits copies (_BatchWork.edit)
-        work = _BatchWork(index)
+            index.put(base)  # read only: the batch edits copies (BatchWork.edit)
+        work = BatchWork(index)
 
         decisions: list[tuple[AlertIn, Outcome, int | EventState | None]] = []
         log_new: list[tuple[EventState, dict[str, Any]]] = []
@@ -661,7 +661,7 @@ class PgEventPool:
             )
         return out
 
-    def _find_open(self, work: _BatchWork, a: AlertIn) -> EventState | None:
+    def _find_open(self, work: BatchWork, a: AlertIn) -> EventState | None:
         """The nearest open event of the type whose observed span, widened by the type's
         window, holds the alert; ties go to the older event (as ``EventPool``)."""
         wt = self.catalogue.types[a.type]
@@ -672,7 +672,7 @@ class PgEventPool:
                 return work.edit(event_id)
         return None
 
-    def _recurrence_of(self, work: _BatchWork, a: AlertIn) -> int | None:
+    def _recurrence_of(self, work: BatchWork, a: AlertIn) -> int | None:
         """A closed event absorbs nothing; a recurrence near it opens a new event linked to it."""
         from aggregator.pool.dedup import haversine_m
 

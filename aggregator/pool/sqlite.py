@@ -17,36 +17,38 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import orjson
 
 from aggregator.errors import PoolError
 from aggregator.fileperms import FILE_MODE, private_dir, private_file, tighten
-from aggregator.pool.dedup import DedupIndex, EventState, SpatialHash, haversine_m
+from aggregator.pool.dedup import DedupIndex, EventState, haversine_m
+from aggregator.pool.model import (
+    SOURCE,
+    AlertIn,
+    AlertResult,
+    Batch,
+    BatchResult,
+    BatchWork,
+    DeadLetterIn,
+    DeadLetterResult,
+    OutOfAreaIn,
+)
 from contract import (
     Catalogue,
-    EventNoticeV1,
     EventStatus,
-    EventSummary,
-    GridLevel,
-    Location,
     Outcome,
-    RejectReason,
     Severity,
-    event_notice_json,
 )
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-SOURCE: Final = "smart_community_warning"  # Longgang 5.4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -192,164 +194,6 @@ CREATE INDEX IF NOT EXISTS out_of_area_received ON out_of_area(received_at);
 """
 
 
-def iso(value: float | None) -> str | None:
-    if value is None:
-        return None
-    return datetime.fromtimestamp(value, UTC).isoformat().replace("+00:00", "Z")
-
-
-# ---------------------------------------------------------------------------- batch input
-
-
-@dataclass(slots=True)  # not frozen: built per alert, and a frozen __init__ costs ~10×
-class AlertIn:
-    """A valid, geo-tagged alert ready to be pooled."""
-
-    alert_id: str
-    device_id: str
-    seq: int
-    type: str
-    severity: Severity
-    confidence: float
-    observed_at: float
-    received_at: float
-    lat: float
-    lon: float
-    grid_code: str
-    grid_path: str  # JSON of contract GridLevel list
-    address: str
-    description: str
-    snapshot_sha256: str | None
-    payload: bytes
-
-
-@dataclass(slots=True)  # not frozen: built per alert, and a frozen __init__ costs ~10×
-class OutOfAreaIn:
-    alert_id: str
-    device_id: str
-    type: str
-    observed_at: float
-    received_at: float
-    lat: float
-    lon: float
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetterIn:
-    received_at: float
-    topic: str
-    device_id: str | None
-    alert_id: str | None
-    reason: RejectReason
-    detail: str
-    payload: bytes
-    seq: int | None = None  # the alert's seq when it could be read, for the device's feedback
-
-
-@dataclass(frozen=True, slots=True)
-class StatusIn:
-    device_id: str
-    state: str
-    reason: str | None
-    at: float
-    kind: str | None
-    health: str | None  # JSON
-
-
-@dataclass(slots=True)
-class Batch:
-    alerts: list[AlertIn] = field(default_factory=list)
-    out_of_area: list[OutOfAreaIn] = field(default_factory=list)
-    dead_letters: list[DeadLetterIn] = field(default_factory=list)
-    statuses: list[StatusIn] = field(default_factory=list)
-    seen: dict[str, float] = field(default_factory=dict)  # device_id -> last message time
-
-    def __len__(self) -> int:
-        return (
-            len(self.alerts) + len(self.out_of_area) + len(self.dead_letters) + len(self.statuses)
-        )
-
-
-@dataclass(slots=True)  # not frozen: built per alert, and a frozen __init__ costs ~10×
-class AlertResult:
-    alert_id: str
-    device_id: str
-    seq: int
-    outcome: Outcome
-    event_id: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetterResult:
-    id: int
-    device_id: str | None
-    alert_id: str | None
-    reason: RejectReason
-    detail: str
-    duplicate: bool = False  # the message was kept before (row ``id``): nothing was added
-    seq: int | None = None
-
-
-def _no_summary(event_id: int) -> dict[str, Any]:
-    raise KeyError(f"event {event_id} was not touched by this batch")
-
-
-@dataclass(slots=True)
-class BatchResult:
-    alerts: list[AlertResult] = field(default_factory=list)
-    out_of_area: list[OutOfAreaIn] = field(default_factory=list)
-    dead_letters: list[DeadLetterResult] = field(default_factory=list)
-    created: set[int] = field(default_factory=set)
-    updated: set[int] = field(default_factory=set)
-    committed_at: float = 0.0
-    # a created or updated event as this batch committed it: EventSummary's JSON-ready dict
-    # (``summary_dict``), built only for the events that are wanted; a model is
-    # ``EventSummary.model_validate(d)``
-    summary: Callable[[int], dict[str, Any]] = field(default=_no_summary)
-
-
-@dataclass(frozen=True, slots=True)
-class Notice:
-    """An event notice as published on the events topic (``payload``: EventNoticeV1 JSON),
-    with what subscribers filter on."""
-
-    change: str
-    event_id: int
-    grid_code: str
-    department: str
-    type: str
-    severity: Severity
-    payload: bytes
-
-    @classmethod
-    def of_summary(cls, change: str, event: dict[str, Any], at: datetime) -> Notice:
-        """The notice of a writer's summary (``BatchResult.summary``), serialized without
-        models (``event_notice_json``)."""
-        return cls(
-            change,
-            event["event_id"],
-            event["grid_code"],
-            event["department"],
-            event["type"],
-            Severity(event["severity"]),
-            event_notice_json(change, event, at),
-        )
-
-    @classmethod
-    def of(cls, notice: EventNoticeV1) -> Notice:
-        """The record of a notice built as a model (an operator's lifecycle step)."""
-        ev = notice.event
-        return cls(
-            notice.change,
-            ev.event_id,
-            ev.grid_code,
-            ev.department,
-            ev.type,
-            ev.severity,
-            notice.to_json(),
-        )
-
-
 # ---------------------------------------------------------------------------- the pool
 
 
@@ -477,7 +321,7 @@ class EventPool:
         """Pool a micro-batch in one transaction; returns what became of each message."""
         result = BatchResult()
         now = time.time()
-        work = _BatchWork(self._index)
+        work = BatchWork(self._index)
         with self._transaction() as db:
             self._sync_changes(db, work)
             work.change_seq = _next_change(db)
@@ -540,7 +384,7 @@ class EventPool:
             self._last_evict = now
         return result
 
-    def _sync_changes(self, db: sqlite3.Connection, work: _BatchWork) -> None:
+    def _sync_changes(self, db: sqlite3.Connection, work: BatchWork) -> None:
         """Events other connections changed since our last commit: operators' lifecycle steps,
         and the alerts another aggregator replica pooled into this file. We hold the write lock,
         so nothing else changes until we commit; a rolled-back batch reads them again."""
@@ -562,7 +406,7 @@ class EventPool:
                 known[row[0]] = row[1]
         return known
 
-    def _find_open(self, db: sqlite3.Connection, work: _BatchWork, a: AlertIn) -> EventState | None:
+    def _find_open(self, db: sqlite3.Connection, work: BatchWork, a: AlertIn) -> EventState | None:
         """The nearest open event of the type whose observed span, widened by the type's
         window, holds the alert; ties go to the older event."""
         wt = self.catalogue.types[a.type]
@@ -575,7 +419,7 @@ class EventPool:
                 return work.edit(event_id)
         return None
 
-    def _recurrence_of(self, db: sqlite3.Connection, work: _BatchWork, a: AlertIn) -> int | None:
+    def _recurrence_of(self, db: sqlite3.Connection, work: BatchWork, a: AlertIn) -> int | None:
         """A closed event absorbs nothing; a recurrence near it opens a new event linked to it."""
         wt = self.catalogue.types[a.type]
         if not self._index.covers(a.type, a.observed_at):
@@ -591,7 +435,7 @@ class EventPool:
         return None if best is None else -best[1]
 
     def _fetch_into(
-        self, db: sqlite3.Connection, work: _BatchWork, a: AlertIn, closed: bool
+        self, db: sqlite3.Connection, work: BatchWork, a: AlertIn, closed: bool
     ) -> None:
         """An alert older than the index's horizon: bring its candidates in from SQL."""
         wt = self.catalogue.types[a.type]
@@ -641,7 +485,7 @@ class EventPool:
         )
 
     @staticmethod
-    def _write_events(db: sqlite3.Connection, work: _BatchWork, now: float) -> None:
+    def _write_events(db: sqlite3.Connection, work: BatchWork, now: float) -> None:
         new = [work.get(i) for i in work.new_ids]
         db.executemany(
             "INSERT INTO events(id, source, type, severity, status, department, grid_code,"
@@ -1039,194 +883,4 @@ def _json(value: object) -> str:
     return orjson.dumps(value).decode()
 
 
-class _BatchWork:
-    """One batch's view of the events: the index, overlaid with this batch's edits, new events
-    and rows re-read from SQL. Applied to the index only once the batch has committed, so a
-    rolled-back batch leaves the index as it was."""
-
-    def __init__(self, index: DedupIndex) -> None:
-        self.index = index
-        self.states: dict[int, EventState] = {}
-        self.new_ids: list[int] = []
-        self.edited_ids: dict[int, None] = {}
-        self.device_alerts: dict[tuple[int, str], list[Any]] = {}
-        self.change_seq = 0  # this batch's pool-wide change number
-        self._local: dict[bool, SpatialHash] = {}
-        # type → (lat, lon) → [(distance m, event id)] of the open candidates within the merge
-        # radius, nearest first. A device sits still, so its alerts repeat their position; an
-        # event's position is its first alert's and never moves. Dropped for a type when this
-        # batch adds a candidate of it.
-        self._near: dict[str, dict[tuple[float, float], list[tuple[float, int]]]] = {}
-
-    def _hash(self, closed: bool) -> SpatialHash:
-        if closed not in self._local:
-            self._local[closed] = self.index.new_hash()
-        return self._local[closed]
-
-    def _add_local(self, state: EventState, closed: bool) -> None:
-        self._hash(closed).add(state.type, state.lat, state.lon, state.id)
-        if not closed:
-            self._near.pop(state.type, None)
-
-    def open_near(
-        self, type_: str, lat: float, lon: float, radius_m: float
-    ) -> list[tuple[float, int]]:
-        """The open candidates of the type within ``radius_m`` of the point, as (distance,
-        event id), nearest (then oldest) first; their status and span are the caller's."""
-        by_point = self._near.setdefault(type_, {})
-        near = by_point.get((lat, lon))
-        if near is None:
-            near = []
-            for event_id in dict.fromkeys(self.candidates(type_, lat, lon, closed=False)):
-                s = self.get(event_id)
-                d = haversine_m(lat, lon, s.lat, s.lon)
-                if d <= radius_m:
-                    near.append((d, event_id))
-            near.sort()
-            by_point[(lat, lon)] = near
-        return near
-
-    def get(self, event_id: int) -> EventState:
-        state = self.states.get(event_id)
-        return state if state is not None else self.index.events[event_id]
-
-    def candidates(self, type_: str, lat: float, lon: float, *, closed: bool) -> Iterator[int]:
-        yield from self.index.candidates(type_, lat, lon, closed=closed)
-        if closed in self._local:
-            yield from self._local[closed].near(type_, lat, lon)
-
-    def edit(self, event_id: int) -> EventState:
-        if event_id not in self.states:
-            self.states[event_id] = self.index.events[event_id].copy()
-        self.edited_ids[event_id] = None
-        return self.states[event_id]
-
-    def refresh(self, state: EventState) -> None:
-        """A row read from SQL inside this transaction: it wins over what the index holds."""
-        if state.id in self.edited_ids:
-            return  # we changed it in this batch already; our copy is newer
-        self.states[state.id] = state
-        self._add_local(state, state.status == "closed")
-
-    def created(self, state: EventState, a: AlertIn) -> None:
-        self.states[state.id] = state
-        self.new_ids.append(state.id)
-        self.edited_ids[state.id] = None
-        self._add_local(state, False)
-        self.device_alerts[(state.id, a.device_id)] = [a.observed_at, 1]
-
-    def merge(self, state: EventState, a: AlertIn) -> None:
-        state.alert_count += 1
-        state.devices[a.device_id] = state.devices.get(a.device_id, 0) + 1
-        state.first = min(state.first, a.observed_at)
-        state.last = max(state.last, a.observed_at)
-        # Severity only rises; the snapshot kept is the one of the most confident alert.
-        if a.severity.rank > state.severity.rank:
-            state.severity = a.severity
-        if a.snapshot_sha256 and (
-            state.snapshot_score is None or a.confidence > state.snapshot_score
-        ):
-            state.snapshot_sha256, state.snapshot_score = a.snapshot_sha256, a.confidence
-        entry = self.device_alerts.setdefault((state.id, a.device_id), [a.observed_at, 0])
-        entry[0] = min(entry[0], a.observed_at)
-        entry[1] += 1
-
-    def apply(self) -> None:
-        for state in self.states.values():
-            self.index.put(state)
-
-    def summary(self, event_id: int, catalogue: Catalogue) -> dict[str, Any]:
-        return summary_dict(self.get(event_id), catalogue)
-
-
-@lru_cache(maxsize=4096)
-def _grid_path(grid_path: str) -> list[dict[str, str]]:
-    """The stored grid path, parsed once per grid. Shared between summaries: read-only."""
-    path: list[dict[str, str]] = orjson.loads(grid_path)
-    return path
-
-
-def summary_dict(s: EventState, catalogue: Catalogue) -> dict[str, Any]:
-    """The writer's state as ``EventSummary``'s JSON-ready dict (wire names, no nulls,
-    datetimes as aware datetimes), built without models: every value came from a validated
-    alert or from the pool itself, and this runs for every notice ingest sends
-    (``EventSummary.model_validate`` of it equals the summary read from the row: tested)."""
-    wt = catalogue.types.get(s.type)
-    out: dict[str, Any] = {
-        "event_id": s.id,
-        "source": SOURCE,
-        "type": s.type,
-        "type_zh": wt.zh if wt else s.type,
-        "type_en": wt.en if wt else s.type,
-        "severity": s.severity.value,
-        "status": s.status,
-        "department": s.department,
-        "grid_code": s.grid_code,
-        "grid_path": _grid_path(s.grid_path),
-        "location": {"lat": s.lat, "lon": s.lon},
-        "description": s.description,
-        "first_observed_at": _dt(s.first),
-        "last_observed_at": _dt(s.last),
-        "registered_at": _dt(s.registered_at),
-        "deadline_at": _dt(s.deadline_at),
-        "alert_count": s.alert_count,
-        "device_ids": list(s.devices),
-    }
-    if s.snapshot_sha256 is not None:
-        out["snapshot_sha256"] = s.snapshot_sha256
-    if s.recurrence_of is not None:
-        out["recurrence_of"] = s.recurrence_of
-    return out
-
-
 # ---------------------------------------------------------------------------- reading
-
-
-def event_summaries(
-    db: sqlite3.Connection, ids: Iterable[int], catalogue: Catalogue
-) -> list[EventSummary]:
-    """The wire summary of each event, in id order (for notices, the CLI and the API)."""
-    wanted = sorted(set(ids))
-    out: list[EventSummary] = []
-    for start in range(0, len(wanted), 500):
-        chunk = wanted[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        devices: dict[int, list[str]] = {}
-        for row in db.execute(
-            f"SELECT event_id, device_id FROM event_devices WHERE event_id IN ({marks})"
-            " ORDER BY event_id, first_alert_at, device_id",
-            chunk,
-        ):
-            devices.setdefault(row[0], []).append(row[1])
-        for row in db.execute(f"SELECT * FROM events WHERE id IN ({marks}) ORDER BY id", chunk):
-            out.append(summary_from_row(row, devices.get(row["id"], []), catalogue))
-    return out
-
-
-def summary_from_row(row: sqlite3.Row, device_ids: list[str], catalogue: Catalogue) -> EventSummary:
-    wt = catalogue.types.get(row["type"])
-    return EventSummary(
-        event_id=row["id"],
-        type=row["type"],
-        type_zh=wt.zh if wt else row["type"],
-        type_en=wt.en if wt else row["type"],
-        severity=Severity(row["severity"]),
-        status=EventStatus(row["status"]),
-        department=row["department"],
-        grid_code=row["grid_code"],
-        grid_path=[GridLevel.model_validate(g) for g in _grid_path(row["grid_path"])],
-        location=Location(lat=row["lat"], lon=row["lon"]),
-        description=row["description"],
-        first_observed_at=_dt(row["first_observed_at"]),
-        last_observed_at=_dt(row["last_observed_at"]),
-        registered_at=_dt(row["registered_at"]),
-        deadline_at=_dt(row["deadline_at"]),
-        alert_count=row["alert_count"],
-        device_ids=device_ids,
-        snapshot_sha256=row["snapshot_sha256"],
-        recurrence_of=row["recurrence_of"],
-    )
-
-
-def _dt(value: float) -> datetime:
-    return datetime.fromtimestamp(value, UTC)

@@ -170,7 +170,7 @@ def test_index_and_pool_agree_after_many_random_alerts(tmp_path: Path) -> None:
 
 
 def test_summary_from_the_writer_equals_summary_from_the_row(tmp_path: Path) -> None:
-    from aggregator.pool.sqlite import event_summaries
+    from aggregator.pool.queries import event_summaries
 
     h = Harness(tmp_path)
     lat, lon = interior(grid_in_community(1))

@@ -17,6 +17,7 @@ import pytest
 
 from aggregator.ingest.assemble import Inbound, Pipeline
 from aggregator.ingest.decode import DecodeLimits
+from aggregator.pool.model import AlertIn, Batch, BatchResult, DeadLetterIn, StatusIn
 from aggregator.pool.postgres import (
     CHANNEL,
     LOCK_CELL_DEG,
@@ -30,7 +31,7 @@ from aggregator.pool.postgres import (
     migrations,
 )
 from aggregator.pool.snapshots import SnapshotStore
-from aggregator.pool.sqlite import AlertIn, Batch, BatchResult, DeadLetterIn, EventPool, StatusIn
+from aggregator.pool.sqlite import EventPool
 from contract import (
     AlertV1,
     EventStatus,

@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from aggregator.broker.registry import DeviceLocation, DeviceRegistry
 from aggregator.grids import GridIndex, default_grid_file
-from aggregator.pool.sqlite import connect, haversine_m
+from aggregator.pool.dedup import haversine_m
+from aggregator.pool.sqlite import connect
 from contract import AlertV1, StatusV1, TelemetryV1, default_catalogue
 from simulators.cli import main
 from simulators.fleet import Action, Fleet, FleetConfig, FleetPlan, devices_from_registry
