@@ -173,11 +173,11 @@ class HttpSettings(BaseModel):
     )
     keyfile: Path | None = Field(None, description="PEM private key of certfile")
     nice: int = Field(
-        0,
+        10,
         ge=0,
         le=19,
         description="niceness added to the operator API's process, so that ingest goes first "
-        "when the cores are short",
+        "when the cores are short (operators' pages and streams slow down instead; 0: equal)",
     )
     stream_stall_s: float = Field(
         10,
