@@ -43,6 +43,7 @@ from aggregator.api.models import Health, OperatorOut, Problem, Ready, TokenOut,
 from aggregator.config import AccessSettings
 from aggregator.grids import GridIndex
 from aggregator.metrics import Metrics
+from aggregator.pool import queries
 from aggregator.pool.snapshots import SnapshotStore
 from aggregator.pool.sqlite import LifecycleWriter
 from aggregator.stream import StreamHub
@@ -335,7 +336,7 @@ def _ops_routes(app: FastAPI) -> None:
     )
     def readyz(ctx: Ctx) -> JSONResponse:
         try:
-            ctx.readers.get().execute("SELECT 1 FROM events LIMIT 1").fetchall()
+            queries.ping(ctx.readers.get())
             pool_ok = True
         except Exception:
             log.warning("readiness: pool %s is not readable", ctx.pool_path, exc_info=True)

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Body, HTTPException, Path, Query, status
 
-from aggregator.access.auth import Level, Operator
+from aggregator.access.auth import Level
 from aggregator.api.deps import SCOPED_RESPONSES, ApiContext, Ctx, CurrentOperator, Db
 from aggregator.api.models import (
     Action,
@@ -30,6 +30,7 @@ from aggregator.api.models import (
     TransitionRequest,
 )
 from aggregator.errors import PoolError
+from aggregator.pool import queries
 from aggregator.pool.model import summary_from_row
 from contract import (
     EventNoticeV1,
@@ -47,15 +48,6 @@ router = APIRouter(prefix="/api/v1/events", tags=["events"])
 GRID_PREFIX = r"^[0-9]{1,20}$"
 DEPARTMENT = r"^[a-z][a-z0-9_]{0,63}$"
 TYPE_CODE = r"^[a-z][a-z0-9_]{1,63}$"
-_SEVERITY_RANK_SQL = (
-    "(CASE e.severity WHEN 'low' THEN 0 WHEN 'medium' THEN 1 WHEN 'high' THEN 2 ELSE 3 END)"
-)
-_SORT_SQL = {
-    "registered_at": "e.registered_at",
-    "last_observed_at": "e.last_observed_at",
-    "severity": _SEVERITY_RANK_SQL,
-    "deadline_at": "e.deadline_at",
-}
 _STATUS_RANK = {s: i for i, s in enumerate(EventStatus)}
 
 
@@ -94,30 +86,6 @@ def event_item(
         snapshot_url=snapshot_url(row["snapshot_sha256"]),
         version=row["version"],
     )
-
-
-def devices_of(conn: sqlite3.Connection, ids: list[int]) -> dict[int, list[str]]:
-    out: dict[int, list[str]] = {}
-    if not ids:
-        return out
-    marks = ",".join("?" * len(ids))
-    for row in conn.execute(
-        f"SELECT event_id, device_id FROM event_devices WHERE event_id IN ({marks})"
-        " ORDER BY event_id, first_alert_at, device_id",
-        ids,
-    ):
-        out.setdefault(row[0], []).append(row[1])
-    return out
-
-
-def scoped_event_row(
-    conn: sqlite3.Connection, operator: Operator, event_id: int
-) -> sqlite3.Row | None:
-    scope, params = operator.event_filter("e")
-    row: sqlite3.Row | None = conn.execute(
-        f"SELECT e.* FROM events e WHERE e.id = ? AND {scope}", [event_id, *params]
-    ).fetchone()
-    return row
 
 
 # -- cursor ----------------------------------------------------------------------------------
@@ -194,41 +162,8 @@ def list_events(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> EventPage:
-    scope, params = operator.event_filter("e")
-    where: list[str] = [scope]
-    args: list[Any] = list(params)
-    if status_:
-        where.append(f"e.status IN ({','.join('?' * len(status_))})")
-        args += [s.value for s in status_]
-    if open_only:
-        where.append("e.status != 'closed'")
-    if type_:
-        where.append(f"e.type IN ({','.join('?' * len(type_))})")
-        args += type_
-    if severity:
-        where.append(f"e.severity IN ({','.join('?' * len(severity))})")
-        args += [s.value for s in severity]
-    if grid:
-        where.append(f"substr(e.grid_code, 1, {len(grid)}) = ?")
-        args.append(grid)
-    if department:
-        where.append("e.department = ?")
-        args.append(department)
-    if device:
-        where.append(
-            "EXISTS (SELECT 1 FROM event_devices d WHERE d.event_id = e.id AND d.device_id = ?)"
-        )
-        args.append(device)
-    t0, t1 = to_ts(since, "since"), to_ts(until, "until")
-    if t0 is not None:
-        where.append("e.last_observed_at >= ?")
-        args.append(t0)
-    if t1 is not None:
-        where.append("e.first_observed_at < ?")
-        args.append(t1)
     descending = sort.value.startswith("-")
-    key = sort.value.lstrip("-")
-    expr = _SORT_SQL[key]
+    after: tuple[float, int] | None = None
     if cursor:
         data = decode_cursor(cursor)
         value, last_id = data.get("v"), data.get("i")
@@ -240,17 +175,26 @@ def list_events(
             raise HTTPException(
                 status.HTTP_400_BAD_REQUEST, "invalid cursor (or sort changed between pages)"
             )
-        where.append(f"({expr}, e.id) {'<' if descending else '>'} (?, ?)")
-        args += [value, last_id]
-    order = "DESC" if descending else "ASC"
-    rows = conn.execute(
-        f"SELECT e.*, {expr} AS sort_value FROM events e WHERE {' AND '.join(where)}"
-        f" ORDER BY sort_value {order}, e.id {order} LIMIT ?",
-        [*args, limit + 1],
-    ).fetchall()
+        after = (value, last_id)
+    wanted = queries.EventFilter(
+        statuses=[s.value for s in status_ or ()],
+        open_only=open_only,
+        types=type_ or (),
+        severities=[s.value for s in severity or ()],
+        grid_prefix=grid,
+        department=department,
+        device_id=device,
+        since=to_ts(since, "since"),
+        until=to_ts(until, "until"),
+        sort=sort.value.lstrip("-"),
+        descending=descending,
+        after=after,
+        limit=limit + 1,
+    )
+    rows = queries.list_events(conn, operator.event_filter("e"), wanted)
     more = len(rows) > limit
     rows = rows[:limit]
-    devices = devices_of(conn, [r["id"] for r in rows])
+    devices = queries.devices_of(conn, [r["id"] for r in rows])
     now = time.time()
     items = [event_item(r, devices.get(r["id"], []), ctx, now) for r in rows]
     next_cursor = None
@@ -273,7 +217,7 @@ def get_event(
     event_id: Annotated[int, Path(ge=1, le=2**62)],
     alerts_limit: Annotated[int, Query(ge=1, le=2000)] = 200,
 ) -> EventDetail:
-    row = scoped_event_row(conn, operator, event_id)
+    row = queries.scoped_event(conn, operator.event_filter("e"), event_id)
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no event {event_id} in your scope")
     return _detail(ctx, conn, row, alerts_limit)
@@ -281,10 +225,7 @@ def get_event(
 
 def _detail(ctx: ApiContext, conn: sqlite3.Connection, row: sqlite3.Row, limit: int) -> EventDetail:
     event_id = row["id"]
-    alert_rows = conn.execute(
-        "SELECT * FROM alerts WHERE event_id = ? ORDER BY observed_at, alert_id LIMIT ?",
-        (event_id, limit + 1),
-    ).fetchall()
+    alert_rows = queries.event_alerts(conn, event_id, limit + 1)
     truncated = len(alert_rows) > limit
     alert_rows = alert_rows[:limit]
     alerts = [
@@ -305,12 +246,7 @@ def _detail(ctx: ApiContext, conn: sqlite3.Connection, row: sqlite3.Row, limit: 
         )
         for a in alert_rows
     ]
-    device_rows = conn.execute(
-        "SELECT ed.device_id, ed.first_alert_at, ed.alert_count, d.kind, d.state, d.last_seen"
-        " FROM event_devices ed LEFT JOIN devices d ON d.device_id = ed.device_id"
-        " WHERE ed.event_id = ? ORDER BY ed.first_alert_at, ed.device_id",
-        (event_id,),
-    ).fetchall()
+    device_rows = queries.event_devices(conn, event_id)
     devices = [
         EventDeviceOut(
             device_id=d["device_id"],
@@ -322,14 +258,7 @@ def _detail(ctx: ApiContext, conn: sqlite3.Connection, row: sqlite3.Row, limit: 
         )
         for d in device_rows
     ]
-    shas = [
-        r[0]
-        for r in conn.execute(
-            "SELECT DISTINCT snapshot_sha256 FROM alerts"
-            " WHERE event_id = ? AND snapshot_sha256 IS NOT NULL",
-            (event_id,),
-        )
-    ]
+    shas = queries.event_snapshots(conn, event_id)
     if row["snapshot_sha256"] and row["snapshot_sha256"] not in shas:
         shas.insert(0, row["snapshot_sha256"])
     elif row["snapshot_sha256"]:
@@ -343,10 +272,7 @@ def _detail(ctx: ApiContext, conn: sqlite3.Connection, row: sqlite3.Row, limit: 
             actor=r["actor"],
             detail=_json_object(r["detail"]),
         )
-        for r in conn.execute(
-            "SELECT at, action, actor, detail FROM event_log WHERE event_id = ? ORDER BY at, id",
-            (event_id,),
-        )
+        for r in queries.event_log(conn, event_id)
     ]
     timeline += [
         TimelineEntry(
@@ -402,7 +328,7 @@ def transition(
     body: Annotated[TransitionRequest | None, Body()] = None,
 ) -> TransitionOut:
     note = (body.note if body else "").strip()
-    row = scoped_event_row(conn, operator, event_id)
+    row = queries.scoped_event(conn, operator.event_filter("e"), event_id)
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no event {event_id} in your scope")
     if operator.level is Level.DEPARTMENT and action in (Action.VERIFY, Action.DISPATCH):
@@ -428,9 +354,9 @@ def transition(
         except PoolError as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     log.info("event %s %s -> %s by %s", event_id, current, target, operator.username)
-    fresh = scoped_event_row(conn, operator, event_id)
+    fresh = queries.scoped_event(conn, operator.event_filter("e"), event_id)
     assert fresh is not None
-    item = event_item(fresh, devices_of(conn, [event_id]).get(event_id, []), ctx)
+    item = event_item(fresh, queries.devices_of(conn, [event_id]).get(event_id, []), ctx)
     notice = EventNoticeV1(
         change="closed" if target is EventStatus.CLOSED else "updated",
         event=summary_from_row(fresh, item.device_ids, ctx.catalogue),

@@ -34,7 +34,8 @@ from aggregator.api.models import (
     TypeInfo,
 )
 from aggregator.grids import GridIndex
-from aggregator.pool.handling import GroupBy, Handling, group_name, handling_stats
+from aggregator.pool import queries
+from aggregator.pool.handling import GroupBy, Handling, group_name
 from contract import Location, RejectReason
 from contract.messages import DEVICE_ID_PATTERN
 
@@ -101,17 +102,9 @@ def list_devices(
     if not operator.is_admin:
         # A device is in scope where it stands in the operator's area, or where it raised an
         # event the operator may see (a department's view is its events' devices only).
-        scope, params = operator.event_filter("e")
-        linked = {
-            r[0]
-            for r in conn.execute(
-                "SELECT DISTINCT d.device_id FROM event_devices d"
-                f" JOIN events e ON e.id = d.event_id WHERE {scope}",
-                params,
-            )
-        }
+        linked = queries.scoped_device_ids(conn, operator.event_filter("e"))
     items: list[DeviceOut] = []
-    for r in conn.execute("SELECT * FROM devices ORDER BY device_id"):
+    for r in queries.devices(conn):
         grid_code = _grid_of(ctx.grids, r["lat"], r["lon"])
         if linked is not None:
             placed = (
@@ -186,15 +179,7 @@ def grids_geojson(
     operator: CurrentOperator,
     prefix: Annotated[str | None, Query(pattern=GRID_PREFIX)] = None,
 ) -> GridCollection:
-    scope, params = operator.event_filter("e")
-    counts = {
-        r[0]: (r[1], r[2])
-        for r in conn.execute(
-            "SELECT e.grid_code, count(*), sum(e.status != 'closed') FROM events e"
-            f" WHERE {scope} GROUP BY e.grid_code",
-            params,
-        )
-    }
+    counts = queries.grid_counts(conn, operator.event_filter("e"))
     features: list[GridFeature] = []
     west, south, east, north = 180.0, 90.0, -180.0, -90.0
     for feature in ctx.grid_features:
@@ -203,7 +188,7 @@ def grids_geojson(
             continue
         total, open_ = counts.get(code, (0, 0))
         props = dict(feature["properties"])
-        props.update(event_count=total, open_event_count=open_ or 0)
+        props.update(event_count=total, open_event_count=open_)
         features.append(
             GridFeature(id=code, properties=GridProperties(**props), geometry=feature["geometry"])
         )
@@ -285,24 +270,19 @@ def list_dead_letters(
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> DeadLetterPage:
     _require_admin(operator)
-    where: list[str] = ["1=1"]
-    args: list[Any] = []
-    if reason:
-        where.append("reason = ?")
-        args.append(reason.value)
-    if device:
-        where.append("device_id = ?")
-        args.append(device)
+    last: int | None = None
     if cursor:
-        last = decode_cursor(cursor).get("i")
-        if not isinstance(last, int):
+        got = decode_cursor(cursor).get("i")
+        if not isinstance(got, int):
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "invalid cursor")
-        where.append("id < ?")
-        args.append(last)
-    rows = conn.execute(
-        f"SELECT * FROM dead_letters WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
-        [*args, limit + 1],
-    ).fetchall()
+        last = got
+    rows = queries.dead_letters(
+        conn,
+        reason=reason.value if reason else None,
+        device_id=device,
+        before_id=last,
+        limit=limit + 1,
+    )
     more = len(rows) > limit
     rows = rows[:limit]
     return DeadLetterPage(
@@ -322,34 +302,13 @@ def get_dead_letter(
     conn: Db, operator: CurrentOperator, dead_letter_id: Annotated[int, Path(ge=1, le=2**62)]
 ) -> DeadLetterOut:
     _require_admin(operator)
-    row = conn.execute("SELECT * FROM dead_letters WHERE id = ?", (dead_letter_id,)).fetchone()
+    row = queries.dead_letter(conn, dead_letter_id)
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dead letter {dead_letter_id}")
     return _dead_letter(row, None)
 
 
 # -- statistics ------------------------------------------------------------------------------
-
-
-def _selection(
-    operator: Operator, grid: str | None, since: datetime | None, until: datetime | None
-) -> tuple[list[str], list[Any]]:
-    """SQL conditions on events ``e`` (and their parameters): the operator's scope, a grid
-    prefix and the registration window."""
-    scope, params = operator.event_filter("e")
-    where: list[str] = [scope]
-    args: list[Any] = list(params)
-    if grid:
-        where.append(f"substr(e.grid_code, 1, {len(grid)}) = ?")
-        args.append(grid)
-    t0, t1 = to_ts(since, "since"), to_ts(until, "until")
-    if t0 is not None:
-        where.append("e.registered_at >= ?")
-        args.append(t0)
-    if t1 is not None:
-        where.append("e.registered_at < ?")
-        args.append(t1)
-    return where, args
 
 
 @router.get(
@@ -367,61 +326,45 @@ def stats(
     since: Annotated[datetime | None, Query(description="registered at or after")] = None,
     until: Annotated[datetime | None, Query(description="registered before")] = None,
 ) -> Stats:
-    where, args = _selection(operator, grid, since, until)
-    cond = " AND ".join(where)
-    now = time.time()
-    total, open_, overdue, alerts = conn.execute(
-        "SELECT count(*), coalesce(sum(e.status != 'closed'), 0),"
-        " coalesce(sum(e.status != 'closed' AND e.deadline_at < ?), 0),"
-        f" coalesce(sum(e.alert_count), 0) FROM events e WHERE {cond}",
-        [now, *args],
-    ).fetchone()
-
-    def grouped(expr: str) -> list[tuple[Any, int]]:
-        return [
-            (r[0], r[1])
-            for r in conn.execute(
-                f"SELECT {expr} AS k, count(*) AS n FROM events e WHERE {cond}"
-                " GROUP BY k ORDER BY n DESC, k",
-                args,
-            )
-        ]
-
+    counts = queries.EventStats(
+        conn,
+        operator.event_filter("e"),
+        grid,
+        to_ts(since, "since"),
+        to_ts(until, "until"),
+    )
+    totals = counts.totals(time.time())
+    total, alerts = totals.events, totals.alerts
     by_type = []
-    for code, n in grouped("e.type"):
+    for code, n in counts.by_type():
         wt = ctx.catalogue.types.get(code)
         by_type.append(
             TypeCount(type=code, zh=wt.zh if wt else code, en=wt.en if wt else code, count=n)
         )
     by_community = []
-    for code, n in grouped(f"substr(e.grid_code, 1, {COMMUNITY_LENGTH})"):
+    for code, n in counts.by_area(COMMUNITY_LENGTH):
         area = ctx.grids.area(code)
         by_community.append(AreaCount(code=code, name=area.name if area else code, count=n))
     by_grid = []
-    for code, n in grouped("e.grid_code")[:20]:
+    for code, n in counts.by_grid()[:20]:
         g = ctx.grids.get(code)
         by_grid.append(AreaCount(code=code, name=g.name if g else code, count=n))
-    hours = conn.execute(
-        "SELECT CAST(e.registered_at / 3600 AS INTEGER) AS h, count(*) FROM events e"
-        f" WHERE {cond} GROUP BY h ORDER BY h DESC LIMIT 168",
-        args,
-    ).fetchall()
     return Stats(
         since=since,
         until=until,
         events=total,
-        open_events=open_,
-        overdue_events=overdue,
+        open_events=totals.open_events,
+        overdue_events=totals.overdue_events,
         alerts=alerts,
         dedup_ratio=(alerts - total) / alerts if alerts else 0.0,
         by_type=by_type,
-        by_status=dict(grouped("e.status")),
-        by_severity=dict(grouped("e.severity")),
+        by_status=dict(counts.by_status()),
+        by_severity=dict(counts.by_severity()),
         by_community=by_community,
         by_grid=by_grid,
         by_hour=[
             HourCount(hour=datetime.fromtimestamp(h * 3600, UTC), count=n)
-            for h, n in reversed(hours)
+            for h, n in counts.by_hour()
         ],
     )
 
@@ -443,9 +386,11 @@ def handling(
     since: Annotated[datetime | None, Query(description="registered at or after")] = None,
     until: Annotated[datetime | None, Query(description="registered before")] = None,
 ) -> HandlingStats:
-    where, args = _selection(operator, grid, since, until)
+    selection = queries.EventStats(
+        conn, operator.event_filter("e"), grid, to_ts(since, "since"), to_ts(until, "until")
+    )
     now = time.time()
-    total, groups = handling_stats(conn, by, now, where=where, params=args)
+    total, groups = selection.handling(by, now)
 
     def row(h: Handling, label: str) -> HandlingRow:
         return HandlingRow(
@@ -490,16 +435,10 @@ def snapshot(
     operator: CurrentOperator,
     sha256: Annotated[str, Path(pattern="^[0-9a-f]{64}$")],
 ) -> Response:
-    if not operator.is_admin:
-        scope, params = operator.event_filter("e")
-        hit = conn.execute(
-            f"SELECT 1 FROM events e WHERE e.snapshot_sha256 = ? AND {scope}"
-            " UNION ALL SELECT 1 FROM alerts a JOIN events e ON e.id = a.event_id"
-            f" WHERE a.snapshot_sha256 = ? AND {scope} LIMIT 1",
-            [sha256, *params, sha256, *params],
-        ).fetchone()
-        if hit is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such snapshot in your scope")
+    if not operator.is_admin and not queries.scoped_snapshot(
+        conn, operator.event_filter("e"), sha256
+    ):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such snapshot in your scope")
     data = ctx.snapshots.get(sha256)
     if data is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such snapshot")

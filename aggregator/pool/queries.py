@@ -6,13 +6,13 @@ schema the PostgreSQL pool mirrors column for column."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+from aggregator.pool.handling import GroupBy, Handling, handling_stats
 from aggregator.pool.model import summary_from_row
-from aggregator.pool.sqlite import connect
 from contract import Catalogue, EventSummary
-
-__all__ = ["connect", "event_summaries"]
 
 
 def event_summaries(
@@ -34,3 +34,318 @@ def event_summaries(
         for row in db.execute(f"SELECT * FROM events WHERE id IN ({marks}) ORDER BY id", chunk):
             out.append(summary_from_row(row, devices.get(row["id"], []), catalogue))
     return out
+
+
+# ---------------------------------------------------------------------------- events
+
+# A caller's scope as a SQL condition on the events alias ``e`` and its parameters
+# (``Operator.event_filter``): the access package decides what an operator sees.
+Scope = tuple[str, list[str]]
+
+_SEVERITY_RANK_SQL = (
+    "(CASE e.severity WHEN 'low' THEN 0 WHEN 'medium' THEN 1 WHEN 'high' THEN 2 ELSE 3 END)"
+)
+_SORT_SQL = {
+    "registered_at": "e.registered_at",
+    "last_observed_at": "e.last_observed_at",
+    "severity": _SEVERITY_RANK_SQL,
+    "deadline_at": "e.deadline_at",
+}
+SORT_KEYS = frozenset(_SORT_SQL)
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Which events a list shows, in which order, from where (a page's keyset cursor)."""
+
+    statuses: Sequence[str] = ()
+    open_only: bool = False
+    types: Sequence[str] = ()
+    severities: Sequence[str] = ()
+    grid_prefix: str | None = None
+    department: str | None = None
+    device_id: str | None = None
+    since: float | None = None  # observed at or after
+    until: float | None = None  # observed before
+    sort: str = "registered_at"  # one of SORT_KEYS
+    descending: bool = True
+    after: tuple[float, int] | None = None  # (sort value, event id) of the last row shown
+    limit: int = 50
+
+
+def list_events(conn: sqlite3.Connection, scope: Scope, f: EventFilter) -> list[sqlite3.Row]:
+    """Event rows in the scope that pass the filter, each with its ``sort_value``; at most
+    ``f.limit`` of them."""
+    where: list[str] = [scope[0]]
+    args: list[Any] = list(scope[1])
+    if f.statuses:
+        where.append(f"e.status IN ({','.join('?' * len(f.statuses))})")
+        args += f.statuses
+    if f.open_only:
+        where.append("e.status != 'closed'")
+    if f.types:
+        where.append(f"e.type IN ({','.join('?' * len(f.types))})")
+        args += f.types
+    if f.severities:
+        where.append(f"e.severity IN ({','.join('?' * len(f.severities))})")
+        args += f.severities
+    if f.grid_prefix:
+        where.append(f"substr(e.grid_code, 1, {len(f.grid_prefix)}) = ?")
+        args.append(f.grid_prefix)
+    if f.department:
+        where.append("e.department = ?")
+        args.append(f.department)
+    if f.device_id:
+        where.append(
+            "EXISTS (SELECT 1 FROM event_devices d WHERE d.event_id = e.id AND d.device_id = ?)"
+        )
+        args.append(f.device_id)
+    if f.since is not None:
+        where.append("e.last_observed_at >= ?")
+        args.append(f.since)
+    if f.until is not None:
+        where.append("e.first_observed_at < ?")
+        args.append(f.until)
+    expr = _SORT_SQL[f.sort]
+    if f.after is not None:
+        where.append(f"({expr}, e.id) {'<' if f.descending else '>'} (?, ?)")
+        args += f.after
+    order = "DESC" if f.descending else "ASC"
+    return conn.execute(
+        f"SELECT e.*, {expr} AS sort_value FROM events e WHERE {' AND '.join(where)}"
+        f" ORDER BY sort_value {order}, e.id {order} LIMIT ?",
+        [*args, f.limit],
+    ).fetchall()
+
+
+def devices_of(conn: sqlite3.Connection, ids: list[int]) -> dict[int, list[str]]:
+    """Each event's device ids, in the order they first reported it."""
+    out: dict[int, list[str]] = {}
+    if not ids:
+        return out
+    marks = ",".join("?" * len(ids))
+    for row in conn.execute(
+        f"SELECT event_id, device_id FROM event_devices WHERE event_id IN ({marks})"
+        " ORDER BY event_id, first_alert_at, device_id",
+        ids,
+    ):
+        out.setdefault(row[0], []).append(row[1])
+    return out
+
+
+def scoped_event(conn: sqlite3.Connection, scope: Scope, event_id: int) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = conn.execute(
+        f"SELECT e.* FROM events e WHERE e.id = ? AND {scope[0]}", [event_id, *scope[1]]
+    ).fetchone()
+    return row
+
+
+def event_alerts(conn: sqlite3.Connection, event_id: int, limit: int) -> list[sqlite3.Row]:
+    return conn.execute(
+        "SELECT * FROM alerts WHERE event_id = ? ORDER BY observed_at, alert_id LIMIT ?",
+        (event_id, limit),
+    ).fetchall()
+
+
+def event_devices(conn: sqlite3.Connection, event_id: int) -> list[sqlite3.Row]:
+    """The event's devices with their last known state (``kind``, ``state``, ``last_seen``)."""
+    return conn.execute(
+        "SELECT ed.device_id, ed.first_alert_at, ed.alert_count, d.kind, d.state, d.last_seen"
+        " FROM event_devices ed LEFT JOIN devices d ON d.device_id = ed.device_id"
+        " WHERE ed.event_id = ? ORDER BY ed.first_alert_at, ed.device_id",
+        (event_id,),
+    ).fetchall()
+
+
+def event_snapshots(conn: sqlite3.Connection, event_id: int) -> list[str]:
+    return [
+        r[0]
+        for r in conn.execute(
+            "SELECT DISTINCT snapshot_sha256 FROM alerts"
+            " WHERE event_id = ? AND snapshot_sha256 IS NOT NULL",
+            (event_id,),
+        )
+    ]
+
+
+def event_log(conn: sqlite3.Connection, event_id: int) -> list[sqlite3.Row]:
+    return conn.execute(
+        "SELECT at, action, actor, detail FROM event_log WHERE event_id = ? ORDER BY at, id",
+        (event_id,),
+    ).fetchall()
+
+
+def scoped_device_ids(conn: sqlite3.Connection, scope: Scope) -> set[str]:
+    """The devices that raised an event in the scope."""
+    return {
+        r[0]
+        for r in conn.execute(
+            "SELECT DISTINCT d.device_id FROM event_devices d"
+            f" JOIN events e ON e.id = d.event_id WHERE {scope[0]}",
+            scope[1],
+        )
+    }
+
+
+def scoped_snapshot(conn: sqlite3.Connection, scope: Scope, sha256: str) -> bool:
+    """Whether an event in the scope, or one of its alerts, carries this snapshot."""
+    hit = conn.execute(
+        f"SELECT 1 FROM events e WHERE e.snapshot_sha256 = ? AND {scope[0]}"
+        " UNION ALL SELECT 1 FROM alerts a JOIN events e ON e.id = a.event_id"
+        f" WHERE a.snapshot_sha256 = ? AND {scope[0]} LIMIT 1",
+        [sha256, *scope[1], sha256, *scope[1]],
+    ).fetchone()
+    return hit is not None
+
+
+# ---------------------------------------------------------------------------- devices
+
+
+def devices(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Every device's row (state, last contact, position, health), by id."""
+    return conn.execute("SELECT * FROM devices ORDER BY device_id").fetchall()
+
+
+def device_state(conn: sqlite3.Connection, device_id: str) -> str | None:
+    row = conn.execute("SELECT state FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def grid_counts(conn: sqlite3.Connection, scope: Scope) -> dict[str, tuple[int, int]]:
+    """grid code → (events, open events) in the scope."""
+    return {
+        r[0]: (r[1], r[2] or 0)
+        for r in conn.execute(
+            "SELECT e.grid_code, count(*), sum(e.status != 'closed') FROM events e"
+            f" WHERE {scope[0]} GROUP BY e.grid_code",
+            scope[1],
+        )
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    events: int
+    open_events: int
+    overdue_events: int
+    alerts: int
+
+
+class EventStats:
+    """Counts over the events in a scope, a grid prefix and a registration window."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        scope: Scope,
+        grid_prefix: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> None:
+        self._conn = conn
+        where: list[str] = [scope[0]]
+        args: list[Any] = list(scope[1])
+        if grid_prefix:
+            where.append(f"substr(e.grid_code, 1, {len(grid_prefix)}) = ?")
+            args.append(grid_prefix)
+        if since is not None:
+            where.append("e.registered_at >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("e.registered_at < ?")
+            args.append(until)
+        self._cond = " AND ".join(where)
+        self._args = args
+
+    def totals(self, now: float) -> Totals:
+        total, open_, overdue, alerts = self._conn.execute(
+            "SELECT count(*), coalesce(sum(e.status != 'closed'), 0),"
+            " coalesce(sum(e.status != 'closed' AND e.deadline_at < ?), 0),"
+            f" coalesce(sum(e.alert_count), 0) FROM events e WHERE {self._cond}",
+            [now, *self._args],
+        ).fetchone()
+        return Totals(total, open_, overdue, alerts)
+
+    def _grouped(self, expr: str) -> list[tuple[Any, int]]:
+        return [
+            (r[0], r[1])
+            for r in self._conn.execute(
+                f"SELECT {expr} AS k, count(*) AS n FROM events e WHERE {self._cond}"
+                " GROUP BY k ORDER BY n DESC, k",
+                self._args,
+            )
+        ]
+
+    def by_type(self) -> list[tuple[str, int]]:
+        return self._grouped("e.type")
+
+    def by_status(self) -> list[tuple[str, int]]:
+        return self._grouped("e.status")
+
+    def by_severity(self) -> list[tuple[str, int]]:
+        return self._grouped("e.severity")
+
+    def by_grid(self) -> list[tuple[str, int]]:
+        return self._grouped("e.grid_code")
+
+    def by_area(self, code_length: int) -> list[tuple[str, int]]:
+        """Counts by the first ``code_length`` digits of the grid code (e.g. the community)."""
+        return self._grouped(f"substr(e.grid_code, 1, {int(code_length)})")
+
+    def handling(self, by: GroupBy, now: float) -> tuple[Handling, list[Handling]]:
+        """Handling rates of the whole selection and of its groups (``handling_stats``)."""
+        return handling_stats(self._conn, by, now, where=[self._cond], params=self._args)
+
+    def by_hour(self, hours: int = 168) -> list[tuple[int, int]]:
+        """(UNIX hour, events registered in it), the latest ``hours`` hours that had any,
+        oldest first."""
+        rows = self._conn.execute(
+            "SELECT CAST(e.registered_at / 3600 AS INTEGER) AS h, count(*) FROM events e"
+            f" WHERE {self._cond} GROUP BY h ORDER BY h DESC LIMIT ?",
+            [*self._args, hours],
+        ).fetchall()
+        return [(r[0], r[1]) for r in reversed(rows)]
+
+
+# ---------------------------------------------------------------------------- dead letters
+
+
+def dead_letters(
+    conn: sqlite3.Connection,
+    *,
+    reason: str | None = None,
+    device_id: str | None = None,
+    before_id: int | None = None,
+    limit: int = 50,
+) -> list[sqlite3.Row]:
+    """Dead letters, newest first, optionally of one reason or device and below an id."""
+    where: list[str] = ["1=1"]
+    args: list[Any] = []
+    if reason:
+        where.append("reason = ?")
+        args.append(reason)
+    if device_id:
+        where.append("device_id = ?")
+        args.append(device_id)
+    if before_id is not None:
+        where.append("id < ?")
+        args.append(before_id)
+    return conn.execute(
+        f"SELECT * FROM dead_letters WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+        [*args, limit],
+    ).fetchall()
+
+
+def dead_letter(conn: sqlite3.Connection, dead_letter_id: int) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = conn.execute(
+        "SELECT * FROM dead_letters WHERE id = ?", (dead_letter_id,)
+    ).fetchone()
+    return row
+
+
+def ping(conn: sqlite3.Connection) -> None:
+    """Read one row: raises when the pool cannot be read (readiness)."""
+    conn.execute("SELECT 1 FROM events LIMIT 1").fetchall()
