@@ -29,10 +29,12 @@ Target on a 2-core machine: 5,000 connections, ≥ 5,000 alerts/s, p99 ≤ 250 m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import resource
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -65,6 +67,41 @@ def process_cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+class CpuSampler:
+    """Once a second: wall clock, this process's CPU (the aggregator's threads; the load
+    generator's parent only waits) and the broker's. Gives the cores each used in the steady
+    state of the run, without the connects and the drain."""
+
+    def __init__(self, broker_pid: int) -> None:
+        self.broker_pid = broker_pid
+        self.samples: list[tuple[float, float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            with contextlib.suppress(OSError):
+                self.samples.append(
+                    (time.time(), cpu_seconds()[0], process_cpu_seconds(self.broker_pid))
+                )
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def cores(self, start: float, end: float) -> tuple[float, float]:
+        """(aggregator, broker) cores used between two wall-clock times."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2:
+            return 0.0, 0.0
+        (t0, a0, b0), (t1, a1, b1) = inside[0], inside[-1]
+        return (a1 - a0) / (t1 - t0), (b1 - b0) / (t1 - t0)
 
 
 def main() -> int:
@@ -162,7 +199,8 @@ def main() -> int:
         broker_pid = stack.broker.pid
         broker_cpu0 = process_cpu_seconds(broker_pid)
         me0, kids0 = cpu_seconds()
-        report = run_load(config, provisioner, stack.pool_path, run_tag=tag)
+        with CpuSampler(broker_pid) as sampler:
+            report = run_load(config, provisioner, stack.pool_path, run_tag=tag)
         me1, kids1 = cpu_seconds()
         broker_cpu = process_cpu_seconds(broker_pid) - broker_cpu0
         print(report.summary())
@@ -205,6 +243,23 @@ def main() -> int:
         f"{cpu['aggregator_us_per_alert']:,.0f} µs, broker {cpu['broker_us_per_alert']:,.0f} µs, "
         f"generator {cpu['generator_us_per_alert']:,.0f} µs"
     )
+    # Steady state: from 5 s after the first send to the last send.
+    agg_cores, broker_cores = sampler.cores(
+        report.started_at + 5, report.started_at + report.send_seconds
+    )
+    steady = {
+        "aggregator_cores": agg_cores,
+        "broker_cores": broker_cores,
+        "aggregator_us_per_alert": agg_cores / report.send_rate * 1e6 if report.send_rate else 0,
+        "broker_us_per_alert": broker_cores / report.send_rate * 1e6 if report.send_rate else 0,
+        "generator_us_per_alert": report.generator_cpu_us,
+    }
+    print(
+        f"steady state (sending, {report.send_rate:,.0f} alerts/s offered): aggregator "
+        f"{agg_cores:.2f} cores = {steady['aggregator_us_per_alert']:,.0f} µs/alert, broker "
+        f"{broker_cores:.2f} cores = {steady['broker_us_per_alert']:,.0f} µs/alert, generator "
+        f"{report.generator_cpu_us:,.0f} µs/alert"
+    )
     p99 = report.latency_ms.get("p99", float("inf"))
     verdict = (
         report.zero_loss
@@ -225,6 +280,7 @@ def main() -> int:
             "stack_start_s": start_s,
             "load": json.loads(report.to_json()),
             "cpu": cpu,
+            "cpu_steady": steady,
             "hot_provisioning": hot,
             "target_met": verdict,
         }

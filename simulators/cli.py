@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from importlib import resources
@@ -205,7 +206,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from simulators.loadgen import LoadConfig, run_load
+    from simulators.loadgen import MAX_SMALL_FLEET, LoadConfig, preprovision_fleet, run_load
 
     config = LoadConfig(
         rate=args.rate,
@@ -215,10 +216,31 @@ def cmd_load(args: argparse.Namespace) -> int:
         publishers=args.publishers,
         snapshot=args.snapshot,
         alert_ids=args.alert_ids,
+        workers=args.workers,
+        connect_rate=args.connect_rate,
+        telemetry_interval_s=args.telemetry_interval,
+        progress=not args.no_progress,
     )
-    with _target(args, need_pool=True) as (prov, pool):
-        assert pool is not None
-        report = run_load(config, prov, pool, grids=_grids(args))
+    if args.start_stack and config.n_publishers > MAX_SMALL_FLEET:
+        # A fleet: its accounts go into the registry before the broker starts, which loads
+        # them at once (live, each account costs the broker a save of its whole file).
+        tag = f"ld{uuid.uuid4().hex[:6]}"
+        stack = GatewayStack(options=StackOptions(topic_prefix=args.prefix, grid_file=args.grids))
+        try:
+            fleet = preprovision_fleet(stack, tag, config.n_publishers)
+            stack.start()
+            print(
+                f"started a gateway: broker {stack.host}:{stack.port}, pool {stack.pool_path}, "
+                f"{config.n_publishers:,} device accounts",
+                file=sys.stderr,
+            )
+            report = run_load(config, fleet, stack.pool_path, grids=_grids(args), run_tag=tag)
+        finally:
+            stack.stop()
+    else:
+        with _target(args, need_pool=True) as (prov, pool):
+            assert pool is not None
+            report = run_load(config, prov, pool, grids=_grids(args))
     print(report.summary())
     if args.json:
         args.json.write_text(report.to_json() + "\n", encoding="utf-8")
@@ -317,7 +339,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="mosquitto_pub processes (default); paho clients on the lean QoS 1 path; or raw:"
         " paho connects, then QoS 1 packets are framed and written straight to the socket",
     )
-    p.add_argument("--publishers", type=int, default=None)
+    p.add_argument(
+        "--publishers",
+        type=int,
+        default=None,
+        help="device connections, each its own account (more than 64: --mode raw; with "
+        "--start-stack they are registered before the broker starts)",
+    )
+    p.add_argument("--workers", type=int, default=None, help="generator processes (default 2)")
+    p.add_argument(
+        "--connect-rate", type=float, default=500, help="new connections per second (500)"
+    )
+    p.add_argument(
+        "--telemetry-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="raw mode: each device also sends a telemetry/v1 (QoS 0) this often",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.add_argument("--snapshot", action="store_true", help="attach a small JPEG to each alert")
     p.add_argument(
         "--alert-ids",

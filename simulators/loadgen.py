@@ -908,7 +908,10 @@ def _publish_raw(
 
     errors = net.errors
     try:
+        cpu0 = time.process_time()
         sent = _pace(job, sync, emit, window, every_tick)
+        if stats is not None:
+            stats["send_cpu_s"] = time.process_time() - cpu0
         state["sending"] = False
         deadline = time.monotonic() + _DRAIN_S
         while any(c.busy() for c in conns) and time.monotonic() < deadline:
@@ -947,6 +950,9 @@ class LoadReport:
     run_tag: str = ""
     connect_seconds: float = 0.0  # the slowest worker's, from its first connect to its last CONNACK
     telemetry_sent: int = 0
+    started_at: float = 0.0  # wall clock of the first send
+    # raw mode: the generator's CPU while sending (connects and drain not counted), per alert
+    generator_cpu_us: float = 0.0
 
     @property
     def per_connection_rate(self) -> float:
@@ -1219,6 +1225,9 @@ def run_load(
     send_seconds = (max(windows) - min(windows)) if windows else 0.0
     connect_seconds = max((st.get("connect_s", 0.0) for st in stats), default=0.0)
     telemetry_sent = int(sum(st.get("telemetry", 0) for st in stats))
+    send_cpu = sum(st.get("send_cpu_s", 0.0) for st in stats)
+    generator_cpu_us = send_cpu / sent * 1e6 if sent else 0.0
+    started_at = min(windows) if windows else 0.0
     if on_sent is not None:
         on_sent(sent)
     if pool_path is None:
@@ -1239,6 +1248,8 @@ def run_load(
             run_tag=tag,
             connect_seconds=connect_seconds,
             telemetry_sent=telemetry_sent,
+            started_at=started_at,
+            generator_cpu_us=generator_cpu_us,
         )
     view = PoolView(pool_path, catalogue)
     like = f"{tag}-%"
@@ -1270,6 +1281,8 @@ def run_load(
         run_tag=tag,
         connect_seconds=connect_seconds,
         telemetry_sent=telemetry_sent,
+        started_at=started_at,
+        generator_cpu_us=generator_cpu_us,
     )
 
 
