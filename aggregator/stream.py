@@ -18,13 +18,23 @@ reading client ever holds; raw alert outcomes are distinct, so a slow reader of 
 A dropped client gets one final ``{"kind": "dropped", "reason": "slow consumer"}`` and its
 socket is closed with code 1013 (try again later); a client stuck in a send is cancelled.
 
-Messages (JSON text frames)::
+Frames. Whatever is due for a client when its sender comes for it — everything one look at the
+pool offered it, as a rule — goes out as ONE frame (one WebSocket text message, one SSE event):
+with a hundred operators each shown tens of event changes a second, a frame per change was most
+of the API process's CPU. A lone item goes as itself; two or more go as a batch, in the order
+they were queued::
+
+    {"kind": "batch", "items": [ITEM, ITEM, ...]}
+
+A frame holds at most ``FRAME_CHARS`` characters of items (far below the 1 MiB message limit
+common WebSocket clients default to); the rest follows in the next frame. An ITEM is::
 
     {"schema": "event/v1", "change": "created|updated|closed", "event": {EventSummary}, "at":
      ..., "kind": "event"}
     {"kind": "alert", "alert_id", "device_id", "seq", "outcome", "event_id", "type",
      "severity", "grid_code", "department", "lat", "lon", "at"}
-    {"kind": "dropped", "reason": "slow consumer"}
+
+and the final ``{"kind": "dropped", "reason": "slow consumer"}`` always goes alone.
 """
 
 from __future__ import annotations
@@ -49,13 +59,37 @@ from aggregator.pool.queries import event_summaries
 from aggregator.pool.sqlite import connect
 from contract import Catalogue, EventNoticeV1, EventStatus, Outcome, Severity, utcnow
 
-__all__ = ["DROPPED_CLOSE_CODE", "DROPPED_MESSAGE", "StreamClient", "StreamFilter", "StreamHub"]
+__all__ = [
+    "DROPPED_CLOSE_CODE",
+    "DROPPED_MESSAGE",
+    "FRAME_CHARS",
+    "ClientQueue",
+    "StreamClient",
+    "StreamFilter",
+    "StreamHub",
+    "frame",
+]
 
 log = logging.getLogger(__name__)
 
 # RFC 6455 / IANA: 1013 "Try Again Later" — the server is overloaded for this client.
 DROPPED_CLOSE_CODE = 1013
 DROPPED_MESSAGE = orjson.dumps({"kind": "dropped", "reason": "slow consumer"}).decode()
+
+# Characters of items per frame: even all in 4-byte UTF-8 that stays under 512 KiB, half the
+# 1 MiB a client library such as Python's websockets accepts by default. A tick's event changes
+# for one operator are a few tens of kilobytes; only a raw-alerts backlog is split.
+FRAME_CHARS = 128 * 1024
+_BATCH_HEAD = '{"kind":"batch","items":['
+
+
+def frame(texts: Sequence[str]) -> str:
+    """One frame for items taken together: a lone item as itself, more as a batch. The items
+    are JSON texts already: the batch is joined, not parsed and encoded again."""
+    if len(texts) == 1:
+        return texts[0]
+    return _BATCH_HEAD + ",".join(texts) + "]}"
+
 
 # Rows read per look at the pool: a look is bounded whatever the backlog; the rest waits for the
 # next one (a fraction of a second later).
@@ -88,7 +122,8 @@ class _Item:
 
 class ClientQueue:
     """Distinct pending messages in arrival order; an item whose key already waits replaces its
-    text in place. ``get`` is what the sender awaits (the only consumer)."""
+    text in place. The sender (the only consumer) awaits ``wait`` and then ``take``s all that
+    waits, a frame's worth."""
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
@@ -113,16 +148,27 @@ class ClientQueue:
         self._items[("once", next(self._unique))] = text
         self._ready.set()
 
-    async def get(self) -> str:
-        self.last_taken = time.monotonic()
+    async def wait(self) -> None:
+        """Until something waits to be taken."""
         while not self._items:
             self._ready.clear()
             await self._ready.wait()
-        self.last_taken = time.monotonic()
-        return self._items.popitem(last=False)[1]
 
-    def get_nowait(self) -> str:
-        return self._items.popitem(last=False)[1]
+    def take(self, max_chars: int = FRAME_CHARS) -> list[str]:
+        """The oldest waiting texts, in order, up to ``max_chars`` in all (at least one)."""
+        self.last_taken = time.monotonic()
+        items = self._items
+        out: list[str] = []
+        size = 0
+        while items:
+            key = next(iter(items))
+            text = items[key]
+            if out and size + len(text) > max_chars:
+                break
+            del items[key]
+            out.append(text)
+            size += len(text) + 1
+        return out
 
     def clear(self) -> None:
         self._items.clear()
@@ -141,7 +187,8 @@ class StreamClient:
     queue: ClientQueue
     id: int = 0
     dropped: bool = False
-    sent: int = 0
+    sent: int = 0  # items
+    frames: int = 0  # frames they went in
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[Any] | None = None  # the request's task, cancelled if stuck in a send
     seen_taken: float = 0.0  # the queue's last_taken at the previous tick
@@ -522,4 +569,9 @@ class StreamHub:
             self._clients.discard(client)
             self._counted()
         client.closed.set()
-        log.info("stream client %s disconnected after %s messages", client.id, client.sent)
+        log.info(
+            "stream client %s disconnected after %s messages in %s frames",
+            client.id,
+            client.sent,
+            client.frames,
+        )

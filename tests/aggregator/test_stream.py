@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from aggregator.api.server import Service
+from aggregator.stream import FRAME_CHARS, ClientQueue, frame
 
 from .conftest import grid_in_community, interior, make_alert, offset, wait_until
 from .operator_support import (
@@ -45,44 +46,66 @@ def ws_url(service: Service, **params: str) -> str:
     return f"{service.url.replace('http', 'ws', 1)}/api/v1/stream?{query}"
 
 
+class Items:
+    """A stream socket read item by item: a frame is one item or a batch of them, in order."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.frames: list[list[dict[str, Any]]] = []
+        self._pending: list[dict[str, Any]] = []
+
+    def recv(self, timeout: float) -> dict[str, Any]:
+        if not self._pending:
+            message = orjson.loads(self.ws.recv(timeout=timeout))
+            if message.get("kind") == "batch":
+                # Only two or more go as a batch: one goes as itself.
+                assert len(message["items"]) >= 2, message
+                batch = message["items"]
+            else:
+                batch = [message]
+            self.frames.append(batch)
+            self._pending.extend(batch)
+        return self._pending.pop(0)
+
+
 @contextmanager
-def stream(service: Service, token: str, **params: str) -> Iterator[ClientConnection]:
+def stream(service: Service, token: str, **params: str) -> Iterator[Items]:
     """A WebSocket that has authenticated with its first message (the token is never in the
     URL) and been answered ``authenticated``."""
     with connect(ws_url(service, **params)) as ws:
         ws.send(orjson.dumps({"token": token}).decode())
         reply = orjson.loads(ws.recv(timeout=5))
         assert reply["kind"] == "authenticated", reply
-        yield ws
+        yield Items(ws)
 
 
-def collect(ws: ClientConnection, seconds: float) -> list[dict[str, Any]]:
-    """Every message that arrives within ``seconds``."""
+def collect(items: Items, seconds: float) -> list[dict[str, Any]]:
+    """Every item that arrives within ``seconds``."""
     out: list[dict[str, Any]] = []
     deadline = time.monotonic() + seconds
     while (remaining := deadline - time.monotonic()) > 0:
         try:
-            out.append(orjson.loads(ws.recv(timeout=remaining)))
+            out.append(items.recv(timeout=remaining))
         except TimeoutError:
             break
     return out
 
 
-def until(ws: ClientConnection, pred: Any, seconds: float = 3.0) -> dict[str, Any]:
+def until(items: Items, pred: Any, seconds: float = 3.0) -> dict[str, Any]:
     deadline = time.monotonic() + seconds
     while (remaining := deadline - time.monotonic()) > 0:
-        msg: dict[str, Any] = orjson.loads(ws.recv(timeout=remaining))
+        msg = items.recv(timeout=remaining)
         if pred(msg):
             return msg
     raise AssertionError("no matching stream message in time")
 
 
-def read_until_closed(ws: ClientConnection) -> tuple[list[dict[str, Any]], ConnectionClosed]:
+def read_until_closed(items: Items) -> tuple[list[dict[str, Any]], ConnectionClosed]:
     received: list[dict[str, Any]] = []
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            received.append(orjson.loads(ws.recv(timeout=5)))
+            received.append(items.recv(timeout=5))
         except ConnectionClosed as exc:
             return received, exc
     raise AssertionError("the server never closed the slow client's socket")
@@ -208,6 +231,7 @@ def test_slow_consumer_is_dropped_told_why_and_ingest_goes_on(broker: Any, tmp_p
                 assert not any(c.is_failure for c in codes)
                 received, closed = read_until_closed(ws)
                 assert received[-1] == {"kind": "dropped", "reason": "slow consumer"}
+                assert ws.frames[-1] == [received[-1]]  # the notice goes alone
                 assert closed.rcvd is not None
                 assert closed.rcvd.code == 1013
             # Ingest did not wait for the slow client: every alert is pooled.
@@ -254,7 +278,58 @@ def test_server_sent_events(broker: Any, service: Service, auth: str) -> None:
         else:
             raise AssertionError("the stream ended without a message")
     http.close()
-    assert message["kind"] in {"event", "alert"}
+    # One SSE event per frame: an item, or a batch of them (the alert's event and outcome).
+    got = message["items"] if message["kind"] == "batch" else [message]
+    assert {m["kind"] for m in got} <= {"event", "alert"}
+    assert any(m["kind"] == "event" and m["change"] == "created" for m in got), got
     assert service.hub.client_count == 0 or wait_until(
         lambda: service.hub.client_count == 0, what="SSE client gone"
     )
+
+
+def test_a_tick_of_changes_is_one_frame(broker: Any, service: Service, api: Api) -> None:
+    """Ten alerts committed together make ten events: the client gets them as a batch frame
+    (or a few, if the commit straddles a look at the pool), not a frame each."""
+    with stream(service, api.token("admin")) as ws:
+        wait_until(lambda: service.hub.client_count == 1, what="the stream client")
+        cam = broker.client("cam-001")
+        alerts = [
+            make_alert("cam-001", *interior(grid_in_community(0, i)), type="gas_leak", seq=i)
+            for i in range(10)
+        ]
+        codes = cam.publish_many(broker.topics.alert("cam-001"), [a.to_json() for a in alerts])
+        assert not any(c.is_failure for c in codes)
+        got = [until(ws, lambda m: m.get("change") == "created", 5.0)]
+        got += collect(ws, 1.5)
+        created = [m for m in got if m["kind"] == "event" and m["change"] == "created"]
+        assert len({m["event"]["event_id"] for m in created}) == 10
+        assert len(created) == 10
+        assert len(ws.frames) <= 4, [len(f) for f in ws.frames]
+        assert max(len(f) for f in ws.frames) >= 3
+
+
+def test_a_frame_keeps_queue_order_and_is_capped() -> None:
+    queue = ClientQueue(maxsize=100)
+    texts = [orjson.dumps({"kind": "alert", "n": i, "pad": "x" * 90}).decode() for i in range(50)]
+    for i, text in enumerate(texts):
+        assert queue.offer(("alert", i), text)
+    # a waiting item that changes again keeps its place and carries its latest text
+    newer = orjson.dumps({"kind": "alert", "n": 3, "pad": "newer"}).decode()
+    assert queue.offer(("alert", 3), newer)
+    expected = [*texts[:3], newer, *texts[4:]]
+    first = queue.take(max_chars=1000)
+    assert 1 <= len(first) < 50
+    assert sum(len(t) + 1 for t in first) <= 1000 + 1
+    rest = queue.take(max_chars=FRAME_CHARS)
+    assert first + rest == expected
+    assert queue.empty()
+    # a frame of one is the item itself; a batch is valid JSON with the items in order
+    assert frame(first[:1]) == first[0]
+    assert orjson.loads(frame(rest))["items"] == [orjson.loads(t) for t in rest]
+    assert orjson.loads(frame(rest))["kind"] == "batch"
+    # an item larger than the cap still goes, alone
+    huge = "y" * 2000
+    queue.offer("huge", huge)
+    queue.offer("small", "z")
+    assert queue.take(max_chars=1000) == [huge]
+    assert queue.take(max_chars=1000) == ["z"]
