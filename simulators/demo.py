@@ -12,10 +12,10 @@ import logging
 import os
 import shutil
 import signal
-import sqlite3
 import threading
 import time
 from contextlib import closing
+from dataclasses import asdict
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -28,41 +28,22 @@ from aggregator.access.auth import DEV_ENV
 from aggregator.api.server import Service
 from aggregator.broker.launcher import BrokerSettings, MosquittoBroker
 from aggregator.broker.registry import AccountRole, DeviceRegistry
-from aggregator.cli import render_events
+from aggregator.cli.tables import render_events
 from aggregator.config import MqttSettings, Settings
-from aggregator.pool.sqlite import connect
+from aggregator.pool import queries
 from simulators.fleet import Fleet, FleetConfig
 from simulators.stack import CredentialsDir
 
 log = logging.getLogger(__name__)
 
 
-def _counts(db: sqlite3.Connection) -> dict[str, int]:
-    def one(sql: str) -> int:
-        return int(db.execute(sql).fetchone()[0])
-
-    return {
-        "events": one("SELECT count(*) FROM events"),
-        "alerts": one("SELECT count(*) FROM alerts"),
-        "merged": one("SELECT count(*) FROM alerts WHERE outcome='merged'"),
-        "out of area": one("SELECT count(*) FROM out_of_area"),
-        "dead letters": one("SELECT count(*) FROM dead_letters"),
-        "devices online": one("SELECT count(*) FROM devices WHERE state='online'"),
-    }
-
-
 def _screen(pool_path: Path, header: str, rows: int) -> Group:
     if not pool_path.exists():
         return Group(Text(header), Text("waiting for the first alert…"))
-    with closing(connect(pool_path, readonly=True)) as db:
-        counts = _counts(db)
-        events = db.execute(
-            "SELECT e.*, (SELECT group_concat(device_id, ', ') FROM event_devices d"
-            " WHERE d.event_id = e.id) AS devices FROM events e"
-            " ORDER BY e.updated_at DESC LIMIT ?",
-            (rows,),
-        ).fetchall()
-    stats = "  ".join(f"[bold]{v}[/] {k}" for k, v in counts.items())
+    with closing(queries.open_reader(pool_path)) as db:
+        counts = queries.pool_counts(db)
+        events = queries.latest_events(db, by_update=True, limit=rows)
+    stats = "  ".join(f"[bold]{v}[/] {k.replace('_', ' ')}" for k, v in asdict(counts).items())
     return Group(
         Panel(Text.from_markup(f"{header}\n{stats}"), title="community warning gateway · demo"),
         render_events(events, title="latest events (most recently updated first)"),

@@ -28,6 +28,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from aggregator.cli.tables import render_events
+from aggregator.pool import queries
+
 log = logging.getLogger("gateway")
 
 EXAMPLES = """\
@@ -475,57 +478,17 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def _open_pool(data_dir: Path) -> sqlite3.Connection:
-    from aggregator.pool.sqlite import connect
-
     path = data_dir / "pool.db"
     if not path.exists():
         raise SystemExit(f"no event pool at {path}: run the aggregator first (gateway run)")
-    return connect(path, readonly=True)
+    return queries.open_reader(path)
 
 
 def events_table(db: sqlite3.Connection, args: argparse.Namespace) -> Table:
-    where, params = ["1=1"], []
-    if args.type:
-        where.append("type = ?")
-        params.append(args.type)
-    if args.grid:
-        where.append("substr(grid_code, 1, ?) = ?")
-        params += [len(args.grid), args.grid]
-    if args.status:
-        where.append("status = ?")
-        params.append(args.status)
-    rows = db.execute(
-        f"SELECT e.*, (SELECT group_concat(device_id, ', ') FROM event_devices d"
-        f" WHERE d.event_id = e.id) AS devices FROM events e WHERE {' AND '.join(where)}"
-        " ORDER BY e.id DESC LIMIT ?",
-        [*params, args.limit],
-    ).fetchall()
+    rows = queries.latest_events(
+        db, type_=args.type, grid_prefix=args.grid, status=args.status, limit=args.limit
+    )
     return render_events(rows)
-
-
-def render_events(rows: Sequence[sqlite3.Row], title: str | None = None) -> Table:
-    from contract import default_catalogue
-
-    catalogue = default_catalogue()
-    table = Table(title=title, expand=False, header_style="bold")
-    for col in ("id", "time (UTC)", "type", "severity", "community › grid", "alerts", "devices",
-                "status"):  # fmt: skip
-        table.add_column(col, overflow="fold")
-    colours = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "green"}
-    for r in rows:
-        wt = catalogue.types.get(r["type"])
-        name = f"{wt.zh} {wt.en}" if wt else r["type"]
-        table.add_row(
-            str(r["id"]),
-            datetime.fromtimestamp(r["last_observed_at"], UTC).strftime("%H:%M:%S"),
-            name,
-            f"[{colours.get(r['severity'], '')}]{r['severity']}[/]",
-            " › ".join(r["address"].split(" › ")[-2:]),
-            str(r["alert_count"]),
-            r["devices"] or "",
-            r["status"],
-        )
-    return table
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -545,21 +508,14 @@ def cmd_events(args: argparse.Namespace) -> int:
 def cmd_handling(args: argparse.Namespace) -> int:
     from aggregator.config import Settings
     from aggregator.grids import GridIndex, default_grid_file
-    from aggregator.pool.handling import GroupBy, Handling, group_name, handling_stats
+    from aggregator.pool.handling import GroupBy, Handling, group_name
     from contract import load_catalogue
 
     db = _open_pool(args.data_dir)
     now = time.time()
-    where: list[str] = []
-    params: list[object] = []
-    if args.grid:
-        where.append("substr(e.grid_code, 1, ?) = ?")
-        params += [len(args.grid), args.grid]
-    if args.days is not None:
-        where.append("e.registered_at >= ?")
-        params.append(now - args.days * 86400)
+    since = None if args.days is None else now - args.days * 86400
     by = GroupBy(args.by)
-    total, groups = handling_stats(db, by, now, where=where, params=params)
+    total, groups = queries.EventStats(db, queries.EVERYTHING, args.grid, since).handling(by, now)
     # names from the same catalogue and grid files as `gateway run` (CWG_* variables)
     settings = Settings(data_dir=args.data_dir)
     catalogue = load_catalogue(settings.catalogue_file)
@@ -608,17 +564,7 @@ def cmd_handling(args: argparse.Namespace) -> int:
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     db = _open_pool(args.data_dir)
-    where, params = ["1=1"], []
-    if args.reason:
-        where.append("reason = ?")
-        params.append(args.reason)
-    if args.device:
-        where.append("device_id = ?")
-        params.append(args.device)
-    rows = db.execute(
-        f"SELECT * FROM dead_letters WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
-        [*params, args.limit],
-    ).fetchall()
+    rows = queries.dead_letters(db, reason=args.reason, device_id=args.device, limit=args.limit)
     table = Table(header_style="bold")
     for col in ("id", "received (UTC)", "device", "reason", "detail", "payload (start)"):
         table.add_column(col, overflow="fold")

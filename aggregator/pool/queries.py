@@ -8,10 +8,12 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aggregator.pool.handling import GroupBy, Handling, handling_stats
 from aggregator.pool.model import summary_from_row
+from aggregator.pool.sqlite import connect
 from contract import Catalogue, EventSummary
 
 
@@ -320,8 +322,10 @@ def dead_letters(
     device_id: str | None = None,
     before_id: int | None = None,
     limit: int = 50,
+    oldest_first: bool = False,
 ) -> list[sqlite3.Row]:
-    """Dead letters, newest first, optionally of one reason or device and below an id."""
+    """Dead letters, newest (or oldest) first, optionally of one reason or device and below an
+    id; at most ``limit`` (none when it is negative)."""
     where: list[str] = ["1=1"]
     args: list[Any] = []
     if reason:
@@ -334,7 +338,8 @@ def dead_letters(
         where.append("id < ?")
         args.append(before_id)
     return conn.execute(
-        f"SELECT * FROM dead_letters WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+        f"SELECT * FROM dead_letters WHERE {' AND '.join(where)}"
+        f" ORDER BY id {'ASC' if oldest_first else 'DESC'} LIMIT ?",
         [*args, limit],
     ).fetchall()
 
@@ -349,3 +354,143 @@ def dead_letter(conn: sqlite3.Connection, dead_letter_id: int) -> sqlite3.Row | 
 def ping(conn: sqlite3.Connection) -> None:
     """Read one row: raises when the pool cannot be read (readiness)."""
     conn.execute("SELECT 1 FROM events LIMIT 1").fetchall()
+
+
+# ---------------------------------------------------------------------------- terminals, tests
+
+EVERYTHING: Scope = ("1=1", [])  # no restriction: the CLI and the tools run as the pool's owner
+
+
+def open_reader(path: Path | str) -> sqlite3.Connection:
+    """A read-only connection of its own (WAL lets it read while the aggregator writes)."""
+    return connect(path, readonly=True)
+
+
+def latest_events(
+    conn: sqlite3.Connection,
+    *,
+    type_: str | None = None,
+    grid_prefix: str | None = None,
+    status: str | None = None,
+    by_update: bool = False,
+    limit: int = 20,
+) -> list[sqlite3.Row]:
+    """The newest events (by id, or the most recently updated first), each row with
+    ``devices``: its device ids joined by ", "."""
+    where: list[str] = ["1=1"]
+    args: list[Any] = []
+    if type_:
+        where.append("e.type = ?")
+        args.append(type_)
+    if grid_prefix:
+        where.append("substr(e.grid_code, 1, ?) = ?")
+        args += [len(grid_prefix), grid_prefix]
+    if status:
+        where.append("e.status = ?")
+        args.append(status)
+    order = "e.updated_at DESC" if by_update else "e.id DESC"
+    return conn.execute(
+        "SELECT e.*, (SELECT group_concat(device_id, ', ') FROM event_devices d"
+        f" WHERE d.event_id = e.id) AS devices FROM events e WHERE {' AND '.join(where)}"
+        f" ORDER BY {order} LIMIT ?",
+        [*args, limit],
+    ).fetchall()
+
+
+@dataclass(frozen=True, slots=True)
+class PoolCounts:
+    events: int
+    alerts: int
+    merged: int
+    out_of_area: int
+    dead_letters: int
+    devices_online: int
+
+
+def pool_counts(conn: sqlite3.Connection) -> PoolCounts:
+    def one(sql: str) -> int:
+        return int(conn.execute(sql).fetchone()[0])
+
+    return PoolCounts(
+        events=one("SELECT count(*) FROM events"),
+        alerts=one("SELECT count(*) FROM alerts"),
+        merged=one("SELECT count(*) FROM alerts WHERE outcome='merged'"),
+        out_of_area=one("SELECT count(*) FROM out_of_area"),
+        dead_letters=one("SELECT count(*) FROM dead_letters"),
+        devices_online=one("SELECT count(*) FROM devices WHERE state='online'"),
+    )
+
+
+def event_ids(
+    conn: sqlite3.Connection,
+    *,
+    type_: str | None = None,
+    grid_prefix: str | None = None,
+    device_id: str | None = None,
+) -> list[int]:
+    """Ids of the events of a type, under a grid code prefix, with a contributing device."""
+    where: list[str] = ["1=1"]
+    args: list[Any] = []
+    if type_ is not None:
+        where.append("type = ?")
+        args.append(type_)
+    if grid_prefix is not None:
+        where.append("substr(grid_code, 1, ?) = ?")
+        args += [len(grid_prefix), grid_prefix]
+    if device_id is not None:
+        where.append("id IN (SELECT event_id FROM event_devices WHERE device_id = ?)")
+        args.append(device_id)
+    return [r[0] for r in conn.execute(f"SELECT id FROM events WHERE {' AND '.join(where)}", args)]
+
+
+def alert_count(conn: sqlite3.Connection, like: str | None = None) -> int:
+    """Pooled alerts (in an event), optionally only those whose alert_id matches ``like``."""
+    if like is None:
+        return int(conn.execute("SELECT count(*) FROM alerts").fetchone()[0])
+    prefix = like[:-1]
+    if like.endswith("%") and prefix and not any(c in prefix for c in "%_"):
+        # a prefix: a range of the alert_id index, not a scan (load runs poll this)
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        sql = "SELECT count(*) FROM alerts WHERE alert_id >= ? AND alert_id < ?"
+        return int(conn.execute(sql, (prefix, upper)).fetchone()[0])
+    sql = "SELECT count(*) FROM alerts WHERE alert_id LIKE ?"
+    return int(conn.execute(sql, (like,)).fetchone()[0])
+
+
+def out_of_area(conn: sqlite3.Connection, device_id: str | None = None) -> list[sqlite3.Row]:
+    """Out-of-area alerts (alert_id, device_id, type, lat, lon), oldest first."""
+    sql = "SELECT alert_id, device_id, type, lat, lon FROM out_of_area"
+    args: tuple[str, ...] = ()
+    if device_id is not None:
+        sql += " WHERE device_id = ?"
+        args = (device_id,)
+    return conn.execute(sql + " ORDER BY received_at", args).fetchall()
+
+
+def latencies(conn: sqlite3.Connection, like: str | None = None) -> list[float]:
+    """Seconds from each alert's ``observed_at`` to the commit of its batch."""
+    sql = (
+        "SELECT b.committed_at - a.observed_at FROM alerts a"
+        " JOIN batches b ON a.batch_id = b.id WHERE b.committed_at IS NOT NULL"
+    )
+    args: tuple[str, ...] = ()
+    if like is not None:
+        sql += " AND a.alert_id LIKE ?"
+        args = (like,)
+    return [float(r[0]) for r in conn.execute(sql, args)]
+
+
+def commit_span(conn: sqlite3.Connection, like: str | None = None) -> tuple[float, float] | None:
+    """First and last commit time of batches holding matching alerts."""
+    sql = (
+        "SELECT min(b.committed_at), max(b.committed_at) FROM alerts a "
+        "JOIN batches b ON a.batch_id = b.id"
+    )
+    args: tuple[str, ...] = ()
+    if like is not None:
+        sql += " WHERE a.alert_id LIKE ?"
+        args = (like,)
+    row = conn.execute(sql, args).fetchone()
+    if row is None or row[0] is None:
+        return None
+    return float(row[0]), float(row[1])
