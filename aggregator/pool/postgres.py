@@ -51,6 +51,7 @@ from psycopg import sql
 
 from aggregator.errors import PoolError
 from aggregator.pool.dedup import EARTH_RADIUS_M, DedupIndex, EventState
+from aggregator.pool.migrate import Migration, numbered, pending
 from aggregator.pool.model import (
     SOURCE,
     AlertIn,
@@ -118,15 +119,9 @@ def _faults() -> Iterator[None]:
 # ---------------------------------------------------------------------------- migrations
 
 
-def migrations(folder: Path = MIGRATIONS) -> list[tuple[int, str, str]]:
+def migrations(folder: Path = MIGRATIONS) -> list[Migration]:
     """The numbered SQL files (``NNNN_name.sql``) as (version, name, text), in order."""
-    out = []
-    for path in sorted(folder.glob("[0-9][0-9][0-9][0-9]_*.sql")):
-        out.append((int(path.name[:4]), path.stem[5:], path.read_text("utf-8")))
-    versions = [v for v, _, _ in out]
-    if len(set(versions)) != len(versions):
-        raise PoolError(f"{folder}: two migrations share a number: {versions}")
-    return out
+    return numbered(folder)
 
 
 def migrate(conninfo: str, folder: Path = MIGRATIONS) -> list[int]:
@@ -141,15 +136,8 @@ def migrate(conninfo: str, folder: Path = MIGRATIONS) -> list[int]:
             " name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
         )
         applied = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
-        newer = max(applied, default=0)
-        if newer > max((v for v, _, _ in wanted), default=0):
-            raise PoolError(
-                f"pool schema version {newer} is newer than this aggregator knows; upgrade it"
-            )
         done = []
-        for version, name, text in wanted:
-            if version in applied:
-                continue
+        for version, name, text in pending(applied, wanted):
             log.info("pool migration %04d_%s", version, name)
             conn.execute(text.encode())  # no parameters: several statements in one go
             conn.execute(

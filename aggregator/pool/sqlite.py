@@ -28,6 +28,7 @@ import orjson
 from aggregator.errors import PoolError
 from aggregator.fileperms import FILE_MODE, private_dir, private_file, tighten
 from aggregator.pool.dedup import DedupIndex, EventState, haversine_m
+from aggregator.pool.migrate import migrate_sqlite
 from aggregator.pool.model import (
     SOURCE,
     AlertIn,
@@ -48,151 +49,6 @@ from contract import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-
--- One row per committed micro-batch; stamped just before COMMIT.
-CREATE TABLE IF NOT EXISTS batches (
-    id           INTEGER PRIMARY KEY,
-    started_at   REAL NOT NULL,
-    committed_at REAL,
-    size         INTEGER
-);
-
-CREATE TABLE IF NOT EXISTS events (
-    id                INTEGER PRIMARY KEY,
-    source            TEXT NOT NULL DEFAULT 'smart_community_warning',
-    type              TEXT NOT NULL,
-    severity          TEXT NOT NULL,
-    status            TEXT NOT NULL CHECK (status IN
-                        ('registered','verified','dispatched','handling','closed')),
-    department        TEXT NOT NULL,
-    grid_code         TEXT NOT NULL,
-    lat               REAL NOT NULL,   -- 事发位置: where the first alert placed it
-    lon               REAL NOT NULL,
-    grid_path         TEXT NOT NULL,   -- JSON [{level, code, name}], county › … › grid
-    address           TEXT NOT NULL,   -- the grid path's names, county › … › grid
-    description       TEXT NOT NULL,   -- 问题描述
-    snapshot_sha256   TEXT,            -- 实时照片: the best snapshot so far
-    snapshot_score    REAL,
-    first_observed_at REAL NOT NULL,
-    last_observed_at  REAL NOT NULL,
-    registered_at     REAL NOT NULL,
-    updated_at        REAL NOT NULL,
-    deadline_at       REAL NOT NULL,
-    closed_at         REAL,
-    alert_count       INTEGER NOT NULL,
-    device_count      INTEGER NOT NULL,
-    recurrence_of     INTEGER REFERENCES events(id),
-    version           INTEGER NOT NULL DEFAULT 1,
-    -- the pool-wide change number (meta 'change_seq') of the commit that last changed the row:
-    -- every writer reads the rows others changed since its own last commit
-    change_seq        INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS events_change ON events(change_seq);
-CREATE INDEX IF NOT EXISTS events_open ON events(type, last_observed_at) WHERE status != 'closed';
-CREATE INDEX IF NOT EXISTS events_closed ON events(type, closed_at) WHERE status = 'closed';
-CREATE INDEX IF NOT EXISTS events_grid ON events(grid_code);
-CREATE INDEX IF NOT EXISTS events_registered ON events(registered_at);
-
-CREATE TABLE IF NOT EXISTS alerts (
-    -- rowid order is arrival order: appends stay cheap; the idempotency key is the unique
-    -- index on alert_id
-    id              INTEGER PRIMARY KEY,
-    alert_id        TEXT NOT NULL UNIQUE,
-    event_id        INTEGER NOT NULL REFERENCES events(id),
-    device_id       TEXT NOT NULL,
-    seq             INTEGER NOT NULL,
-    type            TEXT NOT NULL,
-    severity        TEXT NOT NULL,
-    confidence      REAL NOT NULL,
-    observed_at     REAL NOT NULL,
-    received_at     REAL NOT NULL,
-    batch_id        INTEGER NOT NULL REFERENCES batches(id),
-    lat             REAL NOT NULL,
-    lon             REAL NOT NULL,
-    grid_code       TEXT NOT NULL,
-    outcome         TEXT NOT NULL,
-    snapshot_sha256 TEXT,
-    payload         BLOB NOT NULL      -- the message as received, its snapshot replaced by the hash
-);
-CREATE INDEX IF NOT EXISTS alerts_event ON alerts(event_id);
--- no index on (device_id, seq): nothing reads alerts by device, and at ~10k inserts a second
--- it cost a fifth of the alert insert's work in SQLite; pools made before lose it here
-DROP INDEX IF EXISTS alerts_device;
-CREATE INDEX IF NOT EXISTS alerts_snapshot ON alerts(snapshot_sha256)
-    WHERE snapshot_sha256 IS NOT NULL;
-
-CREATE TABLE IF NOT EXISTS event_devices (
-    event_id       INTEGER NOT NULL REFERENCES events(id),
-    device_id      TEXT NOT NULL,
-    first_alert_at REAL NOT NULL,
-    alert_count    INTEGER NOT NULL,
-    PRIMARY KEY (event_id, device_id)
-) WITHOUT ROWID;
-
-CREATE TABLE IF NOT EXISTS event_log (
-    id       INTEGER PRIMARY KEY,
-    event_id INTEGER NOT NULL REFERENCES events(id),
-    at       REAL NOT NULL,
-    action   TEXT NOT NULL,
-    actor    TEXT NOT NULL,
-    detail   TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS event_log_event ON event_log(event_id, at);
-
-CREATE TABLE IF NOT EXISTS out_of_area (
-    alert_id    TEXT PRIMARY KEY,
-    device_id   TEXT NOT NULL,
-    type        TEXT NOT NULL,
-    observed_at REAL NOT NULL,
-    received_at REAL NOT NULL,
-    lat         REAL NOT NULL,
-    lon         REAL NOT NULL
-) WITHOUT ROWID;
-
-CREATE TABLE IF NOT EXISTS devices (
-    device_id        TEXT PRIMARY KEY,
-    kind             TEXT,
-    state            TEXT NOT NULL DEFAULT 'unknown',
-    state_reason     TEXT,
-    state_at         REAL,
-    last_seen        REAL NOT NULL,
-    health           TEXT,
-    lat              REAL,
-    lon              REAL,
-    last_seq         INTEGER,
-    alerts_total     INTEGER NOT NULL DEFAULT 0,
-    rejected_total   INTEGER NOT NULL DEFAULT 0,
-    out_of_area_total INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
-
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id          INTEGER PRIMARY KEY,
-    received_at REAL NOT NULL,
-    topic       TEXT NOT NULL,
-    device_id   TEXT,
-    alert_id    TEXT,
-    reason      TEXT NOT NULL,
-    detail      TEXT NOT NULL,
-    payload     BLOB NOT NULL,
-    -- sha256 of topic, NUL, payload: a message is kept once, however often it comes again
-    -- (a redelivery after a reconnect); NULL in rows older than the column (_migrate)
-    message_sha256 TEXT,
-    -- the payload's full size and sha256: ``payload`` keeps only its head when it was long
-    -- (EventPool.dead_letter_keep_bytes); NULL in rows older than these columns
-    payload_size INTEGER,
-    payload_sha256 TEXT
-);
-CREATE INDEX IF NOT EXISTS dead_letters_reason ON dead_letters(reason, received_at);
-CREATE INDEX IF NOT EXISTS dead_letters_device ON dead_letters(device_id, received_at);
--- retention (EventPool.prune) deletes the oldest rows in bounded steps
-CREATE INDEX IF NOT EXISTS dead_letters_received ON dead_letters(received_at);
-CREATE INDEX IF NOT EXISTS out_of_area_received ON out_of_area(received_at);
-"""
-
 
 # ---------------------------------------------------------------------------- the pool
 
@@ -210,6 +66,8 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
         private_dir(path.parent)
         private_file(path)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # first: switching a new file to WAL takes a lock that replicas opening it too queue on
+        conn.execute("PRAGMA busy_timeout=10000")
         conn.execute("PRAGMA journal_mode=WAL")
         for extra in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
             tighten(extra, FILE_MODE)
@@ -242,9 +100,7 @@ class EventPool:
         # a rejected payload keeps this many leading bytes (its size and hash are kept whole)
         self.dead_letter_keep_bytes = dead_letter_keep_bytes
         self._db = connect(self.path)
-        self._db.executescript(_SCHEMA)
-        self._check_version()
-        _migrate(self._db)
+        migrate_sqlite(self._db)  # numbered migrations; a pool made before them too
         # Checkpoints copy the WAL back into the database file; done on the committing thread
         # they would stall ingest every thousand pages. A background connection does them (the
         # sqlite3 module releases the GIL while SQLite works); the high autocheckpoint is only
@@ -259,19 +115,6 @@ class EventPool:
         self._seen_seq = 0
         self._last_evict = time.time()
         self._load_index()
-
-    def _check_version(self) -> None:
-        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None:
-            self._db.execute(
-                "INSERT INTO meta(key, value) VALUES ('schema_version', ?), ('change_seq', '0')",
-                (str(SCHEMA_VERSION),),
-            )
-        elif int(row[0]) != SCHEMA_VERSION:
-            raise PoolError(
-                f"{self.path}: pool schema version {row[0]}, this aggregator needs "
-                f"{SCHEMA_VERSION}; migrate the pool or point the aggregator at a new file"
-            )
 
     def _load_index(self) -> None:
         now = time.time()
@@ -812,29 +655,6 @@ class _Checkpointer:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
-
-
-def _migrate(db: sqlite3.Connection) -> None:
-    """Additive changes to pools made by earlier versions of this schema, under the write lock
-    (replicas sharing the file may open it at the same moment)."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        columns = {r[1] for r in db.execute("PRAGMA table_info(dead_letters)")}
-        if "message_sha256" not in columns:
-            db.execute("ALTER TABLE dead_letters ADD COLUMN message_sha256 TEXT")
-        # the payload's full size and sha256: ``payload`` holds only its head when it was long
-        if "payload_size" not in columns:
-            db.execute("ALTER TABLE dead_letters ADD COLUMN payload_size INTEGER")
-        if "payload_sha256" not in columns:
-            db.execute("ALTER TABLE dead_letters ADD COLUMN payload_sha256 TEXT")
-        db.execute(
-            "CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_message"
-            " ON dead_letters(message_sha256) WHERE message_sha256 IS NOT NULL"
-        )
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
 def _current_change(db: sqlite3.Connection) -> int:

@@ -198,6 +198,9 @@ def test_a_pool_made_with_the_old_device_index_loses_it_and_keeps_its_alerts(
     h.pool.close()
     with closing(connect(tmp_path / "pool.db")) as db:  # as pools were made before
         db.execute("CREATE INDEX alerts_device ON alerts(device_id, seq)")
+        # ... which was before migrations were numbered
+        db.execute("DROP TABLE schema_migrations")
+        db.execute("INSERT INTO meta(key, value) VALUES ('schema_version', '1')")
     again = Harness(tmp_path)
     indexes = {r[0] for r in again.rows("SELECT name FROM sqlite_master WHERE type='index'")}
     assert "alerts_device" not in indexes
