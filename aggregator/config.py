@@ -111,6 +111,9 @@ class AccessSettings(BaseModel):
         description="bearer token that may read /metrics (an admin operator's token may too); "
         "unset: only admin tokens",
     )
+    token_ttl_s: float = Field(
+        12 * 3600, gt=0, le=30 * 86_400, description="lifetime of an operator's API token"
+    )
     login_free_failures_user: int = Field(
         5, ge=1, le=1000, description="failed logins per user name before the lockout starts"
     )
@@ -223,6 +226,18 @@ class Settings(BaseSettings):
         description="loopback port of the ingest process's Prometheus metrics (0: any free "
         "port; the operator API's /metrics shows them either way)",
     )
+    dev: bool = Field(
+        False,
+        description="development mode (CWG_DEV=1): with no operator account yet, the API "
+        "creates admin/admin; never in production",
+    )
+    # Time series (InfluxDB v2 write API); the names match the gateway's earlier variables.
+    tsdb_url: str | None = Field(
+        None, description="time-series write API base URL (InfluxDB 2.x/3.x, VictoriaMetrics)"
+    )
+    tsdb_org: str = Field("cwg", min_length=1, description="time-series organisation")
+    tsdb_bucket: str = Field("cwg", min_length=1, description="time-series bucket or database")
+    tsdb_token: SecretStr | None = Field(None, description="time-series API token")
 
     @model_validator(mode="after")
     def _defaults_under_data_dir(self) -> Settings:
