@@ -96,6 +96,7 @@ const state = {
   wsRetry: 0,
   tab: "events",
   deviceTimer: null,
+  summaryTimer: null, // a totals refresh the stream asked for, at most one a second
   blobUrls: [],
 };
 
@@ -320,9 +321,14 @@ function rememberType(ev) {
   }
 }
 
-function renderList(freshId) {
+// fresh: the id (or a Set of the ids) of events just created, shown highlighted
+function isFresh(fresh, id) {
+  return fresh instanceof Set ? fresh.has(id) : id === fresh;
+}
+
+function renderList(fresh) {
   const list = $("event-list");
-  list.replaceChildren(...state.order.map((id) => eventRow(state.events.get(id), id === freshId)));
+  list.replaceChildren(...state.order.map((id) => eventRow(state.events.get(id), isFresh(fresh, id))));
   $("list-empty").hidden = state.order.length > 0;
 }
 
@@ -376,7 +382,10 @@ function connectStream() {
     let msg;
     try { msg = JSON.parse(m.data); } catch (_) { return; }
     if (msg.kind === "authenticated") { state.wsRetry = 0; setLive(true); }
-    else if (msg.kind === "event") onEventNotice(msg);
+    // A frame is one item, or a batch of all that was due in one tick: applied together,
+    // drawn once.
+    else if (msg.kind === "batch" && Array.isArray(msg.items)) onEventNotices(msg.items.filter((i) => i && i.kind === "event"));
+    else if (msg.kind === "event") onEventNotices([msg]);
     else if (msg.kind === "dropped") console.warn(t("dropped"));
   };
   ws.onclose = (e) => {
@@ -390,31 +399,48 @@ function connectStream() {
   };
 }
 
-function onEventNotice(msg) {
-  const summary = msg.event;
-  rememberType(summary);
-  const known = state.events.get(summary.event_id);
-  const ev = { ...(known || {}), ...summary };
-  ev.overdue = ev.status !== "closed" && new Date(ev.deadline_at) < new Date();
-  ev.snapshot_url = summary.snapshot_sha256 ? `${API}/snapshots/${summary.snapshot_sha256}` : null;
-  if (!matchesFilters(ev)) {
-    if (known) { state.events.delete(ev.event_id); state.order = state.order.filter((id) => id !== ev.event_id); renderList(); }
-    return;
+function onEventNotices(notices) {
+  if (!notices.length) return;
+  const fresh = new Set();
+  let listChanged = false, mapChanged = false, selectedChanged = false;
+  for (const msg of notices) {
+    const summary = msg.event;
+    rememberType(summary);
+    const known = state.events.get(summary.event_id);
+    const ev = { ...(known || {}), ...summary };
+    ev.overdue = ev.status !== "closed" && new Date(ev.deadline_at) < new Date();
+    ev.snapshot_url = summary.snapshot_sha256 ? `${API}/snapshots/${summary.snapshot_sha256}` : null;
+    if (!matchesFilters(ev)) {
+      if (known) { state.events.delete(ev.event_id); state.order = state.order.filter((id) => id !== ev.event_id); listChanged = true; }
+      continue;
+    }
+    state.events.set(ev.event_id, ev);
+    if (!known) state.order.unshift(ev.event_id);
+    if (msg.change === "created") fresh.add(ev.event_id);
+    listChanged = true;
+    const cell = state.grids?.features.find((f) => f.id === ev.grid_code);
+    if (cell && (msg.change === "created" || msg.change === "closed")) {
+      // Keep the grid shading in step with the stream instead of reloading the polygons.
+      const p = cell.properties;
+      if (msg.change === "created") { p.event_count += 1; p.open_event_count += 1; }
+      else p.open_event_count = Math.max(0, p.open_event_count - 1);
+      mapChanged = true;
+    }
+    if (state.selected === ev.event_id) selectedChanged = true;
   }
-  state.events.set(ev.event_id, ev);
-  if (!known) state.order.unshift(ev.event_id);
-  renderList(msg.change === "created" ? ev.event_id : undefined);
-  const cell = state.grids?.features.find((f) => f.id === ev.grid_code);
-  if (cell && (msg.change === "created" || msg.change === "closed")) {
-    // Keep the grid shading in step with the stream instead of reloading the polygons.
-    const p = cell.properties;
-    if (msg.change === "created") { p.event_count += 1; p.open_event_count += 1; }
-    else p.open_event_count = Math.max(0, p.open_event_count - 1);
-    drawMap();
-  }
-  drawMarkers(msg.change === "created" ? ev.event_id : undefined);
-  if (state.selected === ev.event_id) openDetail(ev.event_id, false);
-  loadSummary();
+  if (!listChanged) return;
+  renderList(fresh);
+  if (mapChanged) drawMap();
+  drawMarkers(fresh);
+  if (selectedChanged) openDetail(state.selected, false);
+  summaryLater();
+}
+
+// The totals follow the stream at most once a second: a busy tick must not cost the API a
+// statistics query per notice and per operator.
+function summaryLater() {
+  if (state.summaryTimer) return;
+  state.summaryTimer = setTimeout(() => { state.summaryTimer = null; loadSummary(); }, 1000);
 }
 
 // -- map --------------------------------------------------------------------------------------
@@ -481,7 +507,7 @@ function drawMap() {
   drawMarkers();
 }
 
-function drawMarkers(pulseId) {
+function drawMarkers(fresh) {
   const layer = document.getElementById("markers");
   if (!layer) return;
   const r = 7 / view.k;
@@ -489,7 +515,7 @@ function drawMarkers(pulseId) {
   for (const id of [...state.order].reverse()) {
     const ev = state.events.get(id);
     const [x, y] = project(ev.location.lon, ev.location.lat);
-    if (id === pulseId) nodes.push(svg("circle", { cx: x, cy: y, r: r * 2.6, class: "pulse" }));
+    if (isFresh(fresh, id)) nodes.push(svg("circle", { cx: x, cy: y, r: r * 2.6, class: "pulse" }));
     nodes.push(svg("circle", {
       cx: x, cy: y, r, class: `marker ${ev.severity}${ev.status === "closed" ? " closed" : ""}${id === state.selected ? " selected" : ""}`,
       "data-event-id": id,

@@ -167,6 +167,35 @@ def test_login_map_list_live_event_and_detail_with_snapshot(
     page.screenshot(path=str(ARTIFACTS / "devices-en.png"))
 
 
+def test_a_batch_of_new_events_shows_at_once(broker: Any, service: Service, page: Page) -> None:
+    """Alerts committed together reach the page as one batch frame, every event in it shown."""
+    frames: list[str] = []
+    page.on(
+        "websocket",
+        lambda ws: ws.on(
+            "framereceived",
+            lambda payload: frames.append(payload) if isinstance(payload, str) else None,
+        ),
+    )
+    login(page, service, "comm_a")
+    expect(page.locator("#live.on")).to_be_visible()
+    cam = broker.client("cam-001")
+    alerts = [
+        make_alert("cam-001", *interior(grid_in_community(0, i)), type="gas_leak", seq=i)
+        for i in range(8)
+    ]
+    started = time.monotonic()
+    codes = cam.publish_many(broker.topics.alert("cam-001"), [a.to_json() for a in alerts])
+    assert not any(c.is_failure for c in codes)
+    expect(page.locator("#event-list .event")).to_have_count(8, timeout=3_000)
+    assert time.monotonic() - started < 3.0
+    expect(page.locator("#map circle.marker")).to_have_count(8)
+    batches = [f for f in frames if f.startswith('{"kind":"batch"')]
+    assert batches, frames
+    # The totals follow, a second later at most.
+    expect(page.locator("#summary .stat b").first).to_have_text("8", timeout=3_000)
+
+
 def test_community_operator_sees_only_its_community(
     broker: Any, service: Service, page: Page
 ) -> None:
