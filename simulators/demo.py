@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import signal
 import threading
@@ -24,7 +23,6 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
-from aggregator.access.auth import DEV_ENV
 from aggregator.api.server import Service
 from aggregator.broker.launcher import BrokerSettings, MosquittoBroker
 from aggregator.broker.registry import AccountRole, DeviceRegistry
@@ -62,8 +60,6 @@ def run_demo(args: argparse.Namespace) -> int:
     previous = {
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
     }
-    # The demo's dashboard login is admin/admin: development mode, never the default elsewhere.
-    os.environ.setdefault(DEV_ENV, "1")
     registry = DeviceRegistry(root / "registry.yaml")
     _, agg_password = registry.add_account("aggregator", AccountRole.AGGREGATOR)
     registry.save()
@@ -74,6 +70,8 @@ def run_demo(args: argparse.Namespace) -> int:
         broker.start()
         settings = Settings(
             data_dir=root / "data",
+            # the demo's dashboard login is admin/admin: development mode, never the default
+            dev=True,
             mqtt=MqttSettings(
                 port=broker.port, password=SecretStr(agg_password), client_id="cwg-demo"
             ),

@@ -62,7 +62,6 @@ __all__ = [
     "PasswordChecker",
     "RefusalPause",
     "create_account",
-    "dev_mode",
     "main_accounts",
     "verify_login",
 ]
@@ -126,10 +125,6 @@ class Level(StrEnum):
 
 # Digits of the grid code each area level fixes (see aggregator.grids).
 SCOPE_LENGTH = {Level.COUNTY: 6, Level.STREET: 9, Level.COMMUNITY: 12}
-
-
-def dev_mode() -> bool:
-    return os.environ.get(DEV_ENV, "") == "1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,11 +335,12 @@ class AuthStore:
             self._db.execute("DELETE FROM operator_tokens WHERE username=?", (username,))
         return password
 
-    def ensure_dev_admin(self) -> str | None:
-        """In development mode only: create ``admin``/``admin`` if no account exists yet.
+    def ensure_dev_admin(self, dev: bool) -> str | None:
+        """In development mode only (``Settings.dev``): create ``admin``/``admin`` if no
+        account exists yet.
 
         Returns a line to print, or None when nothing was created."""
-        if not dev_mode():
+        if not dev:
             return None
         with self._lock:
             count = self._db.execute("SELECT count(*) FROM operators").fetchone()[0]
@@ -662,10 +658,17 @@ def _parser() -> argparse.ArgumentParser:
         description="Operator accounts of the dashboard and API: one person, one account.",
     )
     p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="the aggregator's data directory, as given to `gateway run` (default: "
+        "$CWG_DATA_DIR, else ./var)",
+    )
+    p.add_argument(
         "--pool",
         type=Path,
         default=None,
-        help="pool file (default: the aggregator's, from CWG_DATA_DIR / CWG_POOL_PATH)",
+        help="pool file (default: pool.db in the data directory, or $CWG_POOL_PATH)",
     )
     sub = p.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add", help="create an account; prints its password once")
@@ -686,16 +689,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _default_pool() -> Path:
+def _default_pool(data_dir: Path | None) -> Path:
+    """The pool every gateway command uses: CWG_POOL_PATH, else pool.db under the data
+    directory (--data-dir, else CWG_DATA_DIR, else ./var)."""
     from aggregator.config import Settings
 
-    return Settings().pool
+    return (Settings() if data_dir is None else Settings(data_dir=data_dir)).pool
 
 
 def main_accounts(argv: Sequence[str] | None = None) -> int:
     """``gateway accounts …``; returns the exit status."""
     args = _parser().parse_args(argv)
-    pool: Path = args.pool or _default_pool()
+    pool: Path = args.pool or _default_pool(args.data_dir)
+    # say which pool: an account made in another one is one the running gateway never sees
+    print(f"pool: {pool}", file=sys.stderr)
     store = AuthStore(pool)
     try:
         if args.command == "add":

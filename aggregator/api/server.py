@@ -32,6 +32,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from multiprocessing.sharedctypes import Synchronized
 from types import TracebackType
 from typing import Any, Self
@@ -41,7 +42,7 @@ from argon2 import PasswordHasher
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import start_http_server
 
-from aggregator.access.auth import AuthStore, dev_mode
+from aggregator.access.auth import AuthStore
 from aggregator.config import Settings
 from aggregator.errors import AggregatorError
 from aggregator.fanout.timeseries import TimeSeriesSettings, TimeSeriesSink
@@ -103,13 +104,17 @@ class Service:
         sinks: list[BatchSink] = [self.timeseries] if self.timeseries is not None else []
         self.aggregator: Aggregator = build_aggregator(settings, sinks=sinks)
         # Accounts are made here (tests, the dev admin); the API process opens its own store.
-        self.auth = AuthStore(settings.pool, hasher=password_hasher)
-        self.dev_notice = self.auth.ensure_dev_admin()
+        self.auth = AuthStore(
+            settings.pool,
+            hasher=password_hasher,
+            token_ttl=timedelta(seconds=settings.access.token_ttl_s),
+        )
+        self.dev_notice = self.auth.ensure_dev_admin(settings.dev)
         if not self.auth.accounts():
             log.warning(
                 "no operator account exists: nobody can log in to the dashboard. Create one "
                 "with `gateway accounts add <username> --level admin`%s",
-                "" if dev_mode() else " (or run the demo with CWG_DEV=1)",
+                "" if settings.dev else " (or run the demo with CWG_DEV=1)",
             )
         self._requested_port = port
         self._stream_queue = stream_queue
@@ -347,7 +352,11 @@ def api_process_main(
         clients.value = n
 
     hub.on_clients = count
-    auth = AuthStore(settings.pool, hasher=options.password_hasher)
+    auth = AuthStore(
+        settings.pool,
+        hasher=options.password_hasher,
+        token_ttl=timedelta(seconds=settings.access.token_ttl_s),
+    )
     notices = NoticePublisher(settings)
     app = create_app(
         pool_path=settings.pool,

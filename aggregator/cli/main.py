@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sqlite3
 import sys
@@ -52,9 +51,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(os.environ.get("CWG_DATA_DIR", "var")),
-        help="where the registry, broker state, pool and snapshots live (default: ./var, "
-        "or $CWG_DATA_DIR)",
+        default=None,
+        help="where the registry, broker state, pool and snapshots live (default: "
+        "$CWG_DATA_DIR, else ./var)",
     )
 
 
@@ -127,12 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tsdb-url",
-        default=os.environ.get("CWG_TSDB_URL"),
-        help="InfluxDB v2 write API base URL for time series (InfluxDB 2.x/3.x, VictoriaMetrics); "
-        "token from $CWG_TSDB_TOKEN",
+        default=None,
+        help="InfluxDB v2 write API base URL for time series (InfluxDB 2.x/3.x, VictoriaMetrics; "
+        "default $CWG_TSDB_URL); token from $CWG_TSDB_TOKEN",
     )
-    p.add_argument("--tsdb-org", default=os.environ.get("CWG_TSDB_ORG", "cwg"))
-    p.add_argument("--tsdb-bucket", default=os.environ.get("CWG_TSDB_BUCKET", "cwg"))
+    p.add_argument("--tsdb-org", default=None, help="default $CWG_TSDB_ORG, else cwg")
+    p.add_argument("--tsdb-bucket", default=None, help="default $CWG_TSDB_BUCKET, else cwg")
 
     p = sub.add_parser("provision", help="register a device: credentials, ACL, its config file")
     _common(p)
@@ -215,6 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     handler = _COMMANDS[args.command]
+    if getattr(args, "data_dir", "") is None:
+        # every command finds the data directory, and the pool in it, as Settings does
+        from aggregator.config import Settings
+
+        args.data_dir = Settings().data_dir
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -378,15 +382,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         from aggregator.api.server import run_service
         from aggregator.fanout.timeseries import TimeSeriesSettings
 
-        token = os.environ.get("CWG_TSDB_TOKEN")
+        url = args.tsdb_url or settings.tsdb_url
         timeseries = (
             TimeSeriesSettings(
-                url=args.tsdb_url,
-                token=token,
-                org=args.tsdb_org,
-                bucket=args.tsdb_bucket,
+                url=url,
+                token=settings.tsdb_token,
+                org=args.tsdb_org or settings.tsdb_org,
+                bucket=args.tsdb_bucket or settings.tsdb_bucket,
             )
-            if args.tsdb_url
+            if url
             else None
         )
         return run_service(settings, args.http_host, args.http_port, timeseries=timeseries)

@@ -12,7 +12,6 @@ import pytest
 from argon2 import PasswordHasher
 
 from aggregator.access.auth import (
-    DEV_ENV,
     AccountError,
     AuthError,
     AuthStore,
@@ -156,21 +155,17 @@ def test_event_filter_selects_exactly_the_scope(tmp_path: Path) -> None:
     pool.close()
 
 
-def test_default_admin_only_in_development_mode(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv(DEV_ENV, raising=False)
+def test_default_admin_only_in_development_mode(tmp_path: Path) -> None:
     store = AuthStore(tmp_path / "pool.db", hasher=FAST)
-    assert store.ensure_dev_admin() is None
+    assert store.ensure_dev_admin(dev=False) is None
     assert store.accounts() == []
     with pytest.raises(AuthError):
         store.login("admin", "admin")
-    monkeypatch.setenv(DEV_ENV, "1")
-    message = store.ensure_dev_admin()
+    message = store.ensure_dev_admin(dev=True)
     assert message is not None
     assert "admin/admin" in message
     assert store.login("admin", "admin").operator.is_admin
-    assert store.ensure_dev_admin() is None  # once only
+    assert store.ensure_dev_admin(dev=True) is None  # once only
     store.close()
 
 
@@ -203,6 +198,26 @@ def test_cli_add_list_disable_enable_passwd(
     assert store.login("comm-a", new)
     assert main_accounts(["--pool", str(pool), "disable", "nobody"]) == 2
     store.close()
+
+
+def test_gateway_accounts_finds_the_pool_as_gateway_run_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``gateway accounts`` writes to the pool of the data directory the gateway runs with
+    (--data-dir, else CWG_DATA_DIR), never to a ./var of wherever it was typed."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CWG_DATA_DIR", raising=False)
+    monkeypatch.delenv("CWG_POOL_PATH", raising=False)
+    data = tmp_path / "data"
+    assert main_accounts(["--data-dir", str(data), "add", "ops-1", "--level", "admin"]) == 0
+    assert f"pool: {data / 'pool.db'}" in capsys.readouterr().err
+    monkeypatch.setenv("CWG_DATA_DIR", str(tmp_path / "env"))
+    assert main_accounts(["add", "ops-2", "--level", "admin"]) == 0
+    assert not (tmp_path / "var").exists()
+    for folder, name in ((data, "ops-1"), (tmp_path / "env", "ops-2")):
+        store = AuthStore(folder / "pool.db", hasher=FAST)
+        assert [op.username for op in store.accounts()] == [name]
+        store.close()
 
 
 def test_create_account_function(tmp_path: Path) -> None:
