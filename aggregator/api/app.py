@@ -44,7 +44,7 @@ from aggregator.config import AccessSettings
 from aggregator.grids import GridIndex
 from aggregator.metrics import Metrics
 from aggregator.pool import queries
-from aggregator.pool.snapshots import SnapshotStore
+from aggregator.pool.port import SnapshotStorage
 from aggregator.pool.sqlite import LifecycleWriter
 from aggregator.stream import StreamHub
 from contract import Catalogue, EventNoticeV1
@@ -142,7 +142,7 @@ def create_app(
     pool_path: Path,
     catalogue: Catalogue,
     grids: GridIndex,
-    snapshots: SnapshotStore,
+    snapshots: SnapshotStorage,
     metrics: Metrics,
     hub: StreamHub,
     auth: AuthStore,

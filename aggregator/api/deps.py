@@ -23,8 +23,8 @@ from aggregator.access.auth import (
 from aggregator.api.models import Problem
 from aggregator.grids import GridIndex
 from aggregator.metrics import Metrics
-from aggregator.pool.snapshots import SnapshotStore
-from aggregator.pool.sqlite import LifecycleWriter, connect
+from aggregator.pool import queries
+from aggregator.pool.port import LifecycleSteps, SnapshotStorage
 from aggregator.stream import StreamHub
 from contract import Catalogue, EventNoticeV1
 
@@ -41,7 +41,7 @@ class Readers:
     def get(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = connect(self.path, readonly=True)
+            conn = queries.open_reader(self.path)
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
@@ -60,7 +60,7 @@ class ApiContext:
     pool_path: Path
     catalogue: Catalogue
     grids: GridIndex
-    snapshots: SnapshotStore
+    snapshots: SnapshotStorage
     metrics: Metrics
     hub: StreamHub
     auth: AuthStore
@@ -69,7 +69,7 @@ class ApiContext:
     readers: Readers
     # Lifecycle writes go through a writer connection of the API's own: the ingest writer's
     # connection is busy inside its batch transactions on another thread.
-    writer: LifecycleWriter
+    writer: LifecycleSteps
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     grid_features: list[dict[str, Any]] = field(default_factory=list)
     limiter: LoginLimiter = field(default_factory=LoginLimiter)

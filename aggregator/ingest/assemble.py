@@ -19,7 +19,7 @@ from pydantic_core import from_json
 from aggregator.grids import Grid, GridIndex
 from aggregator.ingest.decode import DecodeLimits, Rejection, decode_alert, number_problem
 from aggregator.pool.model import AlertIn, Batch, DeadLetterIn, OutOfAreaIn, StatusIn
-from aggregator.pool.snapshots import SnapshotStore
+from aggregator.pool.port import SnapshotStorage
 from contract import (
     AlertV1,
     Catalogue,
@@ -169,7 +169,7 @@ class Pipeline:
         topics: Topics,
         catalogue: Catalogue,
         grids: GridIndex,
-        snapshots: SnapshotStore,
+        snapshots: SnapshotStorage,
         limits: DecodeLimits,
     ) -> None:
         self.topics = topics
