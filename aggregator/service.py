@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from aggregator.config import Settings
+from aggregator.fanout.metrics import Metrics
 from aggregator.gctune import tune_gc
 from aggregator.grids import GridIndex, default_grid_file
 from aggregator.ingest.assemble import Pipeline
 from aggregator.ingest.decode import DecodeLimits
 from aggregator.ingest.worker import BatchSink, MqttIngest
-from aggregator.metrics import Metrics
 from aggregator.pool.snapshots import SnapshotStore
 from aggregator.pool.sqlite import EventPool
 from contract import Catalogue, Topics, load_catalogue

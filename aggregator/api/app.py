@@ -41,12 +41,12 @@ from aggregator.api.deps import (
 )
 from aggregator.api.models import Health, OperatorOut, Problem, Ready, TokenOut, TokenRequest
 from aggregator.config import AccessSettings
+from aggregator.fanout.metrics import Metrics
+from aggregator.fanout.stream import StreamHub
 from aggregator.grids import GridIndex
-from aggregator.metrics import Metrics
 from aggregator.pool import queries
 from aggregator.pool.port import SnapshotStorage
 from aggregator.pool.sqlite import LifecycleWriter
-from aggregator.stream import StreamHub
 from contract import Catalogue, EventNoticeV1
 
 __all__ = ["SECURITY_HEADERS", "WEB_ROOT", "RedactSecrets", "create_app", "redact"]

@@ -21,11 +21,11 @@ from aggregator.access.auth import (
     RefusalPause,
 )
 from aggregator.api.models import Problem
+from aggregator.fanout.metrics import Metrics
+from aggregator.fanout.stream import StreamHub
 from aggregator.grids import GridIndex
-from aggregator.metrics import Metrics
 from aggregator.pool import queries
 from aggregator.pool.port import LifecycleSteps, SnapshotStorage
-from aggregator.stream import StreamHub
 from contract import Catalogue, EventNoticeV1
 
 

@@ -32,7 +32,7 @@ from aggregator.access.auth import AuthError, Operator
 from aggregator.api.deps import AUTH_RESPONSES, ApiContext, Ctx, bearer_token
 from aggregator.api.events import GRID_PREFIX
 from aggregator.api.models import Problem
-from aggregator.stream import (
+from aggregator.fanout.stream import (
     DROPPED_CLOSE_CODE,
     DROPPED_MESSAGE,
     StreamClient,

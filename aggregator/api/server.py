@@ -5,7 +5,7 @@ does runs in its interpreter: uvicorn, the FastAPI app and the live stream's fan
 child process (``multiprocessing`` spawn) that reads the pool file (SQLite WAL: readers never
 wait for the writer) and writes only operators' lifecycle steps and logins, through the pool's
 own locking, as a second replica would. The live stream is fed from the pool, not from the
-writer's batch callback (``aggregator/stream.py``), so the writer does no work per watcher and an
+writer's batch callback (``fanout/stream.py``), so the writer does no work per watcher and an
 operator on any replica's API sees every replica's events. The child publishes operators'
 steps on the events topic with an MQTT client of its own (``<client_id>-api``, clean session);
 its ``/readyz`` is that connection and the pool. Ingest's own Prometheus metrics are served on a
@@ -324,10 +324,10 @@ def api_process_main(
     import uvicorn
 
     from aggregator.api.app import create_app
+    from aggregator.fanout.metrics import ScrapedMetrics
+    from aggregator.fanout.stream import StreamHub
     from aggregator.grids import GridIndex, default_grid_file
-    from aggregator.metrics import ScrapedMetrics
     from aggregator.pool.snapshots import SnapshotStore
-    from aggregator.stream import StreamHub
     from contract import load_catalogue
 
     logging.basicConfig(

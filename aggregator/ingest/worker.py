@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aggregator.config import BatchSettings, DeadLetterSettings, MqttSettings, NoticeSettings
+from aggregator.fanout.metrics import Metrics
 from aggregator.ingest.assemble import (
     Assembled,
     Inbound,
@@ -38,7 +39,6 @@ from aggregator.ingest.assemble import (
 )
 from aggregator.ingest.decode import best_effort_ids
 from aggregator.ingest.transport import Outgoing, Transport, make_transport
-from aggregator.metrics import Metrics
 from aggregator.pool.model import BatchResult, DeadLetterIn, Notice
 from aggregator.pool.queries import event_summaries
 from aggregator.pool.sqlite import EventPool

@@ -6,7 +6,8 @@ schema the PostgreSQL pool mirrors column for column."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -494,3 +495,60 @@ def commit_span(conn: sqlite3.Connection, like: str | None = None) -> tuple[floa
     if row is None or row[0] is None:
         return None
     return float(row[0]), float(row[1])
+
+
+# ---------------------------------------------------------------------------- the live feed
+
+
+@contextmanager
+def snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """One read transaction: every question asked inside sees the same pool."""
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
+
+
+def feed_marks(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(the newest change number, the newest event id): where a feed begins."""
+    row = conn.execute(
+        "SELECT COALESCE(MAX(change_seq), 0), COALESCE(MAX(id), 0) FROM events"
+    ).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def last_alert_rowid(conn: sqlite3.Connection) -> int:
+    """The arrival number of the newest pooled alert."""
+    return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM alerts").fetchone()[0])
+
+
+def changed_events(conn: sqlite3.Connection, after_seq: int, limit: int) -> list[tuple[int, int]]:
+    """(event id, change number) of the events changed after ``after_seq``, in change order."""
+    return [
+        (int(r[0]), int(r[1]))
+        for r in conn.execute(
+            "SELECT id, change_seq FROM events WHERE change_seq > ? ORDER BY change_seq LIMIT ?",
+            (after_seq, limit),
+        )
+    ]
+
+
+def alerts_after(conn: sqlite3.Connection, rowid: int, limit: int) -> list[sqlite3.Row]:
+    """Alerts pooled after arrival number ``rowid``, in arrival order: (id, alert_id,
+    device_id, seq, outcome, event_id, type, severity, grid_code, lat, lon, received_at)."""
+    return conn.execute(
+        "SELECT id, alert_id, device_id, seq, outcome, event_id, type, severity, grid_code,"
+        " lat, lon, received_at FROM alerts WHERE id > ? ORDER BY id LIMIT ?",
+        (rowid, limit),
+    ).fetchall()
+
+
+def out_of_area_after(conn: sqlite3.Connection, at: float, limit: int) -> list[sqlite3.Row]:
+    """Out-of-area alerts received after ``at``: (alert_id, device_id, type, lat, lon,
+    received_at), oldest first."""
+    return conn.execute(
+        "SELECT alert_id, device_id, type, lat, lon, received_at FROM out_of_area"
+        " WHERE received_at > ? ORDER BY received_at LIMIT ?",
+        (at, limit),
+    ).fetchall()

@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from aggregator.api.server import Service
-from aggregator.stream import FRAME_CHARS, ClientQueue, frame
+from aggregator.fanout.stream import FRAME_CHARS, ClientQueue, frame
 
 from .conftest import grid_in_community, interior, make_alert, offset, wait_until
 from .operator_support import (

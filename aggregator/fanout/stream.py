@@ -54,9 +54,8 @@ from typing import Any
 import orjson
 
 from aggregator.access.auth import Operator
+from aggregator.pool import queries
 from aggregator.pool.model import Notice, iso
-from aggregator.pool.queries import event_summaries
-from aggregator.pool.sqlite import connect
 from contract import Catalogue, EventNoticeV1, EventStatus, Outcome, Severity, utcnow
 
 __all__ = [
@@ -227,23 +226,19 @@ class _PoolFeed:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            self._db = connect(self.path, readonly=True)
+            self._db = queries.open_reader(self.path)
         return self._db
 
     def start(self) -> None:
         """Begin at the pool's present: clients see what happens from now on."""
         db = self._conn()
-        row = db.execute(
-            "SELECT COALESCE(MAX(change_seq), 0), COALESCE(MAX(id), 0) FROM events"
-        ).fetchone()
-        self.change_seq, self.max_event_id = int(row[0]), int(row[1])
+        self.change_seq, self.max_event_id = queries.feed_marks(db)
         self._mark_alerts(db)
 
     def _mark_alerts(self, db: sqlite3.Connection) -> None:
         # Where raw alerts begin for a client that asks for them later. Out-of-area rows have
         # no arrival order but their receipt time, and no index on it: the clock stands in.
-        row = db.execute("SELECT COALESCE(MAX(id), 0) FROM alerts").fetchone()
-        self.alert_rowid = int(row[0])
+        self.alert_rowid = queries.last_alert_rowid(db)
         self.out_of_area_at = time.time()
 
     def close(self) -> None:
@@ -253,29 +248,23 @@ class _PoolFeed:
 
     def look(self, want_alerts: bool) -> tuple[list[tuple[str, EventNoticeV1]], list[_Item]]:
         db = self._conn()
-        db.execute("BEGIN")  # one snapshot for the whole look
-        try:
+        with queries.snapshot(db):  # one snapshot for the whole look
             events = self._events(db)
             if want_alerts:
                 alerts = self._alerts(db)
             else:
                 alerts = []
                 self._mark_alerts(db)
-        finally:
-            db.execute("COMMIT")
         return events, alerts
 
     def _events(self, db: sqlite3.Connection) -> list[tuple[str, EventNoticeV1]]:
-        rows = db.execute(
-            "SELECT id, change_seq FROM events WHERE change_seq > ? ORDER BY change_seq LIMIT ?",
-            (self.change_seq, _POLL_EVENTS),
-        ).fetchall()
+        rows = queries.changed_events(db, self.change_seq, _POLL_EVENTS)
         if not rows:
             return []
-        self.change_seq = max(int(r[1]) for r in rows)
+        self.change_seq = max(r[1] for r in rows)
         at = utcnow()
         out = []
-        for summary in event_summaries(db, [int(r[0]) for r in rows], self.catalogue):
+        for summary in queries.event_summaries(db, [r[0] for r in rows], self.catalogue):
             if summary.status is EventStatus.CLOSED:
                 change = "closed"
             elif summary.event_id > self.max_event_id:
@@ -283,17 +272,13 @@ class _PoolFeed:
             else:
                 change = "updated"
             out.append((change, EventNoticeV1(change=change, event=summary, at=at)))
-        self.max_event_id = max(self.max_event_id, *(int(r[0]) for r in rows))
+        self.max_event_id = max(self.max_event_id, *(r[0] for r in rows))
         return out
 
     def _alerts(self, db: sqlite3.Connection) -> list[_Item]:
         out: list[_Item] = []
         types = self.catalogue.types
-        for r in db.execute(
-            "SELECT id, alert_id, device_id, seq, outcome, event_id, type, severity, grid_code,"
-            " lat, lon, received_at FROM alerts WHERE id > ? ORDER BY id LIMIT ?",
-            (self.alert_rowid, _POLL_ALERTS),
-        ):
+        for r in queries.alerts_after(db, self.alert_rowid, _POLL_ALERTS):
             self.alert_rowid = int(r[0])
             wt = types.get(r[6])
             department = wt.department if wt else None
@@ -323,11 +308,7 @@ class _PoolFeed:
                     ("alert", r[1]),
                 )
             )
-        for r in db.execute(
-            "SELECT alert_id, device_id, type, lat, lon, received_at FROM out_of_area"
-            " WHERE received_at > ? ORDER BY received_at LIMIT ?",
-            (self.out_of_area_at, _POLL_ALERTS),
-        ):
+        for r in queries.out_of_area_after(db, self.out_of_area_at, _POLL_ALERTS):
             self.out_of_area_at = float(r[5])
             body = {
                 "kind": "alert",
