@@ -1,6 +1,8 @@
 """The live stream over WebSocket (``/api/v1/stream``) and Server-Sent Events
 (``/api/v1/stream/sse``); the filters (``grid``, ``type``, ``severity``, ``kind``) apply on
-the server, always inside the operator's own scope.
+the server, always inside the operator's own scope. Each WebSocket message or SSE event is one
+frame: a lone item, or ``{"kind": "batch", "items": [...]}`` with all that was due for the
+client at once (``aggregator/fanout/stream.py`` describes the items).
 
 A token never travels in a URL, where access logs, proxies and browser history keep it. The
 WebSocket authenticates with its first message, ``{"token": "…"}``, within
@@ -214,7 +216,7 @@ async def _deny(websocket: WebSocket, code: int, detail: str) -> None:
         400: {"model": Problem, "description": "bad filter"},
         200: {"content": {"text/event-stream": {}}, "description": "the live stream"},
     },
-    summary="The live stream as Server-Sent Events (same messages as the WebSocket)",
+    summary="The live stream as Server-Sent Events (the WebSocket's frames, one per event)",
 )
 async def stream_sse(
     request: Request,
