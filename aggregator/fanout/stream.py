@@ -8,8 +8,12 @@ client asked for them (``alerts=1``), the alerts and out-of-area rows committed 
 operator's own lifecycle step is also offered at once (``publish_notice``); the poll does not
 repeat it.
 
-Pacing. An event's ``created`` and ``closed`` go out at once; its updates at most once per
-``update_interval`` (1 s, as the events topic), each carrying the latest state. Each client has
+Pacing. An event's ``created`` goes out at once; any later change at most once per
+``update_interval`` (1 s, as the events topic), carrying the latest state. An event that changed
+before its turn is read from the pool only when its turn comes: the summaries are most of a
+look's cost, and most changes of a busy event would be replaced unread. So a ``closed`` made
+through another process (a replica's API) can wait out the rest of its event's interval; one
+made through this process goes at once (``publish_notice``). Each client has
 a queue of *distinct* pending items: a queued update of an event that changes again is replaced
 in place, not appended, so a client that keeps reading never falls behind however fast ingest
 runs. A client is dropped only when it stops reading — items wait and it has taken none for
@@ -246,10 +250,11 @@ class _PoolFeed:
             self._db.close()
             self._db = None
 
-    def look(self, want_alerts: bool) -> tuple[list[tuple[str, EventNoticeV1]], list[_Item]]:
+    def look(self, want_alerts: bool) -> tuple[list[tuple[int, bool]], list[_Item]]:
+        """The events changed since the last look, as (id, new?), and any raw alerts."""
         db = self._conn()
         with queries.snapshot(db):  # one snapshot for the whole look
-            events = self._events(db)
+            events = self._changed(db)
             if want_alerts:
                 alerts = self._alerts(db)
             else:
@@ -257,22 +262,33 @@ class _PoolFeed:
                 self._mark_alerts(db)
         return events, alerts
 
-    def _events(self, db: sqlite3.Connection) -> list[tuple[str, EventNoticeV1]]:
+    def _changed(self, db: sqlite3.Connection) -> list[tuple[int, bool]]:
         rows = queries.changed_events(db, self.change_seq, _POLL_EVENTS)
         if not rows:
             return []
         self.change_seq = max(r[1] for r in rows)
+        out = [(eid, eid > self.max_event_id) for eid, _ in rows]
+        self.max_event_id = max(self.max_event_id, *(r[0] for r in rows))
+        return out
+
+    def notices(self, due: dict[int, bool]) -> list[EventNoticeV1]:
+        """The notices of the events due now (id → new?), with their state as of now. Summaries
+        are most of a look's cost: only events whose turn it is are read."""
+        if not due:
+            return []
+        db = self._conn()
         at = utcnow()
         out = []
-        for summary in queries.event_summaries(db, [r[0] for r in rows], self.catalogue):
+        with queries.snapshot(db):
+            summaries = queries.event_summaries(db, list(due), self.catalogue)
+        for summary in summaries:
             if summary.status is EventStatus.CLOSED:
                 change = "closed"
-            elif summary.event_id > self.max_event_id:
+            elif due.get(summary.event_id):
                 change = "created"
             else:
                 change = "updated"
-            out.append((change, EventNoticeV1(change=change, event=summary, at=at)))
-        self.max_event_id = max(self.max_event_id, *(r[0] for r in rows))
+            out.append(EventNoticeV1(change=change, event=summary, at=at))
         return out
 
     def _alerts(self, db: sqlite3.Connection) -> list[_Item]:
@@ -352,7 +368,7 @@ class StreamHub:
         self._ids = itertools.count(1)
         # per event: when its last update went out, and the update waiting for its turn
         self._sent_at: dict[int, float] = {}
-        self._held: dict[int, _Item] = {}
+        self._held: dict[int, None] = {}  # (ordered set) changed, waiting for their turn
         # operators' steps already offered by publish_notice: the poll does not repeat them
         self._offered: dict[int, str] = {}
         self.dropped_clients = 0
@@ -420,28 +436,46 @@ class StreamHub:
     async def _step(self) -> None:
         """One look at the pool: pace the event changes, offer them and any raw alerts."""
         want_alerts = any("alert" in c.filter.kinds for c in self._clients)
-        events, alerts = await asyncio.to_thread(self._feed.look, want_alerts)
+        changed, alerts = await asyncio.to_thread(self._feed.look, want_alerts)
+        now = time.monotonic()
+        # A new event goes at once, a change once its interval has passed; the others wait,
+        # unread, for their turn, and then go with their latest state. An operator's step
+        # offered here already is read to tell whether anything else changed.
+        due: dict[int, bool] = {}
+        for eid, new in changed:
+            if (
+                new
+                or eid in self._offered
+                or now - self._sent_at.get(eid, 0.0) >= self.update_interval
+            ):
+                due[eid] = new
+            else:
+                self._held[eid] = None
+        for eid in [
+            e for e in self._held if now - self._sent_at.get(e, 0.0) >= self.update_interval
+        ]:
+            due.setdefault(eid, False)
+        for eid in due:
+            self._held.pop(eid, None)  # read now (one that is gone from the pool is let go)
+        notices = await asyncio.to_thread(self._feed.notices, due) if due else []
+        # Sent as of now, after the read (which a busy process can take long over): the next
+        # turn is counted from when this state actually goes out.
         now = time.monotonic()
         items: list[_Item] = []
-        for change, notice in events:
+        for notice in notices:
             eid = notice.event.event_id
             offered = self._offered.pop(eid, None)
-            if offered is not None and offered == notice.event.model_dump_json():
-                continue  # an operator's step, already offered as it happened
-            item = self._event_item(Notice.of(notice))
-            # created and closed at once; an update once its interval has passed
-            due = now - self._sent_at.get(eid, 0.0) >= self.update_interval
-            if change != "updated" or due:
-                self._held.pop(eid, None)
-                self._sent_at[eid] = now
-                items.append(item)
-            else:
-                self._held[eid] = item  # replaces the one that waited
-        for eid in [
-            e for e, _ in self._held.items() if now - self._sent_at[e] >= self.update_interval
-        ]:
-            items.append(self._held.pop(eid))
+            if offered is not None:
+                if offered == notice.event.model_dump_json():
+                    continue  # an operator's step, already offered as it happened
+                if (
+                    notice.change == "updated"
+                    and now - self._sent_at.get(eid, 0.0) < self.update_interval
+                ):
+                    self._held[eid] = None
+                    continue
             self._sent_at[eid] = now
+            items.append(self._event_item(Notice.of(notice)))
         if len(self._sent_at) > 100_000:  # an entry older than the interval means nothing
             horizon = now - self.update_interval
             self._sent_at = {
