@@ -747,9 +747,10 @@ class RawConnection:
             if not data:
                 raise LoadError(f"{self.name}: the broker closed the connection")
             self.inbuf += data
-            # TLS returns a record at a time; what it has decrypted already is invisible to
-            # select(), so it is read now.
-            if len(data) < _RECV_CHUNK and not (self.tls and self.sock.pending()):
+            # A short plain read emptied the socket. TLS returns one record per call, and the
+            # broker sends a record per PUBACK: reading on until it would block, not one
+            # record per turn, which held a TLS connection to ~200 PUBACKs a second.
+            if len(data) < _RECV_CHUNK and not self.tls:
                 break
         self._parse()
 
