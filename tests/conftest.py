@@ -15,6 +15,7 @@ can provision devices on the running broker, stop/kill/restart it, and open clie
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -372,9 +373,12 @@ class BrokerHandle:
         self.broker.restart()
 
     def close(self) -> None:
-        for client in self._clients:
-            client.disconnect()
-        self.broker.stop()
+        try:
+            for client in self._clients:
+                with contextlib.suppress(Exception):  # a refused client must not keep the broker
+                    client.disconnect()
+        finally:
+            self.broker.stop()
 
 
 BrokerFactory = Callable[..., BrokerHandle]
