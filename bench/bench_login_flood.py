@@ -1,7 +1,7 @@
 """Ingest latency while clients flood the operator login, as a ratio to none in the same run.
 
 Starts Mosquitto (``simulators.stack.GatewayStack``) and the whole service (aggregator and the
-API with the real argon2 cost, ``aggregator.api.server.Service``) under a temporary directory,
+API with the real argon2 cost, ``aggregator.service.Service``) under a temporary directory,
 then alternates load runs without and with ``--flooders`` clients posting wrong passwords to
 ``/api/v1/auth/token`` as fast as they are answered, and prints ingest p50/p99 of each and the
 p99 ratio (flood / none; target ≤ 1.20).
@@ -31,9 +31,9 @@ import httpx
 from pydantic import SecretStr
 
 from aggregator.access.auth import Level
-from aggregator.api.server import Service
 from aggregator.broker.registry import AccountRole
 from aggregator.config import AccessSettings, MqttSettings, Settings
+from aggregator.service import Service
 from simulators.loadgen import LoadConfig, loop_seconds, machine_description, run_load
 from simulators.stack import GatewayStack
 

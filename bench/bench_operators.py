@@ -40,11 +40,11 @@ from argon2 import PasswordHasher
 from pydantic import SecretStr
 
 from aggregator.access.auth import Level
-from aggregator.api.server import Service
 from aggregator.broker.launcher import BrokerSettings, MosquittoBroker
 from aggregator.broker.registry import AccountRole, DeviceRegistry
 from aggregator.config import HttpSettings, MqttSettings, Settings
 from aggregator.grids import GridIndex, default_grid_file
+from aggregator.service import Service
 from simulators.loadgen import LoadConfig, LoadReport, loop_seconds, machine_description, run_load
 from simulators.stack import CredentialsDir
 

@@ -23,12 +23,12 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
-from aggregator.api.server import Service
 from aggregator.broker.launcher import BrokerSettings, MosquittoBroker
 from aggregator.broker.registry import AccountRole, DeviceRegistry
 from aggregator.cli.tables import render_events
 from aggregator.config import MqttSettings, Settings
 from aggregator.pool import queries
+from aggregator.service import Service
 from simulators.fleet import Fleet, FleetConfig
 from simulators.stack import CredentialsDir
 

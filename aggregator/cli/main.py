@@ -379,8 +379,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         settings = settings.model_copy(update={"http": http})
     if args.http_port:
-        from aggregator.api.server import run_service
         from aggregator.fanout.timeseries import TimeSeriesSettings
+        from aggregator.service import run_service
 
         url = args.tsdb_url or settings.tsdb_url
         timeseries = (

@@ -13,8 +13,8 @@ import httpx
 from argon2 import PasswordHasher
 
 from aggregator.access.auth import Level
-from aggregator.api.server import Service
 from aggregator.fanout.timeseries import TimeSeriesSettings
+from aggregator.service import Service
 from contract import AlertV1
 
 from .conftest import GRIDS, aggregator_settings, wait_until

@@ -22,10 +22,10 @@ from pydantic import SecretStr
 
 from aggregator.access.auth import LimiterPolicy, LoginLimiter, LoginThrottledError
 from aggregator.api.app import SECURITY_HEADERS, RedactSecrets, redact
-from aggregator.api.server import Service
 from aggregator.config import AccessSettings
 from aggregator.pool.snapshots import SnapshotStore
 from aggregator.pool.sqlite import EventPool
+from aggregator.service import Service
 from contract import load_catalogue
 
 from .conftest import aggregator_settings, grid_in_community, interior, jpeg, make_alert

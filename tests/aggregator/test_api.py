@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from aggregator.api.server import Service
 from aggregator.broker.launcher import free_port
+from aggregator.service import Service
 from contract import DeviceState, Health, StatusV1
 
 from .conftest import grid_in_community, interior, jpeg, make_alert, offset, wait_until
@@ -478,7 +478,7 @@ def test_run_service_serves_and_stops_cleanly_on_sigterm(broker: Any, tmp_path: 
     }
     code = (
         "import sys\n"
-        "from aggregator.api.server import run_service\n"
+        "from aggregator.service import run_service\n"
         "from aggregator.config import Settings\n"
         "sys.exit(run_service(Settings(), port=int(sys.argv[1]), log_level='warning'))\n"
     )

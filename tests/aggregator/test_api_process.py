@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from aggregator.api.server import Service
+from aggregator.service import Service
 
 from .conftest import grid_in_community, interior, make_alert, wait_until
 from .operator_support import Api, publish, running_service

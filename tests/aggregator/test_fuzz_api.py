@@ -20,9 +20,9 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from aggregator.api.server import Service
 from aggregator.broker.launcher import BrokerSettings, MosquittoBroker
 from aggregator.broker.registry import AccountRole, DeviceKind, DeviceRegistry
+from aggregator.service import Service
 from tests.conftest import Account, BrokerHandle
 
 from .conftest import grid_in_community, interior, jpeg, make_alert, wait_until

@@ -15,9 +15,9 @@ import pytest
 from websockets.sync.client import connect
 
 from aggregator.access.auth import Level
-from aggregator.api.server import Service
 from aggregator.broker import devca
 from aggregator.config import HttpSettings
+from aggregator.service import Service
 
 from .conftest import aggregator_settings, grid_in_community, interior, make_alert, wait_until
 from .operator_support import FAST_HASHER, PASSWORD, publish

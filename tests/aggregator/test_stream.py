@@ -14,8 +14,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from aggregator.api.server import Service
 from aggregator.fanout.stream import FRAME_CHARS, ClientQueue, frame
+from aggregator.service import Service
 
 from .conftest import grid_in_community, interior, make_alert, offset, wait_until
 from .operator_support import (

@@ -18,8 +18,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from aggregator.access.auth import Level
-from aggregator.api.server import Service
 from aggregator.config import HttpSettings
+from aggregator.service import Service
 from simulators.loadgen import LoadConfig, run_load
 from simulators.stack import CredentialsDir
 

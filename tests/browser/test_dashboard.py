@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
-from aggregator.api.server import Service
+from aggregator.service import Service
 from contract import DeviceState, Health, StatusV1
 from tests.aggregator.conftest import (
     aggregator_settings,

@@ -14,8 +14,8 @@ import pytest
 from playwright.sync_api import Browser, Route, expect, sync_playwright
 
 from aggregator.access.auth import Level
-from aggregator.api.server import Service
 from aggregator.config import HttpSettings
+from aggregator.service import Service
 from tests.aggregator.conftest import (
     aggregator_settings,
     grid_in_community,
