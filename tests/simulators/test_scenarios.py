@@ -159,7 +159,8 @@ def test_cli_against_a_running_gateway(
     creds = tmp_path / "devices"
     args = [
         "scenario",
-        "--broker", f"{gateway_stack.host}:{gateway_stack.port}",
+        # devices go to the device listener (TLS, verified with the CA provisioning hands out)
+        "--broker", f"{gateway_stack.host}:{gateway_stack.device_endpoint.port}",
         "--credentials", str(creds),
         "--registry", str(gateway_stack.registry_path),
         "--broker-state", str(gateway_stack.broker_settings.state_dir),
