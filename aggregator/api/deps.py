@@ -20,7 +20,8 @@ from aggregator.access.auth import (
     PasswordChecker,
     RefusalPause,
 )
-from aggregator.api.models import Problem
+from aggregator.api.cache import MicroCache
+from aggregator.api.models import EventPage, Problem
 from aggregator.fanout.metrics import Metrics
 from aggregator.fanout.stream import StreamHub
 from aggregator.grids import GridIndex
@@ -77,6 +78,9 @@ class ApiContext:
     refusal_pause: RefusalPause = field(default_factory=RefusalPause)
     # Besides an admin operator's token, this one may read /metrics (a scraper's own secret).
     metrics_token: str | None = None
+    # Event-list answers by (scope, normalized query), shared for up to a second by the many
+    # operators of one scope who poll the same list (aggregator/api/cache.py).
+    event_pages: MicroCache[EventPage] = field(default_factory=MicroCache)
 
 
 def get_ctx(request: Request) -> ApiContext:
