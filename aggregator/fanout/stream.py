@@ -60,7 +60,15 @@ import orjson
 from aggregator.access.auth import Operator
 from aggregator.pool import queries
 from aggregator.pool.model import Notice, iso
-from contract import Catalogue, EventNoticeV1, EventStatus, Outcome, Severity, utcnow
+from contract import (
+    Catalogue,
+    EventNoticeV1,
+    EventStatus,
+    EventSummary,
+    Outcome,
+    Severity,
+    utcnow,
+)
 
 __all__ = [
     "DROPPED_CLOSE_CODE",
@@ -271,24 +279,25 @@ class _PoolFeed:
         self.max_event_id = max(self.max_event_id, *(r[0] for r in rows))
         return out
 
-    def notices(self, due: dict[int, bool]) -> list[EventNoticeV1]:
-        """The notices of the events due now (id → new?), with their state as of now. Summaries
-        are most of a look's cost: only events whose turn it is are read."""
+    def notices(self, due: dict[int, bool]) -> list[tuple[Notice, dict[str, Any]]]:
+        """The notices of the events due now (id → new?), with their state as of now, each with
+        its summary as a JSON-ready dict. Summaries are most of a look's cost: only events whose
+        turn it is are read, and they are serialized without models (the same bytes)."""
         if not due:
             return []
         db = self._conn()
         at = utcnow()
         out = []
         with queries.snapshot(db):
-            summaries = queries.event_summaries(db, list(due), self.catalogue)
+            summaries = queries.event_summary_dicts(db, list(due), self.catalogue)
         for summary in summaries:
-            if summary.status is EventStatus.CLOSED:
+            if summary["status"] == EventStatus.CLOSED.value:
                 change = "closed"
-            elif due.get(summary.event_id):
+            elif due.get(summary["event_id"]):
                 change = "created"
             else:
                 change = "updated"
-            out.append(EventNoticeV1(change=change, event=summary, at=at))
+            out.append((Notice.of_summary(change, summary, at), summary))
         return out
 
     def _alerts(self, db: sqlite3.Connection) -> list[_Item]:
@@ -462,11 +471,12 @@ class StreamHub:
         # turn is counted from when this state actually goes out.
         now = time.monotonic()
         items: list[_Item] = []
-        for notice in notices:
-            eid = notice.event.event_id
+        for notice, summary in notices:
+            eid = notice.event_id
             offered = self._offered.pop(eid, None)
             if offered is not None:
-                if offered == notice.event.model_dump_json():
+                # (rare: an operator's step) compared as the model, as it was offered
+                if offered == EventSummary.model_validate(summary).model_dump_json():
                     continue  # an operator's step, already offered as it happened
                 if (
                     notice.change == "updated"
@@ -475,7 +485,7 @@ class StreamHub:
                     self._held[eid] = None
                     continue
             self._sent_at[eid] = now
-            items.append(self._event_item(Notice.of(notice)))
+            items.append(self._event_item(notice))
         if len(self._sent_at) > 100_000:  # an entry older than the interval means nothing
             horizon = now - self.update_interval
             self._sent_at = {

@@ -358,5 +358,37 @@ def summary_from_row(row: Row, device_ids: list[str], catalogue: Catalogue) -> E
     )
 
 
+def summary_dict_from_row(row: Row, device_ids: list[str], catalogue: Catalogue) -> dict[str, Any]:
+    """``summary_from_row`` as ``summary_dict``'s JSON-ready dict, built without models: the
+    live stream reads hundreds of summaries a second only to serialize them
+    (``event_notice_json`` of it equals the notice of ``summary_from_row``'s summary: tested)."""
+    wt = catalogue.types.get(row["type"])
+    out: dict[str, Any] = {
+        "event_id": row["id"],
+        "source": SOURCE,
+        "type": row["type"],
+        "type_zh": wt.zh if wt else row["type"],
+        "type_en": wt.en if wt else row["type"],
+        "severity": row["severity"],
+        "status": row["status"],
+        "department": row["department"],
+        "grid_code": row["grid_code"],
+        "grid_path": _grid_path(row["grid_path"]),
+        "location": {"lat": row["lat"], "lon": row["lon"]},
+        "description": row["description"],
+        "first_observed_at": _dt(row["first_observed_at"]),
+        "last_observed_at": _dt(row["last_observed_at"]),
+        "registered_at": _dt(row["registered_at"]),
+        "deadline_at": _dt(row["deadline_at"]),
+        "alert_count": row["alert_count"],
+        "device_ids": device_ids,
+    }
+    if row["snapshot_sha256"] is not None:
+        out["snapshot_sha256"] = row["snapshot_sha256"]
+    if row["recurrence_of"] is not None:
+        out["recurrence_of"] = row["recurrence_of"]
+    return out
+
+
 def _dt(value: float) -> datetime:
     return datetime.fromtimestamp(value, UTC)

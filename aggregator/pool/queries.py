@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.pool.handling import GroupBy, Handling, handling_stats
-from aggregator.pool.model import summary_from_row
+from aggregator.pool.model import summary_dict_from_row, summary_from_row
 from aggregator.pool.sqlite import connect
 from contract import Catalogue, EventSummary
 
@@ -36,6 +36,22 @@ def event_summaries(
             devices.setdefault(row[0], []).append(row[1])
         for row in db.execute(f"SELECT * FROM events WHERE id IN ({marks}) ORDER BY id", chunk):
             out.append(summary_from_row(row, devices.get(row["id"], []), catalogue))
+    return out
+
+
+def event_summary_dicts(
+    db: sqlite3.Connection, ids: Iterable[int], catalogue: Catalogue
+) -> list[dict[str, Any]]:
+    """``event_summaries`` as JSON-ready dicts (``summary_dict_from_row``), in id order: for
+    the live stream, which only serializes them."""
+    wanted = sorted(set(ids))
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        devices = devices_of(db, chunk)
+        marks = ",".join("?" * len(chunk))
+        for row in db.execute(f"SELECT * FROM events WHERE id IN ({marks}) ORDER BY id", chunk):
+            out.append(summary_dict_from_row(row, devices.get(row["id"], []), catalogue))
     return out
 
 
