@@ -83,7 +83,8 @@ class ApiContext:
     event_pages: MicroCache[EventPage] = field(default_factory=MicroCache)
 
 
-def get_ctx(request: Request) -> ApiContext:
+async def get_ctx(request: Request) -> ApiContext:
+    # async: an attribute read, not worth a hop to the thread pool on every request
     ctx: ApiContext = request.app.state.ctx
     return ctx
 
