@@ -152,6 +152,50 @@ class BatchResult:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceTally:
+    """What one committed batch adds to a device's row: both adapters upsert exactly this."""
+
+    device_id: str
+    last_seen: float
+    last_seq: int | None
+    alerts: int
+    rejected: int
+    out_of_area: int
+    lat: float | None
+    lon: float | None
+
+
+def device_tallies(batch: Batch, result: BatchResult) -> list[DeviceTally]:
+    """Per device seen in the batch: pooled alerts (not duplicates), new dead letters,
+    out-of-area messages, the highest pooled seq and the position of its latest alert."""
+    counts: dict[str, list[int]] = {}
+    last_seq: dict[str, int] = {}
+    for r in result.alerts:
+        if r.outcome is not Outcome.DUPLICATE:
+            counts.setdefault(r.device_id, [0, 0, 0])[0] += 1
+            last_seq[r.device_id] = max(last_seq.get(r.device_id, -1), r.seq)
+    for d in result.dead_letters:
+        if d.device_id and not d.duplicate:
+            counts.setdefault(d.device_id, [0, 0, 0])[1] += 1
+    for o in batch.out_of_area:
+        counts.setdefault(o.device_id, [0, 0, 0])[2] += 1
+    # A device's position is where its latest alert placed it (a camera: its own position or
+    # the object's; a sensor: where it is installed).
+    position: dict[str, tuple[float, float, float]] = {}
+    for a in batch.alerts:
+        if a.observed_at >= position.get(a.device_id, (0.0, 0.0, -1.0))[2]:
+            position[a.device_id] = (a.lat, a.lon, a.observed_at)
+    tallies = []
+    for device_id, seen in batch.seen.items():
+        c = counts.get(device_id, [0, 0, 0])
+        lat, lon = position[device_id][:2] if device_id in position else (None, None)
+        tallies.append(
+            DeviceTally(device_id, seen, last_seq.get(device_id), c[0], c[1], c[2], lat, lon)
+        )
+    return tallies
+
+
+@dataclass(frozen=True, slots=True)
 class Notice:
     """An event notice as published on the events topic (``payload``: EventNoticeV1 JSON),
     with what subscribers filter on."""

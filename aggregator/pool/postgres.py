@@ -62,6 +62,7 @@ from aggregator.pool.model import (
     DeadLetterIn,
     DeadLetterResult,
     OutOfAreaIn,
+    device_tallies,
     summary_dict,
 )
 from contract import Catalogue, EventStatus, Outcome, Severity
@@ -829,37 +830,19 @@ class PgEventPool:
 
     @staticmethod
     def _update_devices(cur: psycopg.Cursor[Any], batch: Batch, result: BatchResult) -> None:
-        counts: dict[str, list[int]] = {}
-        last_seq: dict[str, int] = {}
-        for r in result.alerts:
-            if r.outcome is not Outcome.DUPLICATE:
-                counts.setdefault(r.device_id, [0, 0, 0])[0] += 1
-                last_seq[r.device_id] = max(last_seq.get(r.device_id, -1), r.seq)
-        for d in result.dead_letters:
-            if d.device_id and not d.duplicate:
-                counts.setdefault(d.device_id, [0, 0, 0])[1] += 1
-        for o in batch.out_of_area:
-            counts.setdefault(o.device_id, [0, 0, 0])[2] += 1
-        position: dict[str, tuple[float, float, float]] = {}
-        for a in batch.alerts:
-            if a.observed_at >= position.get(a.device_id, (0.0, 0.0, -1.0))[2]:
-                position[a.device_id] = (a.lat, a.lon, a.observed_at)
-        records = []
-        for device_id, seen in batch.seen.items():
-            c = counts.get(device_id, [0, 0, 0])
-            lat, lon, _ = position.get(device_id, (None, None, None))
-            records.append(
-                {
-                    "device_id": _text(device_id),
-                    "last_seen": seen,
-                    "last_seq": last_seq.get(device_id),
-                    "alerts_total": c[0],
-                    "rejected_total": c[1],
-                    "out_of_area_total": c[2],
-                    "lat": lat,
-                    "lon": lon,
-                }
-            )
+        records = [
+            {
+                "device_id": _text(t.device_id),
+                "last_seen": t.last_seen,
+                "last_seq": t.last_seq,
+                "alerts_total": t.alerts,
+                "rejected_total": t.rejected,
+                "out_of_area_total": t.out_of_area,
+                "lat": t.lat,
+                "lon": t.lon,
+            }
+            for t in device_tallies(batch, result)
+        ]
         if records:
             cur.execute(_UPSERT_DEVICES, (_json(records),))
         if batch.statuses:

@@ -39,6 +39,7 @@ from aggregator.pool.model import (
     DeadLetterIn,
     DeadLetterResult,
     OutOfAreaIn,
+    device_tallies,
 )
 from contract import (
     Catalogue,
@@ -527,28 +528,19 @@ class EventPool:
 
     @staticmethod
     def _update_devices(db: sqlite3.Connection, batch: Batch, result: BatchResult) -> None:
-        counts: dict[str, list[int]] = {}
-        last_seq: dict[str, int] = {}
-        for r in result.alerts:
-            if r.outcome is not Outcome.DUPLICATE:
-                counts.setdefault(r.device_id, [0, 0, 0])[0] += 1
-                last_seq[r.device_id] = max(last_seq.get(r.device_id, -1), r.seq)
-        for d in result.dead_letters:
-            if d.device_id and not d.duplicate:
-                counts.setdefault(d.device_id, [0, 0, 0])[1] += 1
-        for o in batch.out_of_area:
-            counts.setdefault(o.device_id, [0, 0, 0])[2] += 1
-        # A device's position is where its latest alert placed it (a camera: its own position
-        # or the object's; a sensor: where it is installed).
-        position: dict[str, tuple[float, float, float]] = {}
-        for a in batch.alerts:
-            if a.observed_at >= position.get(a.device_id, (0.0, 0.0, -1.0))[2]:
-                position[a.device_id] = (a.lat, a.lon, a.observed_at)
-        rows = []
-        for device_id, seen in batch.seen.items():
-            c = counts.get(device_id, [0, 0, 0])
-            lat, lon, _ = position.get(device_id, (None, None, None))
-            rows.append((device_id, seen, last_seq.get(device_id), c[0], c[1], c[2], lat, lon))
+        rows = [
+            (
+                t.device_id,
+                t.last_seen,
+                t.last_seq,
+                t.alerts,
+                t.rejected,
+                t.out_of_area,
+                t.lat,
+                t.lon,
+            )
+            for t in device_tallies(batch, result)
+        ]
         db.executemany(
             "INSERT INTO devices(device_id, last_seen, last_seq, alerts_total, rejected_total,"
             " out_of_area_total, lat, lon) VALUES (?,?,?,?,?,?,?,?)"
