@@ -344,6 +344,41 @@ def _grid_path(grid_path: str) -> list[dict[str, str]]:
     return path
 
 
+def new_event_state(
+    catalogue: Catalogue,
+    a: AlertIn,
+    event_id: int,
+    now: float,
+    recurrence: int | None,
+    description: str | None,
+) -> EventState:
+    """The event an alert opens (registration, Longgang 7.1), as both adapters write it:
+    located where the alert placed it, with the type's department and handling deadline."""
+    wt = catalogue.types[a.type]
+    return EventState(
+        id=event_id,
+        type=a.type,
+        status=EventStatus.REGISTERED.value,
+        severity=a.severity,
+        department=wt.department,
+        grid_code=a.grid_code,
+        grid_path=a.grid_path,
+        lat=a.lat,
+        lon=a.lon,
+        address=a.address,
+        description=description or f"{wt.zh} / {wt.en}",
+        first=a.observed_at,
+        last=a.observed_at,
+        registered_at=now,
+        deadline_at=now + wt.handling_deadline.total_seconds(),
+        alert_count=1,
+        devices={a.device_id: 1},
+        snapshot_sha256=a.snapshot_sha256,
+        snapshot_score=a.confidence if a.snapshot_sha256 else None,
+        recurrence_of=recurrence,
+    )
+
+
 def summary_dict(s: EventState, catalogue: Catalogue) -> dict[str, Any]:
     """The writer's state as ``EventSummary``'s JSON-ready dict (wire names, no nulls,
     datetimes as aware datetimes), built without models: every value came from a validated

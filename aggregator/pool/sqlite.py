@@ -40,6 +40,7 @@ from aggregator.pool.model import (
     DeadLetterResult,
     OutOfAreaIn,
     device_tallies,
+    new_event_state,
 )
 from contract import (
     Catalogue,
@@ -304,29 +305,7 @@ class EventPool:
     def _new_event(
         self, a: AlertIn, event_id: int, now: float, recurrence: int | None
     ) -> EventState:
-        wt = self.catalogue.types[a.type]
-        return EventState(
-            id=event_id,
-            type=a.type,
-            status=EventStatus.REGISTERED.value,
-            severity=a.severity,
-            department=wt.department,
-            grid_code=a.grid_code,
-            grid_path=a.grid_path,
-            lat=a.lat,
-            lon=a.lon,
-            address=a.address,
-            description=a.description or f"{wt.zh} / {wt.en}",
-            first=a.observed_at,
-            last=a.observed_at,
-            registered_at=now,
-            deadline_at=now + wt.handling_deadline.total_seconds(),
-            alert_count=1,
-            devices={a.device_id: 1},
-            snapshot_sha256=a.snapshot_sha256,
-            snapshot_score=a.confidence if a.snapshot_sha256 else None,
-            recurrence_of=recurrence,
-        )
+        return new_event_state(self.catalogue, a, event_id, now, recurrence, a.description)
 
     @staticmethod
     def _write_events(db: sqlite3.Connection, work: BatchWork, now: float) -> None:
