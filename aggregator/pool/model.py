@@ -151,6 +151,28 @@ class BatchResult:
     summary: Callable[[int], dict[str, Any]] = field(default=_no_summary)
 
 
+def alert_row(a: AlertIn, event_id: int, outcome: Outcome, batch_id: int) -> tuple[Any, ...]:
+    """An alert's row, in the column order both adapters write (SQLite INSERT, PostgreSQL COPY)."""
+    return (
+        a.alert_id,
+        event_id,
+        a.device_id,
+        a.seq,
+        a.type,
+        a.severity.value,
+        a.confidence,
+        a.observed_at,
+        a.received_at,
+        batch_id,
+        a.lat,
+        a.lon,
+        a.grid_code,
+        outcome.value,
+        a.snapshot_sha256,
+        a.payload,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceTally:
     """What one committed batch adds to a device's row: both adapters upsert exactly this."""

@@ -62,6 +62,7 @@ from aggregator.pool.model import (
     DeadLetterIn,
     DeadLetterResult,
     OutOfAreaIn,
+    alert_row,
     device_tallies,
     new_event_state,
     summary_dict,
@@ -514,26 +515,9 @@ class PgEventPool:
             for a, outcome, ref in decisions:
                 if outcome is Outcome.DUPLICATE:
                     continue
-                copy.write_row(
-                    (
-                        a.alert_id,
-                        event_of(ref),
-                        a.device_id,
-                        a.seq,
-                        a.type,
-                        a.severity.value,
-                        a.confidence,
-                        a.observed_at,
-                        a.received_at,
-                        batch_id,
-                        a.lat,
-                        a.lon,
-                        a.grid_code,
-                        outcome.value,
-                        a.snapshot_sha256,
-                        a.payload,
-                    )
-                )
+                pooled_in = event_of(ref)
+                assert pooled_in is not None  # every pooled alert has its event
+                copy.write_row(alert_row(a, pooled_in, outcome, batch_id))
         if log_new:
             records = [{"event_id": s.id, "at": now, "detail": _json(d)} for s, d in log_new]
             cur.execute(_INSERT_LOG, (_json(records),))

@@ -39,6 +39,7 @@ from aggregator.pool.model import (
     DeadLetterIn,
     DeadLetterResult,
     OutOfAreaIn,
+    alert_row,
     device_tallies,
     new_event_state,
 )
@@ -200,7 +201,7 @@ class EventPool:
                     result.updated.add(state.id)
                     outcome = Outcome.MERGED
                 known[a.alert_id] = state.id
-                alert_rows.append(_alert_row(a, state.id, outcome, batch_id))
+                alert_rows.append(alert_row(a, state.id, outcome, batch_id))
                 result.alerts.append(AlertResult(a.alert_id, a.device_id, a.seq, outcome, state.id))
             self._write_events(db, work, now)
             db.executemany(_INSERT_ALERT, alert_rows)
@@ -647,27 +648,6 @@ _INSERT_ALERT = (
     " observed_at, received_at, batch_id, lat, lon, grid_code, outcome, snapshot_sha256, payload)"
     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
-
-
-def _alert_row(a: AlertIn, event_id: int, outcome: Outcome, batch_id: int) -> tuple[Any, ...]:
-    return (
-        a.alert_id,
-        event_id,
-        a.device_id,
-        a.seq,
-        a.type,
-        a.severity.value,
-        a.confidence,
-        a.observed_at,
-        a.received_at,
-        batch_id,
-        a.lat,
-        a.lon,
-        a.grid_code,
-        outcome.value,
-        a.snapshot_sha256,
-        a.payload,
-    )
 
 
 def _json(value: object) -> str:
