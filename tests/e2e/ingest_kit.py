@@ -184,7 +184,32 @@ def tally(pool: Path, device_id: str, raised: list[str] | int) -> Tally:
     )
 
 
-class AggregatorProcess:
+class _Child:
+    """A child process the matrix kills or stops: SIGTERM, then SIGKILL after ``stop_wait_s``."""
+
+    proc: subprocess.Popen[bytes] | None
+    stop_wait_s = 15.0
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.stop_wait_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class AggregatorProcess(_Child):
     """``gateway run`` as a real process, so that SIGKILL is a real crash."""
 
     def __init__(self, broker: BrokerHandle, data_dir: Path, **env: str) -> None:
@@ -222,30 +247,14 @@ class AggregatorProcess:
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
 
 
-class EdgeAgentProcess:
+class EdgeAgentProcess(_Child):
     """``edge-agent run`` for a sensor replaying smoke-alarm episodes; SIGKILL is a crash."""
+
+    stop_wait_s = 20.0  # on SIGTERM the agent stops its sources and says goodbye first
 
     def __init__(
         self, broker: BrokerHandle, device_id: str, state_dir: Path, rate: float, episodes: int
@@ -305,25 +314,6 @@ class EdgeAgentProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        """SIGTERM: the agent stops its sources, says goodbye and exits."""
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
     def raised(self) -> int:
         """Alerts committed to the outbox so far (its next seq)."""
