@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.catalogue import CATALOGUE_PATH
@@ -197,13 +197,42 @@ class HttpSettings(BaseModel):
         return self
 
 
+POOL_URL_SCHEMES = ("postgresql", "postgres")
+
+
+def redact_pool_url(url: str) -> str:
+    """``url`` as logs and messages may show it: ``scheme://user@host:port/db``, without the
+    password and without the query string (which may hold one too)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "<pool url>"
+    # everything before the last @ is user:password (a password may hold an unencoded /)
+    userinfo, at, after = rest.rpartition("@")
+    user = userinfo.split(":", 1)[0] if at else ""
+    where = after.split("?", 1)[0]
+    hosts, _, dbname = where.partition("/")
+    return f"{scheme}://{user + '@' if user else ''}{hosts}/{dbname}"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="CWG_", env_nested_delimiter="__", extra="forbid", validate_default=True
+        env_prefix="CWG_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+        # a refused value is not echoed: CWG_POOL_URL and the tokens may hold passwords
+        hide_input_in_errors=True,
     )
 
     data_dir: Path = Field(Path("var"), description="pool, snapshots and broker state live here")
     pool_path: Path | None = Field(None, description="SQLite pool file (default data_dir/pool.db)")
+    pool_url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL pool (postgresql://user:password@host:port/db): set, it replaces "
+        "the SQLite pool file and snapshots go to the pool's table, so replicas on several "
+        "machines share it; from the environment (CWG_POOL_URL), so the password stays out of "
+        "process lists",
+    )
     snapshot_dir: Path | None = Field(None, description="default data_dir/snapshots")
     grid_file: Path | None = Field(None, description="GeoJSON grids (default: the Longgang sample)")
     catalogue_file: Path = Field(CATALOGUE_PATH, description="warning catalogue YAML")
@@ -239,6 +268,19 @@ class Settings(BaseSettings):
     tsdb_bucket: str = Field("cwg", min_length=1, description="time-series bucket or database")
     tsdb_token: SecretStr | None = Field(None, description="time-series API token")
 
+    @field_validator("pool_url")
+    @classmethod
+    def _postgresql_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        scheme, sep, rest = value.get_secret_value().partition("://")
+        if not sep or scheme.lower() not in POOL_URL_SCHEMES or not rest:
+            raise ValueError(
+                "pool_url must be a PostgreSQL URL, postgresql://user:password@host:port/db "
+                "(unset it to use the SQLite pool file)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _defaults_under_data_dir(self) -> Settings:
         if self.pool_path is None:
@@ -256,6 +298,19 @@ class Settings(BaseSettings):
     def pool(self) -> Path:
         assert self.pool_path is not None
         return self.pool_path
+
+    @property
+    def pool_target(self) -> Path | str:
+        """The pool every part opens: the PostgreSQL URL when ``pool_url`` is set, else the
+        SQLite file. Holds the password: never log it (``pool_label``)."""
+        return self.pool_url.get_secret_value() if self.pool_url is not None else self.pool
+
+    @property
+    def pool_label(self) -> str:
+        """The pool as logs and messages name it (no password)."""
+        if self.pool_url is not None:
+            return redact_pool_url(self.pool_url.get_secret_value())
+        return str(self.pool)
 
     @property
     def snapshots(self) -> Path:
