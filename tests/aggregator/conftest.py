@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ import pytest
 
 from aggregator.config import BatchSettings, MqttSettings, Settings
 from aggregator.grids import Grid, GridIndex, default_grid_file
-from aggregator.pool.sqlite import connect
+from aggregator.pool.port import PoolWriter, SnapshotStorage
+from aggregator.pool.snapshots import SnapshotStore
+from aggregator.pool.sqlite import EventPool, connect
 from aggregator.service import Aggregator, build_aggregator
-from contract import AlertV1, Location, dump
+from contract import AlertV1, Catalogue, Location, default_catalogue, dump
 
 GRIDS = GridIndex.from_geojson(default_grid_file())
 OUTSIDE = (30.0, 118.0)  # far from the Longgang sample area
@@ -131,3 +134,85 @@ def count(agg: Aggregator, sql: str, *params: Any) -> int:
 
 def past(seconds: float) -> datetime:
     return datetime.now(UTC) - timedelta(seconds=seconds)
+
+
+# ---------------------------------------------------------------------------- both backends
+
+POOL_BACKENDS = ("sqlite", "postgres")
+
+
+@dataclass
+class PoolBackend:
+    """One event-pool backend for a test: ``name`` is ``sqlite`` or ``postgres``; ``target``
+    the SQLite file under tmp_path or the URL of a fresh database of the session's PostgreSQL
+    (a copy of the migrated template). Writers made here are closed after the test."""
+
+    name: str
+    target: str
+    root: Path
+    _closers: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.name == "postgres"
+
+    def writer(self, catalogue: Catalogue | None = None, **kwargs: Any) -> PoolWriter:
+        """The backend's pool adapter (``sqlite.EventPool`` / ``postgres.PgEventPool``) with
+        the arguments both share (``ref_lat``, ``dead_letter_keep_bytes``, …)."""
+        catalogue = catalogue or default_catalogue()
+        pool: PoolWriter
+        if self.is_postgres:
+            from aggregator.pool.postgres import PgEventPool
+
+            pool = PgEventPool(self.target, catalogue, **kwargs)
+        else:
+            pool = EventPool(self.target, catalogue, **kwargs)
+        self._closers.append(pool.close)
+        return pool
+
+    def snapshots(self, pool: PoolWriter) -> SnapshotStorage:
+        """Where this backend keeps snapshots: files beside the SQLite pool, a table of the
+        PostgreSQL pool that every replica reads."""
+        if self.is_postgres:
+            from aggregator.pool.postgres import PgEventPool, PgSnapshotStore
+
+            assert isinstance(pool, PgEventPool)
+            return PgSnapshotStore(pool)
+        return SnapshotStore(self.root / "snapshots")
+
+    def rows(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
+        """A test's own look at the tables, written once with ``?`` placeholders (the two
+        schemas have the same tables and columns)."""
+        if self.is_postgres:
+            import psycopg
+
+            query = sql.replace("%", "%%").replace("?", "%s")
+            with psycopg.connect(self.target) as conn:
+                return [tuple(r) for r in conn.execute(query.encode(), params).fetchall()]
+        with closing(connect(self.target, readonly=True)) as db:
+            return [tuple(r) for r in db.execute(sql, params).fetchall()]
+
+    def settings_overrides(self) -> dict[str, Any]:
+        """What a ``Settings`` needs to use this backend (``aggregator_settings(…, **it)``)."""
+        if not self.is_postgres:
+            return {}
+        if "pool_url" not in Settings.model_fields:
+            pytest.fail("Settings has no pool_url yet: the service cannot run on PostgreSQL")
+        return {"pool_url": self.target}
+
+    def close(self) -> None:
+        for close in reversed(self._closers):
+            close()
+
+
+@pytest.fixture(params=POOL_BACKENDS)
+def pool_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PoolBackend]:
+    """Each test that takes it runs twice: on an SQLite file, and on PostgreSQL."""
+    if request.param == "postgres":
+        # only the postgres half starts (once per session) and asks for the server
+        target = str(request.getfixturevalue("pg_url"))
+    else:
+        target = str(tmp_path / "pool.db")
+    backend = PoolBackend(request.param, target, tmp_path)
+    yield backend
+    backend.close()
