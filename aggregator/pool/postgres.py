@@ -67,6 +67,7 @@ from aggregator.pool.model import (
     new_event_state,
     summary_dict,
 )
+from aggregator.pool.reader import PgReader
 from contract import Catalogue, EventStatus, Outcome, Severity
 
 log = logging.getLogger(__name__)
@@ -318,6 +319,9 @@ class PgEventPool:
         # a batch uses a held state only when the row still has that version (every write
         # bumps it), so other replicas' and operators' changes are always read.
         self._held: dict[int, tuple[int, EventState]] = {}
+        self._url = url
+        self._timeout_s = connect_timeout_s
+        self._reader: PgReader | None = None
         if migrate_on_open:
             with _faults():
                 migrate(url)
@@ -339,7 +343,18 @@ class PgEventPool:
             self._ensure_partitions([now - 31 * 86400, now + 31 * 86400])
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         self._pool.close()
+
+    @property
+    def reader(self) -> PgReader:
+        """A read-only connection of this writer's own for the read model (``queries``), as
+        ``EventPool.reader``: the ingest worker reads the summaries of the events it pooled."""
+        if self._reader is None:
+            with _faults():
+                self._reader = PgReader(self._url, connect_timeout_s=self._timeout_s)
+        return self._reader
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
