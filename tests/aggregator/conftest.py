@@ -7,7 +7,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,9 +19,9 @@ import pytest
 
 from aggregator.config import BatchSettings, MqttSettings, Settings
 from aggregator.grids import Grid, GridIndex, default_grid_file
-from aggregator.pool.port import PoolWriter, SnapshotStorage
+from aggregator.pool.port import LifecycleSteps, PoolWriter, SnapshotStorage
 from aggregator.pool.snapshots import SnapshotStore
-from aggregator.pool.sqlite import EventPool, connect
+from aggregator.pool.sqlite import EventPool, LifecycleWriter, connect
 from aggregator.service import Aggregator, build_aggregator
 from contract import AlertV1, Catalogue, Location, default_catalogue, dump
 
@@ -170,6 +170,18 @@ class PoolBackend:
         self._closers.append(pool.close)
         return pool
 
+    def lifecycle(self) -> LifecycleSteps:
+        """Lifecycle steps from a connection of their own, as the operator API takes them."""
+        steps: LifecycleSteps
+        if self.is_postgres:
+            from aggregator.pool.postgres import PgEventPool
+
+            steps = PgEventPool(self.target, default_catalogue())
+        else:
+            steps = LifecycleWriter(self.target)
+        self._closers.append(steps.close)
+        return steps
+
     def snapshots(self, pool: PoolWriter) -> SnapshotStorage:
         """Where this backend keeps snapshots: files beside the SQLite pool, a table of the
         PostgreSQL pool that every replica reads."""
@@ -202,7 +214,9 @@ class PoolBackend:
 
     def close(self) -> None:
         for close in reversed(self._closers):
-            close()
+            # a test that restarts a writer has closed it already (SQLite's close says so)
+            with suppress(sqlite3.ProgrammingError):
+                close()
 
 
 @pytest.fixture(params=POOL_BACKENDS)

@@ -1,5 +1,6 @@
-"""The writer's in-memory dedup index agrees with the pool across restarts, evictions and
-lifecycle changes made by other connections."""
+"""The writer's dedup agrees with the pool across restarts, evictions and lifecycle changes
+made by other connections, on SQLite (an in-memory index beside the file) and on PostgreSQL
+(candidates read inside the batch's transaction)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,29 @@ import pytest
 
 from aggregator.ingest.assemble import Inbound
 from aggregator.pool.dedup import SpatialHash, haversine_m
-from aggregator.pool.sqlite import EventPool, connect, set_event_status
+from aggregator.pool.sqlite import EventPool, connect
 from contract import AlertV1, EventNoticeV1, EventStatus, EventSummary, Outcome, event_notice_json
 
-from .conftest import GRIDS, grid_in_community, interior, jpeg, make_alert, offset, past
-from .test_pool import TOPICS, Harness
+from .conftest import (
+    GRIDS,
+    PoolBackend,
+    grid_in_community,
+    interior,
+    jpeg,
+    make_alert,
+    offset,
+    past,
+)
+from .test_pool import TOPICS, Harness, sqlite_backend
 
 
 def inbound(alert: AlertV1) -> Inbound:
     return Inbound(TOPICS.alert(alert.device_id), alert.to_json(), time.time())
+
+
+@pytest.fixture
+def h(pool_backend: PoolBackend) -> Harness:
+    return Harness(pool_backend)
 
 
 @pytest.mark.parametrize("ref_lat", [0.0, 27.5, 60.0])
@@ -46,11 +61,10 @@ def test_spatial_hash_never_misses_a_neighbour_within_the_radius(
     assert inside <= found
 
 
-def test_in_one_batch_alerts_at_one_spot_join_the_event_their_time_fits(tmp_path: Path) -> None:
+def test_in_one_batch_alerts_at_one_spot_join_the_event_their_time_fits(h: Harness) -> None:
     """A camera sits still: its alerts repeat one position. Within a single batch, an alert
     outside the first event's window opens a second event there, and a later alert at the same
     spot joins that second event, not the first and not a third; nearer events win."""
-    h = Harness(tmp_path)
     lat, lon = interior(grid_in_community(0, 2))
     window = h.catalogue.types["fire_lane_occupied"].merge_window_s
 
@@ -81,48 +95,46 @@ def test_in_one_batch_alerts_at_one_spot_join_the_event_their_time_fits(tmp_path
     ]  # fmt: skip
 
 
-def test_restart_reloads_open_events(tmp_path: Path) -> None:
-    h = Harness(tmp_path)
+def test_restart_reloads_open_events(pool_backend: PoolBackend) -> None:
+    h = Harness(pool_backend)
     lat, lon = interior(grid_in_community(0))
     h.send(make_alert("cam-1", lat, lon))
     h.pool.close()
-    again = Harness(tmp_path)  # a new writer on the same file
+    again = Harness(pool_backend)  # a new writer on the same pool
     assert again.send(make_alert("cam-2", *offset(lat, lon, 30))) == [Outcome.MERGED]
     assert again.rows("SELECT alert_count, device_count FROM events") == [(2, 2)]
 
 
-def test_alerts_older_than_the_index_horizon_are_deduplicated_through_sql(tmp_path: Path) -> None:
-    h = Harness(tmp_path)
+def test_alerts_older_than_the_index_horizon_are_deduplicated_through_sql(h: Harness) -> None:
     lat, lon = interior(grid_in_community(1))
     # a manhole cover: 15 m, one day. The first alert is 20 hours old.
     h.send(make_alert("sensor-1", lat, lon, type="manhole_displaced", observed_at=past(72_000)))
-    # the writer forgets everything older than a few seconds…
-    h.pool._index.evict(time.time(), keep_s=-86_400 + 5)
-    assert not h.pool._index.events
+    if isinstance(h.pool, EventPool):  # PostgreSQL keeps no index: it always asks SQL
+        # the writer forgets everything older than a few seconds…
+        h.pool._index.evict(time.time(), keep_s=-86_400 + 5)
+        assert not h.pool._index.events
     # …and a backlog alert from 19 hours ago still joins the event, found through SQL
     late = make_alert("sensor-2", lat, lon, type="manhole_displaced", observed_at=past(68_400))
     assert h.send(late) == [Outcome.MERGED]
     assert h.rows("SELECT count(*), sum(alert_count) FROM events") == [(1, 2)]
 
 
-def test_lifecycle_change_from_another_connection_is_seen_by_the_next_batch(
-    tmp_path: Path,
-) -> None:
-    h = Harness(tmp_path)
+def test_lifecycle_change_from_another_connection_is_seen_by_the_next_batch(h: Harness) -> None:
     lat, lon = interior(grid_in_community(2))
     h.send(make_alert("cam-1", lat, lon, type="street_vending"))
     [(event_id,)] = h.rows("SELECT id FROM events")
-    with closing(connect(h.pool.path)) as operator:  # e.g. the API process
-        set_event_status(operator, int(str(event_id)), EventStatus.VERIFIED, "op-1")
-        assert h.send(make_alert("cam-2", lat, lon, type="street_vending")) == [Outcome.MERGED]
-        set_event_status(operator, int(str(event_id)), EventStatus.CLOSED, "op-1", "cleared")
+    operator = h.backend.lifecycle()  # e.g. the API process
+    operator.set_status(int(str(event_id)), EventStatus.VERIFIED, "op-1")
+    assert h.send(make_alert("cam-2", lat, lon, type="street_vending")) == [Outcome.MERGED]
+    operator.set_status(int(str(event_id)), EventStatus.CLOSED, "op-1", "cleared")
     assert h.send(make_alert("cam-3", lat, lon, type="street_vending")) == [Outcome.ACCEPTED]
     rows = h.rows("SELECT id, status, alert_count, recurrence_of FROM events ORDER BY id")
     assert rows == [(event_id, "closed", 2, None), (rows[1][0], "registered", 1, event_id)]
 
 
 def test_a_rolled_back_batch_leaves_the_index_untouched(tmp_path: Path) -> None:
-    h = Harness(tmp_path)
+    # SQLite only: its write lock and in-memory index (test_pgpool restarts PostgreSQL mid-batch)
+    h = Harness(sqlite_backend(tmp_path))
     lat, lon = interior(grid_in_community(0))
     with closing(connect(h.pool.path)) as other:
         other.execute("BEGIN IMMEDIATE")  # another writer holds the lock…
@@ -134,12 +146,11 @@ def test_a_rolled_back_batch_leaves_the_index_untouched(tmp_path: Path) -> None:
     assert h.send(make_alert("cam-1", lat, lon)) == [Outcome.ACCEPTED]
 
 
-def test_index_and_pool_agree_after_many_random_alerts(tmp_path: Path) -> None:
+def test_index_and_pool_agree_after_many_random_alerts(h: Harness) -> None:
     """Dedup decided by the index equals dedup decided from the rows themselves."""
     import random
 
     rng = random.Random(5)
-    h = Harness(tmp_path)
     grids = GRIDS.by_prefix(GRIDS.communities()[0].code)[:4]
     alerts = []
     for i in range(300):
@@ -163,16 +174,17 @@ def test_index_and_pool_agree_after_many_random_alerts(tmp_path: Path) -> None:
     assert h.rows("SELECT sum(alert_count) FROM events") == [(pooled,)]
     assert h.rows("SELECT count(*) FROM out_of_area") == [(300 - int(str(pooled)),)]
     assert int(str(pooled)) > 200
-    # a fresh writer rebuilds the same view
-    h.pool.close()
-    reloaded = EventPool(h.pool.path, cat, ref_lat=27.5)
-    assert len(reloaded._index.events) == h.rows("SELECT count(*) FROM events")[0][0]
+    if isinstance(h.pool, EventPool):  # a fresh SQLite writer rebuilds the same index
+        h.pool.close()
+        reloaded = EventPool(h.pool.path, cat, ref_lat=27.5)
+        assert len(reloaded._index.events) == h.rows("SELECT count(*) FROM events")[0][0]
+        reloaded.close()
 
 
 def test_summary_from_the_writer_equals_summary_from_the_row(tmp_path: Path) -> None:
     from aggregator.pool.queries import event_summaries
 
-    h = Harness(tmp_path)
+    h = Harness(sqlite_backend(tmp_path))
     lat, lon = interior(grid_in_community(1))
     h.send(make_alert("cam-1", lat, lon, type="smoke_fire", snapshot=jpeg(4)))
     batch_result = h.pool.commit_batch(
