@@ -20,6 +20,7 @@ import pytest
 from aggregator.config import BatchSettings, MqttSettings, Settings
 from aggregator.grids import Grid, GridIndex, default_grid_file
 from aggregator.pool.port import LifecycleSteps, PoolWriter, SnapshotStorage
+from aggregator.pool.reader import Reader, open_reader
 from aggregator.pool.snapshots import SnapshotStore
 from aggregator.pool.sqlite import EventPool, LifecycleWriter, connect
 from aggregator.service import Aggregator, build_aggregator
@@ -191,6 +192,12 @@ class PoolBackend:
             assert isinstance(pool, PgEventPool)
             return PgSnapshotStore(pool)
         return SnapshotStore(self.root / "snapshots")
+
+    def reader(self) -> Reader:
+        """A read-only connection for the read model (``aggregator.pool.queries``)."""
+        reader = open_reader(self.target)
+        self._closers.append(reader.close)
+        return reader
 
     def rows(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
         """A test's own look at the tables, written once with ``?`` placeholders (the two

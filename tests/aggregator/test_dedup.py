@@ -181,10 +181,9 @@ def test_index_and_pool_agree_after_many_random_alerts(h: Harness) -> None:
         reloaded.close()
 
 
-def test_summary_from_the_writer_equals_summary_from_the_row(tmp_path: Path) -> None:
+def test_summary_from_the_writer_equals_summary_from_the_row(h: Harness) -> None:
     from aggregator.pool.queries import event_summaries
 
-    h = Harness(sqlite_backend(tmp_path))
     lat, lon = interior(grid_in_community(1))
     h.send(make_alert("cam-1", lat, lon, type="smoke_fire", snapshot=jpeg(4)))
     batch_result = h.pool.commit_batch(
@@ -195,8 +194,7 @@ def test_summary_from_the_writer_equals_summary_from_the_row(tmp_path: Path) -> 
     [event_id] = batch_result.updated
     event = batch_result.summary(event_id)
     from_writer = EventSummary.model_validate(event, strict=False)
-    with closing(connect(h.pool.path, readonly=True)) as db:
-        [from_row] = event_summaries(db, [event_id], h.catalogue)
+    [from_row] = event_summaries(h.backend.reader(), [event_id], h.catalogue)
     assert from_writer.model_dump() == from_row.model_dump()
     assert from_writer.model_dump_json() == from_row.model_dump_json()
     # the notice published for it is byte for byte the model's
