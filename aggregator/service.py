@@ -57,11 +57,12 @@ from aggregator.grids import GridIndex, default_grid_file
 from aggregator.ingest.assemble import Pipeline
 from aggregator.ingest.decode import DecodeLimits
 from aggregator.ingest.worker import BatchSink, MqttIngest
+from aggregator.pool.port import IngestPool, SnapshotStorage
 from aggregator.pool.snapshots import SnapshotStore
 from aggregator.pool.sqlite import EventPool
 from contract import Catalogue, Topics, load_catalogue
 
-__all__ = ["Aggregator", "Service", "ServiceError", "build_aggregator", "run_service"]
+__all__ = ["Aggregator", "Service", "ServiceError", "build_aggregator", "open_pool", "run_service"]
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,8 @@ class Aggregator:
     settings: Settings
     catalogue: Catalogue
     grids: GridIndex
-    pool: EventPool
-    snapshots: SnapshotStore
+    pool: IngestPool
+    snapshots: SnapshotStorage
     metrics: Metrics
     ingest: MqttIngest
     sinks: list[BatchSink] = field(default_factory=list)
@@ -93,6 +94,32 @@ class Aggregator:
         self.stop()
 
 
+def open_pool(
+    settings: Settings, catalogue: Catalogue, ref_lat: float
+) -> tuple[IngestPool, SnapshotStorage]:
+    """The pool writer and snapshot store that ``settings`` select: PostgreSQL (migrated on
+    open, snapshots in its table, so replicas on other machines read them) when ``pool_url``
+    is set, else the SQLite file and snapshot files under the data directory."""
+    if settings.pool_url is not None:
+        # imported here: the SQLite default needs neither psycopg nor its pool
+        from aggregator.pool.postgres import PgEventPool, PgSnapshotStore
+
+        pg = PgEventPool(
+            settings.pool_url.get_secret_value(),
+            catalogue,
+            ref_lat=ref_lat,
+            dead_letter_keep_bytes=settings.dead_letters.keep_bytes,
+        )
+        return pg, PgSnapshotStore(pg)
+    pool = EventPool(
+        settings.pool,
+        catalogue,
+        ref_lat=ref_lat,
+        dead_letter_keep_bytes=settings.dead_letters.keep_bytes,
+    )
+    return pool, SnapshotStore(settings.snapshots)
+
+
 def build_aggregator(
     settings: Settings,
     *,
@@ -103,13 +130,7 @@ def build_aggregator(
     """Validate every input, open the pool, wire the stages. Nothing connects until start()."""
     catalogue = load_catalogue(settings.catalogue_file)
     grids = grids or GridIndex.from_geojson(settings.grid_file or default_grid_file())
-    pool = EventPool(
-        settings.pool,
-        catalogue,
-        ref_lat=grids.reference_latitude(),
-        dead_letter_keep_bytes=settings.dead_letters.keep_bytes,
-    )
-    snapshots = SnapshotStore(settings.snapshots)
+    pool, snapshots = open_pool(settings, catalogue, grids.reference_latitude())
     metrics = metrics or Metrics()
     pipeline = Pipeline(
         Topics(settings.mqtt.topic_prefix),
@@ -133,7 +154,7 @@ def build_aggregator(
     )
     log.info(
         "aggregator built pool=%s grids=%s types=%s",
-        settings.pool,
+        settings.pool_label,
         len(grids),
         len(catalogue.types),
     )
@@ -180,7 +201,7 @@ class Service:
         self.aggregator: Aggregator = build_aggregator(settings, sinks=sinks)
         # Accounts are made here (tests, the dev admin); the API process opens its own store.
         self.auth = AuthStore(
-            settings.pool,
+            settings.pool_target,
             hasher=password_hasher,
             token_ttl=timedelta(seconds=settings.access.token_ttl_s),
         )

@@ -21,6 +21,7 @@ import errno
 import logging
 import random
 import sqlite3
+import sys
 import threading
 import time
 from collections import Counter
@@ -40,8 +41,8 @@ from aggregator.ingest.assemble import (
 from aggregator.ingest.decode import best_effort_ids
 from aggregator.ingest.transport import Outgoing, Transport, make_transport
 from aggregator.pool.model import BatchResult, DeadLetterIn, Notice
+from aggregator.pool.port import IngestPool
 from aggregator.pool.queries import event_summaries
-from aggregator.pool.sqlite import EventPool
 from contract import (
     EventNoticeV1,
     EventStatus,
@@ -81,7 +82,14 @@ _STORAGE_ERRNOS = frozenset(
 
 def is_pool_fault(exc: BaseException) -> bool:
     """Whether ``exc`` is a fault of the pool's storage (retry, unacknowledged) rather than of
-    the messages being committed (bisect them). Decided by the driver's error codes."""
+    the messages being committed (bisect them). Decided by the driver's error codes; on
+    PostgreSQL, a lost connection, a server shutting down or restarting, a full disk
+    (``postgres.is_pg_pool_fault``)."""
+    # Only a process that opened the PostgreSQL adapter can see its errors: looked up rather
+    # than imported, so the SQLite default never loads psycopg.
+    pg = sys.modules.get("aggregator.pool.postgres")
+    if pg is not None and pg.is_pg_pool_fault(exc):
+        return True
     if isinstance(exc, sqlite3.Error) and not isinstance(
         exc, sqlite3.IntegrityError | sqlite3.InterfaceError | sqlite3.DataError
     ):
@@ -122,7 +130,7 @@ class MqttIngest:
         mqtt_settings: MqttSettings,
         batch_settings: BatchSettings,
         pipeline: Pipeline,
-        pool: EventPool,
+        pool: IngestPool,
         metrics: Metrics,
         sinks: Sequence[BatchSink] = (),
         *,
@@ -300,8 +308,15 @@ class MqttIngest:
         before = time.time() - self._retention.retention_days * 86400
         try:
             removed = self.pool.prune(before)
-        except sqlite3.Error as exc:  # the pool is at fault; the next turn tries again
-            log.warning("expired dead letters could not be deleted: %s", exc)
+        except Exception as exc:
+            # The pool is at fault (locked, unreachable…) or refused the delete: retention waits
+            # for the next turn, ingest goes on.
+            log.warning(
+                "expired dead letters could not be deleted: %s: %s",
+                type(exc).__name__,
+                exc,
+                exc_info=not (is_pool_fault(exc) or isinstance(exc, sqlite3.Error)),
+            )
             return
         if removed:
             log.info("retention: deleted %s dead letters and out-of-area rows", removed)

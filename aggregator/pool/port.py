@@ -1,6 +1,7 @@
 """The storage port: what the rest of the aggregator may ask of an event pool.
 
-Ingest writes through ``PoolWriter``, the operator API's lifecycle steps through
+Ingest writes through ``PoolWriter`` (``IngestPool``: with a reader of its own), the operator
+API's lifecycle steps through
 ``LifecycleSteps``, and snapshots go to a ``SnapshotStorage``. Two adapters implement them:
 ``sqlite.EventPool`` / ``sqlite.LifecycleWriter`` / ``snapshots.SnapshotStore`` (one machine,
 the embedded default) and ``postgres.PgEventPool`` / ``postgres.PgSnapshotStore`` (replicas on
@@ -11,10 +12,13 @@ Reads go through ``queries``, the read model, on a reader connection of the call
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from aggregator.pool.model import Batch, BatchResult
 from contract import EventStatus
+
+if TYPE_CHECKING:
+    from aggregator.pool.reader import Reader
 
 
 @runtime_checkable
@@ -57,6 +61,15 @@ class PoolWriter(LifecycleSteps, Protocol):
         """Delete at most ``limit`` dead letters and out-of-area rows received before
         ``before`` (UNIX seconds); returns how many went. Events and alerts are kept."""
         ...
+
+
+@runtime_checkable
+class IngestPool(PoolWriter, Protocol):
+    """What the ingest worker holds: the writer, and a read-only connection of its own for
+    the read model (the summaries of the events whose notices it held back)."""
+
+    @property
+    def reader(self) -> Reader: ...
 
 
 @runtime_checkable
