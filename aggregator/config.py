@@ -59,6 +59,13 @@ class MqttSettings(BaseModel):
         "batch holds more than one outcome for that device (false: one feedback/v1 per alert, "
         "for devices that read only feedback/v1)",
     )
+    outgoing_max_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=64 * 1024,
+        description="feedback and notices (topic + payload bytes) the MQTT I/O loop holds for "
+        "the broker; beyond it the pool writer waits while the broker is connected "
+        "(back-pressure), and the oldest are dropped only while it is unreachable",
+    )
     tls_ca: Path | None = Field(None, description="CA file; enables TLS")
     io_process: bool = Field(
         True,
