@@ -1,18 +1,19 @@
 """Read-only questions about the community event pool, for expectations and reports.
 
-Opens its own read-only SQLite connection per query (WAL lets it read while the aggregator
-writes) so that a view never holds a snapshot of the pool open between polls.
+Opens its own read-only connection per query (an SQLite pool file, WAL letting it read while the
+aggregator writes, or a PostgreSQL pool's URL) so that a view never holds a snapshot of the pool
+open between polls.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from aggregator.pool import queries
+from aggregator.pool.reader import Reader, is_pool_url
 from contract import Catalogue, EventSummary, default_catalogue
 
 __all__ = ["DeadLetter", "OutOfArea", "PoolView"]
@@ -39,11 +40,11 @@ class OutOfArea:
 
 class PoolView:
     def __init__(self, path: Path | str, catalogue: Catalogue | None = None) -> None:
-        self.path = Path(path)
+        self.path: Path | str = path if is_pool_url(path) else Path(path)
         self.catalogue = catalogue or default_catalogue()
 
     @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
+    def _db(self) -> Iterator[Reader]:
         conn = queries.open_reader(self.path)
         try:
             yield conn

@@ -47,7 +47,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
@@ -60,6 +59,7 @@ import orjson
 from aggregator.access.auth import Operator
 from aggregator.pool import queries
 from aggregator.pool.model import Notice, iso
+from aggregator.pool.reader import Reader, is_pool_url, read_errors
 from contract import (
     Catalogue,
     EventNoticeV1,
@@ -227,16 +227,16 @@ class StreamClient:
 class _PoolFeed:
     """What changed in the pool since the last look (runs on a worker thread, one at a time)."""
 
-    def __init__(self, path: Path, catalogue: Catalogue) -> None:
+    def __init__(self, path: Path | str, catalogue: Catalogue) -> None:
         self.path = path
         self.catalogue = catalogue
-        self._db: sqlite3.Connection | None = None
+        self._db: Reader | None = None
         self.change_seq = 0
         self.max_event_id = 0
         self.alert_rowid = 0
         self.out_of_area_at = 0.0
 
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self) -> Reader:
         if self._db is None:
             self._db = queries.open_reader(self.path)
         return self._db
@@ -247,7 +247,7 @@ class _PoolFeed:
         self.change_seq, self.max_event_id = queries.feed_marks(db)
         self._mark_alerts(db)
 
-    def _mark_alerts(self, db: sqlite3.Connection) -> None:
+    def _mark_alerts(self, db: Reader) -> None:
         # Where raw alerts begin for a client that asks for them later. Out-of-area rows have
         # no arrival order but their receipt time, and no index on it: the clock stands in.
         self.alert_rowid = queries.last_alert_rowid(db)
@@ -270,7 +270,7 @@ class _PoolFeed:
                 self._mark_alerts(db)
         return events, alerts
 
-    def _changed(self, db: sqlite3.Connection) -> list[tuple[int, bool]]:
+    def _changed(self, db: Reader) -> list[tuple[int, bool]]:
         rows = queries.changed_events(db, self.change_seq, _POLL_EVENTS)
         if not rows:
             return []
@@ -300,7 +300,7 @@ class _PoolFeed:
             out.append((Notice.of_summary(change, summary, at), summary))
         return out
 
-    def _alerts(self, db: sqlite3.Connection) -> list[_Item]:
+    def _alerts(self, db: Reader) -> list[_Item]:
         out: list[_Item] = []
         types = self.catalogue.types
         for r in queries.alerts_after(db, self.alert_rowid, _POLL_ALERTS):
@@ -370,7 +370,7 @@ class StreamHub:
         self.update_interval = update_interval
         self.stall_s = stall_s
         self.poll_s = poll_s
-        self._feed = _PoolFeed(Path(pool_path), catalogue)
+        self._feed = _PoolFeed(pool_path if is_pool_url(pool_path) else Path(pool_path), catalogue)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._clients: set[StreamClient] = set()
@@ -429,7 +429,7 @@ class StreamHub:
                 # Nobody listens: keep the place without reading what changed.
                 try:
                     await asyncio.to_thread(self._feed.start)
-                except sqlite3.Error:
+                except read_errors():
                     self.poll_errors += 1
                 self._sent_at.clear()
                 self._held.clear()

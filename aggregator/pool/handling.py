@@ -16,13 +16,13 @@ not computed rather than shown as a constant 100 %.
 
 from __future__ import annotations
 
-import sqlite3
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from aggregator.grids import COMMUNITY_LENGTH, GridIndex
+from aggregator.pool.reader import Reader
 from contract import Catalogue
 
 
@@ -86,7 +86,7 @@ class Handling:
 
 
 def handling_stats(
-    conn: sqlite3.Connection,
+    conn: Reader,
     by: GroupBy,
     now: float,
     *,

@@ -1,26 +1,26 @@
 """The read model of the pool: every reader (the API's routes, the CLI, the demo, the scenario
-runner and the load generator) asks its questions here, on a reader connection of its own, and
-gets typed answers. Only this package holds SQL; the questions are written once for SQLite, whose
-schema the PostgreSQL pool mirrors column for column."""
+runner and the load generator) asks its questions here, on a reader connection of its own
+(``reader.Reader``: an SQLite connection or a ``PgReader``), and gets typed answers. Only this
+package holds SQL. The questions are written once, in the SQL both dialects share (the
+PostgreSQL schema mirrors the SQLite one column for column, and its numbers come back as the
+same Python types); the few that differ (string aggregation, rounding to the hour, a prefix of
+the alert ids, a consistent read) choose their dialect here with ``is_pg``."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from aggregator.pool.handling import GroupBy, Handling, handling_stats
 from aggregator.pool.model import summary_dict_from_row, summary_from_row
-from aggregator.pool.sqlite import connect
+from aggregator.pool.reader import Reader, Row, is_pg, read_errors
+from aggregator.pool.reader import open_reader as open_reader  # its public name here too
 from contract import Catalogue, EventSummary
 
 
-def event_summaries(
-    db: sqlite3.Connection, ids: Iterable[int], catalogue: Catalogue
-) -> list[EventSummary]:
+def event_summaries(db: Reader, ids: Iterable[int], catalogue: Catalogue) -> list[EventSummary]:
     """The wire summary of each event, in id order (for notices, the CLI and the API)."""
     wanted = sorted(set(ids))
     out: list[EventSummary] = []
@@ -40,7 +40,7 @@ def event_summaries(
 
 
 def event_summary_dicts(
-    db: sqlite3.Connection, ids: Iterable[int], catalogue: Catalogue
+    db: Reader, ids: Iterable[int], catalogue: Catalogue
 ) -> list[dict[str, Any]]:
     """``event_summaries`` as JSON-ready dicts (``summary_dict_from_row``), in id order: for
     the live stream, which only serializes them."""
@@ -92,7 +92,7 @@ class EventFilter:
     limit: int = 50
 
 
-def list_events(conn: sqlite3.Connection, scope: Scope, f: EventFilter) -> list[sqlite3.Row]:
+def list_events(conn: Reader, scope: Scope, f: EventFilter) -> list[Row]:
     """Event rows in the scope that pass the filter, each with its ``sort_value``; at most
     ``f.limit`` of them."""
     where: list[str] = [scope[0]]
@@ -137,7 +137,7 @@ def list_events(conn: sqlite3.Connection, scope: Scope, f: EventFilter) -> list[
     ).fetchall()
 
 
-def devices_of(conn: sqlite3.Connection, ids: list[int]) -> dict[int, list[str]]:
+def devices_of(conn: Reader, ids: list[int]) -> dict[int, list[str]]:
     """Each event's device ids, in the order they first reported it."""
     out: dict[int, list[str]] = {}
     if not ids:
@@ -152,21 +152,21 @@ def devices_of(conn: sqlite3.Connection, ids: list[int]) -> dict[int, list[str]]
     return out
 
 
-def scoped_event(conn: sqlite3.Connection, scope: Scope, event_id: int) -> sqlite3.Row | None:
-    row: sqlite3.Row | None = conn.execute(
+def scoped_event(conn: Reader, scope: Scope, event_id: int) -> Row | None:
+    row: Row | None = conn.execute(
         f"SELECT e.* FROM events e WHERE e.id = ? AND {scope[0]}", [event_id, *scope[1]]
     ).fetchone()
     return row
 
 
-def event_alerts(conn: sqlite3.Connection, event_id: int, limit: int) -> list[sqlite3.Row]:
+def event_alerts(conn: Reader, event_id: int, limit: int) -> list[Row]:
     return conn.execute(
         "SELECT * FROM alerts WHERE event_id = ? ORDER BY observed_at, alert_id LIMIT ?",
         (event_id, limit),
     ).fetchall()
 
 
-def event_devices(conn: sqlite3.Connection, event_id: int) -> list[sqlite3.Row]:
+def event_devices(conn: Reader, event_id: int) -> list[Row]:
     """The event's devices with their last known state (``kind``, ``state``, ``last_seen``)."""
     return conn.execute(
         "SELECT ed.device_id, ed.first_alert_at, ed.alert_count, d.kind, d.state, d.last_seen"
@@ -176,7 +176,7 @@ def event_devices(conn: sqlite3.Connection, event_id: int) -> list[sqlite3.Row]:
     ).fetchall()
 
 
-def event_snapshots(conn: sqlite3.Connection, event_id: int) -> list[str]:
+def event_snapshots(conn: Reader, event_id: int) -> list[str]:
     return [
         r[0]
         for r in conn.execute(
@@ -187,14 +187,14 @@ def event_snapshots(conn: sqlite3.Connection, event_id: int) -> list[str]:
     ]
 
 
-def event_log(conn: sqlite3.Connection, event_id: int) -> list[sqlite3.Row]:
+def event_log(conn: Reader, event_id: int) -> list[Row]:
     return conn.execute(
         "SELECT at, action, actor, detail FROM event_log WHERE event_id = ? ORDER BY at, id",
         (event_id,),
     ).fetchall()
 
 
-def scoped_device_ids(conn: sqlite3.Connection, scope: Scope) -> set[str]:
+def scoped_device_ids(conn: Reader, scope: Scope) -> set[str]:
     """The devices that raised an event in the scope."""
     return {
         r[0]
@@ -206,7 +206,7 @@ def scoped_device_ids(conn: sqlite3.Connection, scope: Scope) -> set[str]:
     }
 
 
-def scoped_snapshot(conn: sqlite3.Connection, scope: Scope, sha256: str) -> bool:
+def scoped_snapshot(conn: Reader, scope: Scope, sha256: str) -> bool:
     """Whether an event in the scope, or one of its alerts, carries this snapshot."""
     hit = conn.execute(
         f"SELECT 1 FROM events e WHERE e.snapshot_sha256 = ? AND {scope[0]}"
@@ -220,25 +220,29 @@ def scoped_snapshot(conn: sqlite3.Connection, scope: Scope, sha256: str) -> bool
 # ---------------------------------------------------------------------------- devices
 
 
-def devices(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+def devices(conn: Reader) -> list[Row]:
     """Every device's row (state, last contact, position, health), by id."""
     return conn.execute("SELECT * FROM devices ORDER BY device_id").fetchall()
 
 
-def device_state(conn: sqlite3.Connection, device_id: str) -> str | None:
+def device_state(conn: Reader, device_id: str) -> str | None:
     row = conn.execute("SELECT state FROM devices WHERE device_id = ?", (device_id,)).fetchone()
     return None if row is None else str(row[0])
 
 
 # ---------------------------------------------------------------------------- statistics
 
+# Counts of a condition as a sum of 0/1: PostgreSQL has no sum of booleans (SQLite's
+# comparisons are integers already). Both give an integer, NULL over no rows.
+_OPEN_COUNT = "sum(CASE WHEN e.status != 'closed' THEN 1 ELSE 0 END)"
 
-def grid_counts(conn: sqlite3.Connection, scope: Scope) -> dict[str, tuple[int, int]]:
+
+def grid_counts(conn: Reader, scope: Scope) -> dict[str, tuple[int, int]]:
     """grid code → (events, open events) in the scope."""
     return {
-        r[0]: (r[1], r[2] or 0)
+        r[0]: (r[1], r[2])
         for r in conn.execute(
-            "SELECT e.grid_code, count(*), sum(e.status != 'closed') FROM events e"
+            f"SELECT e.grid_code, count(*), {_OPEN_COUNT} FROM events e"
             f" WHERE {scope[0]} GROUP BY e.grid_code",
             scope[1],
         )
@@ -258,7 +262,7 @@ class EventStats:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        conn: Reader,
         scope: Scope,
         grid_prefix: str | None = None,
         since: float | None = None,
@@ -281,12 +285,13 @@ class EventStats:
 
     def totals(self, now: float) -> Totals:
         total, open_, overdue, alerts = self._conn.execute(
-            "SELECT count(*), coalesce(sum(e.status != 'closed'), 0),"
-            " coalesce(sum(e.status != 'closed' AND e.deadline_at < ?), 0),"
+            f"SELECT count(*), {_OPEN_COUNT},"
+            " sum(CASE WHEN e.status != 'closed' AND e.deadline_at < ? THEN 1 ELSE 0 END),"
             f" coalesce(sum(e.alert_count), 0) FROM events e WHERE {self._cond}",
             [now, *self._args],
         ).fetchone()
-        return Totals(total, open_, overdue, alerts)
+        # sums over no rows are NULL on both backends
+        return Totals(total, open_ or 0, overdue or 0, alerts)
 
     def _grouped(self, expr: str) -> list[tuple[Any, int]]:
         return [
@@ -321,8 +326,14 @@ class EventStats:
     def by_hour(self, hours: int = 168) -> list[tuple[int, int]]:
         """(UNIX hour, events registered in it), the latest ``hours`` hours that had any,
         oldest first."""
+        # the UNIX hour: SQLite's CAST truncates (times are positive), PostgreSQL's rounds
+        hour = (
+            "CAST(floor(e.registered_at / 3600) AS BIGINT)"
+            if is_pg(self._conn)
+            else "CAST(e.registered_at / 3600 AS INTEGER)"
+        )
         rows = self._conn.execute(
-            "SELECT CAST(e.registered_at / 3600 AS INTEGER) AS h, count(*) FROM events e"
+            f"SELECT {hour} AS h, count(*) FROM events e"
             f" WHERE {self._cond} GROUP BY h ORDER BY h DESC LIMIT ?",
             [*self._args, hours],
         ).fetchall()
@@ -333,14 +344,14 @@ class EventStats:
 
 
 def dead_letters(
-    conn: sqlite3.Connection,
+    conn: Reader,
     *,
     reason: str | None = None,
     device_id: str | None = None,
     before_id: int | None = None,
     limit: int = 50,
     oldest_first: bool = False,
-) -> list[sqlite3.Row]:
+) -> list[Row]:
     """Dead letters, newest (or oldest) first, optionally of one reason or device and below an
     id; at most ``limit`` (none when it is negative)."""
     where: list[str] = ["1=1"]
@@ -361,14 +372,14 @@ def dead_letters(
     ).fetchall()
 
 
-def dead_letter(conn: sqlite3.Connection, dead_letter_id: int) -> sqlite3.Row | None:
-    row: sqlite3.Row | None = conn.execute(
+def dead_letter(conn: Reader, dead_letter_id: int) -> Row | None:
+    row: Row | None = conn.execute(
         "SELECT * FROM dead_letters WHERE id = ?", (dead_letter_id,)
     ).fetchone()
     return row
 
 
-def ping(conn: sqlite3.Connection) -> None:
+def ping(conn: Reader) -> None:
     """Read one row: raises when the pool cannot be read (readiness)."""
     conn.execute("SELECT 1 FROM events LIMIT 1").fetchall()
 
@@ -378,20 +389,15 @@ def ping(conn: sqlite3.Connection) -> None:
 EVERYTHING: Scope = ("1=1", [])  # no restriction: the CLI and the tools run as the pool's owner
 
 
-def open_reader(path: Path | str) -> sqlite3.Connection:
-    """A read-only connection of its own (WAL lets it read while the aggregator writes)."""
-    return connect(path, readonly=True)
-
-
 def latest_events(
-    conn: sqlite3.Connection,
+    conn: Reader,
     *,
     type_: str | None = None,
     grid_prefix: str | None = None,
     status: str | None = None,
     by_update: bool = False,
     limit: int = 20,
-) -> list[sqlite3.Row]:
+) -> list[Row]:
     """The newest events (by id, or the most recently updated first), each row with
     ``devices``: its device ids joined by ", "."""
     where: list[str] = ["1=1"]
@@ -406,8 +412,14 @@ def latest_events(
         where.append("e.status = ?")
         args.append(status)
     order = "e.updated_at DESC" if by_update else "e.id DESC"
+    # SQLite's group_concat reads the primary key (event_id, device_id) in order
+    joined = (
+        "string_agg(device_id, ', ' ORDER BY device_id)"
+        if is_pg(conn)
+        else "group_concat(device_id, ', ')"
+    )
     return conn.execute(
-        "SELECT e.*, (SELECT group_concat(device_id, ', ') FROM event_devices d"
+        f"SELECT e.*, (SELECT {joined} FROM event_devices d"
         f" WHERE d.event_id = e.id) AS devices FROM events e WHERE {' AND '.join(where)}"
         f" ORDER BY {order} LIMIT ?",
         [*args, limit],
@@ -424,7 +436,7 @@ class PoolCounts:
     devices_online: int
 
 
-def pool_counts(conn: sqlite3.Connection) -> PoolCounts:
+def pool_counts(conn: Reader) -> PoolCounts:
     def one(sql: str) -> int:
         return int(conn.execute(sql).fetchone()[0])
 
@@ -439,7 +451,7 @@ def pool_counts(conn: sqlite3.Connection) -> PoolCounts:
 
 
 def event_ids(
-    conn: sqlite3.Connection,
+    conn: Reader,
     *,
     type_: str | None = None,
     grid_prefix: str | None = None,
@@ -460,12 +472,14 @@ def event_ids(
     return [r[0] for r in conn.execute(f"SELECT id FROM events WHERE {' AND '.join(where)}", args)]
 
 
-def alert_count(conn: sqlite3.Connection, like: str | None = None) -> int:
+def alert_count(conn: Reader, like: str | None = None) -> int:
     """Pooled alerts (in an event), optionally only those whose alert_id matches ``like``."""
     if like is None:
         return int(conn.execute("SELECT count(*) FROM alerts").fetchone()[0])
     prefix = like[:-1]
-    if like.endswith("%") and prefix and not any(c in prefix for c in "%_"):
+    if like.endswith("%") and prefix and not any(c in prefix for c in "%_") and not is_pg(conn):
+        # (not on PostgreSQL: a database's collation may order "a-b" and "ab" apart from
+        # their bytes, so a range there is not a prefix; LIKE is)
         # a prefix: a range of the alert_id index, not a scan (load runs poll this)
         upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         sql = "SELECT count(*) FROM alerts WHERE alert_id >= ? AND alert_id < ?"
@@ -474,7 +488,7 @@ def alert_count(conn: sqlite3.Connection, like: str | None = None) -> int:
     return int(conn.execute(sql, (like,)).fetchone()[0])
 
 
-def out_of_area(conn: sqlite3.Connection, device_id: str | None = None) -> list[sqlite3.Row]:
+def out_of_area(conn: Reader, device_id: str | None = None) -> list[Row]:
     """Out-of-area alerts (alert_id, device_id, type, lat, lon), oldest first."""
     sql = "SELECT alert_id, device_id, type, lat, lon FROM out_of_area"
     args: tuple[str, ...] = ()
@@ -484,7 +498,7 @@ def out_of_area(conn: sqlite3.Connection, device_id: str | None = None) -> list[
     return conn.execute(sql + " ORDER BY received_at", args).fetchall()
 
 
-def latencies(conn: sqlite3.Connection, like: str | None = None) -> list[float]:
+def latencies(conn: Reader, like: str | None = None) -> list[float]:
     """Seconds from each alert's ``observed_at`` to the commit of its batch."""
     sql = (
         "SELECT b.committed_at - a.observed_at FROM alerts a"
@@ -497,7 +511,7 @@ def latencies(conn: sqlite3.Connection, like: str | None = None) -> list[float]:
     return [float(r[0]) for r in conn.execute(sql, args)]
 
 
-def commit_span(conn: sqlite3.Connection, like: str | None = None) -> tuple[float, float] | None:
+def commit_span(conn: Reader, like: str | None = None) -> tuple[float, float] | None:
     """First and last commit time of batches holding matching alerts."""
     sql = (
         "SELECT min(b.committed_at), max(b.committed_at) FROM alerts a "
@@ -517,16 +531,22 @@ def commit_span(conn: sqlite3.Connection, like: str | None = None) -> tuple[floa
 
 
 @contextmanager
-def snapshot(conn: sqlite3.Connection) -> Iterator[None]:
-    """One read transaction: every question asked inside sees the same pool."""
-    conn.execute("BEGIN")
+def snapshot(conn: Reader) -> Iterator[None]:
+    """One read transaction: every question asked inside sees the same pool (SQLite's read
+    transaction on a WAL snapshot; on PostgreSQL a REPEATABLE READ one, which reads one
+    snapshot of the database, READ ONLY)."""
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if is_pg(conn) else "BEGIN")
     try:
         yield
-    finally:
-        conn.execute("COMMIT")
+    except BaseException:
+        # the question's error says what went wrong, not a failed ROLLBACK on a broken link
+        with suppress(*read_errors()):
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
-def feed_marks(conn: sqlite3.Connection) -> tuple[int, int]:
+def feed_marks(conn: Reader) -> tuple[int, int]:
     """(the newest change number, the newest event id): where a feed begins."""
     row = conn.execute(
         "SELECT COALESCE(MAX(change_seq), 0), COALESCE(MAX(id), 0) FROM events"
@@ -534,12 +554,12 @@ def feed_marks(conn: sqlite3.Connection) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def last_alert_rowid(conn: sqlite3.Connection) -> int:
+def last_alert_rowid(conn: Reader) -> int:
     """The arrival number of the newest pooled alert."""
     return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM alerts").fetchone()[0])
 
 
-def changed_events(conn: sqlite3.Connection, after_seq: int, limit: int) -> list[tuple[int, int]]:
+def changed_events(conn: Reader, after_seq: int, limit: int) -> list[tuple[int, int]]:
     """(event id, change number) of the events changed after ``after_seq``, in change order."""
     return [
         (int(r[0]), int(r[1]))
@@ -550,7 +570,7 @@ def changed_events(conn: sqlite3.Connection, after_seq: int, limit: int) -> list
     ]
 
 
-def alerts_after(conn: sqlite3.Connection, rowid: int, limit: int) -> list[sqlite3.Row]:
+def alerts_after(conn: Reader, rowid: int, limit: int) -> list[Row]:
     """Alerts pooled after arrival number ``rowid``, in arrival order: (id, alert_id,
     device_id, seq, outcome, event_id, type, severity, grid_code, lat, lon, received_at)."""
     return conn.execute(
@@ -560,7 +580,7 @@ def alerts_after(conn: sqlite3.Connection, rowid: int, limit: int) -> list[sqlit
     ).fetchall()
 
 
-def out_of_area_after(conn: sqlite3.Connection, at: float, limit: int) -> list[sqlite3.Row]:
+def out_of_area_after(conn: Reader, at: float, limit: int) -> list[Row]:
     """Out-of-area alerts received after ``at``: (alert_id, device_id, type, lat, lon,
     received_at), oldest first."""
     return conn.execute(
