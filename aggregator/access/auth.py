@@ -1,8 +1,9 @@
 """Operator accounts and graded access (GB/T 34300 §7.2: 一级一权限、一机一帐号、一人一密码).
 
-Every operator has an account of their own with an argon2 password hash, kept in the pool file
-beside the events it grants access to (tables ``operators`` and ``operator_tokens``). An account
-has a level and a scope:
+Every operator has an account of their own with an argon2 password hash, kept in the pool beside
+the events it grants access to (tables ``operators`` and ``operator_tokens`` of the SQLite file
+or of the PostgreSQL database that replicas share; aggregator/access/store.py). An account has a
+level and a scope:
 
 =============  ===========================================================================
 level          sees
@@ -30,7 +31,6 @@ import logging
 import os
 import re
 import secrets
-import sqlite3
 import sys
 import threading
 import time
@@ -45,8 +45,8 @@ from pathlib import Path
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from aggregator.access.store import AccountRecord, AccountStore, open_account_store
 from aggregator.errors import AggregatorError
-from aggregator.pool.sqlite import connect
 
 __all__ = [
     "DEV_ENV",
@@ -72,30 +72,6 @@ DEV_ENV = "CWG_DEV"
 MIN_PASSWORD_LENGTH = 10
 USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{1,63}$")
 DEPARTMENT_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS operators (
-    username            TEXT PRIMARY KEY,
-    level               TEXT NOT NULL CHECK (level IN
-                          ('admin','county','street','community','department')),
-    scope_code          TEXT NOT NULL DEFAULT '',   -- grid code prefix; '' = every grid
-    department          TEXT,                       -- catalogue department code
-    display_name        TEXT NOT NULL,
-    password_hash       TEXT NOT NULL,              -- argon2id, PHC string
-    disabled            INTEGER NOT NULL DEFAULT 0,
-    created_at          REAL NOT NULL,
-    password_changed_at REAL NOT NULL,
-    last_login_at       REAL
-) WITHOUT ROWID;
-
-CREATE TABLE IF NOT EXISTS operator_tokens (
-    token_hash   TEXT PRIMARY KEY,                  -- sha256 of the bearer token, hex
-    username     TEXT NOT NULL REFERENCES operators(username),
-    issued_at    REAL NOT NULL,
-    expires_at   REAL NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS operator_tokens_user ON operator_tokens(username);
-"""
 
 
 class AuthError(AggregatorError):
@@ -180,14 +156,14 @@ def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _row_operator(row: sqlite3.Row) -> Operator:
+def _operator(record: AccountRecord) -> Operator:
     return Operator(
-        username=row["username"],
-        level=Level(row["level"]),
-        scope_code=row["scope_code"],
-        department=row["department"],
-        display_name=row["display_name"],
-        disabled=bool(row["disabled"]),
+        username=record.username,
+        level=Level(record.level),
+        scope_code=record.scope_code,
+        department=record.department,
+        display_name=record.display_name,
+        disabled=record.disabled,
     )
 
 
@@ -218,28 +194,33 @@ def check_scope(level: Level, scope_code: str, department: str | None) -> None:
 
 
 class AuthStore:
-    """Accounts and tokens in the pool file. Thread-safe; one connection behind a lock."""
+    """Accounts, passwords and tokens of one pool: the pool file, or the PostgreSQL pool that
+    every replica shares. Hashing and checking happen here; the rows are kept by an
+    ``AccountStore`` (aggregator/access/store.py). Thread-safe."""
 
     def __init__(
         self,
-        pool_path: Path | str,
+        pool: Path | str | AccountStore,
         *,
         token_ttl: timedelta = timedelta(hours=12),
         hasher: PasswordHasher | None = None,
     ) -> None:
-        self.path = Path(pool_path)
+        """``pool`` is the pool target as ``Settings.pool_target`` gives it (an SQLite pool
+        file, or a ``postgresql://`` URL), or an account store opened by the caller."""
         self.token_ttl = token_ttl
         self._hasher = hasher or PasswordHasher()
-        self._lock = threading.Lock()
-        self._db = connect(self.path)
-        self._db.executescript(_SCHEMA)
+        self._store = open_account_store(pool) if isinstance(pool, Path | str) else pool
         # Verifying against this when the user is unknown keeps the answer time the same, so
         # timing does not reveal which usernames exist.
         self._dummy_hash = self._hasher.hash(secrets.token_hex(16))
 
+    @property
+    def target(self) -> str:
+        """Where the accounts are, safe to print (a URL without its password)."""
+        return self._store.target
+
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._store.close()
 
     # -- accounts -------------------------------------------------------------------------
 
@@ -271,68 +252,41 @@ class AuthStore:
                 f"password refused: at least {MIN_PASSWORD_LENGTH} characters and not the "
                 "username (omit it to have one generated)"
             )
-        now = time.time()
-        password_hash = self._hasher.hash(password)
-        try:
-            with self._lock:
-                self._db.execute(
-                    "INSERT INTO operators(username, level, scope_code, department, display_name,"
-                    " password_hash, created_at, password_changed_at) VALUES (?,?,?,?,?,?,?,?)",
-                    (
-                        username,
-                        level.value,
-                        scope_code,
-                        department,
-                        display_name or username,
-                        password_hash,
-                        now,
-                        now,
-                    ),
-                )
-        except sqlite3.IntegrityError as exc:
-            raise AccountError(f"account {username!r} already exists") from exc
+        record = AccountRecord(
+            username=username,
+            level=level.value,
+            scope_code=scope_code,
+            department=department,
+            display_name=display_name or username,
+            password_hash=self._hasher.hash(password),
+            disabled=False,
+        )
+        if not self._store.add(record, time.time()):
+            raise AccountError(f"account {username!r} already exists")
         log.info("operator account %s created level=%s scope=%s", username, level, scope_code)
-        operator = Operator(username, level, scope_code, department, display_name or username)
-        return operator, password
+        return _operator(record), password
 
     def accounts(self) -> list[Operator]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM operators ORDER BY username").fetchall()
-        return [_row_operator(r) for r in rows]
+        return [_operator(r) for r in self._store.accounts()]
 
     def account(self, username: str) -> Operator | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM operators WHERE username=?", (username,)
-            ).fetchone()
-        return None if row is None else _row_operator(row)
+        record = self._store.account(username)
+        return None if record is None else _operator(record)
 
     def set_disabled(self, username: str, disabled: bool) -> None:
         """Disable (and log out everywhere) or re-enable an account."""
-        with self._lock:
-            cur = self._db.execute(
-                "UPDATE operators SET disabled=? WHERE username=?", (int(disabled), username)
-            )
-            if cur.rowcount == 0:
-                raise AccountError(f"no account {username!r}")
-            if disabled:
-                self._db.execute("DELETE FROM operator_tokens WHERE username=?", (username,))
+        if not self._store.set_disabled(username, disabled):
+            raise AccountError(f"no account {username!r}")
         log.info("operator account %s %s", username, "disabled" if disabled else "enabled")
 
     def set_password(self, username: str, password: str | None = None) -> str:
+        """Set a new password (generated when none is given) and end the account's sessions."""
         if password is None:
             password = secrets.token_urlsafe(12)
         elif len(password) < MIN_PASSWORD_LENGTH or password.casefold() == username.casefold():
             raise AccountError(f"password refused: at least {MIN_PASSWORD_LENGTH} characters")
-        password_hash = self._hasher.hash(password)
-        with self._lock:
-            cur = self._db.execute(
-                "UPDATE operators SET password_hash=?, password_changed_at=? WHERE username=?",
-                (password_hash, time.time(), username),
-            )
-            if cur.rowcount == 0:
-                raise AccountError(f"no account {username!r}")
-            self._db.execute("DELETE FROM operator_tokens WHERE username=?", (username,))
+        if not self._store.set_password_hash(username, self._hasher.hash(password), time.time()):
+            raise AccountError(f"no account {username!r}")
         return password
 
     def ensure_dev_admin(self, dev: bool) -> str | None:
@@ -340,19 +294,18 @@ class AuthStore:
         account exists yet.
 
         Returns a line to print, or None when nothing was created."""
-        if not dev:
+        if not dev or self._store.count():
             return None
-        with self._lock:
-            count = self._db.execute("SELECT count(*) FROM operators").fetchone()[0]
-        if count:
-            return None
-        self.create_account(
-            "admin",
-            Level.ADMIN,
-            display_name="Demo administrator",
-            password="admin",  # noqa: S106 - development mode only, announced loudly
-            allow_weak_password=True,
-        )
+        try:
+            self.create_account(
+                "admin",
+                Level.ADMIN,
+                display_name="Demo administrator",
+                password="admin",  # noqa: S106 - development mode only, announced loudly
+                allow_weak_password=True,
+            )
+        except AccountError:
+            return None  # another replica made it a moment ago
         message = (
             f"{DEV_ENV}=1: created the demo account admin/admin. Never run like this in "
             "production: unset CWG_DEV and provision accounts with `gateway accounts add`."
@@ -363,67 +316,44 @@ class AuthStore:
     # -- tokens ---------------------------------------------------------------------------
 
     def login(self, username: str, password: str) -> IssuedToken:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM operators WHERE username=?", (username,)
-            ).fetchone()
-        stored = row["password_hash"] if row is not None else self._dummy_hash
+        record = self._store.account(username)
+        stored = record.password_hash if record is not None else self._dummy_hash
         try:
             self._hasher.verify(stored, password)
-            ok = row is not None
+            ok = record is not None
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             ok = False
-        if not ok or row is None:
+        if not ok or record is None:
             log.info("login refused for %r", username)
             raise AuthError("wrong username or password")
-        if row["disabled"]:
+        if record.disabled:
             raise AuthError("this account is disabled")
         # Hashes made with older (cheaper) parameters are upgraded while the password is known.
         rehashed = self._hasher.hash(password) if self._hasher.check_needs_rehash(stored) else None
         token = secrets.token_urlsafe(32)
         now = time.time()
         expires = now + self.token_ttl.total_seconds()
-        with self._lock:
-            # Expired tokens are swept at login: the table stays as small as the live sessions.
-            self._db.execute("DELETE FROM operator_tokens WHERE expires_at < ?", (now,))
-            self._db.execute(
-                "INSERT INTO operator_tokens(token_hash, username, issued_at, expires_at)"
-                " VALUES (?,?,?,?)",
-                (_token_hash(token), username, now, expires),
-            )
-            self._db.execute(
-                "UPDATE operators SET last_login_at=? WHERE username=?", (now, username)
-            )
-            if rehashed is not None:
-                self._db.execute(
-                    "UPDATE operators SET password_hash=? WHERE username=?", (rehashed, username)
-                )
+        self._store.add_token(_token_hash(token), username, now, expires, rehashed)
         log.info("operator %s logged in", username)
-        return IssuedToken(token, datetime.fromtimestamp(expires, UTC), _row_operator(row))
+        return IssuedToken(token, datetime.fromtimestamp(expires, UTC), _operator(record))
 
     def resolve(self, token: str) -> Operator:
-        """The operator a bearer token belongs to; AuthError if unknown, expired or disabled."""
+        """The operator a bearer token belongs to; AuthError if unknown, expired or disabled.
+        On PostgreSQL, an unreachable pool raises ``PoolUnavailableError`` instead."""
         if not token or len(token) > 256:
             raise AuthError("invalid token")
-        with self._lock:
-            row = self._db.execute(
-                "SELECT o.*, t.expires_at FROM operator_tokens t"
-                " JOIN operators o ON o.username = t.username WHERE t.token_hash=?",
-                (_token_hash(token),),
-            ).fetchone()
-        if row is None:
+        found = self._store.token_account(_token_hash(token))
+        if found is None:
             raise AuthError("invalid token")
-        if row["expires_at"] < time.time():
+        record, expires_at = found
+        if expires_at < time.time():
             raise AuthError("token expired; log in again")
-        if row["disabled"]:
+        if record.disabled:
             raise AuthError("this account is disabled")
-        return _row_operator(row)
+        return _operator(record)
 
     def revoke(self, token: str) -> None:
-        with self._lock:
-            self._db.execute(
-                "DELETE FROM operator_tokens WHERE token_hash=?", (_token_hash(token),)
-            )
+        self._store.delete_token(_token_hash(token))
 
 
 # -- login throttling -------------------------------------------------------------------------
@@ -625,7 +555,7 @@ async def verify_login(
 
 
 def create_account(
-    pool_path: Path | str,
+    pool: Path | str,
     username: str,
     level: Level | str,
     *,
@@ -634,8 +564,9 @@ def create_account(
     display_name: str | None = None,
     password: str | None = None,
 ) -> tuple[Operator, str]:
-    """Provision one operator account in the pool file; returns it and its password."""
-    store = AuthStore(pool_path)
+    """Provision one operator account in a pool (file or ``postgresql://`` URL); returns it and
+    its password."""
+    store = AuthStore(pool)
     try:
         return store.create_account(
             username,
@@ -668,7 +599,9 @@ def _parser() -> argparse.ArgumentParser:
         "--pool",
         type=Path,
         default=None,
-        help="pool file (default: pool.db in the data directory, or $CWG_POOL_PATH)",
+        help="SQLite pool file (default: $CWG_POOL_URL when set, which names the PostgreSQL "
+        "pool and keeps its password out of process lists; else $CWG_POOL_PATH, else pool.db "
+        "in the data directory)",
     )
     sub = p.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add", help="create an account; prints its password once")
@@ -689,21 +622,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _default_pool(data_dir: Path | None) -> Path:
-    """The pool every gateway command uses: CWG_POOL_PATH, else pool.db under the data
-    directory (--data-dir, else CWG_DATA_DIR, else ./var)."""
+def _default_pool(data_dir: Path | None) -> Path | str:
+    """The pool every gateway command uses: CWG_POOL_URL, else CWG_POOL_PATH, else pool.db
+    under the data directory (--data-dir, else CWG_DATA_DIR, else ./var)."""
     from aggregator.config import Settings
 
-    return (Settings() if data_dir is None else Settings(data_dir=data_dir)).pool
+    return (Settings() if data_dir is None else Settings(data_dir=data_dir)).pool_target
 
 
 def main_accounts(argv: Sequence[str] | None = None) -> int:
     """``gateway accounts …``; returns the exit status."""
     args = _parser().parse_args(argv)
-    pool: Path = args.pool or _default_pool(args.data_dir)
-    # say which pool: an account made in another one is one the running gateway never sees
-    print(f"pool: {pool}", file=sys.stderr)
+    pool: Path | str = args.pool or _default_pool(args.data_dir)
     store = AuthStore(pool)
+    # say which pool: an account made in another one is one the running gateway never sees
+    print(f"pool: {store.target}", file=sys.stderr)
     try:
         if args.command == "add":
             password = None

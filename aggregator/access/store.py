@@ -1,0 +1,453 @@
+"""Where operator accounts and bearer tokens are kept: the pool's database, on either backend.
+
+``AccountStore`` is the small port that ``AuthStore`` (aggregator/access/auth.py) talks to; it
+holds rows, never passwords or tokens (only their argon2 and SHA-256 hashes). Two adapters:
+
+- ``SqliteAccountStore``: tables ``operators`` and ``operator_tokens`` in the SQLite pool file,
+  made by this module (``CREATE TABLE IF NOT EXISTS``), one connection behind a lock.
+- ``PgAccountStore``: the same tables in the PostgreSQL pool, made by the pool's numbered
+  migrations (aggregator/pool/migrations/postgres/0002_operators.sql), through a small
+  connection pool. Every replica of the aggregator reads and writes the same rows, so a token
+  issued by one replica's API is accepted by every other, and disabling an account or changing
+  its password ends its sessions on all of them at once.
+
+``open_account_store(target)`` takes the pool target as every command finds it: a ``Path`` (or
+path string) is an SQLite pool file, a ``postgresql://`` URL the PostgreSQL pool.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import psycopg
+import psycopg_pool
+
+from aggregator.config import redact_pool_url
+from aggregator.pool.postgres import PoolUnavailableError, is_pg_pool_fault, migrate
+from aggregator.pool.sqlite import connect
+
+__all__ = [
+    "AccountRecord",
+    "AccountStore",
+    "PgAccountStore",
+    "SqliteAccountStore",
+    "describe_target",
+    "is_pg_target",
+    "open_account_store",
+]
+
+PG_SCHEMES: Final = ("postgresql://", "postgres://")
+
+_SQLITE_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS operators (
+    username            TEXT PRIMARY KEY,
+    level               TEXT NOT NULL CHECK (level IN
+                          ('admin','county','street','community','department')),
+    scope_code          TEXT NOT NULL DEFAULT '',   -- grid code prefix; '' = every grid
+    department          TEXT,                       -- catalogue department code
+    display_name        TEXT NOT NULL,
+    password_hash       TEXT NOT NULL,              -- argon2id, PHC string
+    disabled            INTEGER NOT NULL DEFAULT 0,
+    created_at          REAL NOT NULL,
+    password_changed_at REAL NOT NULL,
+    last_login_at       REAL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS operator_tokens (
+    token_hash   TEXT PRIMARY KEY,                  -- sha256 of the bearer token, hex
+    username     TEXT NOT NULL REFERENCES operators(username),
+    issued_at    REAL NOT NULL,
+    expires_at   REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS operator_tokens_user ON operator_tokens(username);
+"""
+
+# The columns of an AccountRecord, in its field order; both adapters select exactly these.
+_COLUMNS: Final = "username, level, scope_code, department, display_name, password_hash, disabled"
+_SESSION_COLUMNS: Final = (
+    "o.username, o.level, o.scope_code, o.department, o.display_name, o.password_hash,"
+    " o.disabled, t.expires_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRecord:
+    """One ``operators`` row as the store hands it out (the level as stored, a string)."""
+
+    username: str
+    level: str
+    scope_code: str
+    department: str | None
+    display_name: str
+    password_hash: str
+    disabled: bool
+
+
+def _record(row: Sequence[Any]) -> AccountRecord:
+    return AccountRecord(
+        username=row[0],
+        level=row[1],
+        scope_code=row[2],
+        department=row[3],
+        display_name=row[4],
+        password_hash=row[5],
+        disabled=bool(row[6]),  # SQLite keeps 0/1, PostgreSQL a boolean
+    )
+
+
+class AccountStore(Protocol):
+    """Accounts and token hashes. Every method is one transaction; thread-safe."""
+
+    @property
+    def target(self) -> str:
+        """Where the rows are, safe to print (no password)."""
+        ...
+
+    def add(self, record: AccountRecord, at: float) -> bool:
+        """Insert an account; False when the username is taken (nothing changed)."""
+        ...
+
+    def accounts(self) -> list[AccountRecord]:
+        """Every account, by username."""
+        ...
+
+    def account(self, username: str) -> AccountRecord | None: ...
+
+    def count(self) -> int: ...
+
+    def set_disabled(self, username: str, disabled: bool) -> bool:
+        """Disable (deleting the account's tokens) or enable; False when no such account."""
+        ...
+
+    def set_password_hash(self, username: str, password_hash: str, at: float) -> bool:
+        """Store a new hash and delete the account's tokens; False when no such account."""
+        ...
+
+    def add_token(
+        self,
+        token_hash: str,
+        username: str,
+        issued_at: float,
+        expires_at: float,
+        rehashed: str | None = None,
+    ) -> None:
+        """Record a login: the token, the login time, and a password hash upgraded to the
+        current parameters (``rehashed``); the account's expired tokens go."""
+        ...
+
+    def token_account(self, token_hash: str) -> tuple[AccountRecord, float] | None:
+        """The account a token hash belongs to and the token's expiry (UNIX seconds)."""
+        ...
+
+    def delete_token(self, token_hash: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def is_pg_target(target: Path | str) -> bool:
+    """Whether a pool target names a PostgreSQL database rather than an SQLite file."""
+    return isinstance(target, str) and target.lower().startswith(PG_SCHEMES)
+
+
+def describe_target(target: Path | str) -> str:
+    """A pool target fit for a log line or a terminal: a URL loses its password and options."""
+    return redact_pool_url(str(target)) if is_pg_target(target) else str(target)
+
+
+def open_account_store(target: Path | str) -> AccountStore:
+    """The account store of a pool: ``PgAccountStore`` for a ``postgresql://`` URL, else
+    ``SqliteAccountStore`` on the pool file."""
+    if is_pg_target(target):
+        return PgAccountStore(str(target))
+    return SqliteAccountStore(Path(target))
+
+
+# ---------------------------------------------------------------------------- SQLite
+
+
+class SqliteAccountStore:
+    """The tables in the SQLite pool file: one connection behind a lock (account reads are
+    single-row lookups; the pool's WAL keeps them from waiting on ingest)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = connect(path)
+        self._db.executescript(_SQLITE_SCHEMA)
+
+    @property
+    def target(self) -> str:
+        return str(self.path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock (the connection is in autocommit mode)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def add(self, record: AccountRecord, at: float) -> bool:
+        try:
+            with self._lock:
+                self._db.execute(
+                    "INSERT INTO operators(username, level, scope_code, department, display_name,"
+                    " password_hash, disabled, created_at, password_changed_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?)",
+                    (
+                        record.username,
+                        record.level,
+                        record.scope_code,
+                        record.department,
+                        record.display_name,
+                        record.password_hash,
+                        int(record.disabled),
+                        at,
+                        at,
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def accounts(self) -> list[AccountRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM operators ORDER BY username")
+            return [_record(r) for r in rows.fetchall()]
+
+    def account(self, username: str) -> AccountRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM operators WHERE username=?", (username,)
+            ).fetchone()
+        return None if row is None else _record(row)
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM operators").fetchone()[0])
+
+    def set_disabled(self, username: str, disabled: bool) -> bool:
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE operators SET disabled=? WHERE username=?", (int(disabled), username)
+            )
+            if cur.rowcount and disabled:
+                db.execute("DELETE FROM operator_tokens WHERE username=?", (username,))
+        return cur.rowcount > 0
+
+    def set_password_hash(self, username: str, password_hash: str, at: float) -> bool:
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE operators SET password_hash=?, password_changed_at=? WHERE username=?",
+                (password_hash, at, username),
+            )
+            db.execute("DELETE FROM operator_tokens WHERE username=?", (username,))
+        return cur.rowcount > 0
+
+    def add_token(
+        self,
+        token_hash: str,
+        username: str,
+        issued_at: float,
+        expires_at: float,
+        rehashed: str | None = None,
+    ) -> None:
+        with self._write() as db:
+            db.execute(
+                "DELETE FROM operator_tokens WHERE username=? AND expires_at<?",
+                (username, issued_at),
+            )
+            db.execute(
+                "INSERT INTO operator_tokens(token_hash, username, issued_at, expires_at)"
+                " VALUES (?,?,?,?)",
+                (token_hash, username, issued_at, expires_at),
+            )
+            db.execute(
+                "UPDATE operators SET last_login_at=?, password_hash=coalesce(?, password_hash)"
+                " WHERE username=?",
+                (issued_at, rehashed, username),
+            )
+
+    def token_account(self, token_hash: str) -> tuple[AccountRecord, float] | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_SESSION_COLUMNS} FROM operator_tokens t"
+                " JOIN operators o ON o.username = t.username WHERE t.token_hash=?",
+                (token_hash,),
+            ).fetchone()
+        return None if row is None else (_record(row), float(row[7]))
+
+    def delete_token(self, token_hash: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM operator_tokens WHERE token_hash=?", (token_hash,))
+
+
+# ---------------------------------------------------------------------------- PostgreSQL
+
+
+class PgAccountStore:
+    """The tables in the PostgreSQL pool, shared by every replica. Opening migrates the pool
+    (as the event pool's adapter does), so ``gateway accounts add`` works on a fresh database
+    before any aggregator has started. Server and connection faults raise
+    ``PoolUnavailableError``, never ``AuthError``: an unreachable pool is not a bad token."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 4,
+        connect_timeout_s: float = 10.0,
+        migrate_on_open: bool = True,
+    ) -> None:
+        self._target = describe_target(url)
+        with self._faults():
+            if migrate_on_open:
+                migrate(url)
+            self._pool = psycopg_pool.ConnectionPool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                kwargs={"autocommit": True},
+                # a connection broken by a server restart is replaced on checkout
+                check=psycopg_pool.ConnectionPool.check_connection,
+                timeout=connect_timeout_s,
+                open=False,
+                name="cwg-access",
+            )
+            self._pool.open(wait=True, timeout=connect_timeout_s)
+
+    @property
+    def target(self) -> str:
+        return self._target
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextmanager
+    def _faults(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            if is_pg_pool_fault(exc):
+                # the URL stays out of the message: it may hold a password
+                raise PoolUnavailableError(
+                    f"PostgreSQL pool {self._target}: {type(exc).__name__}"
+                ) from exc
+            raise
+
+    @contextmanager
+    def _conn(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._faults(), self._pool.connection() as conn:
+            yield conn
+
+    def add(self, record: AccountRecord, at: float) -> bool:
+        with self._conn() as conn:
+            # ON CONFLICT rather than catching UniqueViolation: two replicas (or two
+            # administrators) adding one name at once both get an answer, not an error
+            row = conn.execute(
+                "INSERT INTO operators(username, level, scope_code, department, display_name,"
+                " password_hash, disabled, created_at, password_changed_at)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                " ON CONFLICT (username) DO NOTHING RETURNING username",
+                (
+                    record.username,
+                    record.level,
+                    record.scope_code,
+                    record.department,
+                    record.display_name,
+                    record.password_hash,
+                    record.disabled,
+                    at,
+                    at,
+                ),
+            ).fetchone()
+        return row is not None
+
+    def accounts(self) -> list[AccountRecord]:
+        with self._conn() as conn:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM operators ORDER BY username").fetchall()
+        return [_record(r) for r in rows]
+
+    def account(self, username: str) -> AccountRecord | None:
+        with self._conn() as conn:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM operators WHERE username=%s", (username,)
+            ).fetchone()
+        return None if row is None else _record(row)
+
+    def count(self) -> int:
+        with self._conn() as conn:
+            row = conn.execute("SELECT count(*) FROM operators").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def set_disabled(self, username: str, disabled: bool) -> bool:
+        with self._conn() as conn, conn.transaction():
+            cur = conn.execute(
+                "UPDATE operators SET disabled=%s WHERE username=%s", (disabled, username)
+            )
+            found = cur.rowcount > 0
+            if found and disabled:
+                conn.execute("DELETE FROM operator_tokens WHERE username=%s", (username,))
+        return found
+
+    def set_password_hash(self, username: str, password_hash: str, at: float) -> bool:
+        with self._conn() as conn, conn.transaction():
+            cur = conn.execute(
+                "UPDATE operators SET password_hash=%s, password_changed_at=%s WHERE username=%s",
+                (password_hash, at, username),
+            )
+            found = cur.rowcount > 0
+            conn.execute("DELETE FROM operator_tokens WHERE username=%s", (username,))
+        return found
+
+    def add_token(
+        self,
+        token_hash: str,
+        username: str,
+        issued_at: float,
+        expires_at: float,
+        rehashed: str | None = None,
+    ) -> None:
+        with self._conn() as conn, conn.transaction():
+            conn.execute(
+                "DELETE FROM operator_tokens WHERE username=%s AND expires_at<%s",
+                (username, issued_at),
+            )
+            conn.execute(
+                "INSERT INTO operator_tokens(token_hash, username, issued_at, expires_at)"
+                " VALUES (%s,%s,%s,%s)",
+                (token_hash, username, issued_at, expires_at),
+            )
+            conn.execute(
+                "UPDATE operators SET last_login_at=%s,"
+                " password_hash=coalesce(%s, password_hash) WHERE username=%s",
+                (issued_at, rehashed, username),
+            )
+
+    def token_account(self, token_hash: str) -> tuple[AccountRecord, float] | None:
+        with self._conn() as conn:
+            row = conn.execute(
+                f"SELECT {_SESSION_COLUMNS} FROM operator_tokens t"
+                " JOIN operators o ON o.username = t.username WHERE t.token_hash=%s",
+                (token_hash,),
+            ).fetchone()
+        return None if row is None else (_record(row), float(row[7]))
+
+    def delete_token(self, token_hash: str) -> None:
+        with self._conn() as conn:
+            conn.execute("DELETE FROM operator_tokens WHERE token_hash=%s", (token_hash,))
