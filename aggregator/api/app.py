@@ -12,6 +12,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
+import psycopg
+import psycopg_pool
 from fastapi import Body, FastAPI, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
@@ -45,7 +47,9 @@ from aggregator.fanout.metrics import Metrics
 from aggregator.fanout.stream import StreamHub
 from aggregator.grids import GridIndex
 from aggregator.pool import queries
-from aggregator.pool.port import SnapshotStorage
+from aggregator.pool.port import LifecycleSteps, SnapshotStorage
+from aggregator.pool.postgres import PoolUnavailableError, is_pg_pool_fault
+from aggregator.pool.reader import is_pool_url
 from aggregator.pool.sqlite import LifecycleWriter
 from contract import Catalogue, EventNoticeV1
 
@@ -139,7 +143,7 @@ def install_log_redaction() -> None:
 
 def create_app(
     *,
-    pool_path: Path,
+    pool: Path | str,
     catalogue: Catalogue,
     grids: GridIndex,
     snapshots: SnapshotStorage,
@@ -150,16 +154,26 @@ def create_app(
     on_notice: Callable[[EventNoticeV1], None] | None = None,
     web_root: Path | None = WEB_ROOT,
     access: AccessSettings | None = None,
+    writer: LifecycleSteps | None = None,
+    pool_label: str | None = None,
 ) -> FastAPI:
-    """The FastAPI app over one pool file. The pool must exist (the aggregator creates it).
+    """The FastAPI app over one pool: a SQLite file or a PostgreSQL URL. The pool must exist
+    (the aggregator creates and migrates it).
 
+    ``writer`` takes operators' lifecycle steps (default: a ``LifecycleWriter`` of its own on
+    the SQLite file; on PostgreSQL the caller hands one in, as ``api/server.py`` does); the app
+    closes it. ``pool_label`` names the pool in logs (default: the file's path).
     ``on_notice`` also receives the notice of every lifecycle step an operator takes (the live
     stream always does), e.g. to publish it on the MQTT events topic for integrators."""
-    pool_path = Path(pool_path)
+    if not is_pool_url(pool):
+        pool = Path(pool)
+    elif writer is None:
+        raise ValueError("a PostgreSQL pool needs its lifecycle writer handed in")
     access = access or AccessSettings()
     install_log_redaction()
     ctx = ApiContext(
-        pool_path=pool_path,
+        pool=pool,
+        pool_label=pool_label or str(pool),
         catalogue=catalogue,
         grids=grids,
         snapshots=snapshots,
@@ -168,8 +182,8 @@ def create_app(
         auth=auth,
         broker_connected=broker_connected,
         on_notice=on_notice,
-        readers=Readers(pool_path),
-        writer=LifecycleWriter(pool_path),
+        readers=Readers(pool),
+        writer=writer if writer is not None else LifecycleWriter(pool),
         grid_features=grids.to_geojson()["features"],
         limiter=LoginLimiter(
             LimiterPolicy(
@@ -214,6 +228,25 @@ def create_app(
     )
     app.state.ctx = ctx
     app.add_middleware(SecurityHeaders)
+
+    async def pool_unreachable(request: Request, exc: Exception) -> JSONResponse:
+        # An unreachable pool (PostgreSQL down or restarting) is the service's state, not a
+        # bug of the request: 503, and the client may try again shortly.
+        log.warning("%s %s: the pool is unreachable (%s)", request.method, request.url.path, exc)
+        return JSONResponse(
+            {"detail": "the event pool is unreachable; try again shortly"},
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "5"},
+        )
+
+    if is_pool_url(pool):
+        for fault in (
+            PoolUnavailableError,
+            psycopg.OperationalError,
+            psycopg.InterfaceError,
+            psycopg_pool.PoolTimeout,
+        ):
+            app.add_exception_handler(fault, pool_unreachable)
 
     _auth_routes(app)
     _ops_routes(app)
@@ -338,8 +371,14 @@ def _ops_routes(app: FastAPI) -> None:
         try:
             queries.ping(ctx.readers.get())
             pool_ok = True
-        except Exception:
-            log.warning("readiness: pool %s is not readable", ctx.pool_path, exc_info=True)
+        except Exception as exc:
+            # an unreachable PostgreSQL is expected while it restarts: no traceback for that
+            log.warning(
+                "readiness: pool %s is not readable: %s",
+                ctx.pool_label,
+                exc,
+                exc_info=not is_pg_pool_fault(exc),
+            )
             pool_ok = False
         broker_ok = bool(ctx.broker_connected())
         ready = Ready(ready=pool_ok and broker_ok, pool=pool_ok, broker=broker_ok)

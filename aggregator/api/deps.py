@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,24 +24,25 @@ from aggregator.api.models import EventPage, Problem
 from aggregator.fanout.metrics import Metrics
 from aggregator.fanout.stream import StreamHub
 from aggregator.grids import GridIndex
-from aggregator.pool import queries
 from aggregator.pool.port import LifecycleSteps, SnapshotStorage
+from aggregator.pool.reader import Reader, open_reader
 from contract import Catalogue, EventNoticeV1
 
 
 class Readers:
-    """Read-only pool connections, one per server thread (WAL: reads never wait for ingest)."""
+    """Read-only pool connections, one per server thread (SQLite WAL, or PostgreSQL's MVCC:
+    reads never wait for ingest)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, target: Path | str) -> None:
+        self.target = target
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._all: list[Reader] = []
         self._lock = threading.Lock()
 
-    def get(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+    def get(self) -> Reader:
+        conn: Reader | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = queries.open_reader(self.path)
+            conn = open_reader(self.target)
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
@@ -58,7 +58,8 @@ class Readers:
 
 @dataclass
 class ApiContext:
-    pool_path: Path
+    pool: Path | str  # the SQLite file or the PostgreSQL URL (holds its password: never log it)
+    pool_label: str  # the pool as logs name it
     catalogue: Catalogue
     grids: GridIndex
     snapshots: SnapshotStorage
@@ -129,11 +130,11 @@ def bearer_token(request: Request) -> str | None:
     return request.cookies.get(STREAM_COOKIE) or None
 
 
-def db(ctx: Ctx) -> sqlite3.Connection:
+def db(ctx: Ctx) -> Reader:
     return ctx.readers.get()
 
 
-Db = Annotated[sqlite3.Connection, Depends(db)]
+Db = Annotated[Reader, Depends(db)]
 
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "no token, or an invalid or expired one"},

@@ -6,7 +6,6 @@ import base64
 import binascii
 import logging
 import math
-import sqlite3
 import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -32,6 +31,8 @@ from aggregator.api.models import (
 from aggregator.errors import PoolError
 from aggregator.pool import queries
 from aggregator.pool.model import summary_from_row
+from aggregator.pool.postgres import PoolUnavailableError
+from aggregator.pool.reader import Reader, Row
 from contract import (
     EventNoticeV1,
     EventStatus,
@@ -72,7 +73,7 @@ def _dt(value: float) -> datetime:
 
 
 def event_item(
-    row: sqlite3.Row, devices: list[str], ctx: ApiContext, now: float | None = None
+    row: Row, devices: list[str], ctx: ApiContext, now: float | None = None
 ) -> EventItem:
     summary = summary_from_row(row, devices, ctx.catalogue)
     now = time.time() if now is None else now
@@ -218,7 +219,7 @@ def list_events(
 
 def _event_page(
     ctx: ApiContext,
-    conn: sqlite3.Connection,
+    conn: Reader,
     scope: queries.Scope,
     wanted: queries.EventFilter,
     sort: EventSort,
@@ -256,7 +257,7 @@ def get_event(
     return _detail(ctx, conn, row, alerts_limit)
 
 
-def _detail(ctx: ApiContext, conn: sqlite3.Connection, row: sqlite3.Row, limit: int) -> EventDetail:
+def _detail(ctx: ApiContext, conn: Reader, row: Row, limit: int) -> EventDetail:
     event_id = row["id"]
     alert_rows = queries.event_alerts(conn, event_id, limit + 1)
     truncated = len(alert_rows) > limit
@@ -384,6 +385,8 @@ def transition(
     with ctx.write_lock:
         try:
             done = ctx.writer.set_status(event_id, target, operator.username, note)
+        except PoolUnavailableError:
+            raise  # the pool is unreachable: 503 (create_app's handler), not a conflict
         except PoolError as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     # A step taken here shows in every list at once, not after the lists' micro-cache expires.

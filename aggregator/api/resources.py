@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import sqlite3
 import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -36,6 +35,7 @@ from aggregator.api.models import (
 from aggregator.grids import GridIndex
 from aggregator.pool import queries
 from aggregator.pool.handling import GroupBy, Handling, group_name
+from aggregator.pool.reader import Row
 from contract import Location, RejectReason
 from contract.messages import DEVICE_ID_PATTERN
 
@@ -132,7 +132,7 @@ def _grid_of(grids: GridIndex, lat: float | None, lon: float | None) -> str | No
     return found.code if found else None
 
 
-def _device(r: sqlite3.Row, grid_code: str | None) -> DeviceOut:
+def _device(r: Row, grid_code: str | None) -> DeviceOut:
     health: dict[str, Any] | None = None
     if r["health"]:
         try:
@@ -211,7 +211,7 @@ def _require_admin(operator: Operator) -> None:
         )
 
 
-def _dead_letter(r: sqlite3.Row, limit: int | None) -> DeadLetterOut:
+def _dead_letter(r: Row, limit: int | None) -> DeadLetterOut:
     raw: bytes = bytes(r["payload"])
     # the pool keeps only the head of a long payload (dead_letters.keep_bytes), and its size
     size: int = r["payload_size"] if r["payload_size"] is not None else len(raw)

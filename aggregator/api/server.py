@@ -1,8 +1,8 @@
 """The operator API's process: uvicorn, the FastAPI app and the live stream's fan-out, started
-by ``aggregator.service.Service`` (``multiprocessing`` spawn) over the pool file. It writes only
-operators' lifecycle steps and logins, and publishes the steps on the events topic with an MQTT
-client of its own (``<client_id>-api``, clean session); its ``/readyz`` is that connection and
-the pool.
+by ``aggregator.service.Service`` (``multiprocessing`` spawn) over the pool (the SQLite file, or
+the PostgreSQL database of ``CWG_POOL_URL``). It writes only operators' lifecycle steps and
+logins, and publishes the steps on the events topic with an MQTT client of its own
+(``<client_id>-api``, clean session); its ``/readyz`` is that connection and the pool.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.access.auth import AuthStore
 from aggregator.config import Settings
-from contract import EventNoticeV1, Topics
+from aggregator.pool.port import LifecycleSteps, SnapshotStorage
+from contract import Catalogue, EventNoticeV1, Topics
 
 __all__ = ["ApiOptions", "api_process_main"]
 
@@ -45,6 +46,31 @@ class ApiOptions:
 
 
 # -- the API process -----------------------------------------------------------------------
+
+
+def open_operator_side(
+    settings: Settings, catalogue: Catalogue
+) -> tuple[LifecycleSteps | None, SnapshotStorage]:
+    """Where operators' lifecycle steps are written and snapshots read: on PostgreSQL a small
+    writer of the API's own (a pool of two connections; the ingest process migrated the
+    schema) and the pool's snapshot table; on SQLite ``None`` (the app opens a
+    ``LifecycleWriter`` on the file) and the snapshot files."""
+    if settings.pool_url is None:
+        from aggregator.pool.snapshots import SnapshotStore
+
+        return None, SnapshotStore(settings.snapshots)
+    from aggregator.pool.postgres import PgEventPool, PgSnapshotStore
+
+    # Its steps take the same advisory locks as the ingest writers' batches (the default
+    # lock mode), so a batch that may merge into an event and a step on it never interleave.
+    writer = PgEventPool(
+        settings.pool_url.get_secret_value(),
+        catalogue,
+        min_size=1,
+        max_size=2,
+        migrate_on_open=False,
+    )
+    return writer, PgSnapshotStore(writer)
 
 
 class NoticePublisher:
@@ -93,7 +119,6 @@ def api_process_main(
     from aggregator.fanout.metrics import ScrapedMetrics
     from aggregator.fanout.stream import StreamHub
     from aggregator.grids import GridIndex, default_grid_file
-    from aggregator.pool.snapshots import SnapshotStore
     from contract import load_catalogue
 
     logging.basicConfig(
@@ -108,7 +133,7 @@ def api_process_main(
     grids = GridIndex.from_geojson(settings.grid_file or default_grid_file())
     hub = StreamHub(
         catalogue,
-        settings.pool,
+        settings.pool_target,
         queue_size=options.stream_queue,
         update_interval=max(settings.notices.update_interval_ms / 1000, 0.0),
         stall_s=http.stream_stall_s,
@@ -119,16 +144,19 @@ def api_process_main(
 
     hub.on_clients = count
     auth = AuthStore(
-        settings.pool,
+        settings.pool_target,
         hasher=options.password_hasher,
         token_ttl=timedelta(seconds=settings.access.token_ttl_s),
     )
+    writer, snapshots = open_operator_side(settings, catalogue)
     notices = NoticePublisher(settings)
     app = create_app(
-        pool_path=settings.pool,
+        pool=settings.pool_target,
+        pool_label=settings.pool_label,
+        writer=writer,
         catalogue=catalogue,
         grids=grids,
-        snapshots=SnapshotStore(settings.snapshots),
+        snapshots=snapshots,
         metrics=ScrapedMetrics(options.metrics_url),
         hub=hub,
         auth=auth,

@@ -8,6 +8,10 @@ Every command works on one data directory (``--data-dir``, default ``./var``)::
     var/accounts/<name>.*       service account credentials (the aggregator's among them)
     var/pool.db                 the community event pool (SQLite, WAL)
     var/snapshots/              snapshots, content-addressed by sha256
+
+With ``CWG_POOL_URL=postgresql://…`` in the environment every command uses that PostgreSQL pool
+instead of ``pool.db`` (and the snapshots are in its table): replicas on several machines share
+it. ``pool_target`` is the one place a command finds its pool.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -29,6 +32,7 @@ from rich.table import Table
 
 from aggregator.cli.tables import render_events
 from aggregator.pool import queries
+from aggregator.pool.reader import Reader, is_pool_url, open_reader, read_errors
 
 log = logging.getLogger("gateway")
 
@@ -47,14 +51,31 @@ examples:
 """
 
 
+POOL_HELP = (
+    "The pool is DATA_DIR/pool.db (or $CWG_POOL_PATH), unless $CWG_POOL_URL names a PostgreSQL "
+    "pool (postgresql://user:password@host:port/db): set it in the environment, not on the "
+    "command line, so that its password stays out of process lists and shell history."
+)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir",
         type=Path,
         default=None,
         help="where the registry, broker state, pool and snapshots live (default: "
-        "$CWG_DATA_DIR, else ./var)",
+        "$CWG_DATA_DIR, else ./var). " + POOL_HELP,
     )
+
+
+def pool_target(data_dir: Path | None) -> tuple[Path | str, str]:
+    """The pool a command works on, found as ``gateway run`` finds it (``Settings``:
+    ``CWG_POOL_URL``, else ``CWG_POOL_PATH``, else ``pool.db`` in the data directory), and its
+    name for messages (never the password)."""
+    from aggregator.config import Settings
+
+    settings = Settings() if data_dir is None else Settings(data_dir=data_dir)
+    return settings.pool_target, settings.pool_label
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         from aggregator.errors import AggregatorError
 
-        if isinstance(exc, AggregatorError | sqlite3.Error | OSError):
+        if isinstance(exc, (AggregatorError, OSError, *read_errors())):
             log.error("%s", exc)
             return 2
         raise
@@ -481,14 +502,14 @@ def cmd_provision(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- inspecting
 
 
-def _open_pool(data_dir: Path) -> sqlite3.Connection:
-    path = data_dir / "pool.db"
-    if not path.exists():
-        raise SystemExit(f"no event pool at {path}: run the aggregator first (gateway run)")
-    return queries.open_reader(path)
+def _open_pool(data_dir: Path) -> Reader:
+    target, label = pool_target(data_dir)
+    if not is_pool_url(target) and not Path(target).exists():
+        raise SystemExit(f"no event pool at {label}: run the aggregator first (gateway run)")
+    return open_reader(target)
 
 
-def events_table(db: sqlite3.Connection, args: argparse.Namespace) -> Table:
+def events_table(db: Reader, args: argparse.Namespace) -> Table:
     rows = queries.latest_events(
         db, type_=args.type, grid_prefix=args.grid, status=args.status, limit=args.limit
     )

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from rich.table import Table
 
+from aggregator.pool.reader import Row
 
-def render_events(rows: Sequence[sqlite3.Row], title: str | None = None) -> Table:
+
+def render_events(rows: Sequence[Row], title: str | None = None) -> Table:
     from contract import default_catalogue
 
     catalogue = default_catalogue()
