@@ -411,7 +411,7 @@ def latest_events(
     if status:
         where.append("e.status = ?")
         args.append(status)
-    order = "e.updated_at DESC" if by_update else "e.id DESC"
+    order = "e.updated_at DESC, e.id DESC" if by_update else "e.id DESC"
     # SQLite's group_concat reads the primary key (event_id, device_id) in order
     joined = (
         "string_agg(device_id, ', ' ORDER BY device_id)"
@@ -457,7 +457,8 @@ def event_ids(
     grid_prefix: str | None = None,
     device_id: str | None = None,
 ) -> list[int]:
-    """Ids of the events of a type, under a grid code prefix, with a contributing device."""
+    """Ids of the events of a type, under a grid code prefix, with a contributing device, in
+    id order."""
     where: list[str] = ["1=1"]
     args: list[Any] = []
     if type_ is not None:
@@ -469,7 +470,8 @@ def event_ids(
     if device_id is not None:
         where.append("id IN (SELECT event_id FROM event_devices WHERE device_id = ?)")
         args.append(device_id)
-    return [r[0] for r in conn.execute(f"SELECT id FROM events WHERE {' AND '.join(where)}", args)]
+    sql = f"SELECT id FROM events WHERE {' AND '.join(where)} ORDER BY id"
+    return [r[0] for r in conn.execute(sql, args)]
 
 
 def alert_count(conn: Reader, like: str | None = None) -> int:
@@ -495,7 +497,7 @@ def out_of_area(conn: Reader, device_id: str | None = None) -> list[Row]:
     if device_id is not None:
         sql += " WHERE device_id = ?"
         args = (device_id,)
-    return conn.execute(sql + " ORDER BY received_at", args).fetchall()
+    return conn.execute(sql + " ORDER BY received_at, alert_id", args).fetchall()
 
 
 def latencies(conn: Reader, like: str | None = None) -> list[float]:
@@ -564,7 +566,8 @@ def changed_events(conn: Reader, after_seq: int, limit: int) -> list[tuple[int, 
     return [
         (int(r[0]), int(r[1]))
         for r in conn.execute(
-            "SELECT id, change_seq FROM events WHERE change_seq > ? ORDER BY change_seq LIMIT ?",
+            "SELECT id, change_seq FROM events WHERE change_seq > ?"
+            " ORDER BY change_seq, id LIMIT ?",
             (after_seq, limit),
         )
     ]
@@ -585,6 +588,6 @@ def out_of_area_after(conn: Reader, at: float, limit: int) -> list[Row]:
     received_at), oldest first."""
     return conn.execute(
         "SELECT alert_id, device_id, type, lat, lon, received_at FROM out_of_area"
-        " WHERE received_at > ? ORDER BY received_at LIMIT ?",
+        " WHERE received_at > ? ORDER BY received_at, alert_id LIMIT ?",
         (at, limit),
     ).fetchall()
