@@ -31,6 +31,14 @@ unacknowledged), so the loop stops reading the broker while that many wait for t
 Outgoing QoS 1 publishes are paced by the loop, never queued inside paho: paho's own queue
 rescans every in-flight message on each PUBACK, which made a burst of 1,000 feedback messages
 cost about 200 µs each.
+
+What waits to go out is bounded in bytes (``mqtt.outgoing_max_bytes``). A city's fleet gets one
+feedback message per alert (a device at one alert a second has one outcome per batch: nothing
+coalesces), so the outgoing stream is as large as the incoming one; when the broker takes it
+more slowly than the pool writer makes it, the loop stops reading the worker's channel while
+it is connected, and the writer waits in ``publish`` (back-pressure: ingest slows to what the
+broker takes, and no feedback is lost). Only while the broker is unreachable are the oldest
+dropped beyond the bound, since then nothing drains them.
 """
 
 from __future__ import annotations
@@ -475,8 +483,6 @@ class IoLoop:
 
     # rows waiting for the worker beyond which we stop reading the broker (TCP holds the rest)
     _MAX_CHANNEL_BYTES = 16 << 20
-    # outgoing messages kept while the broker is unreachable; beyond, the oldest are dropped
-    _MAX_PENDING_OUT = 200_000
     # the broker socket is read at most this often (adds at most this much latency)
     _READ_EVERY_S = 0.002
 
@@ -501,6 +507,11 @@ class IoLoop:
         self._connected = False
         self._reported: bool | None = None
         self._out: deque[Outgoing] = deque()
+        self._out_bytes = 0  # topic + payload bytes in _out
+        self._max_out_bytes = settings.outgoing_max_bytes
+        # the broker is connected and _out is full: the worker's channel is not read (it waits)
+        self._holding_back = False
+        self._dropping = False  # dropping the oldest while the broker is unreachable
         self._inflight: set[int] = set()  # mids of QoS 1 publishes the broker has not acked
         self._window = 1000
         self._dropped_out = 0
@@ -618,7 +629,10 @@ class IoLoop:
                     self._connect()
                     sock = client.socket()
                 self._report_state()
-                rlist: list[Any] = [channel]
+                holding_back = self._hold_back()
+                # Full and connected: the worker's next publish waits until the broker has
+                # taken enough (module text); its acknowledgements wait behind it in order.
+                rlist: list[Any] = [] if holding_back else [channel]
                 wlist: list[Any] = []
                 timeout = 1.0
                 if sock is not None:
@@ -630,7 +644,9 @@ class IoLoop:
                     elif (
                         channel.pending_bytes() < self._MAX_CHANNEL_BYTES
                         and self._unacked < self.settings.receive_maximum
-                    ):
+                    ) or (holding_back and self._inflight):
+                        # While holding back, the PUBACKs that drain _out must be read even at
+                        # the Receive Maximum (the worker cannot acknowledge: it waits on us).
                         rlist.append(sock)
                     if client.want_write():
                         wlist.append(sock)
@@ -725,37 +741,77 @@ class IoLoop:
             self.client.ack_many(mids)
             self._unacked -= len(mids)
         elif kind == "publish":
-            self._out.extend(command[1])
-            excess = len(self._out) - self._MAX_PENDING_OUT
-            if excess > 0:
-                for _ in range(excess):
-                    self._out.popleft()
-                self._dropped_out += excess
-                log.warning(
-                    "broker unreachable: dropped %s oldest feedback/notice messages (%s in all)",
-                    excess,
-                    self._dropped_out,
-                )
+            messages = command[1]
+            self._out.extend(messages)
+            self._out_bytes += sum(len(t) + len(p) for t, p, _ in messages)
+            if not self._connected:
+                self._drop_oldest()
         elif kind == "stop":
             self._stopping = True
         else:  # pragma: no cover - both ends are this module
             log.error("unknown command %r from the worker", kind)
 
+    def _hold_back(self) -> bool:
+        """Whether the worker's channel waits this round: connected, and _out at its bound.
+        Logged once per episode, when it starts and when it ends."""
+        holding = self._connected and self._out_bytes >= self._max_out_bytes
+        if holding != self._holding_back:
+            self._holding_back = holding
+            if holding:
+                log.warning(
+                    "the broker takes feedback and notices more slowly than they are made: "
+                    "%s messages (%.1f MiB) wait for it; the pool writer waits too until it "
+                    "has taken them (back-pressure, nothing dropped)",
+                    len(self._out),
+                    self._out_bytes / (1 << 20),
+                )
+            else:
+                log.info("the broker caught up with feedback and notices; the writer goes on")
+        return holding
+
+    def _drop_oldest(self) -> None:
+        """While the broker is unreachable nothing drains _out: keep it within its bound by
+        dropping the oldest messages (a device resends an alert whose feedback never came)."""
+        out = self._out
+        dropped = 0
+        while self._out_bytes > self._max_out_bytes and out:
+            topic, payload, _ = out.popleft()
+            self._out_bytes -= len(topic) + len(payload)
+            dropped += 1
+        if dropped:
+            self._dropped_out += dropped
+            if not self._dropping:
+                log.warning(
+                    "broker unreachable: feedback and notices beyond %.1f MiB are dropped, "
+                    "oldest first (%s so far)",
+                    self._max_out_bytes / (1 << 20),
+                    self._dropped_out,
+                )
+            self._dropping = True
+
     def _pump_out(self) -> None:
         if not self._connected:
             return
+        if self._dropping:
+            self._dropping = False
+            log.warning(
+                "broker reachable again; %s feedback/notices dropped in all", self._dropped_out
+            )
         out = self._out
         publish = self.client.publish
         inflight = self._inflight
         room = self._window - len(inflight)
+        sent = 0
         while out and room > 0:
             topic, payload, qos = out.popleft()
+            sent += len(topic) + len(payload)
             info = publish(topic, payload, qos=qos)
             if qos and info.rc in _QUEUED:  # NO_CONN: paho sends it after the reconnect
                 inflight.add(info.mid)
                 room -= 1
             elif qos:
                 log.warning("publish to %s refused by the client (%s); dropped", topic, info.rc)
+        self._out_bytes -= sent
 
     def _flush_rows(self) -> None:
         if self._rows and (
