@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,9 +212,19 @@ class _Child:
 class AggregatorProcess(_Child):
     """``gateway run`` as a real process, so that SIGKILL is a real crash."""
 
-    def __init__(self, broker: BrokerHandle, data_dir: Path, **env: str) -> None:
+    def __init__(
+        self,
+        broker: BrokerHandle,
+        data_dir: Path,
+        *,
+        client_id: str = "agg-fault-matrix",
+        args: Sequence[str] = (),
+        **env: str,
+    ) -> None:
         self.broker = broker
         self.data_dir = data_dir
+        self.client_id = client_id  # replicas each need their own: it names the session
+        self.args = list(args)  # more `gateway run` options (--share-group, --http-port, …)
         self.pool = data_dir / "pool.db"
         self.password_file = data_dir / "aggregator.password"
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +249,8 @@ class AggregatorProcess(_Child):
                     "--data-dir", str(self.data_dir),
                     "--broker", f"{self.broker.host}:{self.broker.port}",
                     "--password-file", str(self.password_file),
-                    "--client-id", "agg-fault-matrix",
+                    "--client-id", self.client_id,
+                    *self.args,
                 ],
                 cwd=ROOT,
                 env=env,
