@@ -16,6 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from pydantic import SecretStr
 
 from aggregator.config import BatchSettings, MqttSettings, Settings
 from aggregator.grids import Grid, GridIndex, default_grid_file
@@ -123,8 +124,10 @@ def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "con
 
 
 @contextmanager
-def pool(agg: Aggregator) -> Iterator[sqlite3.Connection]:
-    with closing(connect(agg.settings.pool, readonly=True)) as db:
+def pool(agg: Aggregator) -> Iterator[Reader]:
+    """A read-only look at the aggregator's pool, SQLite file or PostgreSQL database (rows answer
+    ``row[0]`` and ``row["col"]`` on both; SQL with ``?`` placeholders)."""
+    with closing(open_reader(agg.settings.pool_target)) as db:
         yield db
 
 
@@ -213,11 +216,9 @@ class PoolBackend:
 
     def settings_overrides(self) -> dict[str, Any]:
         """What a ``Settings`` needs to use this backend (``aggregator_settings(…, **it)``)."""
-        if not self.is_postgres:
-            return {}
-        if "pool_url" not in Settings.model_fields:
-            pytest.fail("Settings has no pool_url yet: the service cannot run on PostgreSQL")
-        return {"pool_url": self.target}
+        if self.is_postgres:
+            return {"pool_url": SecretStr(self.target)}
+        return {"pool_path": Path(self.target)}
 
     def close(self) -> None:
         for close in reversed(self._closers):

@@ -1,4 +1,5 @@
-"""The aggregator on a real Mosquitto and a real SQLite pool: alerts in, events and feedback out."""
+"""The aggregator on a real Mosquitto and a real pool (an SQLite file, and a PostgreSQL database):
+alerts in, events and feedback out."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import base64
 import hashlib
 import math
 import time
-from contextlib import closing
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -16,7 +18,6 @@ import orjson
 import pytest
 
 from aggregator.config import MqttSettings, NoticeSettings, Settings
-from aggregator.pool.sqlite import connect, set_event_status
 from aggregator.service import Aggregator, build_aggregator
 from contract import (
     DeviceChannel,
@@ -32,6 +33,7 @@ from contract import (
 from .conftest import (
     GRIDS,
     OUTSIDE,
+    PoolBackend,
     aggregator_settings,
     alert_dict,
     count,
@@ -58,10 +60,16 @@ def device(broker: Any, device_id: str) -> Any:
 
 
 def settings_with(
-    broker: Any, data_dir: Any, *, mqtt: dict[str, Any] | None = None, **kw: Any
+    broker: Any,
+    data_dir: Any,
+    backend: PoolBackend,
+    *,
+    mqtt: dict[str, Any] | None = None,
+    **kw: Any,
 ) -> Settings:
-    """The test aggregator's settings with some changed (``mqtt`` fields merged in)."""
-    settings = aggregator_settings(broker, data_dir, **kw)
+    """The test aggregator's settings on ``backend`` with some changed (``mqtt`` fields merged
+    in)."""
+    settings = aggregator_settings(broker, data_dir, **backend.settings_overrides(), **kw)
     if mqtt:
         merged = MqttSettings.model_validate({**settings.mqtt.model_dump(), **mqtt})
         settings = settings.model_copy(update={"mqtt": merged})
@@ -73,6 +81,14 @@ def started(settings: Settings) -> Aggregator:
     agg.start()
     assert agg.ingest.wait_connected(5), "aggregator did not connect to the test broker"
     return agg
+
+
+@pytest.fixture
+def aggregator(broker: Any, tmp_path: Path, pool_backend: PoolBackend) -> Iterator[Aggregator]:
+    """The aggregator on each pool backend in turn."""
+    agg = started(settings_with(broker, tmp_path / "agg", pool_backend))
+    yield agg
+    agg.stop()
 
 
 def test_alert_becomes_one_event_with_grid_path_department_and_feedback(
@@ -322,9 +338,13 @@ def test_channel_counters_and_dedup_ratio(broker: Any, aggregator: Aggregator) -
     assert sample == 4
 
 
-def test_in_process_transport_pools_acknowledges_and_answers(broker: Any, tmp_path: Any) -> None:
+def test_in_process_transport_pools_acknowledges_and_answers(
+    broker: Any, tmp_path: Any, pool_backend: PoolBackend
+) -> None:
     """``mqtt.io_process = false``: paho on a thread of the aggregator process."""
-    agg = started(settings_with(broker, tmp_path / "inproc", mqtt={"io_process": False}))
+    agg = started(
+        settings_with(broker, tmp_path / "inproc", pool_backend, mqtt={"io_process": False})
+    )
     try:
         cam = device(broker, "cam-001")
         lat, lon = interior(grid_in_community(3))
@@ -342,12 +362,14 @@ def test_in_process_transport_pools_acknowledges_and_answers(broker: Any, tmp_pa
 
 @pytest.mark.parametrize("batching", [True, False])
 def test_outcomes_of_one_commit_reach_the_device_as_one_feedback_batch(
-    broker: Any, tmp_path: Any, batching: bool
+    broker: Any, tmp_path: Any, batching: bool, pool_backend: PoolBackend
 ) -> None:
     """Alerts queued while the aggregator was away arrive together and commit together: the
     device hears of all of them in feedback-batch/v1 messages, in the order they were handled,
     or in one feedback/v1 each with ``mqtt.feedback_batching`` off."""
-    settings = settings_with(broker, tmp_path / "agg", mqtt={"feedback_batching": batching})
+    settings = settings_with(
+        broker, tmp_path / "agg", pool_backend, mqtt={"feedback_batching": batching}
+    )
     started(settings).stop()  # the persistent session stays: the broker queues for it
 
     cam = device(broker, "cam-001")
@@ -397,12 +419,12 @@ def notices_of(client: Any, n: int, timeout: float = 10) -> list[EventNoticeV1]:
 
 @pytest.mark.parametrize("interval_ms", [600, 0])
 def test_updates_of_an_event_are_coalesced_into_one_notice_per_interval(
-    broker: Any, tmp_path: Any, interval_ms: int
+    broker: Any, tmp_path: Any, interval_ms: int, pool_backend: PoolBackend
 ) -> None:
     """``created`` goes at once; the updates of the next interval come as one ``updated``
     notice with the state after the last of them (with 0: one per batch)."""
     notices = NoticeSettings(update_interval_ms=interval_ms)
-    agg = started(settings_with(broker, tmp_path / "agg", notices=notices))
+    agg = started(settings_with(broker, tmp_path / "agg", pool_backend, notices=notices))
     try:
         integrator = broker.client("integrator")
         integrator.subscribe(broker.topics.events)
@@ -434,9 +456,11 @@ def test_updates_of_an_event_are_coalesced_into_one_notice_per_interval(
         agg.stop()
 
 
-def test_held_updates_go_out_when_the_aggregator_stops(broker: Any, tmp_path: Any) -> None:
+def test_held_updates_go_out_when_the_aggregator_stops(
+    broker: Any, tmp_path: Any, pool_backend: PoolBackend
+) -> None:
     notices = NoticeSettings(update_interval_ms=60_000)
-    agg = started(settings_with(broker, tmp_path / "agg", notices=notices))
+    agg = started(settings_with(broker, tmp_path / "agg", pool_backend, notices=notices))
     integrator = broker.client("integrator")
     integrator.subscribe(broker.topics.events)
     cam = device(broker, "cam-001")
@@ -453,9 +477,11 @@ def test_held_updates_go_out_when_the_aggregator_stops(broker: Any, tmp_path: An
     assert updated.event.event_id == created.event.event_id
 
 
-def test_a_held_update_of_an_event_closed_meanwhile_is_dropped(broker: Any, tmp_path: Any) -> None:
+def test_a_held_update_of_an_event_closed_meanwhile_is_dropped(
+    broker: Any, tmp_path: Any, pool_backend: PoolBackend
+) -> None:
     settings = settings_with(
-        broker, tmp_path / "agg", notices=NoticeSettings(update_interval_ms=800)
+        broker, tmp_path / "agg", pool_backend, notices=NoticeSettings(update_interval_ms=800)
     )
     agg = started(settings)
     try:
@@ -469,8 +495,7 @@ def test_a_held_update_of_an_event_closed_meanwhile_is_dropped(broker: Any, tmp_
             feedback_of(cam)
         [created] = notices_of(integrator, 1)
         # an operator closes it (through the API that sends its own `closed` notice)
-        with closing(connect(settings.pool)) as db:
-            set_event_status(db, created.event.event_id, EventStatus.CLOSED, "test")
+        pool_backend.lifecycle().set_status(created.event.event_id, EventStatus.CLOSED, "test")
         integrator.expect_nothing(1.5)
     finally:
         agg.stop()
