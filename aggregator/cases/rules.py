@@ -219,6 +219,15 @@ class Transition(_Strict):
     starts: tuple[ClockName, ...] = ()
     stops: tuple[ClockName, ...] = ()
     guard: Guard | None = None
+    outcome: Outcome | None = Field(default=None, description="how a case closed here ended")
+    sets_mode: Mode | None = Field(default=None, description="how the department takes it")
+    counts_send_back: bool = Field(default=False, description="one more re-handling round")
+
+    @model_validator(mode="after")
+    def _outcome_when_closing(self) -> Transition:
+        if (self.to is State.CLOSED) != (self.outcome is not None):
+            raise ValueError("a transition to closed, and only one, names its outcome")
+        return self
 
 
 class Lifecycle(_Strict):
@@ -588,30 +597,28 @@ def _step(
     if t.to is not t.from_:
         update["extension"] = None  # a pending extension lapses when the case moves on
     act = t.action
-    if act is Action.WHISTLE:
+    if Requirement.DEPARTMENTS in t.requires:
         update["lead_department"] = body.lead_department
         update["co_departments"] = body.co_departments
         update["whistled_at"] = now
         detail["lead_department"] = body.lead_department or ""
         if body.co_departments:
             detail["co_departments"] = ",".join(body.co_departments)
-    elif act is Action.ACCEPT_OFF_SITE:
-        update["mode"] = Mode.OFF_SITE
-    elif act is Action.ACCEPT_ON_SITE:
-        update["mode"] = Mode.ON_SITE
-    elif act is Action.HANDLE:
+    if Requirement.EVIDENCE in t.requires:
         update["handled_by"] = actor.username
-    elif act is Action.SEND_BACK:
+    if t.sets_mode is not None:
+        update["mode"] = t.sets_mode
+    if t.counts_send_back:
         update["send_backs"] = case.send_backs + 1
-    elif act in (Action.APPROVE_EXTENSION, Action.REFUSE_EXTENSION):
+    if act in (Action.APPROVE_EXTENSION, Action.REFUSE_EXTENSION):
         update["extension"] = None  # decided: the community may apply again
     elif act is Action.APPLY_EXTENSION:
         update["extension"] = ExtensionRequest(
             by=actor.username, reason=body.reason or "", until=body.until, at=now
         )
-    if t.to is State.CLOSED:
+    if t.outcome is not None:
         update["closed_at"] = now
-        update["outcome"] = Outcome.NOT_OURS if act is Action.NOT_OURS else Outcome.HANDLED
+        update["outcome"] = t.outcome
     # Clocks: stop, then start, then (for an approved extension) move.
     clocks = list(case.clocks)
     cleared: list[Deadline] = []
@@ -628,6 +635,8 @@ def _step(
         due = _span_of(spec, staged).deadline(start, cal)
         started.append(Deadline(clock=name, started_at=start, due_at=due, round=staged.send_backs))
     clocks.extend(started)
+    if act is Action.APPLY_EXTENSION and body.until is not None:
+        _extend(table, list(clocks), body.until)  # refuse now what could never be approved
     if act is Action.APPROVE_EXTENSION:
         until = body.until or (case.extension.until if case.extension else None)
         if until is None:

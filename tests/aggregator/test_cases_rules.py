@@ -249,6 +249,12 @@ def test_two_operators_at_once_one_wins_the_other_is_stale() -> None:
         ("dept_handling", A.APPLY_EXTENSION, {}, "requires a reason"),
         ("dept_handling+ext", A.APPROVE_EXTENSION, {"until": "2026-11-02T10:00:00+08:00"}, "after"),
         ("dept_handling+ext", A.REFUSE_EXTENSION, {}, "requires a reason"),
+        (
+            "dept_handling",
+            A.APPLY_EXTENSION,
+            {"reason": "x", "until": "2026-11-02T12:00:00+08:00"},
+            "must end after",
+        ),
         ("assessing", "escalate_to_mars", {}, "unknown action"),
     ],
 )
@@ -428,3 +434,15 @@ def test_a_bad_table_names_the_key(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="appears twice"):
         load_lifecycle(twice)
+
+
+def test_a_closing_transition_names_its_outcome(tmp_path: Path) -> None:
+    text = LIFECYCLE_PATH.read_text(encoding="utf-8")
+    bad = tmp_path / "lifecycle.yaml"
+    bad.write_text(
+        text.replace(
+            "to: closed, outcome: handled, roles: [community]}", "to: closed, roles: [community]}"
+        )
+    )
+    with pytest.raises(ConfigError, match="names its outcome"):
+        load_lifecycle(bad)
