@@ -1,4 +1,5 @@
-"""At-least-once in, exactly-once out: SIGKILL the aggregator mid-stream, restart, count."""
+"""At-least-once in, exactly-once out: SIGKILL the aggregator mid-stream, restart, count; on an
+SQLite pool and on a PostgreSQL one."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from aggregator.pool.sqlite import connect
+from aggregator.pool.reader import open_reader
 
-from .conftest import grid_in_community, interior, make_alert, offset, wait_until
+from .conftest import PoolBackend, grid_in_community, interior, make_alert, offset, wait_until
 
 N = 1000
 
@@ -25,9 +26,10 @@ N = 1000
 class AggregatorProcess:
     """`gateway run` as a real process, so that SIGKILL is a real crash."""
 
-    def __init__(self, broker: Any, data_dir: Path) -> None:
+    def __init__(self, broker: Any, data_dir: Path, backend: PoolBackend) -> None:
         self.broker = broker
         self.data_dir = data_dir
+        self.backend = backend
         self.password_file = data_dir / "aggregator.password"
         data_dir.mkdir(parents=True, exist_ok=True)
         self.password_file.write_text(broker.password("aggregator"))
@@ -43,6 +45,9 @@ class AggregatorProcess:
             "CWG_MQTT__RECEIVE_MAXIMUM": "200",
             "CWG_MQTT__TOPIC_PREFIX": self.broker.prefix,
         }
+        env.pop("CWG_POOL_URL", None)
+        if self.backend.is_postgres:  # from the environment, as a deployment passes it
+            env["CWG_POOL_URL"] = self.backend.target
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -78,11 +83,14 @@ class AggregatorProcess:
                 self.proc.kill()
                 self.proc.wait(5)
 
+    @property
+    def pool_target(self) -> Path | str:
+        return self.backend.target if self.backend.is_postgres else self.data_dir / "pool.db"
+
     def alerts(self) -> int:
-        path = self.data_dir / "pool.db"
-        if not path.exists():
+        if isinstance(self.pool_target, Path) and not self.pool_target.exists():
             return 0
-        with closing(connect(path, readonly=True)) as db:
+        with closing(open_reader(self.pool_target)) as db:
             try:
                 return int(db.execute("SELECT count(*) FROM alerts").fetchone()[0])
             except sqlite3.OperationalError:  # the schema is not created yet
@@ -93,8 +101,10 @@ class AggregatorProcess:
 
 
 @pytest.fixture
-def agg_process(broker: Any, tmp_path: Path) -> Iterator[AggregatorProcess]:
-    proc = AggregatorProcess(broker, tmp_path / "agg")
+def agg_process(
+    broker: Any, tmp_path: Path, pool_backend: PoolBackend
+) -> Iterator[AggregatorProcess]:
+    proc = AggregatorProcess(broker, tmp_path / "agg", pool_backend)
     yield proc
     proc.stop()
 
@@ -121,7 +131,7 @@ def test_sigkill_with_1000_alerts_in_flight_loses_none_and_counts_none_twice(
     agg_process.start()
     wait_until(lambda: agg_process.alerts() >= N, timeout=60, what=f"{N} alerts pooled")
     time.sleep(1.0)  # anything more would be a double count: give it the chance to show
-    with closing(connect(agg_process.data_dir / "pool.db", readonly=True)) as db:
+    with closing(open_reader(agg_process.pool_target)) as db:
         stored = {r[0] for r in db.execute("SELECT alert_id FROM alerts")}
         assert len(stored) == db.execute("SELECT count(*) FROM alerts").fetchone()[0] == N
         assert stored == {a.alert_id for a in alerts}
@@ -131,14 +141,14 @@ def test_sigkill_with_1000_alerts_in_flight_loses_none_and_counts_none_twice(
 
 
 def test_io_process_killed_mid_stream_is_replaced_and_nothing_is_lost(
-    broker: Any, tmp_path: Path
+    broker: Any, tmp_path: Path, pool_backend: PoolBackend
 ) -> None:
     """The MQTT I/O child dies with alerts in flight: a new one takes over the session, the
     broker redelivers what was never acknowledged, and every alert is pooled exactly once."""
     cam = broker.client("cam-002")
     lat, lon = interior(grid_in_community(2))
     alerts = [make_alert("cam-002", lat, lon, seq=i, type="crowd_gathering") for i in range(N)]
-    agg = _started_aggregator(broker, tmp_path)
+    agg = _started_aggregator(broker, tmp_path, pool_backend)
     try:
         first_child = agg.ingest._transport._process  # type: ignore[attr-defined]
         for alert in alerts[:600]:
@@ -152,7 +162,7 @@ def test_io_process_killed_mid_stream_is_replaced_and_nothing_is_lost(
         time.sleep(1.0)
         assert agg.ingest._transport._process is not first_child  # type: ignore[attr-defined]
         assert agg.ingest.stats().connected
-        with closing(connect(agg.settings.pool, readonly=True)) as db:
+        with closing(open_reader(agg.settings.pool_target)) as db:
             stored = {r[0] for r in db.execute("SELECT alert_id FROM alerts")}
             assert stored == {a.alert_id for a in alerts}
             assert db.execute("SELECT sum(alert_count) FROM events").fetchone()[0] == N
@@ -160,17 +170,18 @@ def test_io_process_killed_mid_stream_is_replaced_and_nothing_is_lost(
         agg.stop()
 
 
-def _started_aggregator(broker: Any, data_dir: Path) -> Any:
+def _started_aggregator(broker: Any, data_dir: Path, backend: PoolBackend) -> Any:
     from aggregator.service import build_aggregator
 
     from .conftest import GRIDS, aggregator_settings
 
-    agg = build_aggregator(aggregator_settings(broker, data_dir), grids=GRIDS)
+    settings = aggregator_settings(broker, data_dir / "agg", **backend.settings_overrides())
+    agg = build_aggregator(settings, grids=GRIDS)
     agg.start()
     assert agg.ingest.wait_connected(10)
     return agg
 
 
 def _pooled(agg: Any) -> int:
-    with closing(connect(agg.settings.pool, readonly=True)) as db:
+    with closing(open_reader(agg.settings.pool_target)) as db:
         return int(db.execute("SELECT count(*) FROM alerts").fetchone()[0])
