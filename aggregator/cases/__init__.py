@@ -3,7 +3,15 @@ Jiangsu 6.2–6.3) — the table and its engine, stage deadlines on China's work
 the chained audit trail and the handling metrics. Pure Python: storage applies a step inside
 its own transaction."""
 
-from aggregator.cases.audit import AuditEntry, AuditRow, Problem, ProblemKind, chain, verify
+from aggregator.cases.audit import (
+    AuditEntry,
+    AuditRow,
+    Problem,
+    ProblemKind,
+    chain,
+    chain_all,
+    verify,
+)
 from aggregator.cases.deadlines import CalendarRangeError, ChinaWorkCalendar, Span, WorkCalendar
 from aggregator.cases.rules import (
     Action,
@@ -60,6 +68,7 @@ __all__ = [
     "allowed_actions",
     "apply",
     "chain",
+    "chain_all",
     "default_lifecycle",
     "load_lifecycle",
     "verify",

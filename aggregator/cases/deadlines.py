@@ -211,11 +211,10 @@ def parse_span(value: object) -> Span:
 
 
 def _iso_duration(delta: timedelta) -> str:
+    # Hours, never days: in ISO 8601 "P1D" is a calendar day, and these spans are elapsed time.
     seconds = int(delta.total_seconds())
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
+    hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
-    out = "P" + (f"{days}D" if days else "")
-    clock = (f"{hours}H" if hours else "") + (f"{minutes}M" if minutes else "")
-    clock += f"{secs}S" if secs else ""
-    return out + ("T" + clock if clock else "") if (days or clock) else "PT0S"
+    text = (f"{hours}H" if hours else "") + (f"{minutes}M" if minutes else "")
+    text += f"{secs}S" if secs or not text else ""
+    return "PT" + text

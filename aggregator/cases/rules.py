@@ -209,6 +209,11 @@ class ClockSpec(_Strict):
         return self
 
 
+class ActionSpec(_Strict):
+    zh: str = Field(description="the action's Chinese name, as operators read it")
+    ref: str = Field(description="where the standard sets it")
+
+
 class Transition(_Strict):
     from_: State = Field(alias="from", description="the state the action applies in")
     action: Action
@@ -235,6 +240,7 @@ class Lifecycle(_Strict):
 
     version: int
     re_handle_max_rounds: int = Field(ge=1, le=10)
+    actions: dict[Action, ActionSpec]
     clocks: dict[ClockName, ClockSpec]
     transitions: tuple[Transition, ...]
     _by_key: dict[tuple[State, Action], Transition] = PrivateAttr(default_factory=dict)
@@ -258,6 +264,9 @@ class Lifecycle(_Strict):
         missing = set(ClockName) - set(self.clocks)
         if missing:
             raise ValueError(f"clocks: missing {sorted(missing)}")
+        unnamed = set(Action) - set(self.actions)
+        if unnamed:
+            raise ValueError(f"actions: missing {sorted(unnamed)}")
         return self
 
     def model_post_init(self, context: Any, /) -> None:
