@@ -41,11 +41,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from aggregator.access.store import AccountRecord, AccountStore, open_account_store
+from aggregator.access.store import (
+    AccountRecord,
+    AccountStore,
+    StrikeBook,
+    StrikeKey,
+    Strikes,
+    open_account_store,
+)
 from aggregator.errors import AggregatorError
 
 __all__ = [
@@ -58,6 +66,7 @@ __all__ = [
     "LimiterPolicy",
     "LoginLimiter",
     "LoginThrottledError",
+    "MemoryStrikeBook",
     "Operator",
     "PasswordChecker",
     "RefusalPause",
@@ -67,6 +76,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEV_ENV = "CWG_DEV"
 MIN_PASSWORD_LENGTH = 10
@@ -355,6 +366,16 @@ class AuthStore:
     def revoke(self, token: str) -> None:
         self._store.delete_token(_token_hash(token))
 
+    def login_limiter(self, policy: LimiterPolicy | None = None) -> LoginLimiter:
+        """The login limiter for this pool's accounts. On PostgreSQL its counts are in the pool
+        (every replica's API counts into them, so a lockout holds on all); on SQLite, where
+        one API process serves the pool, in this process's memory."""
+        policy = policy or LimiterPolicy()
+        book = self._store.strike_book(policy.forget_after_s)
+        if book is None:
+            return LoginLimiter(policy)
+        return LoginLimiter(policy, clock=time.time, book=book)
+
 
 # -- login throttling -------------------------------------------------------------------------
 
@@ -375,11 +396,50 @@ class LimiterPolicy:
     max_entries: int = 100_000
 
 
-@dataclass(slots=True)
-class _Strikes:
-    failures: int = 0
-    locked_until: float = 0.0
-    last_failure: float = 0.0
+class MemoryStrikeBook:
+    """The limiter's counts in this process's memory, at most ``max_entries`` keys (the least
+    recently used go first). A restart forgets them; other processes do not see them."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._keys: OrderedDict[StrikeKey, Strikes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def shared(self) -> bool:
+        return False
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def change(
+        self,
+        keys: Sequence[StrikeKey],
+        now: float,
+        fn: Callable[[list[Strikes]], T],
+        *,
+        create: bool,
+        write: bool = True,
+    ) -> T:
+        with self._lock:
+            entries = []
+            for key in keys:
+                entry = self._keys.get(key)
+                if entry is None:
+                    entry = Strikes()
+                    if create:
+                        self._keys[key] = entry
+                        while len(self._keys) > self.max_entries:
+                            self._keys.popitem(last=False)
+                elif create:
+                    self._keys.move_to_end(key)
+                # a read hands out copies: fn's changes are not kept
+                entries.append(entry if write else Strikes(*_fields(entry)))
+            return fn(entries)
+
+
+def _fields(entry: Strikes) -> tuple[int, float, float]:
+    return entry.failures, entry.locked_until, entry.last_failure
 
 
 @dataclass
@@ -389,13 +449,31 @@ class LoginLimiter:
     Each attempt is counted as a failure when it is admitted (``admit``), before its password
     is checked, and taken back when it succeeds (``succeeded``): concurrent guesses cannot slip
     past the count while their hashes are being computed. Attempts refused during a lockout are
-    not counted, so a person retrying does not lengthen their own lockout. The state lives in
-    this process's memory: a restart forgets it, and replicas each keep their own."""
+    not counted, so a person retrying does not lengthen their own lockout.
+
+    The counts live in a ``StrikeBook``: by default this process's memory (a restart forgets
+    them); ``AuthStore.login_limiter`` gives one whose counts are in the PostgreSQL pool, shared
+    by every replica, with the wall clock (replicas' clocks are compared)."""
 
     policy: LimiterPolicy = field(default_factory=LimiterPolicy)
     clock: Callable[[], float] = time.monotonic
-    _keys: OrderedDict[tuple[str, str], _Strikes] = field(default_factory=OrderedDict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    book: StrikeBook | None = None
+
+    def __post_init__(self) -> None:
+        # not ``book or …``: a book with a length is falsy while empty
+        self._book: StrikeBook = (
+            self.book if self.book is not None else MemoryStrikeBook(self.policy.max_entries)
+        )
+
+    @property
+    def shared(self) -> bool:
+        """Whether the counts are shared with other processes (each call a round trip)."""
+        return self._book.shared
+
+    @property
+    def strikes(self) -> StrikeBook:
+        """Where the counts are kept."""
+        return self._book
 
     def _lockout(self, failures: int, free: int) -> float:
         over = failures - free
@@ -404,62 +482,64 @@ class LoginLimiter:
         # 2 ** over overflows float arithmetic far past any sane count; cap the exponent.
         return min(self.policy.max_lockout_s, self.policy.base_lockout_s * 2.0 ** min(over - 1, 40))
 
-    def _entry(self, key: tuple[str, str], now: float) -> _Strikes:
-        entry = self._keys.get(key)
-        if entry is None:
-            entry = self._keys[key] = _Strikes()
-            while len(self._keys) > self.policy.max_entries:
-                self._keys.popitem(last=False)
-        else:
-            self._keys.move_to_end(key)
-            if now > max(entry.locked_until, entry.last_failure) + self.policy.forget_after_s:
-                entry.failures, entry.locked_until = 0, 0.0
-        return entry
+    @staticmethod
+    def _keys(username: str, address: str) -> list[StrikeKey]:
+        return [("user", username.casefold()), ("addr", address)]
 
     def admit(self, username: str, address: str) -> None:
         """Let one attempt through (counted as a failure for now) or raise LoginThrottledError."""
         now = self.clock()
-        keys = ((("user", username.casefold()), self.policy.free_failures_user),
-                (("addr", address), self.policy.free_failures_addr))  # fmt: skip
-        with self._lock:
-            entries = [(self._entry(key, now), free) for key, free in keys]
-            wait = max(entry.locked_until - now for entry, _ in entries)
+        frees = (self.policy.free_failures_user, self.policy.free_failures_addr)
+
+        def step(entries: list[Strikes]) -> None:
+            for entry in entries:
+                if now > max(entry.locked_until, entry.last_failure) + self.policy.forget_after_s:
+                    entry.failures, entry.locked_until = 0, 0.0
+            wait = max(entry.locked_until - now for entry in entries)
             if wait > 0:
                 raise LoginThrottledError(
                     "too many failed logins: wait before trying again", retry_after=wait
                 )
-            for entry, free in entries:
+            for entry, free in zip(entries, frees, strict=True):
                 entry.failures += 1
                 entry.last_failure = now
                 lockout = self._lockout(entry.failures, free)
                 if lockout:
                     entry.locked_until = now + lockout
 
+        self._book.change(self._keys(username, address), now, step, create=True)
+
     def succeeded(self, username: str, address: str) -> None:
         """The admitted attempt had the right password: forget the user's failures and take
         this attempt back from the address's count."""
-        with self._lock:
-            self._keys.pop(("user", username.casefold()), None)
-            entry = self._keys.get(("addr", address))
-            if entry is not None:
-                entry.failures = max(0, entry.failures - 1)
-                if entry.failures <= self.policy.free_failures_addr:
-                    entry.locked_until = 0.0
+
+        def step(entries: list[Strikes]) -> None:
+            user, addr = entries
+            user.failures, user.locked_until, user.last_failure = 0, 0.0, 0.0
+            addr.failures = max(0, addr.failures - 1)
+            if addr.failures <= self.policy.free_failures_addr:
+                addr.locked_until = 0.0
+
+        self._book.change(self._keys(username, address), self.clock(), step, create=False)
 
     def withdraw(self, username: str, address: str) -> None:
         """Take back an admitted attempt whose password was never checked."""
-        with self._lock:
-            for key in (("user", username.casefold()), ("addr", address)):
-                entry = self._keys.get(key)
-                if entry is not None:
-                    entry.failures = max(0, entry.failures - 1)
+
+        def step(entries: list[Strikes]) -> None:
+            for entry in entries:
+                entry.failures = max(0, entry.failures - 1)
+
+        self._book.change(self._keys(username, address), self.clock(), step, create=False)
 
     def retry_after(self, username: str, address: str) -> float:
         """Seconds until an attempt for this user and address would be admitted (0: now)."""
         now = self.clock()
-        with self._lock:
-            found = [self._keys.get(k) for k in (("user", username.casefold()), ("addr", address))]
-        return max([0.0] + [e.locked_until - now for e in found if e is not None])
+
+        def wait(entries: list[Strikes]) -> float:
+            return max([0.0] + [entry.locked_until - now for entry in entries])
+
+        keys = self._keys(username, address)
+        return self._book.change(keys, now, wait, create=False, write=False)
 
 
 class PasswordChecker:
@@ -544,14 +624,28 @@ async def verify_login(
 ) -> IssuedToken:
     """One login attempt: the limiter first (no hashing when it refuses), then the password on
     the checker's threads. Raises LoginThrottledError or AuthError."""
-    limiter.admit(username, address)
+    if limiter.shared:
+        # the counts are in the pool: a round trip, kept off the event loop
+        await asyncio.to_thread(limiter.admit, username, address)
+    else:
+        limiter.admit(username, address)
     try:
         issued = await checker.run(store.login, username, password)
     except LoginThrottledError:
-        limiter.withdraw(username, address)  # refused unchecked: not the caller's failure
+        # refused unchecked: not the caller's failure
+        await _limiter_call(limiter, limiter.withdraw, username, address)
         raise
-    limiter.succeeded(username, address)
+    await _limiter_call(limiter, limiter.succeeded, username, address)
     return issued
+
+
+async def _limiter_call(
+    limiter: LoginLimiter, fn: Callable[[str, str], None], username: str, address: str
+) -> None:
+    if limiter.shared:
+        await asyncio.to_thread(fn, username, address)
+    else:
+        fn(username, address)
 
 
 def create_account(

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import psycopg
 import psycopg_pool
@@ -36,13 +36,19 @@ __all__ = [
     "AccountRecord",
     "AccountStore",
     "PgAccountStore",
+    "PgStrikeBook",
     "SqliteAccountStore",
+    "StrikeBook",
+    "StrikeKey",
+    "Strikes",
     "describe_target",
     "is_pg_target",
     "open_account_store",
 ]
 
 PG_SCHEMES: Final = ("postgresql://", "postgres://")
+
+T = TypeVar("T")
 
 _SQLITE_SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS operators (
@@ -147,7 +153,54 @@ class AccountStore(Protocol):
 
     def delete_token(self, token_hash: str) -> None: ...
 
+    def strike_book(self, forget_after_s: float) -> StrikeBook | None:
+        """Where every replica counts failed logins (None: nowhere shared; each process
+        counts in its own memory)."""
+        ...
+
     def close(self) -> None: ...
+
+
+# A key of the login limiter: ("user", casefolded name) or ("addr", client address).
+StrikeKey = tuple[str, str]
+
+
+@dataclass(slots=True)
+class Strikes:
+    """Failed logins of one limiter key, and the lockout they earned (the limiter's clock)."""
+
+    failures: int = 0
+    locked_until: float = 0.0
+    last_failure: float = 0.0
+
+
+class StrikeBook(Protocol):
+    """Where the login limiter keeps its counts. ``change`` hands ``fn`` the entries of
+    ``keys`` (in that order) and keeps what it changes, atomically: no other change of these
+    keys, in this process or (when ``shared``) on another replica, runs in between. An
+    exception from ``fn`` keeps nothing."""
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes see these counts (each change is then a round trip)."""
+        ...
+
+    def change(
+        self,
+        keys: Sequence[StrikeKey],
+        now: float,
+        fn: Callable[[list[Strikes]], T],
+        *,
+        create: bool,
+        write: bool = True,
+    ) -> T:
+        """``create``: missing keys get entries (else ``fn`` sees throwaway zero entries for
+        them); ``write``: keep ``fn``'s changes (else a read)."""
+        ...
+
+    def __len__(self) -> int:
+        """How many keys are held."""
+        ...
 
 
 def is_pg_target(target: Path | str) -> bool:
@@ -294,6 +347,11 @@ class SqliteAccountStore:
     def delete_token(self, token_hash: str) -> None:
         with self._lock:
             self._db.execute("DELETE FROM operator_tokens WHERE token_hash=?", (token_hash,))
+
+    def strike_book(self, forget_after_s: float) -> StrikeBook | None:
+        # One API process per SQLite pool: its memory is the whole count, and a write per
+        # login attempt would queue a login flood behind the ingest writer's lock.
+        return None
 
 
 # ---------------------------------------------------------------------------- PostgreSQL
@@ -451,3 +509,98 @@ class PgAccountStore:
     def delete_token(self, token_hash: str) -> None:
         with self._conn() as conn:
             conn.execute("DELETE FROM operator_tokens WHERE token_hash=%s", (token_hash,))
+
+    def strike_book(self, forget_after_s: float) -> StrikeBook | None:
+        return PgStrikeBook(self, forget_after_s)
+
+    def connection(self) -> AbstractContextManager[psycopg.Connection[Any]]:
+        """A connection of the store's pool (autocommit); faults raise
+        ``PoolUnavailableError``."""
+        return self._conn()
+
+
+def _strike_name(key: StrikeKey) -> str:
+    return f"{key[0]}:{key[1]}"
+
+
+class PgStrikeBook:
+    """The login limiter's counts in the PostgreSQL pool (``login_strikes``), one row per key:
+    every replica counts into the same rows, so a lockout earned through one replica's API
+    holds on all of them, and N replicas do not give a guesser N times the free failures.
+
+    A change is one transaction: the rows of its keys are created if needed and locked
+    (``FOR UPDATE``, in sorted order, so two replicas never deadlock), handed to the limiter's
+    rule, and written back. Rows quiet for ``forget_after_s`` are deleted now and then, which
+    bounds the table under a spray of made-up names as the in-memory limit does."""
+
+    PRUNE_EVERY_S: Final = 60.0
+
+    def __init__(self, store: PgAccountStore, forget_after_s: float) -> None:
+        self._store = store
+        self._forget_after_s = forget_after_s
+        self._pruned_at = float("-inf")
+        self._prune_lock = threading.Lock()
+
+    @property
+    def shared(self) -> bool:
+        return True
+
+    def change(
+        self,
+        keys: Sequence[StrikeKey],
+        now: float,
+        fn: Callable[[list[Strikes]], T],
+        *,
+        create: bool,
+        write: bool = True,
+    ) -> T:
+        names = [_strike_name(k) for k in keys]
+        ordered = sorted(set(names))
+        lock = " ORDER BY key FOR UPDATE" if write else ""
+        with self._store.connection() as conn, conn.transaction():
+            if create:
+                conn.execute(
+                    "INSERT INTO login_strikes(key) SELECT unnest(%s::text[]) ORDER BY 1"
+                    " ON CONFLICT (key) DO NOTHING",
+                    (ordered,),
+                )
+            rows = conn.execute(
+                "SELECT key, failures, locked_until, last_failure FROM login_strikes"
+                " WHERE key = ANY(%s)" + lock,
+                (ordered,),
+            ).fetchall()
+            found = {r[0]: Strikes(int(r[1]), float(r[2]), float(r[3])) for r in rows}
+            entries = [found.get(name) or Strikes() for name in names]
+            result = fn(entries)
+            kept = [(n, e) for n, e in zip(names, entries, strict=True) if n in found]
+            if write and kept:
+                conn.execute(
+                    "UPDATE login_strikes s SET failures = x.f, locked_until = x.l,"
+                    " last_failure = x.t FROM unnest(%s::text[], %s::int[], %s::float8[],"
+                    " %s::float8[]) AS x(k, f, l, t) WHERE s.key = x.k",
+                    (
+                        [n for n, _ in kept],
+                        [e.failures for _, e in kept],
+                        [e.locked_until for _, e in kept],
+                        [e.last_failure for _, e in kept],
+                    ),
+                )
+        if create:
+            self._prune(now)
+        return result
+
+    def _prune(self, now: float) -> None:
+        with self._prune_lock:
+            if now - self._pruned_at < self.PRUNE_EVERY_S:
+                return
+            self._pruned_at = now
+        with self._store.connection() as conn:
+            conn.execute(
+                "DELETE FROM login_strikes WHERE greatest(locked_until, last_failure) < %s",
+                (now - self._forget_after_s,),
+            )
+
+    def __len__(self) -> int:
+        with self._store.connection() as conn:
+            row = conn.execute("SELECT count(*) FROM login_strikes").fetchone()
+        return 0 if row is None else int(row[0])

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
 import os
 import stat
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from aggregator.access.auth import LimiterPolicy, LoginLimiter, LoginThrottledError
+from aggregator.access.auth import (
+    AuthError,
+    AuthStore,
+    Level,
+    LimiterPolicy,
+    LoginLimiter,
+    LoginThrottledError,
+    PasswordChecker,
+    verify_login,
+)
+from aggregator.access.store import PgAccountStore
 from aggregator.api.app import SECURITY_HEADERS, RedactSecrets, redact
 from aggregator.config import AccessSettings
 from aggregator.pool.snapshots import SnapshotStore
@@ -28,7 +40,14 @@ from aggregator.pool.sqlite import EventPool
 from aggregator.service import Service
 from contract import load_catalogue
 
-from .conftest import aggregator_settings, grid_in_community, interior, jpeg, make_alert
+from .conftest import (
+    PoolBackend,
+    aggregator_settings,
+    grid_in_community,
+    interior,
+    jpeg,
+    make_alert,
+)
 from .operator_support import (
     FAST_HASHER,
     OPERATORS,
@@ -75,9 +94,37 @@ def attempt(limiter: LoginLimiter, user: str = "alice", addr: str = "10.0.0.1") 
     return 0.0
 
 
-def test_lockout_starts_after_the_free_failures_and_doubles_up_to_the_cap() -> None:
+LIMITER_BOOKS = ("memory", "postgres")
+
+
+@pytest.fixture(params=LIMITER_BOOKS)
+def make_limiter(request: pytest.FixtureRequest) -> Iterator[Callable[..., LoginLimiter]]:
+    """Limiters whose counts are in this process's memory, or in a PostgreSQL pool (each call
+    then a replica of its own on the same database)."""
+    stores: list[PgAccountStore] = []
+    url = str(request.getfixturevalue("pg_url")) if request.param == "postgres" else None
+
+    def make(policy: LimiterPolicy | None = None, clock: Any = None) -> LoginLimiter:
+        policy = policy or LimiterPolicy()
+        kwargs: dict[str, Any] = {} if clock is None else {"clock": clock}
+        if url is None:
+            return LoginLimiter(policy, **kwargs)
+        store = PgAccountStore(url)
+        stores.append(store)
+        limiter = LoginLimiter(policy, book=store.strike_book(policy.forget_after_s), **kwargs)
+        assert limiter.shared
+        return limiter
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+def test_lockout_starts_after_the_free_failures_and_doubles_up_to_the_cap(
+    make_limiter: Callable[..., LoginLimiter],
+) -> None:
     clock = Clock()
-    limiter = LoginLimiter(LimiterPolicy(max_lockout_s=8.0), clock=clock)
+    limiter = make_limiter(LimiterPolicy(max_lockout_s=8.0), clock=clock)
     assert [attempt(limiter) for _ in range(5)] == [0.0] * 5  # five free failures
     assert attempt(limiter) == 0.0  # the sixth is checked, and locks for 1 s
     waits = []
@@ -85,6 +132,7 @@ def test_lockout_starts_after_the_free_failures_and_doubles_up_to_the_cap() -> N
         wait = attempt(limiter)
         assert wait > 0  # refused without a password check, and not counted
         assert attempt(limiter) == wait  # a retry during the lockout does not lengthen it
+        assert limiter.retry_after("alice", "10.0.0.1") == wait
         waits.append(wait)
         clock.now += wait
         assert attempt(limiter) == 0.0  # admitted once the lockout has passed
@@ -97,29 +145,128 @@ def test_lockout_starts_after_the_free_failures_and_doubles_up_to_the_cap() -> N
     assert [attempt(limiter) for _ in range(6)] == [0.0] * 6
 
 
-def test_lockout_per_address_covers_a_spray_of_user_names() -> None:
+def test_lockout_per_address_covers_a_spray_of_user_names(
+    make_limiter: Callable[..., LoginLimiter],
+) -> None:
     clock = Clock()
-    limiter = LoginLimiter(LimiterPolicy(free_failures_addr=20), clock=clock)
+    limiter = make_limiter(LimiterPolicy(free_failures_addr=20), clock=clock)
     assert all(attempt(limiter, f"user{i}") == 0.0 for i in range(21))
     assert attempt(limiter, "user-new") == 1.0  # the address is locked, whatever the name
     assert attempt(limiter, "user-new", "10.9.9.9") == 0.0  # another address is not
 
 
-def test_a_success_clears_the_user_and_gives_the_address_its_attempt_back() -> None:
-    limiter = LoginLimiter(LimiterPolicy(free_failures_user=2, free_failures_addr=3))
+def test_a_success_clears_the_user_and_gives_the_address_its_attempt_back(
+    make_limiter: Callable[..., LoginLimiter],
+) -> None:
+    limiter = make_limiter(LimiterPolicy(free_failures_user=2, free_failures_addr=3))
     for _ in range(2):
         attempt(limiter)
     attempt(limiter)  # admitted: the right password this time
     limiter.succeeded("alice", "10.0.0.1")
     assert limiter.retry_after("alice", "10.0.0.1") == 0.0
     assert attempt(limiter) == 0.0
+    limiter.withdraw("nobody", "10.0.0.9")  # nothing to take back: no entry appears
+    assert limiter.retry_after("nobody", "10.0.0.9") == 0.0
 
 
-def test_entries_are_bounded() -> None:
-    limiter = LoginLimiter(LimiterPolicy(max_entries=50))
-    for i in range(500):
+def test_entries_are_bounded(make_limiter: Callable[..., LoginLimiter]) -> None:
+    clock = Clock()
+    policy = LimiterPolicy(max_entries=50, forget_after_s=10.0)
+    limiter = make_limiter(policy, clock=clock)
+    n = 500 if not limiter.shared else 60  # a round trip each on PostgreSQL
+    for i in range(n):
         attempt(limiter, f"u{i}", f"10.0.{i // 250}.{i % 250}")
-    assert len(limiter._keys) <= 50
+    if not limiter.shared:
+        assert len(limiter.strikes) <= 50
+        return
+    # In the pool, keys quiet for the forget period are deleted (a minute apart at most).
+    assert len(limiter.strikes) == 2 * n
+    clock.now += 120.0
+    attempt(limiter, "late", "10.1.0.1")
+    assert len(limiter.strikes) == 2
+
+
+def test_a_lockout_earned_on_one_replica_holds_on_the_others(pg_url: str) -> None:
+    """Two replicas' limiters on one PostgreSQL pool: failures counted by either one lock the
+    user out on both, at the same count as one replica would; concurrent guesses through both
+    are admitted exactly up to that count."""
+    clock = Clock()
+    policy = LimiterPolicy(free_failures_user=5)
+    stores = [PgAccountStore(pg_url) for _ in range(2)]
+    try:
+        a, b = (
+            LoginLimiter(policy, clock=clock, book=s.strike_book(policy.forget_after_s))
+            for s in stores
+        )
+        assert a.shared
+        assert [attempt((a, b)[i % 2]) for i in range(6)] == [0.0] * 6  # 5 free + 1 checked
+        assert attempt(a) == 1.0
+        assert attempt(b) == 1.0
+        clock.now += 1.0
+        assert attempt(b) == 0.0
+        assert attempt(a) == 2.0  # the lockout doubles whichever replica counted
+        b.succeeded("alice", "10.0.0.1")
+        assert attempt(a) == 0.0
+
+        # 24 guesses at once from 24 addresses, half through each replica: exactly 6 admitted
+        admitted: list[float] = []
+        start = threading.Barrier(24)
+
+        def guess(i: int) -> None:
+            start.wait(timeout=10)
+            admitted.append(attempt((a, b)[i % 2], "carol", f"10.2.0.{i}"))
+
+        threads = [threading.Thread(target=guess, args=(i,)) for i in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert len(admitted) == 24
+        assert admitted.count(0.0) == 6
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_login_through_either_replica_meets_one_lockout(pool_backend: PoolBackend) -> None:
+    """``verify_login`` with each replica's own store and limiter, as each API process makes
+    them (``AuthStore.login_limiter``): on PostgreSQL wrong passwords given to replica A lock
+    the user out on replica B too; on SQLite (one API process per pool) the limiter is this
+    process's."""
+    replicas = [AuthStore(pool_backend.target, hasher=FAST_HASHER) for _ in range(2)]
+    policy = LimiterPolicy(free_failures_user=3, base_lockout_s=30.0)
+    limiters = [r.login_limiter(policy) for r in replicas]
+    checker = PasswordChecker()
+    try:
+        replicas[0].create_account("duty-3", Level.ADMIN, password=PASSWORD)
+        assert all(lim.shared == pool_backend.is_postgres for lim in limiters)
+
+        async def login(i: int, password: str) -> str:
+            try:
+                await verify_login(
+                    replicas[i], limiters[i], checker, "duty-3", password, "10.3.0.1"
+                )
+            except LoginThrottledError:
+                return "throttled"
+            except AuthError:
+                return "refused"
+            return "ok"
+
+        async def scenario() -> list[str]:
+            out = [await login(0, "wrong password!") for _ in range(4)]
+            out.append(await login(1, PASSWORD))
+            out.append(await login(0, PASSWORD))
+            return out
+
+        outcomes = asyncio.run(scenario())
+        assert outcomes[:4] == ["refused"] * 4  # 3 free, the 4th checked and locking
+        expected = "throttled" if pool_backend.is_postgres else "ok"
+        assert outcomes[4] == expected  # replica B
+        assert outcomes[5] == "throttled"  # replica A
+    finally:
+        checker.close()
+        for r in replicas:
+            r.close()
 
 
 @contextmanager

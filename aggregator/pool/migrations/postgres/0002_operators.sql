@@ -26,3 +26,14 @@ CREATE TABLE operator_tokens (
 );
 -- disabling an account or changing its password deletes its tokens; a login its expired ones
 CREATE INDEX operator_tokens_user ON operator_tokens(username, expires_at);
+
+-- The login limiter's failed attempts, one row per user name ('user:<casefolded name>') or
+-- client address ('addr:<address>'), shared by every replica so that a lockout holds on all of
+-- them (aggregator/access/store.py PgStrikeBook). Times are UNIX seconds; rows quiet for the
+-- limiter's forget period are deleted.
+CREATE TABLE login_strikes (
+    key          TEXT PRIMARY KEY,
+    failures     INTEGER NOT NULL DEFAULT 0,
+    locked_until DOUBLE PRECISION NOT NULL DEFAULT 0,
+    last_failure DOUBLE PRECISION NOT NULL DEFAULT 0
+);
