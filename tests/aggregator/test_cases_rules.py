@@ -446,3 +446,22 @@ def test_a_closing_transition_names_its_outcome(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="names its outcome"):
         load_lifecycle(bad)
+
+
+def test_a_case_round_trips_through_json() -> None:
+    # Storage keeps a case as JSON (or columns): what comes back must equal what went in.
+    case, _ = drive(
+        new_case(),
+        [
+            (A.VERIFY, 1),
+            (A.WHISTLE, 2),
+            (A.ACCEPT_ON_SITE, 10),
+            (A.ARRIVE, 40),
+            (A.APPLY_EXTENSION, 50),
+            (A.HANDLE, 60),
+            (A.SEND_BACK, 70),
+        ],
+    )
+    again = Case.model_validate_json(case.model_dump_json())
+    assert again == case
+    assert again.clocks[-1].due_at == case.clocks[-1].due_at
