@@ -10,9 +10,13 @@ Definitions, for the cases of one group:
   ``re_handle_max_rounds`` (2) times — Jiangsu 6.3 counts a second feedback that did not show
   effective handling as *not handled*, however the case ends later (``not_handled``).
 * **按期处置率 on-time rate** = on time / due. *Due*: cases closed as handled (whether or not
-  they count as handled) plus open cases with a deadline already past; an open case whose
-  deadlines are all ahead is not late yet and counts in neither. *On time*: handled cases
-  whose every stage clock stopped at or before its deadline (after any approved extension).
+  they count as handled) plus open cases with one of the group's deadlines already past; an
+  open case whose deadlines are all ahead is not late yet and counts in neither. *On time*:
+  handled cases whose every stage clock of the group's own stages stopped at or before its
+  deadline (after any approved extension). A community answers for every stage of its cases;
+  a department for its own (acceptance, arrival, feedback, hard problem, re-handling) only,
+  so a community that whistled late does not make the department late; a person for the
+  stages of the party they handled the case for.
 * **按期处置率 per stage** (``stages``): for each stage clock (acceptance 30 min, on site 1 h,
   feedback 24 h, hard problem 5 working days, community 8.1, re-handling), the clock runs that
   ended on or before their deadline over the runs that ended or are running past it.
@@ -93,7 +97,10 @@ class Figures:
     def first_time_rate(self) -> float | None:
         return self.first_time / self.closed if self.closed else None
 
-    def add(self, case: Case, now: datetime, lifecycle: Lifecycle) -> None:
+    def add(
+        self, case: Case, now: datetime, lifecycle: Lifecycle, owners: frozenset[str] | None
+    ) -> None:
+        """Count one case; ``owners``: whose stage clocks count (None: every clock)."""
         if case.outcome is Outcome.NOT_OURS:
             self.not_ours += 1
             return
@@ -102,8 +109,11 @@ class Figures:
         if failed:
             self.not_handled += 1
         closed = case.state is State.CLOSED and case.outcome is Outcome.HANDLED
-        late = any(d.late(now) for d in case.clocks)
-        overdue = not closed and any(d.running and d.late(now) for d in case.clocks)
+        clocks = [
+            d for d in case.clocks if owners is None or lifecycle.clocks[d.clock].owner in owners
+        ]
+        late = any(d.late(now) for d in clocks)
+        overdue = not closed and any(d.running and d.late(now) for d in clocks)
         if closed:
             self.closed += 1
             self.due += 1
@@ -114,7 +124,7 @@ class Figures:
         elif overdue:
             self.due += 1
             self.overdue += 1
-        for d in case.clocks:
+        for d in clocks:
             stage = self.stages.setdefault(d.clock, StageFigures())
             if d.running and not d.late(now):
                 continue  # still within its deadline: not due yet
@@ -125,12 +135,24 @@ class Figures:
                 stage.on_time += 1
 
 
+_COMMUNITY = frozenset({"community"})
+_DEPARTMENT = frozenset({"department"})
+
+
 def _key(by: By) -> Callable[[Case], str | None]:
     if by is By.COMMUNITY:
         return lambda c: c.community_code
     if by is By.DEPARTMENT:
         return lambda c: c.lead_department
     return lambda c: c.assignee or c.handled_by
+
+
+def _owners(by: By, case: Case) -> frozenset[str] | None:
+    if by is By.COMMUNITY:
+        return None
+    if by is By.DEPARTMENT:
+        return _DEPARTMENT
+    return _DEPARTMENT if case.lead_department is not None else _COMMUNITY
 
 
 def case_figures(
@@ -140,7 +162,7 @@ def case_figures(
     table = lifecycle or default_lifecycle()
     out = Figures(key)
     for case in cases:
-        out.add(case, now, table)
+        out.add(case, now, table, None)
     return out
 
 
@@ -166,5 +188,5 @@ def figures_by(
         key = key_of(case)
         if key is None:
             continue
-        groups.setdefault(key, Figures(key)).add(case, now, table)
+        groups.setdefault(key, Figures(key)).add(case, now, table, _owners(by, case))
     return dict(sorted(groups.items()))

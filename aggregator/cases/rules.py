@@ -179,6 +179,7 @@ class _Strict(BaseModel):
 class ClockSpec(_Strict):
     zh: str = Field(description="the stage's Chinese name")
     ref: str = Field(description="where the standard sets it")
+    owner: Literal["community", "department"] = Field(description="whose stage it is")
     span: Span | Literal["per_type"] | None = Field(
         default=None, description="how long; per_type: the type's community deadline (8.1)"
     )

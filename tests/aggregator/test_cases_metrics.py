@@ -218,3 +218,27 @@ def test_later_on_the_open_case_is_still_not_due(cases: list[Case]) -> None:
     # Ten minutes on it is still within its 15 minutes; an hour later it is overdue.
     assert case_figures([c8], NOW).overdue == 0
     assert case_figures([c8], NOW + timedelta(hours=1)).overdue == 1
+
+
+def test_a_late_whistle_is_the_community_s_not_the_department_s() -> None:
+    # The community kept the case past its 15 minutes, then whistled; fire did everything in
+    # time. The community is late, the department and its handler are not.
+    case = _case(
+        "late-whistle",
+        T0,
+        [
+            (A.VERIFY, 1),
+            (A.SELF_HANDLE, 2),
+            (A.WHISTLE, 40),
+            (A.ACCEPT_OFF_SITE, 50),
+            (A.HANDLE, 100),
+            (A.ACCEPT_FEEDBACK, 110),
+        ],
+        dept=ZHANG,
+    )
+    assert figures_by([case], By.COMMUNITY, NOW)[COMMUNITY].on_time_rate == 0.0
+    fire = figures_by([case], By.DEPARTMENT, NOW)["fire"]
+    assert fire.on_time_rate == 1.0
+    assert ClockName.COMMUNITY_HANDLE not in fire.stages
+    assert figures_by([case], By.PERSON, NOW)["zhang"].on_time_rate == 1.0
+    assert case_figures([case], NOW).on_time_rate == 0.0
