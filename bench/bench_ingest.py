@@ -11,7 +11,23 @@ alert's batch, the zero-loss check, and the ratio to the bare subscriber's rate.
     python bench/bench_ingest.py [--alerts 100000] [--rate 12000] [--mode raw|paho|mosquitto_pub]
         [--publishers N] [--alert-ids uuid7|uuid4] [--batch-size 1000]
         [--linger-ms 20] [--min-batch 400] [--receive-maximum 4000] [--feedback-qos 1]
-        [--baseline before|concurrent|none] [--json report.json]
+        [--baseline before|concurrent|none] [--backend sqlite|postgres|both]
+        [--pool-url URL] [--replicas N] [--json report.json]
+
+``--backend`` picks the pool: the SQLite file (default), PostgreSQL, or one run of each in
+this order, the same stream, and the PostgreSQL/SQLite ratio. PostgreSQL is the server of
+``--pool-url`` (each run gets a database of its own created there when the account may, else
+the URL's database, runs told apart by their alert ids), or without it a throwaway PostgreSQL 15
+started as the tests start it (``tests/pgsupport.py``) and then restarted with ``fsync=on``,
+since the test server runs without it: commits here are durable as in the field.
+Pass the URL through the environment (``--pool-url "$CWG_POOL_URL"``) to keep a password
+out of shell history; it is never printed.
+
+``--replicas N`` (N ≥ 2, PostgreSQL) measures N aggregator replicas (``gateway run`` processes,
+each with its own data directory and MQTT session, on one shared subscription and one database)
+against one replica run the same way, the same stream in the same run, and prints the ratio.
+On a 2-core machine broker, generator, PostgreSQL and the replicas share two cores: the ratio
+says what a second replica buys there, not on a machine each.
 
 By default the bare subscriber counts the stream first, alone on the broker, and then the
 same stream (same generator, count, rate and seed) goes to the aggregator: on a 2-core machine
@@ -24,15 +40,24 @@ Target on a 2-core machine: ≥ 10,000 alerts/s sustained, p99 ≤ 250 ms, zero 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import multiprocessing as mp
+import os
 import queue
+import shutil
+import signal
+import subprocess
+import sys
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from aggregator.broker.registry import AccountRole
+from aggregator.config import redact_pool_url
 from contract import DeviceChannel
 from simulators.loadgen import (
     LoadConfig,
@@ -45,6 +70,68 @@ from simulators.stack import GatewayStack, StackOptions
 
 TARGET_RATE = 10_000
 TARGET_P99_MS = 250.0
+ROOT = Path(__file__).resolve().parents[1]
+REPLICA_GROUP = "bench-replicas"
+
+
+@contextlib.contextmanager
+def postgres(url: str | None) -> Iterator[Callable[[], str]]:
+    """A maker of fresh PostgreSQL pool URLs: databases created on the server of ``url``, or
+    on a throwaway server (``tests/pgsupport.py``) restarted with fsync on."""
+    import psycopg
+
+    server: Any = None
+    if url is None:
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))  # tests/ is not an installed package
+        from tests.pgsupport import start_server
+
+        server = start_server()
+        # The test server runs with fsync=off (tests need no durability); a benchmark of the
+        # pool commits as the field does. Restarted with the same options but fsync.
+        server.stop()
+        server._run(
+            "pg_ctl", "-w", "-D", str(server.data), "-l", str(server.root / "log"), "-o",
+            f"-p {server.port} -k {server.sockets} -c listen_addresses=127.0.0.1"
+            " -c max_locks_per_transaction=256 -c fsync=on",
+            "start",
+        )  # fmt: skip
+        url = server.url()
+    base = url
+    created: list[str] = []
+
+    def fresh() -> str:
+        name = f"bench_{uuid.uuid4().hex[:10]}"
+        try:
+            with psycopg.connect(base, autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{name}"')
+        except psycopg.Error as exc:
+            print(
+                f"PostgreSQL: cannot create a database ({type(exc).__name__}); runs share "
+                f"{redact_pool_url(base)}, told apart by their alert ids"
+            )
+            return base
+        created.append(name)
+        return _as_url(base, name)
+
+    try:
+        yield fresh
+    finally:
+        with contextlib.suppress(psycopg.Error), psycopg.connect(base, autocommit=True) as conn:
+            for name in created:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if server is not None:
+            with contextlib.suppress(Exception):
+                server.stop()
+            shutil.rmtree(server.root, ignore_errors=True)
+
+
+def _as_url(url: str, dbname: str) -> str:
+    """``url`` with its database replaced (query string kept)."""
+    head, _, query = url.partition("?")
+    scheme, _, rest = head.partition("://")
+    authority = rest.split("/", 1)[0]
+    return f"{scheme}://{authority}/{dbname}" + (f"?{query}" if query else "")
 
 
 def start_bare_subscriber(stack: GatewayStack, expected: int, name: str) -> tuple[Any, Any]:
@@ -85,9 +172,12 @@ def bare_result(process: Any, results: Any) -> dict[str, float] | None:
     return bare
 
 
-def run_once(args: argparse.Namespace, tls: bool) -> tuple[Any, Any, bool, float, float]:
+def run_once(
+    args: argparse.Namespace, tls: bool, pool_url: str | None = None
+) -> tuple[Any, Any, bool, float, float]:
     """One stack, one load run; prints its figures."""
     options = StackOptions(
+        pool_url=pool_url,
         device_tls=tls,
         batch_max_messages=args.batch_size,
         batch_linger_ms=args.linger_ms,
@@ -104,7 +194,10 @@ def run_once(args: argparse.Namespace, tls: bool) -> tuple[Any, Any, bool, float
         publishers=args.publishers,
         alert_ids=args.alert_ids,
     )
-    print(f"devices: {'TLS listener' if tls else 'plain MQTT on loopback'}")
+    print(
+        f"devices: {'TLS listener' if tls else 'plain MQTT on loopback'}; pool: "
+        + ("PostgreSQL" if pool_url else "SQLite")
+    )
     loop_before = loop_seconds()
     started = time.monotonic()
     bare: dict[str, float] | None = None
@@ -120,7 +213,7 @@ def run_once(args: argparse.Namespace, tls: bool) -> tuple[Any, Any, bool, float
         baseline: Any = None
         if args.baseline == "concurrent":
             baseline = start_bare_subscriber(stack, args.alerts, "bench-counter")
-        report = run_load(config, stack, stack.pool_path)
+        report = run_load(config, stack, stack.pool_target)
         print(report.summary())
         if baseline is not None:
             bare = bare_result(*baseline)
@@ -146,6 +239,97 @@ def run_once(args: argparse.Namespace, tls: bool) -> tuple[Any, Any, bool, float
         f"{loop_before:.2f} s before, {loop_after:.2f} s after)"
     )
     return report, bare, verdict, loop_before, loop_after
+
+
+class Replica:
+    """``gateway run`` as a process of its own (a replica shares nothing with the others but
+    the broker and the database), on the shared subscription ``REPLICA_GROUP``."""
+
+    def __init__(
+        self, root: Path, name: str, host: str, port: int, account: Any, env: dict[str, str]
+    ) -> None:
+        self.name = name
+        self.data_dir = root / f"replica-{name}"
+        self.data_dir.mkdir(parents=True)
+        password_file = self.data_dir / "aggregator.password"
+        password_file.write_text(account.password)
+        password_file.chmod(0o600)
+        self.log = root / f"replica-{name}.log"
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "aggregator.cli", "run",
+                    "--data-dir", str(self.data_dir),
+                    "--broker", f"{host}:{port}",
+                    "--password-file", str(password_file),
+                    "--client-id", f"bench-replica-{name}-{uuid.uuid4().hex[:6]}",
+                    "--share-group", REPLICA_GROUP,
+                ],
+                cwd=ROOT,
+                env={**os.environ, "CWG_MQTT__USERNAME": account.username, **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def wait_connected(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while "connected session_present=" not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log.read_text(errors="replace")[-3000:]
+                raise SystemExit(f"replica {self.name} did not connect:\n{tail}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def replica_env(args: argparse.Namespace, pool_url: str) -> dict[str, str]:
+    """The aggregator knobs of this run, as ``gateway run`` reads them (Settings, CWG_*)."""
+    return {
+        "CWG_POOL_URL": pool_url,
+        "CWG_BATCH__MAX_MESSAGES": str(args.batch_size),
+        "CWG_BATCH__LINGER_MS": str(args.linger_ms),
+        "CWG_BATCH__MIN_MESSAGES": str(args.min_batch),
+        "CWG_MQTT__RECEIVE_MAXIMUM": str(args.receive_maximum),
+        "CWG_MQTT__FEEDBACK_QOS": str(args.feedback_qos),
+        "CWG_MQTT__FEEDBACK_BATCHING": "true" if args.feedback_batching == "on" else "false",
+        "CWG_NOTICES__UPDATE_INTERVAL_MS": str(args.notice_interval_ms),
+    }
+
+
+def run_replicas(args: argparse.Namespace, n: int, pool_url: str) -> Any:
+    """``n`` replicas (processes) on one fresh database, one load run through the broker."""
+    config = LoadConfig(
+        rate=args.rate,
+        count=args.alerts,
+        mode=args.mode,
+        publishers=args.publishers,
+        alert_ids=args.alert_ids,
+    )
+    stack = GatewayStack(options=StackOptions(device_tls=args.tls == "on"))
+    replicas: list[Replica] = []
+    try:
+        stack.start(aggregator=False)
+        account = stack.add_account("bench-replicas", AccountRole.AGGREGATOR)
+        env = {**replica_env(args, pool_url), "CWG_MQTT__TOPIC_PREFIX": stack.topics.prefix}
+        for i in range(n):
+            replicas.append(Replica(stack.root, str(i), stack.host, stack.port, account, env))
+        for r in replicas:
+            r.wait_connected()
+        time.sleep(0.5)  # the subscriptions registered before the first alert
+        report = run_load(config, stack, pool_url)
+    finally:
+        for r in replicas:
+            r.stop()
+        stack.stop()
+    print(report.summary())
+    return report
 
 
 def main() -> int:
@@ -211,10 +395,34 @@ def main() -> int:
         help="devices publish over the broker's TLS listener (on), plain MQTT on loopback "
         "(off, default), or one run of each in this order and the TLS/plain ratio (compare)",
     )
+    parser.add_argument(
+        "--backend",
+        choices=["sqlite", "postgres", "both"],
+        default="sqlite",
+        help="the pool: SQLite (default), PostgreSQL, or one run of each and their ratio",
+    )
+    parser.add_argument(
+        "--pool-url",
+        default=None,
+        help="PostgreSQL server to use (postgresql://…; runs get databases of their own there); "
+        'default: a throwaway PostgreSQL 15. Pass it as "$CWG_POOL_URL" to keep a password '
+        "out of shell history",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="N ≥ 2: also N replicas against 1 on PostgreSQL (gateway run processes, shared "
+        "subscription), the same stream, and their ratio",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
     if not 1 <= args.alerts <= 2_000_000:
         parser.error("--alerts must be between 1 and 2,000,000")
+    if not 1 <= args.replicas <= 8:
+        parser.error("--replicas must be between 1 and 8")
+    if args.pool_url is not None and not args.pool_url.startswith("postgresql://"):
+        parser.error("--pool-url must be a postgresql:// URL")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     machine = machine_description()
@@ -231,27 +439,65 @@ def main() -> int:
         f"alert ids {args.alert_ids}; baseline {args.baseline}"
     )
     runs = {"off": [False], "on": [True], "compare": [False, True]}[args.tls]
-    results = [run_once(args, tls) for tls in runs]
-    report, bare, verdict, loop_before, loop_after = results[-1]
-    if len(results) == 2:
-        plain, tls_report = results[0][0], results[1][0]
-        ratio = tls_report.ingest_rate / plain.ingest_rate if plain.ingest_rate else 0.0
-        p99_plain = plain.latency_ms.get("p99", float("nan"))
-        p99_tls = tls_report.latency_ms.get("p99", float("nan"))
-        print(
-            f"TLS / plain     {ratio:>9.2f}  ingest rate ({tls_report.ingest_rate:,.0f} against "
-            f"{plain.ingest_rate:,.0f}/s); p99 {p99_tls:,.1f} against {p99_plain:,.1f} ms"
-        )
+    backends = {"sqlite": ["sqlite"], "postgres": ["postgres"], "both": ["sqlite", "postgres"]}[
+        args.backend
+    ]
+    use_pg = "postgres" in backends or args.replicas > 1
+    results: dict[tuple[str, bool], tuple[Any, Any, bool, float, float]] = {}
+    replica_reports: dict[int, Any] = {}
+    with postgres(args.pool_url) if use_pg else contextlib.nullcontext(None) as fresh_pg:
+        for backend in backends:
+            for tls in runs:
+                url = fresh_pg() if backend == "postgres" and fresh_pg is not None else None
+                results[backend, tls] = run_once(args, tls, url)
+        if args.replicas > 1 and fresh_pg is not None:
+            for n in (1, args.replicas):
+                print(f"replicas: {n} on PostgreSQL (gateway run processes, shared subscription)")
+                replica_reports[n] = run_replicas(args, n, fresh_pg())
+    report, bare, verdict, loop_before, loop_after = list(results.values())[-1]
+    for backend in backends:
+        if len(runs) == 2:
+            plain, tls_report = results[backend, False][0], results[backend, True][0]
+            print(f"{backend}: " + ratio_line("TLS / plain", tls_report, plain))
+    for tls in runs:
+        if len(backends) == 2:
+            lite, pg = results["sqlite", tls][0], results["postgres", tls][0]
+            print(("TLS: " if tls else "plain: ") + ratio_line("PostgreSQL / SQLite", pg, lite))
+    if replica_reports:
+        one, many = replica_reports[1], replica_reports[args.replicas]
+        for n, r in replica_reports.items():
+            p99 = r.latency_ms.get("p99", float("nan"))
+            print(
+                f"{n} replica(s)    {r.ingest_rate:>9,.0f} alerts/s  p99 {p99:,.1f} ms  "
+                f"{'zero loss' if r.zero_loss else f'LOST {r.lost:,}'}"
+            )
+        print(ratio_line(f"{args.replicas} replicas / 1", many, one))
     if args.json is not None:
         out = {
             "machine": machine | {"loop_s_before": loop_before, "loop_s_after": loop_after},
-            "aggregator": vars(args) | {"json": str(args.json)},
+            "aggregator": vars(args) | {"json": str(args.json), "pool_url": None},
             "load": json.loads(report.to_json()),
             "bare_subscriber": bare,
             "target_met": verdict,
+            "runs": [
+                {"backend": b, "tls": t, "load": json.loads(r[0].to_json()), "target_met": r[2]}
+                for (b, t), r in results.items()
+            ],
+            "replicas": {str(n): json.loads(r.to_json()) for n, r in replica_reports.items()},
         }
         args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    return 0 if all(r[0].zero_loss for r in results) else 1
+    every = [r[0] for r in results.values()] + list(replica_reports.values())
+    return 0 if all(r.zero_loss for r in every) else 1
+
+
+def ratio_line(what: str, a: Any, b: Any) -> str:
+    """``a``'s ingest rate against ``b``'s, and their p99s."""
+    ratio = a.ingest_rate / b.ingest_rate if b.ingest_rate else 0.0
+    return (
+        f"{what:15s} {ratio:>9.2f}  ingest rate ({a.ingest_rate:,.0f} against "
+        f"{b.ingest_rate:,.0f}/s); p99 {a.latency_ms.get('p99', float('nan')):,.1f} against "
+        f"{b.latency_ms.get('p99', float('nan')):,.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -104,6 +104,9 @@ class StackOptions:
     # Devices connect to the broker's TLS listener (verified against the stack's generated CA),
     # as real ones do; the aggregator uses the loopback plain listener. False: devices plain.
     device_tls: bool = True
+    # A PostgreSQL pool (postgresql://…, an empty or migrated database) instead of the SQLite
+    # file under the stack's root.
+    pool_url: str | None = None
 
 
 class GatewayStack:
@@ -162,6 +165,14 @@ class GatewayStack:
             raise StackError("the stack is not started")
         return self.aggregator.settings.pool
 
+    @property
+    def pool_target(self) -> Path | str:
+        """The pool the aggregator writes: its SQLite file, or the PostgreSQL URL (which may
+        hold a password: never print it)."""
+        if self.aggregator is None:
+            raise StackError("the stack is not started")
+        return self.aggregator.settings.pool_target
+
     # -- life cycle ------------------------------------------------------------------------
     def __enter__(self) -> Self:
         self.start()
@@ -212,6 +223,7 @@ class GatewayStack:
                 "grid_file": opts.grid_file,
                 "max_clock_skew_s": opts.max_clock_skew_s,
                 "max_payload_bytes": opts.max_payload_bytes,
+                "pool_url": opts.pool_url,
                 "mqtt": MqttSettings.model_validate(
                     {
                         "host": self.host,
