@@ -24,7 +24,6 @@ from aggregator.access.auth import (
     AuthError,
     AuthStore,
     LimiterPolicy,
-    LoginLimiter,
     LoginThrottledError,
     Operator,
     PasswordChecker,
@@ -185,7 +184,8 @@ def create_app(
         readers=Readers(pool),
         writer=writer if writer is not None else LifecycleWriter(pool),
         grid_features=grids.to_geojson()["features"],
-        limiter=LoginLimiter(
+        # on PostgreSQL its counts are in the pool: a lockout holds on every replica
+        limiter=auth.login_limiter(
             LimiterPolicy(
                 free_failures_user=access.login_free_failures_user,
                 free_failures_addr=access.login_free_failures_addr,

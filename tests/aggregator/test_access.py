@@ -270,10 +270,14 @@ def test_login_through_either_replica_meets_one_lockout(pool_backend: PoolBacken
 
 
 @contextmanager
-def service_with(broker: Any, root: Path, access: AccessSettings) -> Iterator[Service]:
-    """The whole service with these access settings and the usual operator accounts."""
+def service_with(
+    broker: Any, root: Path, access: AccessSettings, backend: PoolBackend | None = None
+) -> Iterator[Service]:
+    """The whole service with these access settings and the usual operator accounts (on
+    ``backend``'s pool when given)."""
+    overrides = backend.settings_overrides() if backend is not None else {}
     service = Service(
-        aggregator_settings(broker, root / "agg", access=access),
+        aggregator_settings(broker, root / "agg", access=access, **overrides),
         port=0,
         log_level="warning",
         password_hasher=FAST_HASHER,
@@ -286,9 +290,12 @@ def service_with(broker: Any, root: Path, access: AccessSettings) -> Iterator[Se
         yield service
 
 
-def test_twenty_wrong_logins_lock_out_even_the_right_password(broker: Any, tmp_path: Path) -> None:
+def test_twenty_wrong_logins_lock_out_even_the_right_password(
+    broker: Any, tmp_path: Path, pool_backend: PoolBackend
+) -> None:
     # Refusals held 0.2 s (2 s by default), so that the test runs through several lockouts.
-    with service_with(broker, tmp_path, AccessSettings(login_refusal_delay_s=0.2)) as service:
+    access = AccessSettings(login_refusal_delay_s=0.2)
+    with service_with(broker, tmp_path, access, pool_backend) as service:
         api = Api(service.url)
         try:
             lockout_flow(api)
@@ -327,6 +334,60 @@ def lockout_flow(api: Api) -> None:
     time.sleep(wait + 0.3)
     r = api.http.post("/api/v1/auth/token", json={"username": "comm_a", "password": PASSWORD})
     assert r.status_code == 200, r.text
+
+
+def test_two_replicas_apis_share_tokens_logouts_and_lockouts(
+    broker: Any, tmp_path: Path, pg_url: str
+) -> None:
+    """Two gateways on one PostgreSQL pool, each with its own data directory and API process:
+    a token from replica A's API works on replica B's, a logout or a disabled account on one
+    ends it on the other, and wrong passwords given to A lock the user out on B."""
+    access = AccessSettings(login_refusal_delay_s=0.1, login_lockout_base_s=30.0)
+    services = [
+        Service(
+            aggregator_settings(broker, tmp_path / name, access=access, pool_url=pg_url),
+            port=0,
+            log_level="warning",
+            password_hasher=FAST_HASHER,
+        )
+        for name in ("a", "b")
+    ]
+    for username in ("duty-a", "duty-b"):
+        services[0].auth.create_account(username, Level.ADMIN, password=PASSWORD)
+    with services[0], services[1]:
+        a, b = Api(services[0].url), Api(services[1].url)
+        try:
+            # a token from A, used on B
+            bearer = {"Authorization": f"Bearer {a.token('duty-a')}"}
+            r = b.http.get("/api/v1/auth/me", headers=bearer)
+            assert r.status_code == 200, r.text
+            assert r.json()["username"] == "duty-a"
+            # a logout on B ends it on A
+            assert b.http.post("/api/v1/auth/logout", headers=bearer).status_code == 204
+            assert a.http.get("/api/v1/auth/me", headers=bearer).status_code == 401
+            # an account disabled (here, through B's store) is logged out on both
+            bearer = {"Authorization": f"Bearer {b.token('duty-b')}"}
+            assert a.http.get("/api/v1/auth/me", headers=bearer).status_code == 200
+            services[1].auth.set_disabled("duty-b", True)
+            for api in (a, b):
+                assert api.http.get("/api/v1/auth/me", headers=bearer).status_code == 401
+            # the free failures are shared: 5 wrong passwords on A, the 6th on B locks the user
+            statuses = [
+                api.http.post(
+                    "/api/v1/auth/token", json={"username": "duty-a", "password": f"wrong {i}"}
+                ).status_code
+                for i, api in enumerate([a] * 5 + [b])
+            ]
+            assert statuses == [401] * 6
+            for api in (a, b):
+                r = api.http.post(
+                    "/api/v1/auth/token", json={"username": "duty-a", "password": PASSWORD}
+                )
+                assert r.status_code == 429, r.text
+                assert int(r.headers["retry-after"]) > 20
+        finally:
+            a.close()
+            b.close()
 
 
 # -- headers ----------------------------------------------------------------------------------
