@@ -52,11 +52,12 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from aggregator.access.auth import Operator
+from aggregator.errors import PoolError
 from aggregator.pool import queries
 from aggregator.pool.model import Notice, iso
 from aggregator.pool.reader import Reader, is_pool_url, read_errors
@@ -80,6 +81,9 @@ __all__ = [
     "StreamHub",
     "frame",
 ]
+
+if TYPE_CHECKING:
+    from aggregator.pool.postgres import ChangeListener, PoolChange
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,16 @@ def frame(texts: Sequence[str]) -> str:
 # next one (a fraction of a second later).
 _POLL_EVENTS = 5000
 _POLL_ALERTS = 20000
+# PostgreSQL numbers (change numbers, alert ids) are taken before commit, so replicas may
+# commit them out of order: a look that reads the table re-reads this many numbers below its
+# mark rather than miss a late commit (what it has seen already is not offered again).
+_PG_CHANGE_MARGIN = 64
+_PG_ALERT_MARGIN = 1000
+# After the change listener failed, the table poll alone serves for this long before it is
+# tried again (each try may wait out a connect timeout).
+_LISTEN_RETRY_S = 5.0
+# what a listener raises when it cannot hear the pool (the server away, the link broken)
+_LISTEN_ERRORS: tuple[type[Exception], ...] = (PoolError, *read_errors())
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +239,15 @@ class StreamClient:
 
 
 class _PoolFeed:
-    """What changed in the pool since the last look (runs on a worker thread, one at a time)."""
+    """What changed in the pool since the last look (runs on a worker thread, one at a time).
+
+    On SQLite it reads the events whose change number passed its mark. On PostgreSQL it also
+    LISTENs (``postgres.ChangeListener``): ``wait`` returns as soon as a commit is announced,
+    and the announcements name the events created and updated, in commit order, whichever
+    replica made them. The table is read instead when an announcement was too large to name
+    its events, when the listener (re)connected (announcements made before are lost), and on
+    every look while it cannot listen; such a read starts a margin below the mark (change
+    numbers may commit out of order) and offers nothing it offered already."""
 
     def __init__(self, path: Path | str, catalogue: Catalogue) -> None:
         self.path = path
@@ -235,6 +257,60 @@ class _PoolFeed:
         self.max_event_id = 0
         self.alert_rowid = 0
         self.out_of_area_at = 0.0
+        self.pg = is_pool_url(path)
+        self._closed = False
+        self._listener: ChangeListener | None = None
+        self._listen_failed_at: float | None = None
+        self._heard: list[PoolChange] = []
+        self._catch_up = False  # read the table at the next look (announcements were missed)
+        # PostgreSQL: what table reads in the margin below a mark have offered already
+        self._changes_seen: dict[tuple[int, int], None] = {}  # (change number, event id)
+        self._alerts_seen: dict[int, None] = {}  # alert ids
+        self.listen_errors = 0
+
+    @property
+    def listens(self) -> bool:
+        """Whether ``wait`` can be woken by a commit (PostgreSQL), rather than the clock."""
+        return self.pg
+
+    @property
+    def listening(self) -> bool:
+        """Whether announcements are being heard now (a listener that has not failed)."""
+        return self._listener is not None and self._listen_failed_at is None
+
+    def wait(self, timeout: float) -> None:
+        """Until a commit is announced or ``timeout`` s pass (PostgreSQL; blocking: run it on a
+        worker thread). A listener that fails is closed and tried again after a while;
+        meanwhile this sleeps and every look reads the table."""
+        failed = self._listen_failed_at
+        if self._closed or (failed is not None and time.monotonic() - failed < _LISTEN_RETRY_S):
+            time.sleep(timeout)
+            return
+        try:
+            if self._listener is None:
+                from aggregator.pool.postgres import ChangeListener
+
+                self._listener = ChangeListener(str(self.path))
+                self._catch_up = True  # commits before the LISTEN were not announced to it
+            heard = self._listener.poll(timeout)
+        except _LISTEN_ERRORS:
+            # the server is away (PoolUnavailableError), the link broke, or close() ran
+            if not self._closed:
+                self.listen_errors += 1
+                log.warning("live stream: cannot listen for pool changes; polling the table")
+            self._listen_failed_at = time.monotonic()
+            self._drop_listener()
+            return
+        self._listen_failed_at = None
+        self._heard += heard
+
+    def _drop_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(Exception):
+                listener.close()
+        self._heard = []
+        self._catch_up = True
 
     def _conn(self) -> Reader:
         if self._db is None:
@@ -243,7 +319,17 @@ class _PoolFeed:
 
     def start(self) -> None:
         """Begin at the pool's present: clients see what happens from now on."""
+        self._closed = False
         db = self._conn()
+        if self.listening:
+            assert self._listener is not None
+            try:  # announced before the marks: the past (not offered to clients)
+                self._listener.poll(0)
+            except _LISTEN_ERRORS:
+                self._listen_failed_at = time.monotonic()
+                self._drop_listener()
+        self._heard = []
+        self._changes_seen.clear()
         self.change_seq, self.max_event_id = queries.feed_marks(db)
         self._mark_alerts(db)
 
@@ -252,8 +338,11 @@ class _PoolFeed:
         # no arrival order but their receipt time, and no index on it: the clock stands in.
         self.alert_rowid = queries.last_alert_rowid(db)
         self.out_of_area_at = time.time()
+        self._alerts_seen.clear()
 
     def close(self) -> None:
+        self._closed = True
+        self._drop_listener()
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -271,13 +360,60 @@ class _PoolFeed:
         return events, alerts
 
     def _changed(self, db: Reader) -> list[tuple[int, bool]]:
-        rows = queries.changed_events(db, self.change_seq, _POLL_EVENTS)
+        if not self.pg:
+            return self._read_changes(db, self.change_seq)
+        out: dict[int, bool] = {}
+        heard, self._heard = self._heard, []
+        listener = self._listener
+        if listener is not None and listener.reconnected:
+            listener.reconnected = False
+            self._catch_up = True
+        whole = [c for c in heard if not c.truncated]
+        cut = [c for c in heard if c.truncated]
+        if self.listening and not self._catch_up and not cut:
+            return self._announced(whole, out)
+        # read the table: from below the oldest change that named no events, or the margin
+        after = self.change_seq - _PG_CHANGE_MARGIN
+        if cut:
+            after = min(after, min(c.change for c in cut) - 1)
+        self._catch_up = False
+        for eid, new in self._read_changes(db, max(0, after)):
+            out[eid] = out.get(eid, False) or new
+        return self._announced(whole, out)
+
+    def _read_changes(self, db: Reader, after: int) -> list[tuple[int, bool]]:
+        rows = queries.changed_events(db, after, _POLL_EVENTS)
+        if len(rows) == _POLL_EVENTS:
+            self._catch_up = True  # a backlog: read on at the next look
+        if self.pg:
+            # offer only what this feed has not offered (the margin re-reads), and forget
+            # what lies below the next read's margin
+            seen = self._changes_seen
+            fresh = [(eid, seq) for eid, seq in rows if (seq, eid) not in seen]
+            seen.update(((seq, eid), None) for eid, seq in fresh)
+            low = max(self.change_seq, *(seq for _, seq in rows), 0) - 2 * _PG_CHANGE_MARGIN
+            for key in [k for k in seen if k[0] <= low]:
+                del seen[key]
+            rows = fresh
         if not rows:
             return []
-        self.change_seq = max(r[1] for r in rows)
+        self.change_seq = max(self.change_seq, *(r[1] for r in rows))
         out = [(eid, eid > self.max_event_id) for eid, _ in rows]
         self.max_event_id = max(self.max_event_id, *(r[0] for r in rows))
         return out
+
+    def _announced(self, heard: list[PoolChange], out: dict[int, bool]) -> list[tuple[int, bool]]:
+        """``out`` and the events named by announcements, in commit order: a created one is new
+        even when its id is below one seen already (another replica's sequence value)."""
+        for change in heard:
+            for eid in change.created:
+                out[eid] = True
+            for eid in change.updated:
+                out.setdefault(eid, False)
+            self.change_seq = max(self.change_seq, change.change)
+        if out:
+            self.max_event_id = max(self.max_event_id, *out)
+        return list(out.items())
 
     def notices(self, due: dict[int, bool]) -> list[tuple[Notice, dict[str, Any]]]:
         """The notices of the events due now (id → new?), with their state as of now, each with
@@ -303,8 +439,19 @@ class _PoolFeed:
     def _alerts(self, db: Reader) -> list[_Item]:
         out: list[_Item] = []
         types = self.catalogue.types
-        for r in queries.alerts_after(db, self.alert_rowid, _POLL_ALERTS):
-            self.alert_rowid = int(r[0])
+        after = self.alert_rowid
+        seen = self._alerts_seen
+        if self.pg:
+            after = max(0, after - _PG_ALERT_MARGIN)
+            for old in [i for i in seen if i <= after]:
+                del seen[old]
+        for r in queries.alerts_after(db, after, _POLL_ALERTS):
+            rowid = int(r[0])
+            if self.pg:
+                if rowid in seen:
+                    continue
+                seen[rowid] = None
+            self.alert_rowid = max(self.alert_rowid, rowid)
             wt = types.get(r[6])
             department = wt.department if wt else None
             body = {
@@ -422,9 +569,20 @@ class StreamHub:
 
     # -- feeding ---------------------------------------------------------------------------
 
+    async def _wait(self) -> None:
+        """Until the next look: a tick on SQLite; on PostgreSQL until a commit is announced
+        (at most a tick), after a fifth of a tick that keeps a busy pool from waking the
+        feed for every commit."""
+        if not self._feed.listens or not self._clients:
+            await asyncio.sleep(self.poll_s)
+            return
+        gap = self.poll_s / 5
+        await asyncio.sleep(gap)
+        await asyncio.to_thread(self._feed.wait, self.poll_s - gap)
+
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.poll_s)
+            await self._wait()
             if not self._clients:
                 # Nobody listens: keep the place without reading what changed.
                 try:
