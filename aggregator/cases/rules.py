@@ -388,6 +388,10 @@ class CommunityPolicy(_Strict):
     departments: frozenset[str] | None = Field(
         default=None, description="department codes that may be called; None: any valid code"
     )
+    whistle_operator: str | None = Field(
+        default=None,
+        description="the community account that blows the whistle (7.3); None: any of them",
+    )
 
     def may_whistle(self, case: Case) -> bool:
         if case.type_code in self.whistleable_types:
@@ -454,14 +458,23 @@ def _role(actor: Actor) -> Role | None:
         return None
 
 
-def _party_refusal(case: Case, actor: Actor, role: Role) -> str | None:
-    """Why this account is not a party to this case, or None."""
+def _party_refusal(
+    case: Case, actor: Actor, role: Role, t: Transition, policy: CommunityPolicy
+) -> str | None:
+    """Why this account is not a party to this step of this case, or None."""
     if not case.grid_code.startswith(actor.scope_code):
         return "the case lies outside this account's area"
     if role is Role.DEPARTMENT and (
         case.lead_department is None or actor.department != case.lead_department
     ):
         return "only the case's lead department may take this step"
+    if (
+        role is Role.COMMUNITY
+        and Requirement.DEPARTMENTS in t.requires
+        and policy.whistle_operator is not None
+        and actor.username != policy.whistle_operator
+    ):
+        return "only the community's whistle operator blows the whistle (7.3)"
     return None
 
 
@@ -474,10 +487,15 @@ def _guard_holds(guard: Guard | None, case: Case) -> bool:
 
 
 def allowed_actions(
-    case: Case, actor: Actor, *, lifecycle: Lifecycle | None = None
+    case: Case,
+    actor: Actor,
+    *,
+    policy: CommunityPolicy | None = None,
+    lifecycle: Lifecycle | None = None,
 ) -> list[Action]:
     """The actions this account may take on this case now, in table order."""
     table = lifecycle or default_lifecycle()
+    pol = policy or CommunityPolicy()
     role = _role(actor)
     if role is None:
         return []
@@ -485,7 +503,7 @@ def allowed_actions(
     for t in table.transitions:
         if t.from_ is not case.state or role not in t.roles:
             continue
-        if _party_refusal(case, actor, role) is None and _guard_holds(t.guard, case):
+        if _party_refusal(case, actor, role, t, pol) is None and _guard_holds(t.guard, case):
             out.append(t.action)
     return out
 
@@ -576,7 +594,7 @@ def apply(
         raise WrongStateError(f"{act} does not apply to a case in state {case.state}")
     if role not in t.roles:
         raise ForbiddenError(f"a {role} account may not {act} a case in state {case.state}")
-    refusal = _party_refusal(case, actor, role)
+    refusal = _party_refusal(case, actor, role, t, pol)
     if refusal is not None:
         raise ForbiddenError(refusal)
     if not _guard_holds(t.guard, case):
