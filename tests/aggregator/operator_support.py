@@ -17,7 +17,7 @@ from aggregator.fanout.timeseries import TimeSeriesSettings
 from aggregator.service import Service
 from contract import AlertV1
 
-from .conftest import GRIDS, aggregator_settings, wait_until
+from .conftest import GRIDS, PoolBackend, aggregator_settings, wait_until
 
 COMMUNITY_A = GRIDS.communities()[0].code  # 龙翔社区 330383001001
 COMMUNITY_B = GRIDS.communities()[1].code  # 海港社区 330383001002 (same street)
@@ -49,10 +49,13 @@ def running_service(
     timeseries: TimeSeriesSettings | None = None,
     stream_queue: int = 256,
     operators: dict[str, tuple[Level, str, str | None]] | None = None,
+    backend: PoolBackend | None = None,
 ) -> Iterator[Service]:
-    """Broker-connected aggregator + API on a free port, with operator accounts provisioned."""
+    """Broker-connected aggregator + API on a free port, with operator accounts provisioned;
+    on ``backend``'s pool when given (``pool_backend``), else on the default SQLite file."""
+    overrides = backend.settings_overrides() if backend is not None else {}
     service = Service(
-        aggregator_settings(broker, root / "agg"),
+        aggregator_settings(broker, root / "agg", **overrides),
         port=0,
         timeseries=timeseries,
         log_level="warning",

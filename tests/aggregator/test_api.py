@@ -1,4 +1,5 @@
-"""The operator API over a pool filled by the real pipeline (Mosquitto → aggregator → SQLite)."""
+"""The operator API over a pool filled by the real pipeline (Mosquitto → aggregator → the pool,
+an SQLite file and a PostgreSQL database in turn)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,15 @@ from aggregator.broker.launcher import free_port
 from aggregator.service import Service
 from contract import DeviceState, Health, StatusV1
 
-from .conftest import grid_in_community, interior, jpeg, make_alert, offset, wait_until
+from .conftest import (
+    PoolBackend,
+    grid_in_community,
+    interior,
+    jpeg,
+    make_alert,
+    offset,
+    wait_until,
+)
 from .operator_support import (
     COMMUNITY_A,
     COMMUNITY_B,
@@ -44,8 +53,8 @@ class Filled:
 
 
 @pytest.fixture
-def filled(broker: Any, tmp_path: Path) -> Iterator[Filled]:
-    with running_service(broker, tmp_path) as service:
+def filled(broker: Any, tmp_path: Path, pool_backend: PoolBackend) -> Iterator[Filled]:
+    with running_service(broker, tmp_path, backend=pool_backend) as service:
         api = Api(service.url)
         try:
             lat, lon = interior(grid_in_community(0, 5))
