@@ -20,14 +20,14 @@ head) so that two replicas never chain onto the same previous row.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 import orjson
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
     "GENESIS",
@@ -38,6 +38,8 @@ __all__ = [
     "canonical_json",
     "chain",
     "chain_all",
+    "dump_jsonl",
+    "load_jsonl",
     "verify",
 ]
 
@@ -163,3 +165,21 @@ def verify(rows: Sequence[AuditRow], *, head: str | None = None) -> list[Problem
                 Problem(rows[-1].seq if rows else 0, ProblemKind.HEAD, "newest row is not head")
             )
     return problems
+
+
+def dump_jsonl(rows: Iterable[AuditRow]) -> bytes:
+    """An export: one row per line, every field including ``hash``, verifiable offline."""
+    return b"".join(orjson.dumps(row.model_dump(mode="json")) + b"\n" for row in rows)
+
+
+def load_jsonl(data: bytes) -> list[AuditRow]:
+    """Rows back from an export; a line that is not a row is a ValueError naming its number."""
+    rows: list[AuditRow] = []
+    for number, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(AuditRow.model_validate_json(line))
+        except ValidationError as exc:
+            raise ValueError(f"line {number}: not an audit row: {exc}") from exc
+    return rows

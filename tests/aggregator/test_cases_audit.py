@@ -17,6 +17,8 @@ from aggregator.cases.audit import (
     ProblemKind,
     chain,
     chain_all,
+    dump_jsonl,
+    load_jsonl,
     verify,
 )
 
@@ -108,3 +110,18 @@ def test_chinese_text_is_hashed_as_utf8(rows: list[AuditRow]) -> None:
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert hashlib.sha256(text.encode("utf-8")).hexdigest() == row.hash
     assert verify([*rows, row]) == []
+
+
+def test_an_export_verifies_offline_and_shows_an_edit(rows: list[AuditRow]) -> None:
+    data = dump_jsonl(rows)
+    assert load_jsonl(data) == rows
+    assert verify(load_jsonl(data), head=rows[-1].hash) == []
+    edited = data.replace(b'"actor":"department-fire"', b'"actor":"department-police"', 1)
+    assert edited != data
+    assert [p.kind for p in verify(load_jsonl(edited))] == [ProblemKind.TAMPERED]
+    lines = data.splitlines(keepends=True)
+    assert [p.kind for p in verify(load_jsonl(b"".join(lines[:2] + lines[3:])))] == [
+        ProblemKind.MISSING
+    ]
+    with pytest.raises(ValueError, match="line 2"):
+        load_jsonl(lines[0] + b"{}\n")
