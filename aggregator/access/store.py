@@ -11,6 +11,10 @@ holds rows, never passwords or tokens (only their argon2 and SHA-256 hashes). Tw
   issued by one replica's API is accepted by every other, and disabling an account or changing
   its password ends its sessions on all of them at once.
 
+On PostgreSQL the login limiter's counts are kept there too (``PgStrikeBook``, table
+``login_strikes``), so a lockout earned through one replica holds on every replica. On SQLite
+one API process serves the pool and the limiter counts in its memory.
+
 ``open_account_store(target)`` takes the pool target as every command finds it: a ``Path`` (or
 path string) is an SQLite pool file, a ``postgresql://`` URL the PostgreSQL pool.
 """
