@@ -21,7 +21,7 @@ the zero-loss check (alerts pooled == alerts sent).
 
     python bench/bench_city.py [--devices 5000] [--rate 5000] [--duration 40]
         [--connect-rate 500] [--telemetry-interval 30] [--workers 2] [--tls on|off]
-        [--hot-sample 100] [--json report.json]
+        [--hot-sample 100] [--backend sqlite|postgres|both] [--pool-url URL] [--json report.json]
 
 Target on a 2-core machine: 5,000 connections, ≥ 5,000 alerts/s, p99 ≤ 250 ms, zero loss.
 """
@@ -37,7 +37,11 @@ import resource
 import threading
 import time
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
+
+from pgserver import postgres  # bench/ is the script's directory: on sys.path
 
 from aggregator.broker.registry import DeviceKind
 from simulators.errors import StackError
@@ -151,7 +155,26 @@ def main() -> int:
     parser.add_argument("--linger-ms", type=float, default=20)
     parser.add_argument("--min-batch", type=int, default=400)
     parser.add_argument("--receive-maximum", type=int, default=4000)
-    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    parser.add_argument(
+        "--backend",
+        choices=["sqlite", "postgres", "both"],
+        default="sqlite",
+        help="the pool: SQLite (default), PostgreSQL, or one run of each",
+    )
+    parser.add_argument(
+        "--pool-url",
+        default=None,
+        help="PostgreSQL server (postgresql://…; the run gets a database of its own there); "
+        'default: a throwaway PostgreSQL 15. Pass it as "$CWG_POOL_URL" to keep a password '
+        "out of shell history",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="also write the report here (with --backend both: NAME.sqlite.json and "
+        "NAME.postgres.json)",
+    )
     args = parser.parse_args()
     if not 1 <= args.devices <= 20_000:
         parser.error("--devices must be between 1 and 20,000")
@@ -172,6 +195,34 @@ def main() -> int:
         f"{args.workers} generator processes, devices over "
         + ("TLS" if args.tls == "on" else "plain MQTT")
     )
+    backends = {"sqlite": ["sqlite"], "postgres": ["postgres"], "both": ["sqlite", "postgres"]}[
+        args.backend
+    ]
+    reports: dict[str, Any] = {}
+    with postgres(args.pool_url) if "postgres" in backends else nullcontext(None) as fresh_pg:
+        for backend in backends:
+            url = fresh_pg() if backend == "postgres" and fresh_pg is not None else None
+            print(f"pool: {'PostgreSQL' if url else 'SQLite'}")
+            reports[backend] = run_city(args, machine, loop_before, url, backend)
+    if len(reports) == 2:
+        lite, pg = reports["sqlite"], reports["postgres"]
+        ratio = pg.ingest_rate / lite.ingest_rate if lite.ingest_rate else 0.0
+        print(
+            f"PostgreSQL / SQLite {ratio:.2f}: {pg.ingest_rate:,.0f} against "
+            f"{lite.ingest_rate:,.0f} alerts/s; p99 {pg.latency_ms.get('p99', float('nan')):,.1f}"
+            f" against {lite.latency_ms.get('p99', float('nan')):,.1f} ms"
+        )
+    return 0 if all(r.zero_loss for r in reports.values()) else 1
+
+
+def run_city(
+    args: argparse.Namespace,
+    machine: dict[str, Any],
+    loop_before: float,
+    pool_url: str | None,
+    backend: str,
+) -> Any:
+    """One stack (broker, aggregator on the given pool), one fleet run; prints its figures."""
     options = StackOptions(
         device_tls=args.tls == "on",
         batch_max_messages=args.batch_size,
@@ -179,6 +230,7 @@ def main() -> int:
         batch_min_messages=args.min_batch,
         receive_maximum=args.receive_maximum,
         feedback_qos=args.feedback_qos,
+        pool_url=pool_url,
     )
     tag = f"city{uuid.uuid4().hex[:4]}"
     config = LoadConfig(
@@ -214,7 +266,7 @@ def main() -> int:
         # Started with the stack, before the generator's: the broker and the aggregator's own.
         aggregator_children = child_pids() - {broker_pid}
         with CpuSampler(broker_pid, aggregator_children) as sampler:
-            report = run_load(config, provisioner, stack.pool_path, run_tag=tag)
+            report = run_load(config, provisioner, stack.pool_target, run_tag=tag)
         me1, kids1 = cpu_seconds()
         broker_cpu = process_cpu_seconds(broker_pid) - broker_cpu0
         print(report.summary())
@@ -290,7 +342,7 @@ def main() -> int:
     if args.json is not None:
         out = {
             "machine": machine | {"loop_s_before": loop_before, "loop_s_after": loop_after},
-            "args": vars(args) | {"json": str(args.json)},
+            "args": vars(args) | {"json": str(args.json), "pool_url": None, "backend": backend},
             "provision_s": provision_s,
             "stack_start_s": start_s,
             "load": json.loads(report.to_json()),
@@ -299,8 +351,9 @@ def main() -> int:
             "hot_provisioning": hot,
             "target_met": verdict,
         }
-        args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    return 0 if report.zero_loss else 1
+        path = args.json if args.backend != "both" else args.json.with_suffix(f".{backend}.json")
+        path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    return report
 
 
 if __name__ == "__main__":

@@ -46,18 +46,17 @@ import logging
 import multiprocessing as mp
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pgserver import postgres  # bench/ is the script's directory: on sys.path
+
 from aggregator.broker.registry import AccountRole
-from aggregator.config import redact_pool_url
 from contract import DeviceChannel
 from simulators.loadgen import (
     LoadConfig,
@@ -72,66 +71,6 @@ TARGET_RATE = 10_000
 TARGET_P99_MS = 250.0
 ROOT = Path(__file__).resolve().parents[1]
 REPLICA_GROUP = "bench-replicas"
-
-
-@contextlib.contextmanager
-def postgres(url: str | None) -> Iterator[Callable[[], str]]:
-    """A maker of fresh PostgreSQL pool URLs: databases created on the server of ``url``, or
-    on a throwaway server (``tests/pgsupport.py``) restarted with fsync on."""
-    import psycopg
-
-    server: Any = None
-    if url is None:
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))  # tests/ is not an installed package
-        from tests.pgsupport import start_server
-
-        server = start_server()
-        # The test server runs with fsync=off (tests need no durability); a benchmark of the
-        # pool commits as the field does. Restarted with the same options but fsync.
-        server.stop()
-        server._run(
-            "pg_ctl", "-w", "-D", str(server.data), "-l", str(server.root / "log"), "-o",
-            f"-p {server.port} -k {server.sockets} -c listen_addresses=127.0.0.1"
-            " -c max_locks_per_transaction=256 -c fsync=on",
-            "start",
-        )  # fmt: skip
-        url = server.url()
-    base = url
-    created: list[str] = []
-
-    def fresh() -> str:
-        name = f"bench_{uuid.uuid4().hex[:10]}"
-        try:
-            with psycopg.connect(base, autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{name}"')
-        except psycopg.Error as exc:
-            print(
-                f"PostgreSQL: cannot create a database ({type(exc).__name__}); runs share "
-                f"{redact_pool_url(base)}, told apart by their alert ids"
-            )
-            return base
-        created.append(name)
-        return _as_url(base, name)
-
-    try:
-        yield fresh
-    finally:
-        with contextlib.suppress(psycopg.Error), psycopg.connect(base, autocommit=True) as conn:
-            for name in created:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        if server is not None:
-            with contextlib.suppress(Exception):
-                server.stop()
-            shutil.rmtree(server.root, ignore_errors=True)
-
-
-def _as_url(url: str, dbname: str) -> str:
-    """``url`` with its database replaced (query string kept)."""
-    head, _, query = url.partition("?")
-    scheme, _, rest = head.partition("://")
-    authority = rest.split("/", 1)[0]
-    return f"{scheme}://{authority}/{dbname}" + (f"?{query}" if query else "")
 
 
 def start_bare_subscriber(stack: GatewayStack, expected: int, name: str) -> tuple[Any, Any]:
