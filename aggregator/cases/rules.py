@@ -5,7 +5,8 @@ returns a :class:`Step` — the new case (state, version + 1, clocks started, st
 the deadlines set and cleared, and the audit entry — or raises:
 
 * :class:`ForbiddenError` (HTTP 403): the account's level may not take this action, or the case
-  lies outside its area, or it is not the case's lead department;
+  lies outside its area, or it is not the case's lead department, or (to whistle) it is not
+  the community's named whistle operator;
 * :class:`WrongStateError` (409): the account could take this action, but not in this state
   (or not while an extension is, or is not, pending);
 * :class:`StaleVersionError` (409): the caller acted on an older version of the case;
@@ -232,7 +233,7 @@ class Transition(_Strict):
     @model_validator(mode="after")
     def _outcome_when_closing(self) -> Transition:
         if (self.to is State.CLOSED) != (self.outcome is not None):
-            raise ValueError("a transition to closed, and only one, names its outcome")
+            raise ValueError("a transition names an outcome exactly when it leads to closed")
         return self
 
 

@@ -444,7 +444,7 @@ def test_a_closing_transition_names_its_outcome(tmp_path: Path) -> None:
             "to: closed, outcome: handled, roles: [community]}", "to: closed, roles: [community]}"
         )
     )
-    with pytest.raises(ConfigError, match="names its outcome"):
+    with pytest.raises(ConfigError, match="outcome exactly when"):
         load_lifecycle(bad)
 
 
