@@ -35,10 +35,11 @@ from simulators.stack import CredentialsDir
 log = logging.getLogger(__name__)
 
 
-def _screen(pool_path: Path, header: str, rows: int) -> Group:
-    if not pool_path.exists():
+def _screen(pool: Path | str, header: str, rows: int) -> Group:
+    # a PostgreSQL pool (CWG_POOL_URL) exists from the start; the SQLite file once ingest made it
+    if isinstance(pool, Path) and not pool.exists():
         return Group(Text(header), Text("waiting for the first alert…"))
-    with closing(queries.open_reader(pool_path)) as db:
+    with closing(queries.open_reader(pool)) as db:
         counts = queries.pool_counts(db)
         events = queries.latest_events(db, by_update=True, limit=rows)
     stats = "  ".join(f"[bold]{v}[/] {k.replace('_', ' ')}" for k, v in asdict(counts).items())
@@ -103,9 +104,9 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         fleet_thread = threading.Thread(target=fleet.run, args=(stop,), name="demo-fleet")
         fleet_thread.start()
-        pool_path = settings.pool
+        pool_path = settings.pool_target
         header = (
-            f"broker [bold]{broker.host}:{broker.port}[/]   pool [bold]{pool_path}[/]   "
+            f"broker [bold]{broker.host}:{broker.port}[/]   pool [bold]{settings.pool_label}[/]   "
             f"fleet {args.devices} devices at {args.rate:g} alerts/s\n"
             f"dashboard [bold]{service.url}/[/] (login admin / admin)   "
             "[dim]Ctrl-C stops everything[/]"
