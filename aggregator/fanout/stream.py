@@ -113,7 +113,7 @@ _POLL_ALERTS = 20000
 # PostgreSQL numbers (change numbers, alert ids) are taken before commit, so replicas may
 # commit them out of order: a look that reads the table re-reads this many numbers below its
 # mark rather than miss a late commit (what it has seen already is not offered again).
-_PG_CHANGE_MARGIN = 64
+_PG_CHANGE_MARGIN = 32
 _PG_ALERT_MARGIN = 1000
 # After the change listener failed, the table poll alone serves for this long before it is
 # tried again (each try may wait out a connect timeout).
@@ -244,10 +244,12 @@ class _PoolFeed:
     On SQLite it reads the events whose change number passed its mark. On PostgreSQL it also
     LISTENs (``postgres.ChangeListener``): ``wait`` returns as soon as a commit is announced,
     and the announcements name the events created and updated, in commit order, whichever
-    replica made them. The table is read instead when an announcement was too large to name
-    its events, when the listener (re)connected (announcements made before are lost), and on
-    every look while it cannot listen; such a read starts a margin below the mark (change
-    numbers may commit out of order) and offers nothing it offered already."""
+    replica made them (a created event is new even when its id is below one seen already).
+    Each look still reads the table above the mark, which catches a change nobody announced;
+    it reads from a margin below the mark (change numbers are taken before commit, so
+    replicas may commit them out of order) when the listener (re)connected, while it cannot
+    listen, and below an announcement too large to name its events. Nothing is offered twice
+    for one (change number, event)."""
 
     def __init__(self, path: Path | str, catalogue: Catalogue) -> None:
         self.path = path
@@ -362,55 +364,57 @@ class _PoolFeed:
     def _changed(self, db: Reader) -> list[tuple[int, bool]]:
         if not self.pg:
             return self._read_changes(db, self.change_seq)
-        out: dict[int, bool] = {}
+        return self._pg_changed(db)
+
+    def _read_changes(self, db: Reader, after: int) -> list[tuple[int, bool]]:
+        rows = queries.changed_events(db, after, _POLL_EVENTS)
+        if not rows:
+            return []
+        self.change_seq = max(r[1] for r in rows)
+        out = [(eid, eid > self.max_event_id) for eid, _ in rows]
+        self.max_event_id = max(self.max_event_id, *(r[0] for r in rows))
+        return out
+
+    def _pg_changed(self, db: Reader) -> list[tuple[int, bool]]:
+        """The announced changes, and the table's rows above the mark: a writer that changed
+        the pool without announcing it is still seen, a tick late at most. Each (change
+        number, event) is offered once, whichever of the two brought it first."""
         heard, self._heard = self._heard, []
         listener = self._listener
         if listener is not None and listener.reconnected:
             listener.reconnected = False
             self._catch_up = True
-        whole = [c for c in heard if not c.truncated]
-        cut = [c for c in heard if c.truncated]
-        if self.listening and not self._catch_up and not cut:
-            return self._announced(whole, out)
-        # read the table: from below the oldest change that named no events, or the margin
-        after = self.change_seq - _PG_CHANGE_MARGIN
-        if cut:
-            after = min(after, min(c.change for c in cut) - 1)
+        after = self.change_seq
+        if self._catch_up or not self.listening:
+            after -= _PG_CHANGE_MARGIN  # numbers taken before commit may commit late
+        cut = [c.change for c in heard if c.truncated]
+        if cut:  # an announcement too large to name its events: read them from the table
+            after = min(after, min(cut) - 1)
         self._catch_up = False
-        for eid, new in self._read_changes(db, max(0, after)):
-            out[eid] = out.get(eid, False) or new
-        return self._announced(whole, out)
-
-    def _read_changes(self, db: Reader, after: int) -> list[tuple[int, bool]]:
-        rows = queries.changed_events(db, after, _POLL_EVENTS)
-        if len(rows) == _POLL_EVENTS:
-            self._catch_up = True  # a backlog: read on at the next look
-        if self.pg:
-            # offer only what this feed has not offered (the margin re-reads), and forget
-            # what lies below the next read's margin
-            seen = self._changes_seen
-            fresh = [(eid, seq) for eid, seq in rows if (seq, eid) not in seen]
-            seen.update(((seq, eid), None) for eid, seq in fresh)
-            low = max(self.change_seq, *(seq for _, seq in rows), 0) - 2 * _PG_CHANGE_MARGIN
-            for key in [k for k in seen if k[0] <= low]:
-                del seen[key]
-            rows = fresh
-        if not rows:
-            return []
-        self.change_seq = max(self.change_seq, *(r[1] for r in rows))
-        out = [(eid, eid > self.max_event_id) for eid, _ in rows]
-        self.max_event_id = max(self.max_event_id, *(r[0] for r in rows))
-        return out
-
-    def _announced(self, heard: list[PoolChange], out: dict[int, bool]) -> list[tuple[int, bool]]:
-        """``out`` and the events named by announcements, in commit order: a created one is new
-        even when its id is below one seen already (another replica's sequence value)."""
+        seen = self._changes_seen
+        out: dict[int, bool] = {}
+        known = self.max_event_id
         for change in heard:
-            for eid in change.created:
-                out[eid] = True
+            for eid in change.created:  # new, even below an id seen (another replica's)
+                if (change.change, eid) not in seen:
+                    seen[change.change, eid] = None
+                    out[eid] = True
             for eid in change.updated:
-                out.setdefault(eid, False)
+                if (change.change, eid) not in seen:
+                    seen[change.change, eid] = None
+                    out.setdefault(eid, False)
             self.change_seq = max(self.change_seq, change.change)
+        rows = queries.changed_events(db, max(0, after), _POLL_EVENTS)
+        if len(rows) == _POLL_EVENTS:
+            self._catch_up = True  # a backlog: the next look reads on from the margin
+        for eid, seq in rows:
+            self.change_seq = max(self.change_seq, seq)
+            if (seq, eid) not in seen:
+                seen[seq, eid] = None
+                out[eid] = out.get(eid, False) or eid > known
+        low = self.change_seq - 2 * _PG_CHANGE_MARGIN  # below every later read's margin
+        for key in [k for k in seen if k[0] <= low]:
+            del seen[key]
         if out:
             self.max_event_id = max(self.max_event_id, *out)
         return list(out.items())

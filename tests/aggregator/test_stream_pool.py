@@ -133,3 +133,45 @@ def test_on_postgresql_what_was_committed_while_not_listening_is_read_from_the_t
         asyncio.run(scenario())
     finally:
         backend.close()
+
+
+def test_on_postgresql_a_change_nobody_announced_is_read_from_the_table(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A writer that changes an event without NOTIFY (a tool, a future code path) is still
+    seen, at the next look."""
+    backend = PoolBackend("postgres", pg_url, tmp_path)
+    try:
+        writer = backend.writer(CATALOGUE)
+        pipeline = Pipeline(TOPICS, CATALOGUE, GRIDS, backend.snapshots(writer), DecodeLimits())
+
+        async def scenario() -> None:
+            hub = StreamHub(CATALOGUE, pg_url, update_interval=0.5, poll_s=0.25)
+            hub.bind(asyncio.get_running_loop())
+            try:
+                client = hub.connect(ADMIN, StreamFilter())
+                await asyncio.sleep(0.6)
+                alert = make_alert(
+                    "cam-0", *interior(grid_in_community(0, 4)), type="crowd_gathering"
+                )
+                await asyncio.to_thread(writer.commit_batch, _batch(pipeline, alert))
+                [created] = await _items(hub, client, 1.0)
+                assert created["change"] == "created"
+                await asyncio.sleep(0.6)  # past the event's update interval
+                with psycopg.connect(pg_url, autocommit=True) as conn:
+                    conn.execute(
+                        "UPDATE events SET severity = 'critical', version = version + 1,"
+                        " change_seq = nextval('pool_change_seq') WHERE id = %s",
+                        (created["event"]["event_id"],),
+                    )
+                [updated] = await _items(hub, client, 1.0)
+                assert updated["change"] == "updated"
+                assert updated["event"]["severity"] == "critical"
+                await asyncio.sleep(0.8)
+                assert client.queue.empty()  # offered once
+            finally:
+                await hub.aclose()
+
+        asyncio.run(scenario())
+    finally:
+        backend.close()
