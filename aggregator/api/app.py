@@ -239,6 +239,15 @@ def create_app(
             headers={"Retry-After": "5"},
         )
 
+    async def pool_refused_value(request: Request, exc: Exception) -> JSONResponse:
+        # PostgreSQL refuses some values SQLite keeps (a NUL character in text): the request's
+        # value, so the request's 400, not the server's 500.
+        log.info("%s %s: a value the pool refuses (%s)", request.method, request.url.path, exc)
+        return JSONResponse(
+            {"detail": "a value in the request cannot be stored or compared by the event pool"},
+            status_code=status.HTTP_400_BAD_REQUEST,
+        )
+
     if is_pool_url(pool):
         for fault in (
             PoolUnavailableError,
@@ -247,6 +256,7 @@ def create_app(
             psycopg_pool.PoolTimeout,
         ):
             app.add_exception_handler(fault, pool_unreachable)
+        app.add_exception_handler(psycopg.DataError, pool_refused_value)
 
     _auth_routes(app)
     _ops_routes(app)

@@ -230,6 +230,10 @@ def test_the_api_process_on_postgresql_lists_steps_and_follows_the_pool(
         assert picture.status_code == 200, picture.text
         assert picture.content == jpeg(5)
 
+        # text PostgreSQL cannot hold is the request's fault, not the server's
+        r = api.http.post("/api/v1/auth/token", json={"username": "ad\x00min", "password": "x"})
+        assert r.status_code in (400, 401), r.text
+
         assert api.get("/readyz").json() == {"ready": True, "pool": True, "broker": True}
         pg_server.stop()
         try:
