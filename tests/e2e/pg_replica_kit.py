@@ -135,6 +135,14 @@ class Replica(AggregatorProcess):
         """Alerts this replica has committed since it started (every outcome)."""
         return int(sum(v for (n, _), v in self.metrics().items() if n == "cwg_alerts_total"))
 
+    def outcomes(self) -> dict[str, int]:
+        """Alerts this replica has committed since it started, by outcome."""
+        return {
+            dict(labels)["outcome"]: int(v)
+            for (n, labels), v in self.metrics().items()
+            if n == "cwg_alerts_total"
+        }
+
     def events_created(self) -> int:
         return int(self.metrics().get(("cwg_events_created_total", ()), 0.0))
 
