@@ -235,19 +235,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     handler = _COMMANDS[args.command]
-    if getattr(args, "data_dir", "") is None:
-        # every command finds the data directory, and the pool in it, as Settings does
-        from aggregator.config import Settings
-
-        args.data_dir = Settings().data_dir
     try:
+        if getattr(args, "data_dir", "") is None:
+            # every command finds the data directory, and the pool in it, as Settings does
+            from aggregator.config import Settings
+
+            args.data_dir = Settings().data_dir
         return handler(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        from pydantic import ValidationError
+
         from aggregator.errors import AggregatorError
 
-        if isinstance(exc, (AggregatorError, OSError, *read_errors())):
+        # a CWG_* setting refused (its value is not echoed: it may hold a password)
+        if isinstance(exc, (AggregatorError, OSError, ValidationError, *read_errors())):
             log.error("%s", exc)
             return 2
         raise

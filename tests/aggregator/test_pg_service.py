@@ -256,6 +256,7 @@ def test_cli_commands_find_the_postgresql_pool_through_the_environment(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setenv("COLUMNS", "200")
     cam = device(broker, "cam-001")
@@ -273,6 +274,10 @@ def test_cli_commands_find_the_postgresql_pool_through_the_environment(
     assert cli_main(["handling", "--data-dir", str(empty), "--by", "type"]) == 0
     assert "ebike_in_lift" in capsys.readouterr().out
     assert not empty.exists()
+    monkeypatch.setenv("CWG_POOL_URL", "mysql://cwg:s3cret-pw@127.0.0.1/pool")
+    assert cli_main(["events", "--data-dir", str(empty)]) == 2  # refused, and not shown
+    assert "pool_url must be a PostgreSQL URL" in caplog.text
+    assert "s3cret" not in caplog.text + capsys.readouterr().err
     monkeypatch.delenv("CWG_POOL_URL")
     with pytest.raises(SystemExit, match="no event pool"):
         cli_main(["events", "--data-dir", str(empty)])
