@@ -2,15 +2,18 @@
 
 ``build_aggregator`` wires ingest: settings → catalogue and grids → the pool (storage port) and
 snapshots → the pipeline (decode, geo-tag, assemble) → the MQTT session and batch worker, with
-their metrics and sinks. ``Service`` adds the operator side: accounts, the time-series sink, the
-ingest metrics endpoint and the operator API in a process of its own (``api/server.py``).
+their metrics and sinks. The pool is the SQLite file under the data directory, or with
+``CWG_POOL_URL=postgresql://…`` the PostgreSQL database that replicas on several machines share
+(``open_pool``; snapshots then live in its table, so no replica needs another's files).
+``Service`` adds the operator side: accounts, the time-series sink, the ingest metrics endpoint
+and the operator API in a process of its own (``api/server.py``).
 
 Ingest runs in this process, the operator API and dashboard in a child process.
 
 Operators never slow ingest. The pool writer is the one serial stage, so nothing an operator
 does runs in its interpreter: uvicorn, the FastAPI app and the live stream's fan-out live in a
-child process (``multiprocessing`` spawn) that reads the pool file (SQLite WAL: readers never
-wait for the writer) and writes only operators' lifecycle steps and logins, through the pool's
+child process (``multiprocessing`` spawn) that reads the pool (SQLite WAL or PostgreSQL: readers
+never wait for the writer) and writes only operators' lifecycle steps and logins, through the pool's
 own locking, as a second replica would. The live stream is fed from the pool, not from the
 writer's batch callback (``fanout/stream.py``), so the writer does no work per watcher and an
 operator on any replica's API sees every replica's events. The child publishes operators'
