@@ -204,6 +204,38 @@ class HttpSettings(BaseModel):
         return self
 
 
+class WebhookSettings(BaseModel):
+    """Outbound webhooks (aggregator/fanout/webhooks.py); subscriptions are made in the API."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        True, description="run the delivery worker in this service (subscriptions still queue)"
+    )
+    schedule_s: list[float] = Field(
+        [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 28800],
+        min_length=1,
+        max_length=100,
+        description="delays before each retry of a failed delivery, in seconds (JSON list); "
+        "after the last one the delivery is dead. The default retries 10 times over ~24 h",
+    )
+    timeout_s: float = Field(10.0, gt=0, le=120, description="HTTP timeout of one attempt")
+    workers: int = Field(2, ge=1, le=64, description="delivery threads in this service")
+    poll_s: float = Field(
+        1.0, gt=0, le=60, description="how often an idle worker looks for due deliveries"
+    )
+    jitter: float = Field(
+        0.2, ge=0, le=1, description="each retry delay is lengthened by up to this fraction"
+    )
+
+    @field_validator("schedule_s")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(d <= 0 for d in value):
+            raise ValueError("retry delays are positive seconds")
+        return value
+
+
 POOL_URL_SCHEMES = ("postgresql", "postgres")
 
 
@@ -255,6 +287,7 @@ class Settings(BaseSettings):
     dead_letters: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
     access: AccessSettings = Field(default_factory=AccessSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     metrics_port: int = Field(
         0,
         ge=0,
