@@ -89,6 +89,22 @@ def test_pool_url_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
         Settings()
 
 
+def test_postgresql_faults_are_the_pools_and_bad_values_are_the_messages() -> None:
+    import psycopg
+
+    from aggregator.ingest.worker import is_pool_fault
+    from aggregator.pool.postgres import PoolUnavailableError
+
+    # retried unacknowledged: the server is away, restarting or shutting down
+    assert is_pool_fault(PoolUnavailableError("PostgreSQL pool: connection refused"))
+    assert is_pool_fault(psycopg.OperationalError("server closed the connection unexpectedly"))
+    assert is_pool_fault(psycopg.errors.AdminShutdown())
+    # bisected down to the message: a value or constraint the message brought
+    assert not is_pool_fault(psycopg.errors.UniqueViolation())
+    assert not is_pool_fault(psycopg.errors.CharacterNotInRepertoire())
+    assert not is_pool_fault(ValueError("bad"))
+
+
 # ---------------------------------------------------------------------------- ingest
 
 
