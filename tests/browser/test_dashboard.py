@@ -1,4 +1,5 @@
-"""The dashboard in a real headless Chromium against the real service, broker and pool."""
+"""The dashboard in a real headless Chromium against the real service, broker and pool (an
+SQLite file and a PostgreSQL database in turn)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 from aggregator.service import Service
 from contract import DeviceState, Health, StatusV1
 from tests.aggregator.conftest import (
+    PoolBackend,
     aggregator_settings,
     grid_in_community,
     interior,
@@ -51,8 +53,8 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
-def service(broker: Any, tmp_path: Path) -> Iterator[Service]:
-    with running_service(broker, tmp_path) as s:
+def service(broker: Any, tmp_path: Path, pool_backend: PoolBackend) -> Iterator[Service]:
+    with running_service(broker, tmp_path, backend=pool_backend) as s:
         yield s
 
 
