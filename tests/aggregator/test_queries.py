@@ -359,3 +359,24 @@ def test_every_question_answers_the_same_on_sqlite_and_postgresql(
     assert on_sqlite["alert_count"] == [7, 2, 7, 1, 1, 0]
     assert on_sqlite["changed_after"] == [(5, 6)]
     assert on_sqlite["latest"][0][0]["devices"] == ("str", "cam-5")
+
+
+def test_a_pg_reader_whose_session_the_server_ended_answers_again(pg_url: str) -> None:
+    """The question that meets the broken link raises one of ``read_errors()``; the next one
+    gets a new session."""
+    import psycopg
+
+    reader = PgReader(pg_url)
+    try:
+        assert reader.execute("SELECT count(*) FROM events").fetchall()[0][0] == 0
+        pid = reader.execute("SELECT pg_backend_pid()").fetchall()[0][0]
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(read_errors()):
+            reader.execute("SELECT 1").fetchall()
+        row = reader.execute("SELECT pg_backend_pid() AS pid").fetchall()[0]
+        assert row["pid"] != pid
+        with queries.snapshot(reader):
+            assert queries.feed_marks(reader) == (0, 0)
+    finally:
+        reader.close()
