@@ -173,8 +173,6 @@ def _later(tmp: Path) -> Batch:
 
 def _v(key: str, value: Any) -> Any:
     """A value as compared across backends: its type always, the value unless the clock set it."""
-    if isinstance(value, memoryview):
-        value = bytes(value)
     return (type(value).__name__, "*" if key in VOLATILE else value)
 
 
