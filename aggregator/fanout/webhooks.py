@@ -1,0 +1,202 @@
+"""Outbound webhook delivery: the outbox's rows POSTed to subscribers, signed the Standard
+Webhooks way (https://www.standardwebhooks.com).
+
+Every request carries
+
+    webhook-id:        msg_…   the same on every retry: the receiver's idempotency key
+    webhook-timestamp: 1733480000   UNIX seconds of this attempt
+    webhook-signature: v1,<base64 HMAC-SHA256 of "{webhook-id}.{webhook-timestamp}.{body}">
+
+with the key the base64 after ``whsec_`` in the subscription's secret. A 2xx answer is
+delivered; anything else (another status, a refused connection, a timeout) is tried again after
+the next delay of the schedule (with jitter, so many failed deliveries do not return at once),
+and after the last delay the delivery is dead: the API lists it. A case's deliveries to one
+subscriber go in order (the outbox hands out only the first pending one), so a receiver that
+was down gets the steps of each case in the order they were taken once it is back.
+
+The worker is threads in the aggregator service's process (``Service`` starts and stops it):
+delivery is waiting on sockets (httpx releases the GIL), each claim or mark a short
+transaction, so it costs ingest almost nothing; it runs whether or not the operator API process
+is up. Several replicas run one each on a PostgreSQL pool: the outbox's ``SKIP LOCKED`` claims
+and leases keep them from posting one delivery twice at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import httpx
+import psycopg
+import psycopg_pool
+
+from aggregator.errors import AggregatorError
+from aggregator.pool.outbox import SECRET_PREFIX, Claim, Outbox
+
+__all__ = ["WebhookWorker", "WorkerOptions", "retry_delay", "sign"]
+
+log = logging.getLogger(__name__)
+
+USER_AGENT: Final = "cwg-webhooks/1"
+# what the pool raises when it cannot answer (SQLite busy or gone, PostgreSQL down)
+_POOL_FAULTS: Final = (
+    sqlite3.Error,
+    psycopg.Error,
+    psycopg_pool.PoolTimeout,
+    psycopg_pool.PoolClosed,
+    AggregatorError,
+)
+
+
+def _key(secret: str) -> bytes:
+    if not secret.startswith(SECRET_PREFIX):
+        raise AggregatorError("a webhook secret starts with whsec_")
+    return base64.b64decode(secret[len(SECRET_PREFIX) :])
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: str) -> str:
+    """The ``webhook-signature`` header value: ``v1,`` and the base64 HMAC-SHA256 of
+    ``{msg_id}.{timestamp}.{body}`` under the secret's key."""
+    mac = hmac.new(_key(secret), f"{msg_id}.{timestamp}.{body}".encode(), hashlib.sha256)
+    return "v1," + base64.b64encode(mac.digest()).decode()
+
+
+def retry_delay(
+    attempts: int, schedule: Sequence[float], jitter: float, rnd: random.Random
+) -> float | None:
+    """The wait before the next try after ``attempts`` failed tries; None: give up (dead).
+    Jitter lengthens each delay by up to that fraction."""
+    if attempts > len(schedule):
+        return None
+    return float(schedule[attempts - 1]) * (1.0 + jitter * rnd.random())
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    schedule_s: tuple[float, ...]
+    timeout_s: float = 10.0
+    workers: int = 2
+    poll_s: float = 1.0
+    jitter: float = 0.2
+    batch: int = 16
+
+
+class WebhookWorker:
+    """Threads that claim due deliveries, post them and mark the outcome."""
+
+    def __init__(self, target: Path | str, options: WorkerOptions) -> None:
+        self.options = options
+        self.outbox = Outbox(target, pooled=True, max_connections=options.workers + 1)
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(options.timeout_s),
+            follow_redirects=False,  # a redirect is not a delivery, and could leak the body
+            headers={"user-agent": USER_AGENT, "content-type": "application/json"},
+            trust_env=False,  # a proxy from the environment is not the subscriber's
+        )
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._rnd = random.Random()
+
+    def start(self) -> None:
+        for n in range(max(1, self.options.workers)):
+            t = threading.Thread(target=self._run, name=f"cwg-webhooks-{n}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info(
+            "webhook delivery workers=%s retries=%s timeout_s=%s",
+            len(self._threads),
+            len(self.options.schedule_s),
+            self.options.timeout_s,
+        )
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop claiming; a post in flight finishes (bounded by the timeout) and is marked."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+        self._client.close()
+        self.outbox.close()
+
+    def __enter__(self) -> WebhookWorker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        # the lease outlives the post: a worker never loses a row while it is still posting it
+        lease_s = self.options.timeout_s * 2 + 5.0
+        while not self._stop.is_set():
+            try:
+                claims = self.outbox.claim(self.options.batch, lease_s)
+            except _POOL_FAULTS as exc:  # the pool unreachable: wait, then try again
+                log.warning("webhook outbox unreachable: %s", type(exc).__name__)
+                self._stop.wait(max(self.options.poll_s, 1.0))
+                continue
+            if not claims:
+                self._stop.wait(self.options.poll_s)
+                continue
+            for claim in claims:
+                if self._stop.is_set():
+                    break  # its lease runs out; this or another replica's worker retries it
+                self.deliver(claim)
+
+    def deliver(self, claim: Claim) -> bool:
+        """Post one claimed delivery and record the outcome; True when it was delivered."""
+        stamp = int(time.time())
+        headers = {
+            "webhook-id": claim.webhook_id,
+            "webhook-timestamp": str(stamp),
+            "webhook-signature": sign(claim.secret, claim.webhook_id, stamp, claim.payload),
+        }
+        status: int | None = None
+        try:
+            response = self._client.post(claim.url, content=claim.payload.encode(), headers=headers)
+            status = response.status_code
+            error = None if 200 <= status < 300 else f"HTTP {status}"
+        except httpx.HTTPError as exc:
+            # the exception's name says what failed; its text may quote the URL (which may hold
+            # a receiver's token), so it is not kept
+            error = type(exc).__name__
+        try:
+            if error is None:
+                self.outbox.mark_delivered(claim, status)
+                return True
+            attempts = claim.attempts + 1
+            delay = retry_delay(attempts, self.options.schedule_s, self.options.jitter, self._rnd)
+            if delay is None:
+                self.outbox.mark_dead(claim, error, status)
+                log.warning(
+                    "webhook %s to subscription %s dead after %s attempts: %s",
+                    claim.webhook_id,
+                    claim.subscription_id,
+                    attempts,
+                    error,
+                )
+            else:
+                self.outbox.mark_retry(claim, error, status, time.time() + delay)
+                log.info(
+                    "webhook %s to subscription %s failed (%s), attempt %s; next in %.0f s",
+                    claim.webhook_id,
+                    claim.subscription_id,
+                    error,
+                    attempts,
+                    delay,
+                )
+        except _POOL_FAULTS as exc:  # the pool went away: the lease runs out, the row is retried
+            log.warning("webhook %s not marked: %s", claim.webhook_id, type(exc).__name__)
+        return False

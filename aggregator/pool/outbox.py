@@ -1,0 +1,577 @@
+"""Outbound webhooks' subscriptions and their durable outbox, on either pool backend.
+
+A case step that other systems should hear of becomes a ``WebhookMessage``; ``enqueue(tx,
+message)`` runs inside the step's own transaction (the case store's step hook), matches the
+enabled subscriptions and inserts one delivery row per match. The deliveries therefore commit
+with the step or not at all: a committed step is delivered at least once, a refused or rolled
+back one never.
+
+Each delivery has a ``webhook_id`` (``msg_`` + a hash of subscription id and message key):
+the same message enqueued twice for one subscription is one row, and the receiver sees that id
+on every retry, its idempotency key (Standard Webhooks ``webhook-id``).
+
+The delivery worker (aggregator/fanout/webhooks.py) ``claim``s due rows in a short write
+transaction that leases them to itself (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: ``FOR UPDATE
+SKIP LOCKED``, so replicas' workers never take the same row), posts them without holding any
+lock, then marks each delivered, for retry, or dead. A worker that dies holding a lease loses
+it when the lease ends, and another worker tries again. Only the first pending delivery of a
+(subscription, case) pair is ever claimed: a case's next message to a subscriber is not
+attempted before the previous one was delivered or given up, so each receiver sees a case's
+steps in order.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
+
+import orjson
+
+from aggregator.pool.reader import is_pool_url, pg_sql
+
+if TYPE_CHECKING:
+    import psycopg
+    import psycopg_pool
+
+__all__ = [
+    "Claim",
+    "Delivery",
+    "DeliveryStatus",
+    "Outbox",
+    "Subscription",
+    "SubscriptionIn",
+    "Tx",
+    "WebhookMessage",
+    "enqueue",
+    "new_secret",
+    "webhook_id",
+]
+
+DeliveryStatus = Literal["pending", "delivered", "dead"]
+SECRET_PREFIX: Final = "whsec_"  # noqa: S105 (the secrets' prefix, not a secret)
+# longest error text kept per delivery (an exception's message can quote a whole response)
+_ERROR_MAX: Final = 500
+
+# A transaction the caller holds open: a SQLite connection inside BEGIN IMMEDIATE, or a psycopg
+# connection inside ``conn.transaction()``.
+Tx: TypeAlias = "sqlite3.Connection | psycopg.Connection[Any]"
+
+
+def _is_sqlite(tx: Any) -> bool:
+    return isinstance(tx, sqlite3.Connection)
+
+
+def _run(tx: Tx, sql: str, params: Sequence[Any] = ()) -> Any:
+    """One statement with ``?`` placeholders on either backend's connection."""
+    if _is_sqlite(tx):
+        return tx.execute(sql, params)
+    return tx.execute(pg_sql(sql), list(params))
+
+
+# ---------------------------------------------------------------------------- the message
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookMessage:
+    """What happened to a case, as subscribers receive it.
+
+    ``key`` names the message uniquely and stably (``case:<id>:v<version>`` for a step): the
+    same key enqueued again is the same delivery. The body sent is the Standard Webhooks
+    envelope ``{"type", "timestamp", "data"}``."""
+
+    key: str
+    type: str  # 'case.step', 'case.reminder', …
+    case_id: str
+    event_type: str  # the warning type code of the case's event
+    grid_code: str
+    action: str
+    departments: tuple[str, ...] = ()  # the lead and co-departments, if any
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+    def body(self) -> str:
+        """The JSON body, fixed at enqueue time so that every retry signs the same bytes."""
+        return orjson.dumps(
+            {
+                "type": self.type,
+                "timestamp": self.at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+                "data": {
+                    "case_id": self.case_id,
+                    "event_type": self.event_type,
+                    "grid_code": self.grid_code,
+                    "action": self.action,
+                    "departments": list(self.departments),
+                    **self.data,
+                },
+            }
+        ).decode()
+
+
+def webhook_id(subscription_id: str, message_key: str) -> str:
+    """The delivery's stable id: one per (subscription, message), whatever the retries."""
+    digest = hashlib.sha256(f"{subscription_id}\x00{message_key}".encode()).digest()
+    return "msg_" + base64.b32encode(digest[:20]).decode().lower()
+
+
+def new_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` and 32 random bytes in base64."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+# ---------------------------------------------------------------------------- subscriptions
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionIn:
+    """A new subscription. Empty filters match everything."""
+
+    url: str
+    event_types: tuple[str, ...] = ()
+    grid_prefix: str = ""
+    department: str | None = None
+    actions: tuple[str, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """A subscription as listed: never with its secret."""
+
+    id: str
+    url: str
+    event_types: tuple[str, ...]
+    grid_prefix: str
+    department: str | None
+    actions: tuple[str, ...]
+    description: str
+    enabled: bool
+    created_by: str
+    created_at: float
+
+    def matches(self, message: WebhookMessage) -> bool:
+        return (
+            self.enabled
+            and (not self.event_types or message.event_type in self.event_types)
+            and message.grid_code.startswith(self.grid_prefix)
+            and (self.department is None or self.department in message.departments)
+            and (not self.actions or message.action in self.actions)
+        )
+
+
+_SUB_COLUMNS: Final = (
+    "id, url, event_types, grid_prefix, department, actions, description, enabled,"
+    " created_by, created_at"
+)
+
+
+def _subscription(row: Sequence[Any]) -> Subscription:
+    return Subscription(
+        id=row[0],
+        url=row[1],
+        event_types=tuple(orjson.loads(row[2])),
+        grid_prefix=row[3],
+        department=row[4],
+        actions=tuple(orjson.loads(row[5])),
+        description=row[6],
+        enabled=bool(row[7]),  # SQLite keeps 0/1, PostgreSQL a boolean
+        created_by=row[8],
+        created_at=float(row[9]),
+    )
+
+
+def enqueue(tx: Tx, message: WebhookMessage, now: float | None = None) -> int:
+    """Insert one delivery per enabled subscription that matches ``message``, in the caller's
+    transaction ``tx`` (see ``Tx``). A message already enqueued for a subscription (same key)
+    is left as it is. Returns how many deliveries were added."""
+    now = time.time() if now is None else now
+    subs = [
+        _subscription(r)
+        for r in _run(
+            tx, f"SELECT {_SUB_COLUMNS} FROM webhook_subscriptions WHERE enabled ORDER BY id"
+        ).fetchall()
+    ]
+    body = message.body()
+    added = 0
+    for sub in subs:
+        if not sub.matches(message):
+            continue
+        cur = _run(
+            tx,
+            "INSERT INTO webhook_deliveries(webhook_id, subscription_id, case_id, message_type,"
+            " payload, created_at, next_attempt_at) VALUES (?,?,?,?,?,?,?)"
+            " ON CONFLICT (webhook_id) DO NOTHING",
+            (
+                webhook_id(sub.id, message.key),
+                sub.id,
+                message.case_id,
+                message.type,
+                body,
+                now,
+                now,
+            ),
+        )
+        added += max(cur.rowcount, 0)
+    return added
+
+
+# ---------------------------------------------------------------------------- deliveries
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A delivery leased to one worker: what it needs to post it. Holds the secret: never log
+    it, never hand it to the API."""
+
+    id: int
+    webhook_id: str
+    subscription_id: str
+    case_id: str
+    url: str
+    secret: str = field(repr=False)
+    payload: str = field(repr=False)
+    attempts: int  # attempts made before this one
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A delivery as the API lists it (no payload secret; the payload is the body sent)."""
+
+    id: int
+    webhook_id: str
+    subscription_id: str
+    case_id: str
+    message_type: str
+    status: DeliveryStatus
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+    last_error: str | None
+    last_status: int | None
+    finished_at: float | None
+    payload: str
+
+
+_DELIVERY_COLUMNS: Final = (
+    "id, webhook_id, subscription_id, case_id, message_type, status, attempts, created_at,"
+    " next_attempt_at, last_error, last_status, finished_at, payload"
+)
+
+
+def _delivery(row: Sequence[Any]) -> Delivery:
+    return Delivery(
+        id=int(row[0]),
+        webhook_id=row[1],
+        subscription_id=row[2],
+        case_id=row[3],
+        message_type=row[4],
+        status=row[5],
+        attempts=int(row[6]),
+        created_at=float(row[7]),
+        next_attempt_at=float(row[8]),
+        last_error=row[9],
+        last_status=None if row[10] is None else int(row[10]),
+        finished_at=None if row[11] is None else float(row[11]),
+        payload=row[12],
+    )
+
+
+# The head of each (subscription, case) queue that is due and not leased. The NOT EXISTS makes
+# the order per case: a later delivery waits while an earlier one is pending, leased or not.
+_DUE: Final = (
+    "SELECT d.id FROM webhook_deliveries d"
+    " WHERE d.status = 'pending' AND d.next_attempt_at <= ?"
+    " AND (d.lease_until IS NULL OR d.lease_until < ?)"
+    " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e WHERE e.status = 'pending'"
+    " AND e.subscription_id = d.subscription_id AND e.case_id = d.case_id AND e.id < d.id)"
+    " ORDER BY d.next_attempt_at, d.id LIMIT ?"
+)
+
+
+class Outbox:
+    """The outbox and subscriptions of one pool (a SQLite file or a PostgreSQL URL).
+
+    ``pooled``: keep connections (the delivery worker: a SQLite connection behind a lock, or a
+    small psycopg pool); otherwise each call opens and closes its own (the API's rare admin
+    calls, which then need no shutdown)."""
+
+    def __init__(
+        self, target: Path | str, *, pooled: bool = True, max_connections: int = 4
+    ) -> None:
+        self._pg = is_pool_url(target)
+        self._target = target
+        self._pooled = pooled
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._pool: psycopg_pool.ConnectionPool[Any] | None = None
+        if self._pg and pooled:
+            import psycopg_pool
+
+            self._pool = psycopg_pool.ConnectionPool(
+                str(target),
+                min_size=1,
+                max_size=max(1, max_connections),
+                kwargs={"autocommit": True},
+                check=psycopg_pool.ConnectionPool.check_connection,
+                open=False,
+                name="cwg-outbox",
+            )
+            self._pool.open(wait=True, timeout=10)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+        if self._pool is not None:
+            self._pool.close()
+
+    # -- transactions ----------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """A write transaction of the outbox's own (see ``Tx``)."""
+        if self._pg:
+            with self._pg_conn() as conn, conn.transaction():
+                yield conn
+            return
+        with self._sqlite_conn() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _pg_conn(self) -> Iterator[psycopg.Connection[Any]]:
+        if self._pool is not None:
+            with self._pool.connection() as conn:
+                yield conn
+            return
+        import psycopg
+
+        with psycopg.connect(str(self._target), autocommit=True, connect_timeout=10) as conn:
+            yield conn
+
+    @contextmanager
+    def _sqlite_conn(self) -> Iterator[sqlite3.Connection]:
+        from aggregator.pool.sqlite import connect  # not at import: sqlite.py imports the model
+
+        if not self._pooled:
+            db = connect(self._target)
+            try:
+                yield db
+            finally:
+                db.close()
+            return
+        with self._lock:  # one connection, one transaction at a time
+            if self._db is None:
+                self._db = connect(self._target)
+            yield self._db
+
+    # -- subscriptions -----------------------------------------------------------------------
+
+    def add_subscription(
+        self, sub: SubscriptionIn, created_by: str, now: float | None = None
+    ) -> tuple[Subscription, str]:
+        """Store a subscription with a new secret; returns it and the secret (to show once)."""
+        now = time.time() if now is None else now
+        sub_id = "wh_" + secrets.token_hex(8)
+        secret = new_secret()
+        with self.transaction() as tx:
+            _run(
+                tx,
+                "INSERT INTO webhook_subscriptions(id, url, secret, event_types, grid_prefix,"
+                " department, actions, description, enabled, created_by, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    sub_id,
+                    sub.url,
+                    secret,
+                    orjson.dumps(list(sub.event_types)).decode(),
+                    sub.grid_prefix,
+                    sub.department,
+                    orjson.dumps(list(sub.actions)).decode(),
+                    sub.description,
+                    True,
+                    created_by,
+                    now,
+                ),
+            )
+        made = Subscription(
+            id=sub_id,
+            url=sub.url,
+            event_types=tuple(sub.event_types),
+            grid_prefix=sub.grid_prefix,
+            department=sub.department,
+            actions=tuple(sub.actions),
+            description=sub.description,
+            enabled=True,
+            created_by=created_by,
+            created_at=now,
+        )
+        return made, secret
+
+    def subscriptions(self) -> list[Subscription]:
+        with self.transaction() as tx:
+            rows = _run(
+                tx, f"SELECT {_SUB_COLUMNS} FROM webhook_subscriptions ORDER BY created_at, id"
+            ).fetchall()
+        return [_subscription(r) for r in rows]
+
+    def subscription(self, sub_id: str) -> Subscription | None:
+        with self.transaction() as tx:
+            row = _run(
+                tx, f"SELECT {_SUB_COLUMNS} FROM webhook_subscriptions WHERE id = ?", (sub_id,)
+            ).fetchone()
+        return None if row is None else _subscription(row)
+
+    def delete_subscription(self, sub_id: str) -> bool:
+        """Remove a subscription and its deliveries (a worker holding one of them finds it
+        gone when it marks it); False when there was none."""
+        with self.transaction() as tx:
+            _run(tx, "DELETE FROM webhook_deliveries WHERE subscription_id = ?", (sub_id,))
+            cur = _run(tx, "DELETE FROM webhook_subscriptions WHERE id = ?", (sub_id,))
+            return bool(cur.rowcount)
+
+    # -- the worker's side ---------------------------------------------------------------------
+
+    def enqueue(self, message: WebhookMessage, now: float | None = None) -> int:
+        """``enqueue`` in a transaction of the outbox's own (for messages no step carries)."""
+        with self.transaction() as tx:
+            return enqueue(tx, message, now)
+
+    def claim(self, limit: int, lease_s: float, now: float | None = None) -> list[Claim]:
+        """Lease up to ``limit`` due deliveries, each the first pending one of its
+        (subscription, case), for ``lease_s`` seconds."""
+        now = time.time() if now is None else now
+        token = secrets.token_hex(8)
+        with self.transaction() as tx:
+            due = _DUE + (" FOR UPDATE OF d SKIP LOCKED" if self._pg else "")
+            ids = [int(r[0]) for r in _run(tx, due, (now, now, limit)).fetchall()]
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            _run(
+                tx,
+                f"UPDATE webhook_deliveries SET lease_until = ?, lease_token = ?"
+                f" WHERE id IN ({marks})",
+                (now + lease_s, token, *ids),
+            )
+            rows = _run(
+                tx,
+                "SELECT d.id, d.webhook_id, d.subscription_id, d.case_id, s.url, s.secret,"
+                " d.payload, d.attempts FROM webhook_deliveries d"
+                " JOIN webhook_subscriptions s ON s.id = d.subscription_id"
+                f" WHERE d.id IN ({marks}) ORDER BY d.id",
+                ids,
+            ).fetchall()
+        return [
+            Claim(
+                id=int(r[0]),
+                webhook_id=r[1],
+                subscription_id=r[2],
+                case_id=r[3],
+                url=r[4],
+                secret=r[5],
+                payload=r[6],
+                attempts=int(r[7]),
+                token=token,
+            )
+            for r in rows
+        ]
+
+    def _finish(self, claim: Claim, sets: str, params: Sequence[Any]) -> bool:
+        # Only the holder of the lease marks the row: a worker whose lease ran out (and whose
+        # row another worker took over) changes nothing.
+        with self.transaction() as tx:
+            cur = _run(
+                tx,
+                f"UPDATE webhook_deliveries SET {sets}, lease_until = NULL, lease_token = NULL"
+                " WHERE id = ? AND lease_token = ? AND status = 'pending'",
+                (*params, claim.id, claim.token),
+            )
+            return bool(cur.rowcount)
+
+    def mark_delivered(
+        self, claim: Claim, http_status: int | None, now: float | None = None
+    ) -> bool:
+        now = time.time() if now is None else now
+        return self._finish(
+            claim,
+            "status = 'delivered', attempts = attempts + 1, last_status = ?, last_error = NULL,"
+            " finished_at = ?",
+            (http_status, now),
+        )
+
+    def mark_retry(
+        self, claim: Claim, error: str, http_status: int | None, next_attempt_at: float
+    ) -> bool:
+        return self._finish(
+            claim,
+            "attempts = attempts + 1, last_error = ?, last_status = ?, next_attempt_at = ?",
+            (error[:_ERROR_MAX], http_status, next_attempt_at),
+        )
+
+    def mark_dead(
+        self, claim: Claim, error: str, http_status: int | None, now: float | None = None
+    ) -> bool:
+        now = time.time() if now is None else now
+        return self._finish(
+            claim,
+            "status = 'dead', attempts = attempts + 1, last_error = ?, last_status = ?,"
+            " finished_at = ?",
+            (error[:_ERROR_MAX], http_status, now),
+        )
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def deliveries(
+        self,
+        subscription_id: str | None = None,
+        status: DeliveryStatus | None = None,
+        *,
+        limit: int = 100,
+        after_id: int = 0,
+    ) -> list[Delivery]:
+        """Deliveries in enqueue order, after ``after_id`` (a cursor)."""
+        where = ["id > ?"]
+        params: list[Any] = [after_id]
+        if subscription_id is not None:
+            where.append("subscription_id = ?")
+            params.append(subscription_id)
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        with self.transaction() as tx:
+            rows = _run(
+                tx,
+                f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries WHERE {' AND '.join(where)}"
+                " ORDER BY id LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+        return [_delivery(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Deliveries by status, for metrics and the CLI."""
+        with self.transaction() as tx:
+            rows = _run(
+                tx, "SELECT status, COUNT(*) FROM webhook_deliveries GROUP BY status"
+            ).fetchall()
+        out = {"pending": 0, "delivered": 0, "dead": 0}
+        out.update({str(r[0]): int(r[1]) for r in rows})
+        return out
