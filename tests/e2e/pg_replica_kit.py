@@ -232,9 +232,9 @@ def pg_tally(url: str, device_ids: Sequence[str], raised: Sequence[str]) -> Tall
 
 
 def pooled_of(url: str, device_ids: Sequence[str]) -> int | None:
-    return try_scalar(
-        url, "SELECT count(*) FROM alerts WHERE device_id = ANY(%s)", list(device_ids)
-    )
+    """Alerts of these devices in the pool (None while the server is away)."""
+    n = try_scalar(url, "SELECT count(*) FROM alerts WHERE device_id = ANY(%s)", list(device_ids))
+    return None if n is None else int(n)
 
 
 def poll(seconds: float, every: float = 0.05) -> Iterator[float]:

@@ -467,6 +467,15 @@ def test_an_operator_on_replica_b_sees_live_what_replica_a_committed(
             events=len(seen),
             commit_to_stream_s={f"{n}#{i}": round(s, 3) for i, (n, s) in enumerate(seen)},
         )
+        # replicas share nothing but the broker and PostgreSQL: no pool file beside any of them
+        local = sorted(
+            str(f.relative_to(tmp_path))
+            for d in [*(r.data_dir for r in reps.values()), tmp_path / "admin"]
+            if d.exists()
+            for f in d.rglob("*")
+            if f.name.startswith("pool.db") or f.parent.name == "snapshots"
+        )
+        assert local == [], local
         others = [s for n, s in seen if n != "b"]
         assert others, f"no event was committed by another replica than b: {seen}"
         assert max(others) < 1.0, seen
