@@ -275,6 +275,22 @@ class Settings(BaseSettings):
     snapshot_dir: Path | None = Field(None, description="default data_dir/snapshots")
     grid_file: Path | None = Field(None, description="GeoJSON grids (default: the Longgang sample)")
     catalogue_file: Path = Field(CATALOGUE_PATH, description="warning catalogue YAML")
+    holiday_file: Path | None = Field(
+        None,
+        description="YAML of statutory holidays and adjusted working days for years the "
+        "chinese-calendar package does not know yet (case deadlines in working days)",
+    )
+    whistle_lists: Path | None = Field(
+        None,
+        description="YAML of each community's whistle-able items and whistle operator "
+        "(Longgang 7.3.2); unset: every Appendix A item may be whistled to any department",
+    )
+    evidence_max_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="largest evidence photo (JPEG or PNG) an operator may upload",
+    )
     max_payload_bytes: int = Field(
         1024 * 1024, ge=1024, description="larger alerts are rejected (payload_too_large)"
     )
