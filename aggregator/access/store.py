@@ -34,6 +34,7 @@ import psycopg_pool
 
 from aggregator.config import redact_pool_url
 from aggregator.pool.postgres import PoolUnavailableError, is_pg_pool_fault, migrate
+from aggregator.pool.reader import is_pool_url
 from aggregator.pool.sqlite import connect
 
 __all__ = [
@@ -46,11 +47,8 @@ __all__ = [
     "StrikeKey",
     "Strikes",
     "describe_target",
-    "is_pg_target",
     "open_account_store",
 ]
-
-PG_SCHEMES: Final = ("postgresql://", "postgres://")
 
 T = TypeVar("T")
 
@@ -207,20 +205,15 @@ class StrikeBook(Protocol):
         ...
 
 
-def is_pg_target(target: Path | str) -> bool:
-    """Whether a pool target names a PostgreSQL database rather than an SQLite file."""
-    return isinstance(target, str) and target.lower().startswith(PG_SCHEMES)
-
-
 def describe_target(target: Path | str) -> str:
     """A pool target fit for a log line or a terminal: a URL loses its password and options."""
-    return redact_pool_url(str(target)) if is_pg_target(target) else str(target)
+    return redact_pool_url(str(target)) if is_pool_url(target) else str(target)
 
 
 def open_account_store(target: Path | str) -> AccountStore:
     """The account store of a pool: ``PgAccountStore`` for a ``postgresql://`` URL, else
     ``SqliteAccountStore`` on the pool file."""
-    if is_pg_target(target):
+    if is_pool_url(target):
         return PgAccountStore(str(target))
     return SqliteAccountStore(Path(target))
 
