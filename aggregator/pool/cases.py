@@ -66,6 +66,7 @@ from aggregator.cases.rules import (
 )
 from aggregator.errors import AggregatorError
 from aggregator.grids import COMMUNITY_LENGTH
+from aggregator.pool.outbox import step_hook
 from aggregator.pool.reader import Cursor, Reader, Row, is_pool_url, pg_row_factory, pg_sql
 from contract import Catalogue, EventStatus
 
@@ -425,8 +426,9 @@ class CaseStore:
         self.lifecycle = lifecycle
         self.calendar = calendar
         self.policy_for = policy_for
-        # Hooks called inside each step's transaction (StepHook); append to add one.
-        self.hooks: list[StepHook] = list(hooks)
+        # Hooks called inside each step's transaction (StepHook); append to add one. The
+        # webhook outbox is always first: a committed step is delivered to its subscribers.
+        self.hooks: list[StepHook] = [step_hook, *hooks]
         self.is_pg = is_pool_url(target)
         self._lock = threading.Lock()
         self._own_pg: PgEventPool | None = None

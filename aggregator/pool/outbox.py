@@ -33,7 +33,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias
 
 import orjson
 
@@ -43,17 +43,22 @@ if TYPE_CHECKING:
     import psycopg
     import psycopg_pool
 
+    from aggregator.pool.cases import StepRecord
+
 __all__ = [
     "Claim",
     "Delivery",
     "DeliveryStatus",
     "Outbox",
+    "QmarkTx",
     "Subscription",
     "SubscriptionIn",
     "Tx",
     "WebhookMessage",
     "enqueue",
     "new_secret",
+    "step_hook",
+    "step_message",
     "webhook_id",
 ]
 
@@ -62,20 +67,29 @@ SECRET_PREFIX: Final = "whsec_"  # noqa: S105 (the secrets' prefix, not a secret
 # longest error text kept per delivery (an exception's message can quote a whole response)
 _ERROR_MAX: Final = 500
 
-# A transaction the caller holds open: a SQLite connection inside BEGIN IMMEDIATE, or a psycopg
-# connection inside ``conn.transaction()``.
-Tx: TypeAlias = "sqlite3.Connection | psycopg.Connection[Any]"
+
+class QmarkTx(Protocol):
+    """An open transaction that takes ``?`` placeholders on either backend (the case store's
+    ``aggregator.pool.cases.Tx``, or a ``sqlite3.Connection``)."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any: ...
 
 
-def _is_sqlite(tx: Any) -> bool:
-    return isinstance(tx, sqlite3.Connection)
+# A transaction the caller holds open: one that takes ``?`` placeholders (a SQLite connection
+# inside BEGIN IMMEDIATE, the case store's Tx), or a psycopg connection inside
+# ``conn.transaction()``.
+Tx: TypeAlias = "QmarkTx | psycopg.Connection[Any]"
+
+
+def _is_psycopg(tx: object) -> bool:
+    return type(tx).__module__.split(".", 1)[0] == "psycopg"
 
 
 def _run(tx: Tx, sql: str, params: Sequence[Any] = ()) -> Any:
-    """One statement with ``?`` placeholders on either backend's connection."""
-    if _is_sqlite(tx):
-        return tx.execute(sql, params)
-    return tx.execute(pg_sql(sql), list(params))
+    """One statement with ``?`` placeholders on any of the transactions ``Tx`` names."""
+    if _is_psycopg(tx):
+        return tx.execute(pg_sql(sql), list(params))
+    return tx.execute(sql, tuple(params))
 
 
 # ---------------------------------------------------------------------------- the message
@@ -222,6 +236,45 @@ def enqueue(tx: Tx, message: WebhookMessage, now: float | None = None) -> int:
         )
         added += max(cur.rowcount, 0)
     return added
+
+
+def step_message(record: StepRecord) -> WebhookMessage:
+    """A case step as subscribers receive it (``type`` ``case.step``). Keyed by the case and
+    its version after the step: one message per step, whoever enqueues it."""
+    case = record.case
+    audit = record.audit
+    return WebhookMessage(
+        key=f"case:{record.event_id}:v{case.version}",
+        type="case.step",
+        case_id=str(record.event_id),
+        event_type=record.type_code,
+        grid_code=record.grid_code,
+        action=record.action,
+        departments=record.departments,
+        at=record.at,
+        data={
+            "version": case.version,
+            "before": record.before.value,
+            "after": record.after.value,
+            "actor": record.actor,
+            "role": record.role,
+            "reason": audit.reason,
+            "note": audit.note,
+            "evidence": list(audit.evidence),
+            "assignee": case.assignee,
+            "deadlines": [
+                {"clock": d.clock.value, "due_at": d.due_at.astimezone(UTC).isoformat()}
+                for d in case.running()
+            ],
+            "audit_seq": audit.seq,
+            "audit_hash": audit.hash,
+        },
+    )
+
+
+def step_hook(tx: Tx, record: StepRecord) -> None:
+    """The case store's ``StepHook``: the step's deliveries, in the step's transaction."""
+    enqueue(tx, step_message(record))  # due now, whatever time the step was given
 
 
 # ---------------------------------------------------------------------------- deliveries
@@ -566,11 +619,16 @@ class Outbox:
             ).fetchall()
         return [_delivery(r) for r in rows]
 
-    def counts(self) -> dict[str, int]:
-        """Deliveries by status, for metrics and the CLI."""
+    def counts(self, subscription_id: str | None = None) -> dict[str, int]:
+        """Deliveries by status (of one subscription, or all), for the API and metrics."""
+        where, params = (
+            ("WHERE subscription_id = ?", (subscription_id,)) if subscription_id else ("", ())
+        )
         with self.transaction() as tx:
             rows = _run(
-                tx, "SELECT status, COUNT(*) FROM webhook_deliveries GROUP BY status"
+                tx,
+                f"SELECT status, COUNT(*) FROM webhook_deliveries {where} GROUP BY status",
+                params,
             ).fetchall()
         out = {"pending": 0, "delivered": 0, "dead": 0}
         out.update({str(r[0]): int(r[1]) for r in rows})

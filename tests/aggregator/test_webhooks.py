@@ -1,0 +1,464 @@
+"""Outbound webhooks against a real local HTTP receiver, on both pool backends.
+
+The receiver is a threading HTTP server on a free loopback port. It checks every request with
+a Standard Webhooks verifier written here from the specification (not the sender's code):
+``webhook-signature`` holds space-separated ``v1,<base64>`` signatures, each the HMAC-SHA256 of
+``{webhook-id}.{webhook-timestamp}.{raw body}`` keyed with the base64-decoded part of the
+``whsec_`` secret; the timestamp must be within five minutes of the receiver's clock.
+
+Messages are enqueued through a transaction of the outbox's own, as a case step's hook does
+inside the step's transaction.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from aggregator.cases import Action, ForbiddenError
+from aggregator.fanout.webhooks import WebhookWorker, WorkerOptions, sign
+from aggregator.pool.cases import StepRecord, Tx
+from aggregator.pool.outbox import (
+    Outbox,
+    SubscriptionIn,
+    WebhookMessage,
+    new_secret,
+    webhook_id,
+)
+from tests.aggregator.conftest import PoolBackend
+from tests.aggregator.test_cases_store import PHOTO, Harness
+from tests.pgsupport import PgServer
+
+GRID = "440307001001000005"  # a grid code as the sample area writes them (length is free here)
+TOLERANCE_S = 300
+
+
+def verify(secret: str, headers: dict[str, str], body: bytes, now: float | None = None) -> bool:
+    """The Standard Webhooks check, from the specification."""
+    msg_id = headers.get("webhook-id", "")
+    stamp = headers.get("webhook-timestamp", "")
+    signatures = headers.get("webhook-signature", "")
+    if not (msg_id and stamp.isdigit() and signatures):
+        return False
+    now = time.time() if now is None else now
+    if abs(now - int(stamp)) > TOLERANCE_S:
+        return False
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{msg_id}.{stamp}.".encode() + body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    for part in signatures.split(" "):
+        version, _, value = part.partition(",")
+        if version == "v1" and hmac.compare_digest(value, expected):
+            return True
+    return False
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: bytes
+    verified: bool
+
+    @property
+    def msg(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = orjson.loads(self.body)
+        return loaded
+
+
+@dataclass
+class Receiver:
+    """A webhook endpoint: ``up`` answers 204 after verifying; ``hang`` accepts connections and
+    never answers; ``stop()`` closes the port (connections refused) until ``start()``."""
+
+    secrets: dict[str, str] = field(default_factory=dict)  # path → secret
+    mode: str = "up"
+    got: list[Received] = field(default_factory=list)
+    port: int = 0
+    _server: ThreadingHTTPServer | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def start(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                if receiver.mode == "hang":
+                    time.sleep(30)  # longer than any sender's timeout here
+                    return
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                secret = receiver.secrets.get(self.path, "")
+                ok = verify(secret, headers, body)
+                with receiver._lock:
+                    receiver.got.append(Received(headers, body, ok))
+                self.send_response(204 if ok else 401)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server.daemon_threads = True
+        self.port = int(server.server_address[1])
+        self._server = server
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def received(self) -> list[Received]:
+        with self._lock:
+            return list(self.got)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    r.start()
+    yield r
+    r.stop()
+
+
+def message(case: int, version: int, *, action: str = "verify", **kw: Any) -> WebhookMessage:
+    return WebhookMessage(
+        key=f"case:{case}:v{version}",
+        type="case.step",
+        case_id=str(case),
+        event_type=kw.pop("event_type", "fire_lane_blocked"),
+        grid_code=kw.pop("grid_code", GRID),
+        action=action,
+        departments=kw.pop("departments", ()),
+        at=datetime(2026, 10, 1, 8, 0, tzinfo=UTC),
+        data={"version": version, **kw},
+    )
+
+
+def wait_for(what: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if what():
+            return True
+        time.sleep(step)
+    return what()
+
+
+def opened(backend: PoolBackend) -> Outbox:
+    backend.writer()  # opening the pool migrates it (a SQLite file is made here)
+    outbox = Outbox(backend.target)
+    backend._closers.append(outbox.close)
+    return outbox
+
+
+def worker(backend: PoolBackend, **options: Any) -> WebhookWorker:
+    options.setdefault("schedule_s", (0.2, 0.2))
+    options.setdefault("poll_s", 0.05)
+    options.setdefault("timeout_s", 2.0)
+    options.setdefault("jitter", 0.0)
+    w = WebhookWorker(backend.target, WorkerOptions(**options))
+    w.start()
+    backend._closers.append(w.stop)
+    return w
+
+
+# ---------------------------------------------------------------------------- signatures
+
+
+def test_signature_is_the_standard_webhooks_one() -> None:
+    """The example of the specification's reference libraries, recomputed by both sides."""
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    body = '{"test": 2432232314}'
+    header = sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body)
+    assert header == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    assert verify(
+        secret,
+        {
+            "webhook-id": "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            "webhook-timestamp": "1614265330",
+            "webhook-signature": f"v1,bm9wZQ== {header}",
+        },
+        body.encode(),
+        now=1614265330,
+    )
+    assert new_secret().startswith("whsec_")
+    assert len(base64.b64decode(new_secret()[6:])) == 32
+
+
+def test_deliveries_verify_and_follow_the_filters(
+    pool_backend: PoolBackend, receiver: Receiver
+) -> None:
+    outbox = opened(pool_backend)
+    everything, secret = outbox.add_subscription(SubscriptionIn(url=receiver.url("/all")), "root")
+    receiver.secrets["/all"] = secret
+    narrow, narrow_secret = outbox.add_subscription(
+        SubscriptionIn(
+            url=receiver.url("/narrow"),
+            event_types=("fire_lane_blocked",),
+            grid_prefix=GRID[:12],
+            department="urban_management",
+            actions=("whistle",),
+        ),
+        "root",
+    )
+    receiver.secrets["/narrow"] = narrow_secret
+    # a third subscriber whose secret the receiver does not hold: its signatures must fail
+    other, _ = outbox.add_subscription(SubscriptionIn(url=receiver.url("/wrong")), "root")
+    receiver.secrets["/wrong"] = new_secret()
+    assert {s.id for s in outbox.subscriptions()} == {everything.id, narrow.id, other.id}
+
+    assert outbox.enqueue(message(1, 2, action="verify")) == 2  # not the narrow one
+    assert outbox.enqueue(message(1, 3, action="whistle", departments=("urban_management",))) == 3
+    assert outbox.enqueue(message(2, 2, action="whistle", departments=("water",))) == 2
+    assert outbox.enqueue(message(3, 2, action="whistle", grid_code="440307002001000001")) == 2
+    assert outbox.enqueue(message(1, 2, action="verify")) == 0  # the same message: once
+
+    w = worker(pool_backend, schedule_s=(0.2,))
+    assert wait_for(lambda: outbox.counts()["pending"] == 0, 20), outbox.counts()
+    w.stop()
+    got = receiver.received()
+    ok = [r for r in got if r.verified]
+    # every delivery to the two subscribers whose secret the receiver holds arrived once and
+    # verified; each of the four to /wrong was tried twice and refused
+    assert len(got) == 5 + 4 * 2
+    ids = {r.headers["webhook-id"] for r in ok}
+    assert len(ids) == len(ok) == 5
+    assert ids == {webhook_id(everything.id, k) for k in ("case:1:v2", "case:1:v3")} | {
+        webhook_id(everything.id, k) for k in ("case:2:v2", "case:3:v2")
+    } | {webhook_id(narrow.id, "case:1:v3")}
+    first = next(r for r in ok if r.headers["webhook-id"] == webhook_id(narrow.id, "case:1:v3"))
+    assert first.msg == {
+        "type": "case.step",
+        "timestamp": "2026-10-01T08:00:00Z",
+        "data": {
+            "case_id": "1",
+            "event_type": "fire_lane_blocked",
+            "grid_code": GRID,
+            "action": "whistle",
+            "departments": ["urban_management"],
+            "version": 3,
+        },
+    }
+    assert first.headers["content-type"] == "application/json"
+    assert first.headers["webhook-signature"].startswith("v1,")
+    # the receiver refused every try to /wrong (bad signature): dead after its one retry
+    dead = outbox.deliveries(other.id, "dead")
+    assert len(dead) == 4
+    assert all(
+        d.attempts == 2 and d.last_status == 401 and d.last_error == "HTTP 401" for d in dead
+    )
+    delivered = outbox.deliveries(everything.id, "delivered")
+    assert [d.case_id for d in delivered] == ["1", "1", "2", "3"]
+    assert all(d.attempts == 1 and d.last_status == 204 for d in delivered)
+    assert outbox.counts() == {"pending": 0, "delivered": 5, "dead": 4}
+
+
+def test_a_receiver_that_never_answers_ends_dead(pool_backend: PoolBackend) -> None:
+    """Accepts the connection, reads nothing, answers nothing: each try times out, and after
+    the schedule's retries the delivery is dead; the case's next message then goes too."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    try:
+        port = silent.getsockname()[1]
+        outbox = opened(pool_backend)
+        sub, _ = outbox.add_subscription(
+            SubscriptionIn(url=f"http://127.0.0.1:{port}/hook"), "root"
+        )
+        outbox.enqueue(message(7, 2))
+        outbox.enqueue(message(7, 3))
+        started = time.monotonic()
+        worker(pool_backend, schedule_s=(0.2, 0.3), timeout_s=0.5)
+        assert wait_for(lambda: len(outbox.deliveries(sub.id, "dead")) == 2, 30)
+        elapsed = time.monotonic() - started
+        dead = outbox.deliveries(sub.id, "dead")
+        assert [d.webhook_id for d in dead] == [
+            webhook_id(sub.id, "case:7:v2"),
+            webhook_id(sub.id, "case:7:v3"),
+        ]
+        assert all(d.attempts == 3 and d.last_error == "ReadTimeout" for d in dead)
+        assert all(d.last_status is None and d.finished_at is not None for d in dead)
+        # two deliveries one after the other, three tries of 0.5 s and two waits each
+        assert elapsed >= 2 * (3 * 0.5 + 0.5)
+        assert outbox.counts() == {"pending": 0, "delivered": 0, "dead": 2}
+    finally:
+        silent.close()
+
+
+# ---------------------------------------------------------------------------- case steps
+
+
+def test_case_steps_enqueue_in_their_transaction_and_arrive_in_order(
+    pool_backend: PoolBackend, receiver: Receiver
+) -> None:
+    """The case store's hook: each committed step is one delivery to each matching subscriber;
+    a refused step, or one a later hook rolls back, leaves none."""
+    h = Harness(pool_backend)
+    outbox = Outbox(pool_backend.target)
+    pool_backend._closers.append(outbox.close)
+    sub, secret = outbox.add_subscription(SubscriptionIn(url=receiver.url("/all")), "root")
+    receiver.secrets["/all"] = secret
+    fire_only, fire_secret = outbox.add_subscription(
+        SubscriptionIn(url=receiver.url("/fire"), department="fire"), "root"
+    )
+    receiver.secrets["/fire"] = fire_secret
+    event_id = h.event()
+
+    h.cases.apply_step(event_id, Action.VERIFY, h.comm, {}, 1)
+    with pytest.raises(ForbiddenError):  # a department may not whistle: nothing enqueued
+        h.cases.apply_step(event_id, Action.WHISTLE, h.fire, {"lead_department": "fire"}, 2)
+    h.cases.apply_step(event_id, Action.WHISTLE, h.comm, {"lead_department": "fire"}, 2)
+
+    def failing(tx: Tx, record: StepRecord) -> None:
+        raise RuntimeError("after the outbox")
+
+    h.cases.hooks.append(failing)
+    with pytest.raises(RuntimeError):
+        h.cases.apply_step(event_id, Action.ACCEPT_OFF_SITE, h.fire, {}, 3)
+    h.cases.hooks.remove(failing)
+    assert outbox.counts() == {"pending": 2 + 1, "delivered": 0, "dead": 0}
+    h.cases.apply_step(event_id, Action.ACCEPT_OFF_SITE, h.fire, {}, 3)
+    h.cases.apply_step(
+        event_id, Action.HANDLE, h.fire, {"summary": "cleared", "photos": [PHOTO]}, 4
+    )
+    h.cases.apply_step(event_id, Action.ACCEPT_FEEDBACK, h.comm, {}, 5)
+
+    worker(pool_backend, workers=2)
+    assert wait_for(lambda: outbox.counts()["delivered"] == 5 + 4, 20), outbox.counts()
+    got = receiver.received()
+    assert all(r.verified for r in got)
+    mine = [r.msg["data"] for r in got if r.headers["webhook-id"].startswith("msg_")]
+    to_all = [
+        r.msg["data"]
+        for r in got
+        if r.headers["webhook-id"]
+        in {webhook_id(sub.id, f"case:{event_id}:v{v}") for v in range(2, 7)}
+    ]
+    assert len(mine) == 9
+    assert [(d["action"], d["before"], d["after"], d["version"]) for d in to_all] == [
+        ("verify", "registered", "assessing", 2),
+        ("whistle", "assessing", "whistled", 3),
+        ("accept_off_site", "whistled", "dept_handling", 4),
+        ("handle", "dept_handling", "reviewing", 5),
+        ("accept_feedback", "reviewing", "closed", 6),
+    ]
+    handled = to_all[3]
+    assert handled["actor"] == "fire-li"
+    assert handled["note"] == "cleared"
+    assert handled["evidence"] == [PHOTO]
+    assert handled["departments"] == ["fire"]
+    assert handled["case_id"] == str(event_id)
+    assert [d["clock"] for d in to_all[2]["deadlines"]] == ["feedback"]
+    fire_got = outbox.deliveries(fire_only.id, "delivered")
+    assert len(fire_got) == 4  # from the whistle on, when the case names the department
+
+
+# ---------------------------------------------------------------------------- outage
+
+
+def _backends(tmp_path: Path, pg_url: str) -> list[PoolBackend]:
+    return [
+        PoolBackend("sqlite", str(tmp_path / "pool.db"), tmp_path),
+        PoolBackend("postgres", pg_url, tmp_path),
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_receiver_down_two_minutes_gets_everything_once_in_order(
+    tmp_path: Path, pg_url: str, pg_server: PgServer
+) -> None:
+    """One receiver, down for two real minutes while cases keep stepping, then back: it gets
+    every delivery, each ``webhook-id`` once, each case's steps in order. Both backends run at
+    once (one outage, not two); on PostgreSQL two workers stand for two replicas, so the
+    order also holds across workers that claim with SKIP LOCKED."""
+    del pg_server
+    backends = _backends(tmp_path, pg_url)
+    receiver = Receiver()
+    receiver.start()
+    # the delays grow to 15 s and their sum (~200 s) outlasts the outage
+    schedule = (1.0, 2.0, 4.0, 8.0, *([15.0] * 12))
+    cases, steps = 12, 6
+    try:
+        outboxes = []
+        for b in backends:
+            outbox = opened(b)
+            sub, secret = outbox.add_subscription(
+                SubscriptionIn(url=receiver.url(f"/{b.name}")), "root"
+            )
+            receiver.secrets[f"/{b.name}"] = secret
+            outboxes.append((b, outbox, sub))
+            for _ in range(2 if b.is_postgres else 1):
+                worker(b, schedule_s=schedule, jitter=0.2, poll_s=0.2, workers=2)
+
+        def step(version: int) -> None:
+            for _, outbox, _ in outboxes:
+                for case in range(1, cases + 1):
+                    outbox.enqueue(message(case, version, action=f"step{version}"))
+
+        step(1)  # delivered while the receiver is up
+        assert wait_for(lambda: len(receiver.received()) == 2 * cases, 20)
+        receiver.stop()
+        down_at = time.monotonic()
+        for version in range(2, steps + 1):  # steps taken during the outage
+            step(version)
+            time.sleep(20)
+        assert time.monotonic() - down_at >= 100
+        time.sleep(max(0.0, 120 - (time.monotonic() - down_at)))
+        for _, outbox, _ in outboxes:  # nothing got through, nothing gave up
+            assert outbox.counts()["delivered"] == cases
+            assert outbox.counts()["dead"] == 0
+        receiver.start()  # the same port
+        total = 2 * cases * steps
+        assert wait_for(lambda: len(receiver.received()) >= total, 60, step=0.5), (
+            len(receiver.received()),
+            [o.counts() for _, o, _ in outboxes],
+        )
+        time.sleep(1.0)  # anything sent twice would arrive now
+        got = receiver.received()
+        assert all(r.verified for r in got)
+        ids = [r.headers["webhook-id"] for r in got]
+        assert len(ids) == len(set(ids)) == total
+        for b, outbox, sub in outboxes:
+            mine = [
+                r
+                for r in got
+                if r.headers["webhook-id"]
+                in {
+                    webhook_id(sub.id, f"case:{c}:v{v}")
+                    for c in range(1, cases + 1)
+                    for v in range(1, steps + 1)
+                }
+            ]
+            assert len(mine) == cases * steps, b.name
+            for case in range(1, cases + 1):
+                versions = [
+                    r.msg["data"]["version"] for r in mine if r.msg["data"]["case_id"] == str(case)
+                ]
+                assert versions == list(range(1, steps + 1)), (b.name, case, versions)
+            assert outbox.counts() == {"pending": 0, "delivered": cases * steps, "dead": 0}
+            retried = [
+                d for d in outbox.deliveries(sub.id, "delivered", limit=1000) if d.attempts > 1
+            ]
+            assert retried  # the outage made them retry
+    finally:
+        receiver.stop()
+        for b in backends:
+            b.close()
