@@ -55,6 +55,7 @@ from aggregator.config import Settings
 from aggregator.errors import AggregatorError
 from aggregator.fanout.metrics import Metrics
 from aggregator.fanout.timeseries import TimeSeriesSettings, TimeSeriesSink
+from aggregator.fanout.webhooks import WebhookWorker, WorkerOptions
 from aggregator.gctune import tune_gc
 from aggregator.grids import GridIndex, default_grid_file
 from aggregator.ingest.assemble import Pipeline
@@ -226,6 +227,7 @@ class Service:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._port: int | None = None
         self._metrics_server: Any = None
+        self.webhooks: WebhookWorker | None = None
         self.metrics_port: int | None = None
         self._started = False
 
@@ -254,6 +256,21 @@ class Service:
             self.timeseries.start()
         self.aggregator.start()
         self._started = True
+        if self.settings.webhooks.enabled:
+            # Delivery threads here rather than in the API process: they wait on sockets, and
+            # they deliver whether or not the API process is up (aggregator/fanout/webhooks.py)
+            hooks = self.settings.webhooks
+            self.webhooks = WebhookWorker(
+                self.settings.pool_target,
+                WorkerOptions(
+                    schedule_s=tuple(hooks.schedule_s),
+                    timeout_s=hooks.timeout_s,
+                    workers=hooks.workers,
+                    poll_s=hooks.poll_s,
+                    jitter=hooks.jitter,
+                ),
+            )
+            self.webhooks.start()
         server, _thread = start_http_server(
             self.settings.metrics_port, addr="127.0.0.1", registry=self.aggregator.metrics.registry
         )
@@ -311,6 +328,9 @@ class Service:
     def _stop_backends(self) -> None:
         if self._started:
             self._started = False
+            if self.webhooks is not None:
+                self.webhooks.stop()
+                self.webhooks = None
             self.aggregator.stop()
             if self.timeseries is not None:
                 self.timeseries.stop()

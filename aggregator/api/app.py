@@ -30,7 +30,7 @@ from aggregator.access.auth import (
     RefusalPause,
     verify_login,
 )
-from aggregator.api import events, live, resources
+from aggregator.api import events, live, resources, webhooks
 from aggregator.api.deps import (
     AUTH_RESPONSES,
     STREAM_COOKIE,
@@ -263,6 +263,7 @@ def create_app(
     app.include_router(events.router)
     app.include_router(resources.router)
     app.include_router(live.router)
+    app.include_router(webhooks.router)
     if web_root is not None and web_root.is_dir():
         app.mount("/", StaticFiles(directory=web_root, html=True), name="dashboard")
     return app
