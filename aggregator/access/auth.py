@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -453,7 +453,12 @@ class LoginLimiter:
 
     The counts live in a ``StrikeBook``: by default this process's memory (a restart forgets
     them); ``AuthStore.login_limiter`` gives one whose counts are in the PostgreSQL pool, shared
-    by every replica, with the wall clock (replicas' clocks are compared)."""
+    by every replica, with the wall clock (replicas' clocks are compared). With a shared book a
+    refusal is remembered here for up to ``LOCAL_REFUSAL_S``: a flood of guesses at a locked
+    user or address is refused without a round trip each, and a lockout cleared early on
+    another replica (a right password admitted just before it) holds here that long at most."""
+
+    LOCAL_REFUSAL_S: ClassVar[float] = 1.0
 
     policy: LimiterPolicy = field(default_factory=LimiterPolicy)
     clock: Callable[[], float] = time.monotonic
@@ -464,6 +469,9 @@ class LoginLimiter:
         self._book: StrikeBook = (
             self.book if self.book is not None else MemoryStrikeBook(self.policy.max_entries)
         )
+        # shared book only: key -> (refuse here until, the lockout's end), least recent first
+        self._refusals: OrderedDict[StrikeKey, tuple[float, float]] = OrderedDict()
+        self._refusals_lock = threading.Lock()
 
     @property
     def shared(self) -> bool:
@@ -486,10 +494,41 @@ class LoginLimiter:
     def _keys(username: str, address: str) -> list[StrikeKey]:
         return [("user", username.casefold()), ("addr", address)]
 
+    def _refused_here(self, keys: Sequence[StrikeKey], now: float) -> float:
+        """The wait of a lockout refused here moments ago (0: ask the book)."""
+        with self._refusals_lock:
+            waits = [0.0]
+            for key in keys:
+                held = self._refusals.get(key)
+                if held is not None:
+                    if now < held[0]:
+                        waits.append(held[1] - now)
+                    else:
+                        del self._refusals[key]
+            return max(waits)
+
+    def _remember_refusal(
+        self, keys: Sequence[StrikeKey], entries: list[Strikes], now: float
+    ) -> None:
+        with self._refusals_lock:
+            for key, entry in zip(keys, entries, strict=True):
+                if entry.locked_until > now:
+                    until = min(entry.locked_until, now + self.LOCAL_REFUSAL_S)
+                    self._refusals[key] = (until, entry.locked_until)
+                    self._refusals.move_to_end(key)
+            while len(self._refusals) > self.policy.max_entries:
+                self._refusals.popitem(last=False)
+
     def admit(self, username: str, address: str) -> None:
         """Let one attempt through (counted as a failure for now) or raise LoginThrottledError."""
         now = self.clock()
         frees = (self.policy.free_failures_user, self.policy.free_failures_addr)
+        keys = self._keys(username, address)
+        shared = self._book.shared
+        if shared and (held := self._refused_here(keys, now)) > 0:
+            raise LoginThrottledError(
+                "too many failed logins: wait before trying again", retry_after=held
+            )
 
         def step(entries: list[Strikes]) -> None:
             for entry in entries:
@@ -497,6 +536,8 @@ class LoginLimiter:
                     entry.failures, entry.locked_until = 0, 0.0
             wait = max(entry.locked_until - now for entry in entries)
             if wait > 0:
+                if shared:
+                    self._remember_refusal(keys, entries, now)
                 raise LoginThrottledError(
                     "too many failed logins: wait before trying again", retry_after=wait
                 )
@@ -507,7 +548,7 @@ class LoginLimiter:
                 if lockout:
                     entry.locked_until = now + lockout
 
-        self._book.change(self._keys(username, address), now, step, create=True)
+        self._book.change(keys, now, step, create=True)
 
     def succeeded(self, username: str, address: str) -> None:
         """The admitted attempt had the right password: forget the user's failures and take
@@ -520,7 +561,10 @@ class LoginLimiter:
             if addr.failures <= self.policy.free_failures_addr:
                 addr.locked_until = 0.0
 
-        self._book.change(self._keys(username, address), self.clock(), step, create=False)
+        keys = self._keys(username, address)
+        with self._refusals_lock:
+            self._refusals.pop(keys[0], None)
+        self._book.change(keys, self.clock(), step, create=False)
 
     def withdraw(self, username: str, address: str) -> None:
         """Take back an admitted attempt whose password was never checked."""

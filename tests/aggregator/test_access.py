@@ -35,6 +35,7 @@ from aggregator.access.auth import (
 from aggregator.access.store import PgAccountStore
 from aggregator.api.app import SECURITY_HEADERS, RedactSecrets, redact
 from aggregator.config import AccessSettings
+from aggregator.pool.postgres import PoolUnavailableError
 from aggregator.pool.snapshots import SnapshotStore
 from aggregator.pool.sqlite import EventPool
 from aggregator.service import Service
@@ -62,8 +63,9 @@ METRICS_TOKEN = "metrics-scraper-secret-0123456789"
 
 
 @pytest.fixture
-def service(broker: Any, tmp_path: Path) -> Iterator[Service]:
-    with running_service(broker, tmp_path) as s:
+def service(broker: Any, tmp_path: Path, pool_backend: PoolBackend) -> Iterator[Service]:
+    """The whole service on each pool backend (crafted cursors reach each one's SQL)."""
+    with running_service(broker, tmp_path, backend=pool_backend) as s:
         yield s
 
 
@@ -206,6 +208,10 @@ def test_a_lockout_earned_on_one_replica_holds_on_the_others(pg_url: str) -> Non
         assert attempt(b) == 0.0
         assert attempt(a) == 2.0  # the lockout doubles whichever replica counted
         b.succeeded("alice", "10.0.0.1")
+        # A remembers its refusal for a second; after it, A sees that B cleared the lockout
+        # (which would otherwise hold for another half second)
+        assert attempt(a) == 2.0
+        clock.now += 1.5
         assert attempt(a) == 0.0
 
         # 24 guesses at once from 24 addresses, half through each replica: exactly 6 admitted
@@ -226,6 +232,24 @@ def test_a_lockout_earned_on_one_replica_holds_on_the_others(pg_url: str) -> Non
     finally:
         for store in stores:
             store.close()
+
+
+def test_a_flood_at_a_locked_user_is_refused_without_asking_the_pool(pg_url: str) -> None:
+    """Refusals are remembered for a second: guesses at a locked user cost no round trip.
+    Shown by closing the replica's store: its refusals go on, its first admission fails."""
+    clock = Clock()
+    policy = LimiterPolicy(free_failures_user=1, base_lockout_s=30.0)
+    store = PgAccountStore(pg_url)
+    limiter = LoginLimiter(policy, clock=clock, book=store.strike_book(policy.forget_after_s))
+    assert [attempt(limiter) for _ in range(3)] == [0.0, 0.0, 30.0]
+    store.close()
+    for _ in range(100):
+        assert attempt(limiter) == 30.0
+    clock.now += 0.5
+    assert attempt(limiter, addr="10.0.0.7") == 29.5  # the user is locked, whatever the address
+    clock.now += 0.6
+    with pytest.raises(PoolUnavailableError):
+        attempt(limiter)
 
 
 def test_login_through_either_replica_meets_one_lockout(pool_backend: PoolBackend) -> None:
