@@ -262,6 +262,20 @@ def devices(broker: BrokerHandle, tmp_path: Path, n: int) -> Iterator[list[Place
                 s.stop()
 
 
+def one_event_per_device(url: str, device_ids: list[str]) -> bool:
+    """Each device's alerts (one place each) are one event, holding all of them."""
+    rows = _pool_rows(
+        url,
+        "SELECT e.id, count(*), min(e.alert_count) FROM events e JOIN alerts a"
+        " ON a.event_id = e.id GROUP BY e.id",
+    )
+    per_device = _pool_rows(url, "SELECT count(DISTINCT event_id) FROM alerts GROUP BY device_id")
+    assert len(rows) == len(device_ids), rows
+    assert all(n == alert_count for _, n, alert_count in rows), rows
+    assert [n for (n,) in per_device] == [1] * len(device_ids), per_device
+    return True
+
+
 def drained(streams: list[PlacedStream], url: str, timeout: float) -> None:
     """Wait until every device has heard back about every alert it raised."""
     for s in streams:
@@ -313,6 +327,7 @@ def test_sigkill_of_one_replica_at_1000_alerts_per_second(
             a_after_restart=victim.outcomes(),
         )
         assert (t.lost, t.doubled, t.unknown) == (0, 0, 0), t
+        assert one_event_per_device(pg_url, names)
         assert t.raised >= 0.6 * rate * seconds, t  # the rate was near 1,000/s (a loaded box: less)
         # the others carried on without it
         assert all(v > 0 for v in others_during.values()), others_during
@@ -360,6 +375,7 @@ def test_a_replica_lost_for_good_is_retired_and_the_others_pool_everything(
         )
         assert not victim.alive()
         assert (t.lost, t.doubled, t.unknown) == (0, 0, 0), t
+        assert one_event_per_device(pg_url, names)
         assert t.raised >= 0.6 * rate * seconds, t  # the rate was near 1,000/s (a loaded box: less)
 
 
@@ -400,6 +416,7 @@ def test_postgresql_restarted_mid_stream(
             next_commit_after_restart_began_s=round(resumed - down, 2),
         )
         assert (t.lost, t.doubled, t.unknown) == (0, 0, 0), t
+        assert one_event_per_device(pg_url, names)
         assert resumed - up <= 10.0
 
 
