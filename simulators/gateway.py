@@ -7,7 +7,7 @@ import itertools
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -69,7 +69,7 @@ class GatewayDevice:
             device_id=self.device_id,
             seq=seq,
             wt=wt,
-            observed_at=observed_at or utcnow(),
+            observed_at=observed_at or self.gateway.observed_now(),
             lat=self.lat if lat is None else lat,
             lon=self.lon if lon is None else lon,
             confidence=confidence,
@@ -89,7 +89,7 @@ class GatewayDevice:
             device_id=self.device_id,
             seq=next(self._seq),
             wt=wt,
-            observed_at=utcnow(),
+            observed_at=self.gateway.observed_now(),
             lat=self.lat,
             lon=self.lon,
         )
@@ -128,7 +128,15 @@ class GatewayDevice:
 
 class Gateway:
     """What a test sees of one stack. Device names are scoped by a per-test tag, and pool
-    queries default to events this test's devices took part in."""
+    queries default to events this test's devices took part in.
+
+    Isolation: tests that share a stack share its pool, and the pool merges alerts of one type
+    near each other in time into one event whoever sent them. So each ``Gateway`` takes its own
+    clock origin from the stack (``isolate``, the default): what its devices report as observed
+    lies ``origin_shift_s`` in the past, a slot of its own further back than every merge window
+    of the others, and its scenarios are played from that origin too. Only ``observed_at``
+    moves; alerts are sent, pooled and answered now. ``isolate=False`` shares the present
+    (``origin_shift_s`` 0) with every other such gateway."""
 
     def __init__(
         self,
@@ -136,16 +144,22 @@ class Gateway:
         *,
         tag: str | None = None,
         grids: GridIndex | None = None,
+        isolate: bool = True,
     ) -> None:
         self.stack = stack
         self.tag = tag or uuid.uuid4().hex[:6]
         if stack.aggregator is None:
             raise ScenarioError("the stack is not started")
+        self.origin_shift_s: float = stack.claim_origin() if isolate else 0.0
         self.catalogue: Catalogue = stack.aggregator.catalogue
         self.grids: GridIndex = grids or stack.aggregator.grids
         self.pool = PoolView(stack.pool_path, self.catalogue)
         self.devices: dict[str, GatewayDevice] = {}
         self._runs = 0
+
+    def observed_now(self) -> datetime:
+        """Now on this gateway's clock origin: what a device of this test reports as now."""
+        return utcnow() - timedelta(seconds=self.origin_shift_s)
 
     def centroid(self, grid_code: str) -> tuple[float, float]:
         grid = self.grids.get(grid_code)
@@ -236,7 +250,7 @@ class Gateway:
         """Play a scenario on this stack; with ``check`` a failure raises AssertionError
         carrying the per-expectation diff. A scenario played twice on one stack would merge
         into its first run's events: shift the second run's clock back past the type's merge
-        window with ``origin_shift_s``."""
+        window with ``origin_shift_s`` (added to this gateway's own origin)."""
         sc = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
         self._runs += 1
         runner = ScenarioRunner(
@@ -250,11 +264,19 @@ class Gateway:
             sc,
             run_tag=f"{self.tag}s{self._runs}",
             timeout_s=timeout_s,
-            origin_shift_s=origin_shift_s,
+            origin_shift_s=self._origin_for(sc) + origin_shift_s,
         )
         if check and not result.ok:
             raise AssertionError(result.report())
         return result
+
+    def _origin_for(self, sc: Scenario) -> float:
+        """This gateway's clock origin, unless a device of the scenario runs ahead of true
+        time: the aggregator judges "ahead" against its own clock, so such a scenario plays at
+        the present (and shares it with other such runs)."""
+        if any(d.clock_skew_s > 0 for d in sc.devices):
+            return 0.0
+        return self.origin_shift_s
 
     def close(self) -> None:
         for dev in self.devices.values():

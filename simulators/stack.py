@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 
 AGGREGATOR_USER = "aggregator"
 INTEGRATOR_USER = "integrator"
+# Between two tests' clock origins, beyond twice the longest merge window: room for a
+# scenario's simulated span and for the real time the tests between them take.
+ORIGIN_MARGIN_S = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +135,7 @@ class GatewayStack:
         self._credentials: dict[str, DeviceCredentials] = {}
         self._aggregator_password = ""
         self._lock = threading.Lock()
+        self._origins = 0
 
     # -- where it is -----------------------------------------------------------------------
     @property
@@ -172,6 +176,20 @@ class GatewayStack:
         if self.aggregator is None:
             raise StackError("the stack is not started")
         return self.aggregator.settings.pool_target
+
+    def claim_origin(self) -> float:
+        """A clock origin of its own for one test, as seconds before now: each claim lies
+        further back than the last by twice the catalogue's longest merge window and a day, so
+        alerts observed around two claimed origins never fall into each other's windows."""
+        if self.aggregator is None:
+            raise StackError("the stack is not started")
+        longest = max(
+            (t.merge_window_s for t in self.aggregator.catalogue.types.values()), default=0.0
+        )
+        with self._lock:
+            self._origins += 1
+            slot = self._origins
+        return slot * (2 * longest + ORIGIN_MARGIN_S)
 
     # -- life cycle ------------------------------------------------------------------------
     def __enter__(self) -> Self:
