@@ -227,6 +227,9 @@ class WebhookSettings(BaseModel):
     jitter: float = Field(
         0.2, ge=0, le=1, description="each retry delay is lengthened by up to this fraction"
     )
+    retention_days: float = Field(
+        30.0, gt=0, le=3650, description="delivered and dead deliveries are kept this long"
+    )
 
     @field_validator("schedule_s")
     @classmethod

@@ -268,6 +268,7 @@ class Service:
                     workers=hooks.workers,
                     poll_s=hooks.poll_s,
                     jitter=hooks.jitter,
+                    retention_days=hooks.retention_days,
                 ),
             )
             self.webhooks.start()

@@ -89,6 +89,8 @@ class WorkerOptions:
     poll_s: float = 1.0
     jitter: float = 0.2
     batch: int = 16
+    retention_days: float = 30.0  # finished deliveries kept this long, then deleted
+    prune_every_s: float = 3600.0
 
 
 class WebhookWorker:
@@ -106,6 +108,8 @@ class WebhookWorker:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._rnd = random.Random()
+        self._prune_lock = threading.Lock()
+        self._next_prune = time.monotonic() + 60.0  # not at start: replicas start together
 
     def start(self) -> None:
         for n in range(max(1, self.options.workers)):
@@ -148,12 +152,28 @@ class WebhookWorker:
                 self._stop.wait(max(self.options.poll_s, 1.0))
                 continue
             if not claims:
+                self._maybe_prune()
                 self._stop.wait(self.options.poll_s)
                 continue
             for claim in claims:
                 if self._stop.is_set():
                     break  # its lease runs out; this or another replica's worker retries it
                 self.deliver(claim)
+
+    def _maybe_prune(self) -> None:
+        # one idle worker at a time, once per period; on several replicas each prunes (the
+        # deletes are bounded and idempotent)
+        if time.monotonic() < self._next_prune or not self._prune_lock.acquire(blocking=False):
+            return
+        try:
+            self._next_prune = time.monotonic() + self.options.prune_every_s
+            gone = self.outbox.prune(time.time() - self.options.retention_days * 86400)
+            if gone:
+                log.info("webhook deliveries pruned=%s", gone)
+        except _POOL_FAULTS as exc:
+            log.warning("webhook prune failed: %s", type(exc).__name__)
+        finally:
+            self._prune_lock.release()
 
     def deliver(self, claim: Claim) -> bool:
         """Post one claimed delivery and record the outcome; True when it was delivered."""

@@ -513,6 +513,8 @@ class Outbox:
         (subscription, case), for ``lease_s`` seconds."""
         now = time.time() if now is None else now
         token = secrets.token_hex(8)
+        if not self._pg and not self._anything_due(now):
+            return []  # an idle worker does not take SQLite's one write lock from ingest
         with self.transaction() as tx:
             due = _DUE + (" FOR UPDATE OF d SKIP LOCKED" if self._pg else "")
             ids = [int(r[0]) for r in _run(tx, due, (now, now, limit)).fetchall()]
@@ -547,6 +549,27 @@ class Outbox:
             )
             for r in rows
         ]
+
+    def _anything_due(self, now: float) -> bool:
+        with self._sqlite_conn() as db:  # a read outside any write transaction (WAL)
+            row = db.execute(
+                "SELECT 1 FROM webhook_deliveries WHERE status = 'pending'"
+                " AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?) LIMIT 1",
+                (now, now),
+            ).fetchone()
+        return row is not None
+
+    def prune(self, before: float, limit: int = 10_000) -> int:
+        """Delete at most ``limit`` delivered or dead deliveries that finished before
+        ``before`` (UNIX seconds); returns how many went. Pending ones are never pruned."""
+        with self.transaction() as tx:
+            cur = _run(
+                tx,
+                "DELETE FROM webhook_deliveries WHERE id IN (SELECT id FROM webhook_deliveries"
+                " WHERE status != 'pending' AND finished_at < ? ORDER BY id LIMIT ?)",
+                (before, limit),
+            )
+            return max(int(cur.rowcount), 0)
 
     def _finish(self, claim: Claim, sets: str, params: Sequence[Any]) -> bool:
         # Only the holder of the lease marks the row: a worker whose lease ran out (and whose

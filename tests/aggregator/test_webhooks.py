@@ -268,6 +268,12 @@ def test_deliveries_verify_and_follow_the_filters(
     assert [d.case_id for d in delivered] == ["1", "1", "2", "3"]
     assert all(d.attempts == 1 and d.last_status == 204 for d in delivered)
     assert outbox.counts() == {"pending": 0, "delivered": 5, "dead": 4}
+    # retention deletes finished deliveries only: pending ones wait for their receiver
+    assert outbox.enqueue(message(9, 2)) == 2
+    assert outbox.prune(time.time() - 3600) == 0
+    assert outbox.prune(time.time() + 1, limit=5) == 5
+    assert outbox.prune(time.time() + 1) == 4
+    assert outbox.counts() == {"pending": 2, "delivered": 0, "dead": 0}
 
 
 def test_a_receiver_that_never_answers_ends_dead(pool_backend: PoolBackend) -> None:

@@ -44,3 +44,6 @@ CREATE INDEX IF NOT EXISTS webhook_deliveries_case
     ON webhook_deliveries(subscription_id, case_id, id) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS webhook_deliveries_list
     ON webhook_deliveries(subscription_id, status, id);
+-- what retention deletes: finished deliveries by age
+CREATE INDEX IF NOT EXISTS webhook_deliveries_finished ON webhook_deliveries(finished_at)
+    WHERE status != 'pending';
