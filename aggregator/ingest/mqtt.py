@@ -641,12 +641,7 @@ class IoLoop:
                     read_at = self._last_read + self._READ_EVERY_S
                     if now < read_at:
                         timeout = read_at - now
-                    elif (
-                        channel.pending_bytes() < self._MAX_CHANNEL_BYTES
-                        and self._unacked < self.settings.receive_maximum
-                    ) or (holding_back and self._inflight):
-                        # While holding back, the PUBACKs that drain _out must be read even at
-                        # the Receive Maximum (the worker cannot acknowledge: it waits on us).
+                    elif self._may_read(holding_back):
                         rlist.append(sock)
                     if client.want_write():
                         wlist.append(sock)
@@ -750,6 +745,22 @@ class IoLoop:
             self._stopping = True
         else:  # pragma: no cover - both ends are this module
             log.error("unknown command %r from the worker", kind)
+
+    def _may_read(self, holding_back: bool) -> bool:
+        """Whether this round reads the broker's socket.
+
+        Incoming alerts are held to the Receive Maximum by not reading (module text). But the
+        broker's PUBACKs for our feedback come on the same socket: left unread at the Receive
+        Maximum, feedback drained about one window per commit, and with one feedback message
+        per alert (a city's fleet) it fell ever further behind. So while publishes are in
+        flight the socket is read on, the rows bounded then by the bytes waiting for the
+        worker (``_MAX_CHANNEL_BYTES``) instead; while the worker is held back (it waits on
+        us, and acknowledges nothing, so the broker keeps to the Receive Maximum) without
+        that bound, or neither side would move."""
+        room = self.channel.pending_bytes() < self._MAX_CHANNEL_BYTES
+        if room and self._unacked < self.settings.receive_maximum:
+            return True
+        return bool(self._inflight) and (room or holding_back)
 
     def _hold_back(self) -> bool:
         """Whether the worker's channel waits this round: connected, and _out at its bound.

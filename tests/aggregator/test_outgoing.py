@@ -189,3 +189,51 @@ def test_a_connected_loop_keeps_what_the_worker_publishes_and_stops_reading_it(
         client.loop_write()
         ours.close()
         theirs.close()
+
+
+def test_feedback_keeps_pace_with_a_writer_held_at_the_receive_maximum(broker_factory: Any) -> None:
+    """A city's fleet: one feedback message per alert, and a writer slow enough that the
+    Receive Maximum is reached between its commits. The broker's PUBACKs for our feedback
+    share the socket with incoming alerts; were the socket left unread at the Receive Maximum,
+    feedback would drain only a window's worth per commit and fall ever further behind
+    (with more feedback per batch than that window, without bound)."""
+    broker = broker_factory(max_inflight_messages=50)  # our feedback window
+    integrator = broker.client("integrator")
+    integrator.subscribe(broker.topics.events)
+    receive_maximum, n, batch = 200, 3000, 100
+    transport = ThreadTransport(
+        settings(broker, receive_maximum=receive_maximum),
+        BatchSettings(max_messages=batch, min_messages=batch, linger_ms=5),
+    )
+    transport.start()
+    cam = broker.client("cam-001")
+    sender = threading.Thread(
+        target=cam.publish_many,
+        args=(broker.topics.alert("cam-001"), [b"%05d" % i + b"x" * 200 for i in range(n)]),
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not transport.connected():
+            assert time.monotonic() < deadline, "never connected"
+            assert transport.take(0.05) == []
+        sender.start()
+        taken = 0
+        deadline = time.monotonic() + 120
+        while taken < n:
+            assert time.monotonic() < deadline, f"only {taken} of {n} messages arrived"
+            got = transport.take(0.05)
+            if not got:
+                continue
+            time.sleep(0.03)  # the commit
+            transport.ack(got)
+            # one outcome per alert, as each device of a city's fleet hears after a commit
+            transport.publish([(broker.topics.events, m.payload[:5], 1) for m in got])
+            taken += len(got)
+        time.sleep(0.2)  # what is in flight lands
+        behind = n - integrator.messages.qsize()
+        got_feedback = integrator.expect(n, timeout=60)
+        assert [m.payload for m in got_feedback] == [b"%05d" % i for i in range(n)]
+        assert behind <= 3 * batch, f"feedback {behind} messages behind the last commit"
+    finally:
+        sender.join(30)
+        transport.stop()
