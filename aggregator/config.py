@@ -319,6 +319,12 @@ class Settings(BaseSettings):
         description="development mode (CWG_DEV=1): with no operator account yet, the API "
         "creates admin/admin; never in production",
     )
+    test_clock_file: Path | None = Field(
+        None,
+        description="tests and simulations only: a file holding the seconds the case clock "
+        "(steps, deadlines, overdue, supervision) runs ahead of the system clock, moved by "
+        "the simulators (aggregator/clock.py); unset in production",
+    )
     # Time series (InfluxDB v2 write API); the names match the gateway's earlier variables.
     tsdb_url: str | None = Field(
         None, description="time-series write API base URL (InfluxDB 2.x/3.x, VictoriaMetrics)"
