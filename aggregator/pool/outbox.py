@@ -376,10 +376,13 @@ class Outbox:
                 max_size=max(1, max_connections),
                 kwargs={"autocommit": True},
                 check=psycopg_pool.ConnectionPool.check_connection,
+                timeout=10,
                 open=False,
                 name="cwg-outbox",
             )
-            self._pool.open(wait=True, timeout=10)
+            # not waiting: a pool unreachable now is the worker's retry, not the service's
+            # failure to start (a claim then raises PoolTimeout, and the worker waits)
+            self._pool.open(wait=False)
 
     def close(self) -> None:
         with self._lock:
