@@ -204,6 +204,11 @@ def scalar(url: str, query: str, *params: Any) -> Any:
     return row[0] if row else None
 
 
+def rows(url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with pool(url) as conn:
+        return list(conn.execute(query.encode(), params).fetchall())
+
+
 def try_scalar(url: str, query: str, *params: Any) -> Any:
     """``scalar``, or None while the server is away (restarting)."""
     try:

@@ -47,6 +47,7 @@ from .pg_replica_kit import (
     poll,
     pooled_of,
     replicas,
+    rows,
     scalar,
     try_scalar,
     wait_ready,
@@ -170,7 +171,7 @@ def test_two_alerts_of_one_incident_at_two_replicas_at_once_make_one_event_200_t
         sent_s = time.monotonic() - started
         total = 2 * incidents
         wait_for(lambda: pooled_of(pg_url, devices) == total, 30, f"{total} alerts pooled")
-        with_pool = _pool_rows(
+        with_pool = rows(
             pg_url,
             "SELECT a.alert_id, a.event_id, b.id, b.started_at, b.committed_at"
             " FROM alerts a JOIN batches b ON b.id = a.batch_id",
@@ -207,13 +208,6 @@ def test_two_alerts_of_one_incident_at_two_replicas_at_once_make_one_event_200_t
         # the check means something only if the pairs really met different replicas together
         assert split >= incidents * 3 // 4, split
         assert concurrent >= 40, concurrent
-
-
-def _pool_rows(url: str, query: str) -> list[tuple[Any, ...]]:
-    import psycopg
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        return list(conn.execute(query.encode()).fetchall())
 
 
 # ---------------------------------------------------------------------------- 3 and 4
@@ -264,19 +258,19 @@ def devices(broker: BrokerHandle, tmp_path: Path, n: int) -> Iterator[list[Place
 
 def one_event_per_device(url: str, device_ids: list[str]) -> bool:
     """Each device's alerts (one place each) are one event, holding all of them."""
-    rows = _pool_rows(
+    events = rows(
         url,
         "SELECT e.id, count(*), min(e.alert_count) FROM events e JOIN alerts a"
         " ON a.event_id = e.id GROUP BY e.id",
     )
-    per_device = _pool_rows(url, "SELECT count(DISTINCT event_id) FROM alerts GROUP BY device_id")
-    assert len(rows) == len(device_ids), rows
-    assert all(n == alert_count for _, n, alert_count in rows), rows
+    per_device = rows(url, "SELECT count(DISTINCT event_id) FROM alerts GROUP BY device_id")
+    assert len(events) == len(device_ids), events
+    assert all(n == alert_count for _, n, alert_count in events), events
     assert [n for (n,) in per_device] == [1] * len(device_ids), per_device
     return True
 
 
-def drained(streams: list[PlacedStream], url: str, timeout: float) -> None:
+def drained(streams: list[PlacedStream], timeout: float) -> None:
     """Wait until every device has heard back about every alert it raised."""
     for s in streams:
         s.finish()
@@ -306,7 +300,7 @@ def test_sigkill_of_one_replica_at_1000_alerts_per_second(
         wait_ready(victim)
         for s in streams:
             s.join(seconds + 10)
-        drained(streams, pg_url, 60)
+        drained(streams, 60)
         raised = [i for s in streams for i in s.ids]
         wait_for(lambda: pooled_of(pg_url, names) == len(raised), 15, "the last commits")
         t = pg_tally(pg_url, names, raised)
@@ -358,7 +352,7 @@ def test_a_replica_lost_for_good_is_retired_and_the_others_pool_everything(
         retired = time.monotonic()
         for s in streams:
             s.join(seconds + 10)
-        drained(streams, pg_url, 60)
+        drained(streams, 60)
         answered_s = time.monotonic() - retired
         raised = [i for s in streams for i in s.ids]
         wait_for(lambda: pooled_of(pg_url, names) == len(raised), 15, "the last commits")
@@ -401,7 +395,7 @@ def test_postgresql_restarted_mid_stream(
         assert resumed is not None, "no batch committed within 30 s of the restart"
         for s in streams:
             s.join(seconds + 10)
-        drained(streams, pg_url, 60)
+        drained(streams, 60)
         raised = [i for s in streams for i in s.ids]
         wait_for(lambda: pooled_of(pg_url, names) == len(raised), 15, "the last commits")
         t = pg_tally(pg_url, names, raised)
