@@ -308,6 +308,55 @@ def test_a_receiver_that_never_answers_ends_dead(pool_backend: PoolBackend) -> N
         silent.close()
 
 
+# ---------------------------------------------------------------------------- workers
+
+
+def test_many_workers_deliver_each_once_and_each_case_in_order(
+    pool_backend: PoolBackend, receiver: Receiver
+) -> None:
+    """Two workers of four threads each (two replicas) on one pool: every delivery arrives
+    once, each case's steps in order, though the claims interleave across cases."""
+    outbox = opened(pool_backend)
+    _sub, secret = outbox.add_subscription(SubscriptionIn(url=receiver.url("/hook")), "root")
+    receiver.secrets["/hook"] = secret
+    cases, steps = 20, 5
+    for version in range(1, steps + 1):
+        for case in range(cases):
+            outbox.enqueue(message(case, version))
+    for _ in range(2):
+        worker(pool_backend, workers=4, batch=4)
+    assert wait_for(lambda: outbox.counts()["delivered"] == cases * steps, 60), outbox.counts()
+    time.sleep(0.3)  # a second post of anything would land now
+    got = receiver.received()
+    assert all(r.verified for r in got)
+    ids = [r.headers["webhook-id"] for r in got]
+    assert len(ids) == len(set(ids)) == cases * steps
+    for case in range(cases):
+        versions = [r.msg["data"]["version"] for r in got if r.msg["data"]["case_id"] == str(case)]
+        assert versions == list(range(1, steps + 1)), (case, versions)
+
+
+def test_a_lease_left_by_a_dead_worker_runs_out_and_another_delivers(
+    pool_backend: PoolBackend, receiver: Receiver
+) -> None:
+    outbox = opened(pool_backend)
+    sub, secret = outbox.add_subscription(SubscriptionIn(url=receiver.url("/hook")), "root")
+    receiver.secrets["/hook"] = secret
+    outbox.enqueue(message(5, 2))
+    outbox.enqueue(message(5, 3))
+    [held] = outbox.claim(10, lease_s=1.5)  # a worker that then died: only the case's head
+    assert held.webhook_id == webhook_id(sub.id, "case:5:v2")
+    assert outbox.claim(10, lease_s=1.5) == []  # leased, and v3 waits behind it
+    started = time.monotonic()
+    worker(pool_backend)
+    assert wait_for(lambda: outbox.counts()["delivered"] == 2, 20)
+    assert time.monotonic() - started >= 1.0  # not before the lease ran out
+    assert [r.msg["data"]["version"] for r in receiver.received()] == [2, 3]
+    # the dead worker, come back, marks nothing: its lease is gone
+    assert not outbox.mark_dead(held, "late", None)
+    assert outbox.counts() == {"pending": 0, "delivered": 2, "dead": 0}
+
+
 # ---------------------------------------------------------------------------- case steps
 
 
