@@ -30,7 +30,9 @@ from aggregator.access.auth import (
     RefusalPause,
     verify_login,
 )
+from aggregator.api import cases as case_routes
 from aggregator.api import events, live, resources, webhooks
+from aggregator.api.cases import CaseOptions, open_case_store
 from aggregator.api.deps import (
     AUTH_RESPONSES,
     STREAM_COOKIE,
@@ -155,6 +157,7 @@ def create_app(
     access: AccessSettings | None = None,
     writer: LifecycleSteps | None = None,
     pool_label: str | None = None,
+    case_options: CaseOptions | None = None,
 ) -> FastAPI:
     """The FastAPI app over one pool: a SQLite file or a PostgreSQL URL. The pool must exist
     (the aggregator creates and migrates it).
@@ -200,6 +203,10 @@ def create_app(
         ),
     )
 
+    # Case steps (aggregator/api/cases.py): its ``hooks`` run inside each step's transaction.
+    case_options = case_options or CaseOptions()
+    case_store = open_case_store(pool, catalogue, ctx.writer, case_options)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         hub.bind(asyncio.get_running_loop())
@@ -209,6 +216,7 @@ def create_app(
             hub.unbind()
             ctx.checker.close()
             ctx.readers.close()
+            case_store.close()
             ctx.writer.close()
 
     app = FastAPI(
@@ -227,6 +235,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.ctx = ctx
+    app.state.cases = case_store
+    app.state.case_options = case_options
     app.add_middleware(SecurityHeaders)
 
     async def pool_unreachable(request: Request, exc: Exception) -> JSONResponse:
@@ -263,6 +273,7 @@ def create_app(
     app.include_router(events.router)
     app.include_router(resources.router)
     app.include_router(live.router)
+    app.include_router(case_routes.router)
     app.include_router(webhooks.router)
     if web_root is not None and web_root.is_dir():
         app.mount("/", StaticFiles(directory=web_root, html=True), name="dashboard")

@@ -116,6 +116,7 @@ def api_process_main(
     import uvicorn
 
     from aggregator.api.app import create_app
+    from aggregator.api.cases import CaseOptions
     from aggregator.fanout.metrics import ScrapedMetrics
     from aggregator.fanout.stream import StreamHub
     from aggregator.grids import GridIndex, default_grid_file
@@ -163,6 +164,11 @@ def api_process_main(
         broker_connected=notices.connected,
         on_notice=notices.publish,
         access=settings.access,
+        case_options=CaseOptions(
+            holiday_file=settings.holiday_file,
+            whistle_lists=settings.whistle_lists,
+            evidence_max_bytes=settings.evidence_max_bytes,
+        ),
     )
     server = uvicorn.Server(
         uvicorn.Config(

@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("args", nargs=argparse.REMAINDER)
 
+    from aggregator.cli.audit import add_parsers as add_case_parsers
+
+    add_case_parsers(sub, _common)
     sub.add_parser("catalogue", help="print the warning catalogue")
     p = sub.add_parser("grids", help="print the grid hierarchy")
     p.add_argument("--grid-file", type=Path, default=None)
@@ -662,6 +665,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from aggregator.cli import audit
+
+    return audit.cmd_audit(args, _open_pool)
+
+
+def cmd_cases(args: argparse.Namespace) -> int:
+    from aggregator.cli import audit
+
+    return audit.cmd_cases(args, _open_pool)
+
+
 _COMMANDS = {
     "demo": cmd_demo,
     "broker": cmd_broker,
@@ -672,6 +687,8 @@ _COMMANDS = {
     "handling": cmd_handling,
     "catalogue": cmd_catalogue,
     "grids": cmd_grids,
+    "audit": cmd_audit,
+    "cases": cmd_cases,
 }
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ __all__ = [
     "audit_head",
     "audit_rows",
     "case_of",
+    "evidence_in_scope",
     "list_cases",
     "registered_case",
 ]
@@ -325,6 +326,18 @@ def list_cases(
         [*params, limit],
     ).fetchall()
     return [_case_row(r, catalogue) for r in rows]
+
+
+def evidence_in_scope(conn: Reader, actor: Actor, sha256: str) -> bool:
+    """Whether a photo is attached (in the audit trail) to a case this account sees."""
+    where, params = _scope(actor)
+    cond = " AND ".join(["a.evidence LIKE ?", *where])
+    row = conn.execute(
+        "SELECT 1 FROM case_audit a JOIN events e ON e.id = a.event_id"
+        f" LEFT JOIN cases c ON c.event_id = e.id WHERE {cond} LIMIT 1",
+        [f'%"{sha256}"%', *params],
+    ).fetchone()
+    return row is not None
 
 
 _AUDIT_COLUMNS: Final = (
