@@ -26,7 +26,9 @@ through paho unchanged. The overrides touch private methods of paho 2.1–2.2, s
 
 Incoming QoS 1 messages are paced too: Mosquitto 2.0.11 keeps to the Receive Maximum we announce
 only until acknowledgements start to flow (measured: with 200 announced and slow acks, 1,000–1,800
-unacknowledged), so the loop stops reading the broker while that many wait for the worker.
+unacknowledged), so the loop stops reading the broker while that many wait for the worker,
+unless our own publishes wait for their PUBACKs, which come on the same socket
+(``IoLoop._may_read``).
 
 Outgoing QoS 1 publishes are paced by the loop, never queued inside paho: paho's own queue
 rescans every in-flight message on each PUBACK, which made a burst of 1,000 feedback messages
