@@ -9,6 +9,12 @@ run as the baseline. Runs twice in one process: with Python's default garbage-co
 thresholds, then with the aggregator's (``aggregator.gctune.tune_gc``).
 
     python bench/bench_pipeline.py [--alerts 100000] [--batch 1000] [--devices 8]
+        [--compare-devices 64,5000]
+
+``--compare-devices`` measures the writer's stages for each fleet size in one run (tuned GC,
+alerts validated by the MQTT I/O loop's ``Prevalidator`` first, as in the service, so the
+assemble stage is what the writer does), with events created per 1,000 alerts and rows the
+commit wrote: a city's fleet (one alert per device per batch) against a few busy devices.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import random
 import statistics
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -26,7 +33,7 @@ import orjson
 from aggregator.config import BatchSettings, MqttSettings, Settings
 from aggregator.gctune import tune_gc
 from aggregator.grids import GridIndex, default_grid_file
-from aggregator.ingest.assemble import Inbound
+from aggregator.ingest.assemble import Inbound, Prevalidator
 from aggregator.service import build_aggregator
 from contract import Topics, load_catalogue
 from simulators.loadgen import build_templates, machine_description, render, stamp_now
@@ -39,15 +46,21 @@ STAGES = (
 )
 
 
-def measure(args: argparse.Namespace, tuned_gc: bool) -> dict[str, float]:
-    """Median µs per alert of each stage, on a fresh aggregator in a temporary directory."""
+def measure(
+    args: argparse.Namespace, tuned_gc: bool, prevalidated: bool = False
+) -> dict[str, float]:
+    """Median µs per alert of each stage, on a fresh aggregator in a temporary directory; with
+    ``prevalidated``, alerts come validated by the I/O loop (its cost is a stage of its own),
+    and the counts of events created and devices per batch are added."""
     grids = GridIndex.from_geojson(default_grid_file())
     catalogue = load_catalogue()
     rng = random.Random(args.seed)
     devices = [f"cam-{i:03d}" for i in range(args.devices)]
     templates = {d: build_templates(d, 64, rng, grids, catalogue, snapshot=False) for d in devices}
     topics = Topics("cwg")
-    stages: dict[str, list[float]] = {name: [] for name in STAGES}
+    stages: dict[str, list[float]] = {name: [] for name in (PREVALIDATE, *STAGES)}
+    created = 0
+    devices_per_batch: list[int] = []
     gc.unfreeze()
     gc.set_threshold(*DEFAULT_GC)
     with tempfile.TemporaryDirectory(prefix="cwg-bench-pipeline-") as tmp:
@@ -60,6 +73,7 @@ def measure(args: argparse.Namespace, tuned_gc: bool) -> dict[str, float]:
         if tuned_gc:
             tune_gc()  # what Aggregator.start() does
         ingest, pipeline, pool = agg.ingest, agg.ingest.pipeline, agg.pool
+        checker = Prevalidator(pipeline.topics, pipeline.catalogue, pipeline.limits)
         seq = 0
         deadline = time.monotonic() + 600
         while seq < args.alerts and time.monotonic() < deadline:
@@ -71,6 +85,11 @@ def measure(args: argparse.Namespace, tuned_gc: bool) -> dict[str, float]:
                 device = devices[seq % len(devices)]
                 payload = render(templates[device][seq % 64], f"bench-{device}-{seq}", seq, stamp)
                 batch.append(Inbound(topics.alert(device), payload, time.time(), seq % 65535, 1))
+            tp = time.perf_counter()
+            if prevalidated:
+                now = datetime.now(UTC)
+                for m in batch:
+                    m.pre = checker.check(m.topic, m.payload, now)
             t0 = time.perf_counter()
             for m in batch:
                 orjson.loads(m.payload)
@@ -82,13 +101,46 @@ def measure(args: argparse.Namespace, tuned_gc: bool) -> dict[str, float]:
             ingest._feedback(result, assembled)
             ingest._notices(result)
             t4 = time.perf_counter()
+            stages[PREVALIDATE].append((t0 - tp) / n * 1e6)
             for name, t in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 stages[name].append(t / n * 1e6)
+            created += len(result.created)
+            devices_per_batch.append(len(assembled.batch.seen))
         agg.pool.close()
-    return {name: statistics.median(values) for name, values in stages.items()}
+    out = {name: statistics.median(values) for name, values in stages.items()}
+    out[CREATED] = created / max(seq, 1) * 1000
+    out[DEVICES] = statistics.median(devices_per_batch) if devices_per_batch else 0.0
+    return out
 
 
 DEFAULT_GC = gc.get_threshold()
+PREVALIDATE = "I/O loop: prevalidate"
+CREATED = "events created per 1,000 alerts"
+DEVICES = "devices per batch (median)"
+
+
+def compare_devices(args: argparse.Namespace, counts: list[int]) -> int:
+    """The writer's stages side by side for each fleet size (tuned GC, prevalidated)."""
+    runs = {}
+    for count in counts:
+        args.devices = count
+        runs[count] = measure(args, tuned_gc=True, prevalidated=True)
+    header = "".join(f"{f'{c:,} devices':>15s}" for c in counts)
+    print(f"  {'µs per alert':34s}{header}")
+    for name in (PREVALIDATE, *STAGES[1:]):
+        print(f"  {name:34s}" + "".join(f"{runs[c][name]:15.1f}" for c in counts))
+    totals = {c: sum(runs[c][name] for name in STAGES[1:]) for c in counts}
+    print(f"  {'writer total':34s}" + "".join(f"{totals[c]:15.1f}" for c in counts))
+    for name in (CREATED, DEVICES):
+        print(f"  {name:34s}" + "".join(f"{runs[c][name]:15.0f}" for c in counts))
+    base = counts[0]
+    for c in counts[1:]:
+        print(
+            f"  writer cost with {c:,} devices: {totals[c] / totals[base]:.2f}× that with "
+            f"{base:,} ({1e6 / totals[c]:,.0f} against {1e6 / totals[base]:,.0f} alerts/s on one "
+            "core)"
+        )
+    return 0
 
 
 def main() -> int:
@@ -97,9 +149,22 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1000, help="alerts per transaction")
     parser.add_argument("--devices", type=int, default=8, help="devices the alerts come from")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--compare-devices",
+        default=None,
+        help="comma-separated fleet sizes (e.g. 64,5000): the writer's stages for each",
+    )
     args = parser.parse_args()
     if not 1 <= args.alerts <= 1_000_000 or not 1 <= args.batch <= 20_000:
         parser.error("--alerts must be 1..1,000,000 and --batch 1..20,000")
+    if args.compare_devices:
+        counts = [int(c) for c in args.compare_devices.split(",")]
+        if len(counts) < 2 or not all(1 <= c <= 20_000 for c in counts):
+            parser.error("--compare-devices takes two or more sizes of 1..20,000")
+        machine = machine_description()
+        print(f"machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}")
+        print(f"{args.alerts:,} alerts in batches of {args.batch:,} for each fleet size")
+        return compare_devices(args, counts)
 
     machine = machine_description()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}")
