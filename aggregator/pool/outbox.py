@@ -6,6 +6,10 @@ enabled subscriptions and inserts one delivery row per match. The deliveries the
 with the step or not at all: a committed step is delivered at least once, a refused or rolled
 back one never.
 
+Messages other than steps (the supervision timer's reminders and escalations) go the same way:
+a ``WebhookMessage`` with a type and key of their own, enqueued in the transaction that
+records them.
+
 Each delivery has a ``webhook_id`` (``msg_`` + a hash of subscription id and message key):
 the same message enqueued twice for one subscription is one row, and the receiver sees that id
 on every retry, its idempotency key (Standard Webhooks ``webhook-id``).
