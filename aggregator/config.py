@@ -239,6 +239,37 @@ class WebhookSettings(BaseModel):
         return value
 
 
+class SupervisionSettings(BaseModel):
+    """Supervision (督办): the timer that raises reminders, overdue items and escalations
+    (aggregator/pool/supervision.py; the rules in aggregator/cases/supervise.py). Every replica
+    may run it: each case is claimed with a row lock, each item raised once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="run the supervision timer in this service")
+    interval_s: float = Field(15.0, gt=0, le=3600, description="how often the timer looks")
+    reminder_lead_s: float = Field(
+        1800.0, gt=0, description="a reminder (催办) comes this long before a deadline …"
+    )
+    reminder_fraction: float = Field(
+        0.25, gt=0, lt=1, description="… or this share of the stage's span before it, if shorter"
+    )
+    street_after_s: float = Field(
+        3600.0,
+        ge=0,
+        description="an overdue case unmoved this long after its deadline escalates to the street",
+    )
+    county_after_s: float = Field(
+        14400.0, ge=0, description="… and this long after it to the county"
+    )
+
+    @model_validator(mode="after")
+    def _street_first(self) -> SupervisionSettings:
+        if self.county_after_s < self.street_after_s:
+            raise ValueError("supervision.county_after_s comes after street_after_s")
+        return self
+
+
 POOL_URL_SCHEMES = ("postgresql", "postgres")
 
 
@@ -307,6 +338,7 @@ class Settings(BaseSettings):
     access: AccessSettings = Field(default_factory=AccessSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    supervision: SupervisionSettings = Field(default_factory=SupervisionSettings)
     metrics_port: int = Field(
         0,
         ge=0,

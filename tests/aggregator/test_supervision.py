@@ -1,0 +1,344 @@
+"""Supervision (督办): reminders before a deadline, an overdue item when it passes and the
+escalation chain community → street → county, each raised exactly once — by one timer, and by
+two replicas' timers on one pool (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: BEGIN
+IMMEDIATE) — in the audit trail, the webhooks outbox and the case's supervision list; the chain
+stops when the case moves."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import orjson
+import pytest
+
+from aggregator.access.auth import Level, Operator
+from aggregator.cases import Action, Case, State
+from aggregator.cases.audit import verify
+from aggregator.cases.supervise import Item, Kind, SupervisionPolicy, due_items
+from aggregator.ingest.assemble import Inbound, Pipeline
+from aggregator.ingest.decode import DecodeLimits
+from aggregator.pool import cases as store
+from aggregator.pool.cases import CaseStore
+from aggregator.pool.outbox import Outbox, SubscriptionIn
+from aggregator.pool.supervision import Raised, Supervisor, supervision_of
+from contract import AlertV1, Outcome, Topics, default_catalogue
+
+from .case_support import T0, drive, new_case
+from .conftest import GRIDS, PoolBackend, grid_in_community, interior, make_alert, past
+
+TOPICS = Topics("cwg")
+POLICY = SupervisionPolicy()  # reminder ≤30 min / 25 % ahead; street +1 h, county +4 h
+MIN = timedelta(minutes=1)
+
+
+# ---------------------------------------------------------------------------- pure decisions
+
+
+def whistled(minutes: float = 0) -> Case:
+    case, _ = drive(new_case(), [(Action.VERIFY, 0), (Action.WHISTLE, minutes)])
+    return case
+
+
+def kinds(items: list[Item]) -> list[str]:
+    return [f"{i.clock}:{i.kind}" for i in items]
+
+
+def test_reminder_is_a_quarter_of_a_short_span_ahead_and_thirty_minutes_of_a_long_one() -> None:
+    case = whistled()  # the accept clock: 30 min from T0
+    items, nxt = due_items(case, {}, T0 + 22 * MIN, POLICY)
+    assert items == []
+    assert nxt == T0 + timedelta(minutes=22.5)
+    items, _ = due_items(case, {}, T0 + 23 * MIN, POLICY)
+    assert kinds(items) == ["accept:reminder"]
+    assert items[0].level == "department"
+    # the feedback clock (24 h from the whistle): its reminder 30 min ahead, not 6 h
+    fb, _ = drive(case, [(Action.ACCEPT_OFF_SITE, 10)])
+    items, nxt = due_items(fb, {}, T0 + 10 * MIN, POLICY)
+    assert items == []
+    assert nxt == T0 + timedelta(hours=24) - 30 * MIN
+
+
+def test_overdue_then_street_then_county_and_nothing_twice() -> None:
+    case = whistled()
+    raised: dict[str, int] = {}
+    seen: list[str] = []
+    for minutes in (23, 29, 31, 60, 91, 200, 271, 600):
+        items, _ = due_items(case, raised, T0 + minutes * MIN, POLICY)
+        for i in items:
+            raised[i.key] = case.version
+            seen.append(f"{minutes}:{i.kind}:{i.level}")
+    assert seen == [
+        "23:reminder:department",
+        "31:overdue:department",
+        "91:escalate_street:street",
+        "271:escalate_county:county",
+    ]
+
+
+def test_a_timer_that_looks_late_raises_no_reminder_after_the_deadline() -> None:
+    case = whistled()
+    items, _ = due_items(case, {}, T0 + 300 * MIN, POLICY)
+    assert kinds(items) == ["accept:overdue", "accept:escalate_street", "accept:escalate_county"]
+
+
+def test_the_chain_stops_when_the_case_moves() -> None:
+    case = whistled()
+    items, _ = due_items(case, {}, T0 + 31 * MIN, POLICY)
+    raised = {i.key: case.version for i in items}
+    moved = case.model_copy(update={"version": case.version + 1})  # e.g. an assignment
+    items, nxt = due_items(moved, raised, T0 + 500 * MIN, POLICY)
+    assert items == []
+    assert nxt is None
+    # the clock that stopped when the department accepted owes nothing either
+    accepted, _ = drive(case, [(Action.ACCEPT_OFF_SITE, 40)])
+    items, _ = due_items(accepted, raised, T0 + 500 * MIN, POLICY)
+    assert "accept" not in " ".join(kinds(items))
+
+
+# ---------------------------------------------------------------------------- in the pool
+
+
+class Pool:
+    """A pool with events from real alerts and cases moved by real steps."""
+
+    def __init__(self, backend: PoolBackend) -> None:
+        self.backend = backend
+        self.catalogue = default_catalogue()
+        self.pool = backend.writer(self.catalogue)
+        self.pipeline = Pipeline(
+            TOPICS, self.catalogue, GRIDS, backend.snapshots(self.pool), DecodeLimits()
+        )
+        self.cases = CaseStore(backend.target, self.catalogue)
+        backend._closers.append(self.cases.close)
+        self.outbox = Outbox(backend.target, pooled=False)
+
+    def send(self, *alerts: AlertV1) -> list[int]:
+        msgs = [Inbound(TOPICS.alert(a.device_id), a.to_json(), time.time()) for a in alerts]
+        result = self.pool.commit_batch(self.pipeline.assemble(msgs).batch)
+        out = []
+        for r in result.alerts:
+            assert r.outcome is Outcome.ACCEPTED
+            assert r.event_id is not None
+            out.append(r.event_id)
+        return out
+
+    def events(self, n: int) -> list[int]:
+        """``n`` events in places far enough apart never to merge (≤ 8)."""
+        ids = []
+        for i in range(n):
+            grid = grid_in_community(i % 4, 5 + 20 * (i // 4))
+            lat, lon = interior(grid)
+            [event_id] = self.send(make_alert(f"cam-{i}", lat, lon, observed_at=past(30)))
+            ids.append(event_id)
+        assert len(set(ids)) == n
+        return ids
+
+    def whistle(self, event_id: int, at: datetime) -> None:
+        row = store.case_of(self.backend.reader(), self.catalogue, event_id, EVERYONE)
+        assert row is not None
+        comm = account(Level.COMMUNITY, row.case.community_code, name="wang")
+        self.cases.apply_step(event_id, Action.VERIFY, comm, {}, None, now=at)
+        self.cases.apply_step(
+            event_id, Action.WHISTLE, comm, {"lead_department": "fire"}, None, now=at
+        )
+
+    def supervisor(self, name: str = "timer", **kwargs: object) -> Supervisor:
+        s = Supervisor(self.backend.target, name=name, **kwargs)  # type: ignore[arg-type]
+        self.backend._closers.append(s.close)
+        return s
+
+
+def account(level: Level, scope: str, dept: str | None = None, name: str = "") -> Operator:
+    return Operator(
+        username=name or f"{level.value}-{dept or scope}",
+        level=level,
+        scope_code=scope,
+        department=dept,
+        display_name=name or level.value,
+    )
+
+
+EVERYONE = account(Level.COUNTY, "", name="county-all")
+
+
+def test_one_timer_raises_each_item_once_into_trail_outbox_and_case(
+    pool_backend: PoolBackend,
+) -> None:
+    p = Pool(pool_backend)
+    p.outbox.add_subscription(SubscriptionIn(url="http://127.0.0.1:9/hook"), created_by="admin")
+    [event_id] = p.events(1)
+    t0 = datetime.now(UTC)
+    p.whistle(event_id, t0)
+    timer = p.supervisor()
+    got: list[str] = []
+    for minutes in (10, 23, 24, 31, 32, 91, 92, 271, 300):
+        got += [f"{minutes}:{r.item.kind}" for r in timer.run_once(t0 + minutes * MIN)]
+    assert got == ["23:reminder", "31:overdue", "91:escalate_street", "271:escalate_county"]
+
+    reader = pool_backend.reader()
+    trail = store.audit_rows(reader, event_id=event_id)
+    system = [r for r in trail if r.actor == "system"]
+    assert [r.action for r in system] == [
+        "reminder",
+        "overdue",
+        "escalate_street",
+        "escalate_county",
+    ]
+    assert {r.case_version for r in system} == {3}  # raising never moves the case
+    assert {r.before for r in system} == {State.WHISTLED.value}
+    assert verify(store.audit_rows(reader), head=store.audit_head(reader)[1]) == []
+
+    items = supervision_of(reader, event_id)
+    assert [(i.kind, i.level, i.clock) for i in items] == [
+        (Kind.REMINDER, "department", "accept"),
+        (Kind.OVERDUE, "department", "accept"),
+        (Kind.ESCALATE_STREET, "street", "accept"),
+        (Kind.ESCALATE_COUNTY, "county", "accept"),
+    ]
+    assert [i.audit_seq for i in items] == [r.seq for r in system]
+
+    deliveries = pool_backend.rows(
+        "SELECT message_type, payload FROM webhook_deliveries WHERE case_id = ? ORDER BY id",
+        str(event_id),
+    )
+    sup = [orjson.loads(body) for kind, body in deliveries if kind == "case.supervision"]
+    assert [d["data"]["action"] for d in sup] == [
+        "reminder",
+        "overdue",
+        "escalate_street",
+        "escalate_county",
+    ]
+    assert sup[1]["data"]["supervision"]["level"] == "department"
+    assert sup[1]["type"] == "case.supervision"
+
+
+def test_the_escalation_stops_when_the_case_moves(pool_backend: PoolBackend) -> None:
+    p = Pool(pool_backend)
+    a, b = p.events(2)
+    t0 = datetime.now(UTC)
+    p.whistle(a, t0)
+    p.whistle(b, t0)
+    timer = p.supervisor()
+    # first look after the deadline: the overdue items, no late reminders
+    assert {(r.event_id, r.item.kind) for r in timer.run_once(t0 + 31 * MIN)} == {
+        (a, Kind.OVERDUE),
+        (b, Kind.OVERDUE),
+    }
+    # case a moves (assigned: a new version, the accept clock still running)
+    row = store.case_of(pool_backend.reader(), p.catalogue, a, EVERYONE)
+    assert row is not None
+    comm = account(Level.COMMUNITY, row.case.community_code, name="wang")
+    p.cases.assign(a, None, comm, None, now=t0 + 40 * MIN)
+    later = timer.run_once(t0 + 300 * MIN)
+    assert sorted((r.event_id, r.item.kind.value) for r in later) == [
+        (b, "escalate_county"),
+        (b, "escalate_street"),
+    ]
+    assert timer.run_once(t0 + 600 * MIN) == []
+    assert [i.kind for i in supervision_of(pool_backend.reader(), a)] == [Kind.OVERDUE]
+
+
+def _race(sups: list[Supervisor], times: list[datetime]) -> list[Raised]:
+    """Every supervisor runs at each time at once (a barrier per time); all they raised."""
+    out: list[Raised] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(sups))
+
+    def run(s: Supervisor) -> None:
+        try:
+            for t in times:
+                barrier.wait(30)
+                got = s.run_once(t)
+                with lock:
+                    out.extend(got)
+        except Exception as exc:  # noqa: BLE001 (reported below, in the test thread)
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in sups]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    return out
+
+
+def test_two_replicas_timers_raise_each_item_exactly_once(pool_backend: PoolBackend) -> None:
+    p = Pool(pool_backend)
+    events = p.events(8)
+    t0 = datetime.now(UTC)
+    for i, event_id in enumerate(events):
+        p.whistle(event_id, t0 + i * MIN)  # deadlines a minute apart
+    # batches of 2: each tick is several claims, so the two timers interleave on the cases
+    sups = [p.supervisor("replica-a", batch=2), p.supervisor("replica-b", batch=2)]
+    times = [t0 + m * MIN for m in (20, 23, 25, 27, 29, 31, 33, 35, 37, 39, 92, 96, 100, 300)]
+    raised = _race(sups, times)
+    keys = Counter((r.event_id, r.item.key) for r in raised)
+    assert max(keys.values()) == 1, [k for k, n in keys.items() if n > 1]
+    # each case: reminder, overdue, street, county
+    assert Counter(r.event_id for r in raised) == dict.fromkeys(events, 4)
+    assert _race(sups, times) == []  # the same times again: nothing more
+    stored = pool_backend.rows(
+        "SELECT event_id, item, raised_by, audit_seq FROM case_supervision ORDER BY audit_seq"
+    )
+    assert len(stored) == 32
+    assert len({(r[0], r[1]) for r in stored}) == 32
+    audit = pool_backend.rows("SELECT seq FROM case_audit WHERE actor = 'system' ORDER BY seq")
+    assert [r[0] for r in audit] == [r[3] for r in stored]  # one audit row per item, no more
+    reader = pool_backend.reader()
+    assert verify(store.audit_rows(reader), head=store.audit_head(reader)[1]) == []
+    print("items raised per replica:", Counter(r[2] for r in stored))
+
+
+@pytest.mark.parametrize("replicas", [3])
+def test_timers_in_separate_processes_raise_each_item_once_on_postgres(
+    pg_url: str, replicas: int, tmp_path: Path
+) -> None:
+    """Replicas are processes on other machines: the same race across processes."""
+    import multiprocessing
+
+    backend = PoolBackend("postgres", pg_url, tmp_path)
+    try:
+        p = Pool(backend)
+        events = p.events(8)
+        t0 = datetime.now(UTC)
+        for i, event_id in enumerate(events):
+            p.whistle(event_id, t0 + i * MIN)
+        ctx = multiprocessing.get_context("spawn")
+        start = ctx.Event()
+        procs = [
+            ctx.Process(target=_replica, args=(pg_url, f"proc-{n}", t0.timestamp(), start))
+            for n in range(replicas)
+        ]
+        for proc in procs:
+            proc.start()
+        start.set()
+        for proc in procs:
+            proc.join(120)
+        assert [proc.exitcode for proc in procs] == [0] * replicas
+        stored = backend.rows("SELECT event_id, item, raised_by FROM case_supervision")
+        assert len(stored) == 32
+        assert len({(r[0], r[1]) for r in stored}) == 32
+        audit = backend.rows("SELECT count(*) FROM case_audit WHERE actor = 'system'")
+        assert audit == [(32,)]
+        print("items raised per process:", Counter(r[2] for r in stored))
+    finally:
+        backend.close()
+
+
+def _replica(url: str, name: str, t0: float, start: object) -> None:
+    start.wait(60)  # type: ignore[attr-defined]
+    sup = Supervisor(url, name=name, batch=2)
+    try:
+        base = datetime.fromtimestamp(t0, UTC)
+        for m in (20, 23, 25, 27, 29, 31, 33, 35, 37, 39, 92, 96, 100, 300):
+            sup.run_once(base + m * MIN)
+    finally:
+        sup.close()
