@@ -11,7 +11,6 @@ version); 422 the payload lacks what the action requires.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,6 +50,7 @@ from aggregator.cases import (
 )
 from aggregator.cases.audit import AuditRow, dump_jsonl
 from aggregator.cases.whistle import load_whistle_lists
+from aggregator.clock import clock_for
 from aggregator.pool import cases as store
 from aggregator.pool import queries
 from aggregator.pool.cases import CaseNotFoundError, CaseRow, CaseStore, StepRecord
@@ -74,6 +74,7 @@ class CaseOptions:
     holiday_file: Path | None = None
     whistle_lists: Path | None = None
     evidence_max_bytes: int = 8 * 1024 * 1024
+    test_clock_file: Path | None = None  # tests only: the case clock's offset (clock.py)
 
 
 def open_case_store(
@@ -103,6 +104,7 @@ def open_case_store(
         pg=pg,
         calendar=ChinaWorkCalendar(options.holiday_file),
         policy_for=policy_for,
+        clock=clock_for(options.test_clock_file),
     )
 
 
@@ -157,7 +159,7 @@ def _item(row: CaseRow, operator: Operator, cases: CaseStore, now: datetime) -> 
 
 
 def _detail(row: CaseRow, operator: Operator, cases: CaseStore) -> CaseOut:
-    now = datetime.now(UTC)
+    now = cases.clock.now()
     item = _item(row, operator, cases, now)
     case = row.case
     table = cases.lifecycle or default_lifecycle()
@@ -290,8 +292,10 @@ def list_cases(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> CasePage:
-    now = datetime.now(UTC)
-    rows = store.list_cases(conn, ctx.catalogue, operator, box=box, now=time.time(), limit=limit)
+    now = cases.clock.now()
+    rows = store.list_cases(
+        conn, ctx.catalogue, operator, box=box, now=now.timestamp(), limit=limit
+    )
     return CasePage(items=[_item(r, operator, cases, now) for r in rows])
 
 

@@ -168,6 +168,7 @@ def api_process_main(
             holiday_file=settings.holiday_file,
             whistle_lists=settings.whistle_lists,
             evidence_max_bytes=settings.evidence_max_bytes,
+            test_clock_file=settings.test_clock_file,
         ),
     )
     server = uvicorn.Server(

@@ -64,6 +64,7 @@ from aggregator.cases.rules import (
     WrongStateError,
     apply,
 )
+from aggregator.clock import Clock, SystemClock
 from aggregator.errors import AggregatorError
 from aggregator.grids import COMMUNITY_LENGTH
 from aggregator.pool.outbox import step_hook
@@ -434,8 +435,11 @@ class CaseStore:
         calendar: WorkCalendar | None = None,
         policy_for: Callable[[str], CommunityPolicy] | None = None,
         hooks: Sequence[StepHook] = (),
+        clock: Clock | None = None,
     ) -> None:
         self.catalogue = catalogue
+        # when a step happens when the caller names no time (Settings.test_clock_file moves it)
+        self.clock: Clock = clock or SystemClock()
         self.lifecycle = lifecycle
         self.calendar = calendar
         self.policy_for = policy_for
@@ -689,7 +693,7 @@ class CaseStore:
         """Take one lifecycle action on one case, in one transaction (module docstring).
         Raises CaseNotFoundError, or a CaseError subclass (Forbidden 403, WrongState and
         StaleVersion 409, Payload 422)."""
-        when = now or datetime.now(UTC)
+        when = now or self.clock.now()
         with self._transaction() as tx:
             event = self._lock_event(tx, event_id)
             case, stored, assignee = self._read_case(tx, event)
@@ -738,7 +742,7 @@ class CaseStore:
         the caller (the API) looks the account up; a person in the case's community (scope
         covers the case's community or narrower, inside it) or of a department the case was
         whistled to."""
-        when = now or datetime.now(UTC)
+        when = now or self.clock.now()
         role = _actor_role(actor)
         with self._transaction() as tx:
             event = self._lock_event(tx, event_id)
