@@ -62,6 +62,15 @@ class CasePage(_Out):
     items: list[CaseItem]
 
 
+class ActionInputs(_Out):
+    """What one allowed action takes besides a note, from the lifecycle table: ``reason``,
+    ``evidence`` (a summary and/or photos), ``departments`` (a lead and any co-departments),
+    ``until`` (a new deadline)."""
+
+    requires: list[str]
+    optional: list[str]
+
+
 class CaseOut(CaseItem):
     """One case with its deadlines and what the caller may do."""
 
@@ -74,6 +83,11 @@ class CaseOut(CaseItem):
     extension: ExtensionOut | None = Field(description="a pending extension request")
     deadlines: list[DeadlineOut]
     actions_zh: dict[str, str] = Field(description="the allowed actions' Chinese names")
+    action_inputs: dict[str, ActionInputs] = Field(
+        default_factory=dict,
+        description="per allowed action, what its payload requires and may carry: the forms "
+        "a client shows come from here, not from rules of its own",
+    )
 
 
 class StepRequest(_In):

@@ -23,6 +23,7 @@ from fastapi.responses import Response
 
 from aggregator.access.auth import Operator
 from aggregator.api.case_models import (
+    ActionInputs,
     AssignRequest,
     AuditRowOut,
     CaseItem,
@@ -38,12 +39,15 @@ from aggregator.api.case_models import (
 from aggregator.api.deps import SCOPED_RESPONSES, ApiContext, Ctx, CurrentOperator, Db
 from aggregator.api.models import Problem
 from aggregator.cases import (
+    Action,
     CalendarRangeError,
     CaseError,
     ChinaWorkCalendar,
     CommunityPolicy,
     ForbiddenError,
+    Lifecycle,
     PayloadError,
+    State,
     WrongStateError,
     allowed_actions,
     default_lifecycle,
@@ -191,6 +195,16 @@ def _detail(row: CaseRow, operator: Operator, cases: CaseStore) -> CaseOut:
             for d in case.clocks
         ],
         actions_zh={a.value: table.actions[a].zh for a in item.allowed_actions},
+        action_inputs={a.value: _inputs(table, case.state, a) for a in item.allowed_actions},
+    )
+
+
+def _inputs(table: Lifecycle, state: State, action: Action) -> ActionInputs:
+    t = table.transition(state, action)
+    if t is None:  # allowed_actions comes from the same table: never
+        return ActionInputs(requires=[], optional=[])
+    return ActionInputs(
+        requires=[r.value for r in t.requires], optional=[r.value for r in t.optional]
     )
 
 
