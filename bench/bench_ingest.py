@@ -47,6 +47,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -194,6 +195,9 @@ class Replica:
         password_file.write_text(account.password)
         password_file.chmod(0o600)
         self.log = root / f"replica-{name}.log"
+        with socket.socket() as probe:  # a free loopback port for its Prometheus metrics
+            probe.bind(("127.0.0.1", 0))
+            self.metrics_port = int(probe.getsockname()[1])
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [
@@ -203,6 +207,7 @@ class Replica:
                     "--password-file", str(password_file),
                     "--client-id", f"bench-replica-{name}-{uuid.uuid4().hex[:6]}",
                     "--share-group", REPLICA_GROUP,
+                    "--metrics-port", str(self.metrics_port),
                 ],
                 cwd=ROOT,
                 env={**os.environ, "CWG_MQTT__USERNAME": account.username, **env},
@@ -217,6 +222,24 @@ class Replica:
                 tail = self.log.read_text(errors="replace")[-3000:]
                 raise SystemExit(f"replica {self.name} did not connect:\n{tail}")
             time.sleep(0.1)
+
+    def alerts(self) -> int:
+        """Alerts this replica committed (its own ``cwg_alerts_total``, every outcome)."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return -1
+        return int(
+            sum(
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "cwg_alerts_total"
+            )
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -263,6 +286,9 @@ def run_replicas(args: argparse.Namespace, n: int, pool_url: str) -> Any:
             r.wait_connected()
         time.sleep(0.5)  # the subscriptions registered before the first alert
         report = run_load(config, stack, pool_url)
+        shares = [r.alerts() for r in replicas]
+        if n > 1:
+            print("  per replica: " + ", ".join(f"{a:,} alerts" for a in shares))
     finally:
         for r in replicas:
             r.stop()
