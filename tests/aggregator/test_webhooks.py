@@ -80,11 +80,11 @@ class Received:
 
 @dataclass
 class Receiver:
-    """A webhook endpoint: ``up`` answers 204 after verifying; ``hang`` accepts connections and
-    never answers; ``stop()`` closes the port (connections refused) until ``start()``."""
+    """A webhook endpoint: answers 204 to a request whose signature verifies with the secret
+    of its path, 401 otherwise; ``stop()`` closes the port (connections refused) until
+    ``start()`` opens it again."""
 
     secrets: dict[str, str] = field(default_factory=dict)  # path → secret
-    mode: str = "up"
     got: list[Received] = field(default_factory=list)
     port: int = 0
     _server: ThreadingHTTPServer | None = None
@@ -98,9 +98,6 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                if receiver.mode == "hang":
-                    time.sleep(30)  # longer than any sender's timeout here
-                    return
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 secret = receiver.secrets.get(self.path, "")
