@@ -778,7 +778,7 @@ class IoLoop:
                     len(self._out),
                     self._out_bytes / (1 << 20),
                 )
-            else:
+            elif self._connected:  # (a lost connection says so itself)
                 log.info("the broker caught up with feedback and notices; the writer goes on")
         return holding
 
