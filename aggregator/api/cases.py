@@ -419,7 +419,14 @@ def case_trail(
 
 @router.get(
     "/cases/{event_id}/trail.jsonl",
-    responses={**SCOPED_RESPONSES, 200: {"content": {"application/x-ndjson": {}}}},
+    response_class=Response,
+    responses={
+        **SCOPED_RESPONSES,
+        200: {
+            "description": "one audit row per line, every field and its hash",
+            "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+        },
+    },
     summary="The case's audit rows as JSON lines, every field and hash (an export)",
 )
 def case_trail_export(
@@ -439,7 +446,6 @@ def case_trail_export(
 @router.post(
     "/evidence",
     response_model=EvidenceOut,
-    status_code=status.HTTP_201_CREATED,
     responses={
         **SCOPED_RESPONSES,
         403: {"model": Problem, "description": "an administrator takes no case actions"},
@@ -490,7 +496,17 @@ def _media_type(head: bytes) -> str | None:
 
 @router.get(
     "/evidence/{sha256}",
-    responses={**SCOPED_RESPONSES, 200: {"content": {"image/jpeg": {}, "image/png": {}}}},
+    response_class=Response,
+    responses={
+        **SCOPED_RESPONSES,
+        200: {
+            "description": "the photo as uploaded",
+            "content": {
+                "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+    },
     summary="An evidence photo attached to a case in the caller's scope",
 )
 def get_evidence(

@@ -29,6 +29,7 @@ from aggregator.api.models import (
     TransitionRequest,
 )
 from aggregator.errors import PoolError
+from aggregator.pool import cases as cases_store
 from aggregator.pool import queries
 from aggregator.pool.model import summary_from_row
 from aggregator.pool.postgres import PoolUnavailableError
@@ -374,6 +375,13 @@ def transition(
         raise HTTPException(
             status.HTTP_400_BAD_REQUEST,
             "closing needs a handling summary in 'note' (Longgang 8.5)",
+        )
+    if cases_store.has_case(conn, event_id):
+        # The case lifecycle (POST /api/v1/cases/{id}/steps) replaces these four steps; once
+        # an event is a case, only case steps move it, so the two never disagree.
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"event {event_id} is handled as a case: use POST /api/v1/cases/{event_id}/steps",
         )
     target = action.target
     current = EventStatus(row["status"])

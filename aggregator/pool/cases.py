@@ -92,6 +92,7 @@ __all__ = [
     "audit_rows",
     "case_of",
     "evidence_in_scope",
+    "has_case",
     "list_cases",
     "registered_case",
 ]
@@ -327,6 +328,12 @@ def list_cases(
         [*params, limit],
     ).fetchall()
     return [_case_row(r, catalogue) for r in rows]
+
+
+def has_case(conn: Reader, event_id: int) -> bool:
+    """Whether a case step has been taken on the event (its lifecycle is the case's now)."""
+    row = conn.execute("SELECT 1 FROM cases WHERE event_id = ?", [event_id]).fetchone()
+    return row is not None
 
 
 def evidence_in_scope(conn: Reader, actor: Actor, sha256: str) -> bool:

@@ -139,7 +139,7 @@ def test_a_case_from_registration_to_closing_with_evidence_and_a_send_back(
         headers={"Authorization": f"Bearer {stack.api.token('fire')}",
                  "Content-Type": "image/jpeg"},
     )  # fmt: skip
-    assert r.status_code == 201, r.text
+    assert r.status_code == 200, r.text
     sha = r.json()["sha256"]
     out = _ok(stack.step("fire", event_id, "handle", v, {"summary": "cleared", "photos": [sha]}))
     v += 1
@@ -198,6 +198,10 @@ def test_refusals_across_roles_states_and_payloads(stack: Stack) -> None:
     )
     assert bad.status_code == 422
     _ok(stack.step("comm_a", event_id, "verify", 1))
+    # once an event is a case, the old four-step route no longer moves it
+    old_route = stack.api.post(f"/api/v1/events/{event_id}/dispatch", "comm_a")
+    assert old_route.status_code == 409
+    assert "/api/v1/cases/" in old_route.json()["detail"]
     assert stack.step("comm_a", event_id, "whistle", 2, {}).status_code == 422  # no department
     assert (
         stack.step("comm_a", event_id, "whistle", 2, {"lead_department": "nobody"}).status_code
