@@ -12,8 +12,8 @@ import pytest
 
 from aggregator.pool.outbox import Outbox, webhook_id
 
-from .conftest import PoolBackend
-from .operator_support import Api, running_service
+from .conftest import PoolBackend, grid_in_community, interior, make_alert
+from .operator_support import Api, publish, running_service, wait_for_events
 from .test_webhooks import Receiver, message, wait_for
 
 
@@ -38,6 +38,7 @@ def test_webhook_api_and_the_services_worker(
             api = Api(service.url)
             try:
                 _check(api, receiver, pool_backend)
+                _case_steps(api, receiver, broker)
             finally:
                 api.close()
         assert service.webhooks is None  # stopped with the service
@@ -114,3 +115,46 @@ def _check(api: Api, receiver: Receiver, backend: PoolBackend) -> None:
     assert api.http.delete(f"/api/v1/webhooks/{gone['id']}", headers=token).status_code == 404
     assert api.get(f"/api/v1/webhooks/{gone['id']}", "admin").status_code == 404
     assert outbox.deliveries(gone["id"]) == []
+
+
+def _case_steps(api: Api, receiver: Receiver, broker: Any) -> None:
+    """The whole way: an alert becomes an event, operators step its case through the API
+    process, whose case store enqueues in the step's transaction, and this process's worker
+    delivers each step, signed, in order."""
+    [hook] = api.get("/api/v1/webhooks", "admin").json()
+    before = len(receiver.received())
+    publish(broker, make_alert("cam-wh1", *interior(grid_in_community(0, 5)), type="smoke_fire"))
+    [event] = wait_for_events(api, 1)
+    event_id = event["event_id"]
+    steps = [
+        ("comm_a", "verify", {}),
+        ("comm_a", "whistle", {"lead_department": "fire"}),
+        ("fire", "accept_off_site", {}),
+    ]
+    for version, (who, action, payload) in enumerate(steps, start=1):
+        r = api.post(
+            f"/api/v1/cases/{event_id}/steps",
+            who,
+            json={"action": action, "expected_version": version, "payload": payload},
+        )
+        assert r.status_code == 200, r.text
+    refused = api.post(  # a refused step (the wrong role) is not delivered
+        f"/api/v1/cases/{event_id}/steps",
+        "police",
+        json={"action": "handle", "expected_version": 4, "payload": {"summary": "x"}},
+    )
+    assert refused.status_code == 403
+    assert wait_for(lambda: len(receiver.received()) == before + 3, 15)
+    got = receiver.received()[before:]
+    assert all(r.verified for r in got)
+    assert [r.headers["webhook-id"] for r in got] == [
+        webhook_id(hook["id"], f"case:{event_id}:v{v}") for v in (2, 3, 4)
+    ]
+    data = [r.msg["data"] for r in got]
+    assert [(d["action"], d["actor"], d["after"]) for d in data] == [
+        ("verify", "comm_a", "assessing"),
+        ("whistle", "comm_a", "whistled"),
+        ("accept_off_site", "fire", "dept_handling"),
+    ]
+    assert data[1]["departments"] == ["fire"]
+    assert all(d["event_type"] == "smoke_fire" for d in data)
