@@ -325,7 +325,7 @@ def test_sigkill_of_one_replica_at_1000_alerts_per_second(
         assert t.raised >= 0.5 * rate * seconds, t  # alerts really flowed (a busy box makes fewer)
         # the others carried on without it
         assert all(v > 0 for v in others_during.values()), others_during
-        assert carry_rate >= 0.4 * rate, carry_rate
+        assert carry_rate >= 0.4 * t.raised / seconds, carry_rate  # of the rate achieved
 
 
 def test_a_replica_lost_for_good_is_retired_and_the_others_pool_everything(
