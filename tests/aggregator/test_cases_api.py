@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ CASE_TYPES = ("smoke_fire", "exposed_garbage", "street_vending", "thrown_object"
 ACCOUNTS = {
     **OPERATORS,
     "comm_a2": (Level.COMMUNITY, COMMUNITY_A, None),  # a second operator of community A
+    "enforcement": (Level.DEPARTMENT, "", "enforcement"),
 }
 
 
@@ -398,3 +400,55 @@ def test_evidence_upload_refuses_other_types_and_oversize(stack: Stack) -> None:
     )
     assert r.status_code == 413
     assert stack.api.http.post("/api/v1/evidence", content=jpeg(1)).status_code == 401
+
+
+def test_every_other_action_of_the_table_through_the_api(stack: Stack) -> None:
+    """With the walk above (accept_on_site, arrive, send_back), every action of the table is
+    taken once through the API: self-handling with an extension refused, then approved; not
+    ours; off-site acceptance."""
+    own, not_ours, off_site = stack.new_case(0), stack.new_case(1), stack.new_case(2)
+    until = (datetime.now(UTC) + timedelta(days=30)).isoformat()
+    v = 1
+    for who, action, payload, state in [
+        ("comm_a", "verify", {}, "assessing"),
+        ("comm_a", "self_handle", {"note": "our grid worker"}, "community_handling"),
+        ("comm_a", "apply_extension", {"reason": "parts on order", "until": until},
+         "community_handling"),
+        ("county", "refuse_extension", {"reason": "urgent"}, "community_handling"),
+        ("comm_a", "apply_extension", {"reason": "still on order", "until": until},
+         "community_handling"),
+    ]:  # fmt: skip
+        out = _ok(stack.step(who, own, action, v, payload))
+        v += 1
+        assert out["to_state"] == state
+    review = _ok(stack.api.get("/api/v1/cases", "county", box="to_review"))["items"]
+    assert [c["event_id"] for c in review] == [own]
+    # a city-level account may also whistle from community handling (Longgang 7.3)
+    assert review[0]["allowed_actions"] == ["whistle", "approve_extension", "refuse_extension"]
+    out = _ok(stack.step("county", own, "approve_extension", v))
+    v += 1
+    [deadline] = [d for d in out["case"]["deadlines"] if d["running"]]
+    assert deadline["extended"] is True
+    assert datetime.fromisoformat(deadline["due_at"]) == datetime.fromisoformat(until)
+    out = _ok(stack.step("comm_a", own, "handle", v, {"summary": "fixed by the grid worker"}))
+    assert (out["case"]["state"], out["case"]["outcome"]) == ("closed", "handled")
+
+    out = _ok(stack.step("comm_a", not_ours, "not_ours", 1, {"reason": "the next community's"}))
+    assert (out["case"]["state"], out["case"]["outcome"]) == ("closed", "not_ours")
+
+    v = 1
+    for who, action, payload in [
+        ("comm_a", "verify", {}),
+        ("comm_a", "whistle", {"lead_department": "enforcement"}),
+        ("enforcement", "accept_off_site", {}),
+        ("enforcement", "handle", {"summary": "stall removed"}),
+        ("comm_a", "accept_feedback", {}),
+    ]:
+        _ok(stack.step(who, off_site, action, v, payload))
+        v += 1
+    done = stack.case("enforcement", off_site)
+    assert (done["state"], done["mode"]) == ("closed", "off_site")
+    stopped = [d["clock"] for d in done["deadlines"]]
+    assert stopped == ["accept", "feedback"]
+    for event_id, status in ((own, "closed"), (not_ours, "closed"), (off_site, "closed")):
+        assert _ok(stack.api.get(f"/api/v1/events/{event_id}", "admin"))["status"] == status
