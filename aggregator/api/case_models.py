@@ -60,6 +60,9 @@ class CaseItem(_Out):
 
 class CasePage(_Out):
     items: list[CaseItem]
+    as_of: datetime | None = Field(
+        default=None, description="the case clock's now: what overdue and countdowns run from"
+    )
 
 
 class ActionInputs(_Out):
@@ -83,6 +86,9 @@ class CaseOut(CaseItem):
     extension: ExtensionOut | None = Field(description="a pending extension request")
     deadlines: list[DeadlineOut]
     actions_zh: dict[str, str] = Field(description="the allowed actions' Chinese names")
+    as_of: datetime | None = Field(
+        default=None, description="the case clock's now: what overdue and countdowns run from"
+    )
     action_inputs: dict[str, ActionInputs] = Field(
         default_factory=dict,
         description="per allowed action, what its payload requires and may carry: the forms "

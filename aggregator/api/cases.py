@@ -196,6 +196,7 @@ def _detail(row: CaseRow, operator: Operator, cases: CaseStore) -> CaseOut:
         ],
         actions_zh={a.value: table.actions[a].zh for a in item.allowed_actions},
         action_inputs={a.value: _inputs(table, case.state, a) for a in item.allowed_actions},
+        as_of=now,
     )
 
 
@@ -310,7 +311,7 @@ def list_cases(
     rows = store.list_cases(
         conn, ctx.catalogue, operator, box=box, now=now.timestamp(), limit=limit
     )
-    return CasePage(items=[_item(r, operator, cases, now) for r in rows])
+    return CasePage(items=[_item(r, operator, cases, now) for r in rows], as_of=now)
 
 
 @router.get(
