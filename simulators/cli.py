@@ -49,6 +49,12 @@ def builtin_scenarios() -> list[Path]:
     return sorted(Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def case_scenarios() -> list[Path]:
+    """The packaged scenarios with operator and department steps (they need the API)."""
+    folder = resources.files("simulators") / "scenarios" / "cases"
+    return sorted(Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
 def _add_target(p: argparse.ArgumentParser, *, pool: bool) -> None:
     g = p.add_argument_group("which gateway")
     g.add_argument(
@@ -86,10 +92,10 @@ def _add_target(p: argparse.ArgumentParser, *, pool: bool) -> None:
 
 @contextlib.contextmanager
 def _target(
-    args: argparse.Namespace, *, need_pool: bool
+    args: argparse.Namespace, *, need_pool: bool, api: bool = False
 ) -> Iterator[tuple[Provisioner, Path | None]]:
     if args.start_stack:
-        options = StackOptions(topic_prefix=args.prefix, grid_file=args.grids)
+        options = StackOptions(topic_prefix=args.prefix, grid_file=args.grids, api=api)
         with GatewayStack(options=options) as stack:
             print(
                 f"started a gateway: broker {stack.host}:{stack.port}, pool {stack.pool_path}",
@@ -129,18 +135,31 @@ def _grids(args: argparse.Namespace) -> GridIndex:
 def cmd_scenario(args: argparse.Namespace) -> int:
     from simulators.scenario import ScenarioRunner, load_scenario, run_files
 
-    paths = [*args.files, *(builtin_scenarios() if args.builtin else [])]
+    paths = [
+        *args.files,
+        *(builtin_scenarios() if args.builtin else []),
+        *(case_scenarios() if args.cases else []),
+    ]
     if not paths:
-        raise SimulatorError("give scenario files, or --builtin for the packaged library")
-    for p in paths:
-        load_scenario(p)  # validate every file before anything starts
+        raise SimulatorError("give scenario files, or --builtin / --cases for the packaged library")
+    # validate every file before anything starts (a list: any() would stop at the first)
+    loaded = [load_scenario(p) for p in paths]
+    operator_steps = any(sc.has_operator_steps for sc in loaded)
     if args.check_only:
         print(f"{len(paths)} scenario file(s) valid")
         return 0
-    with _target(args, need_pool=True) as (prov, pool):
+    if operator_steps and not args.start_stack:
+        raise SimulatorError(
+            "operator and department steps run on a stack this command starts: --start-stack"
+        )
+    with _target(args, need_pool=True, api=operator_steps) as (prov, pool):
         assert pool is not None
         runner = ScenarioRunner(
-            prov, pool, grids=_grids(args), max_payload_bytes=args.max_payload_bytes
+            prov,
+            pool,
+            grids=_grids(args),
+            max_payload_bytes=args.max_payload_bytes,
+            operators=prov if isinstance(prov, GatewayStack) and operator_steps else None,
         )
         results = run_files(runner, paths, timeout_s=args.timeout)
     failed = [r for r in results if not r.ok]
@@ -283,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("files", nargs="*", type=Path, metavar="FILE", help="scenario YAML files")
     p.add_argument("--builtin", action="store_true", help="also run the packaged scenarios")
+    p.add_argument(
+        "--cases",
+        action="store_true",
+        help="also run the packaged case scenarios (operator and department steps on the "
+        "case clock; with --start-stack)",
+    )
     p.add_argument("--check-only", action="store_true", help="validate the files, send nothing")
     p.add_argument("--timeout", type=float, default=None, help="override each scenario's timeout")
     p.add_argument(

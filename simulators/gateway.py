@@ -9,11 +9,12 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aggregator.broker.registry import DeviceKind
 from aggregator.grids import GridIndex
 from contract import AlertV1, Catalogue, EventSummary, FeedbackV1, Severity, new_alert_id, utcnow
+from simulators.desk import Desk
 from simulators.device import SimDevice
 from simulators.errors import ScenarioError
 from simulators.messages import BadKind, bad_payload, make_alert
@@ -155,6 +156,7 @@ class Gateway:
         self.grids: GridIndex = grids or stack.aggregator.grids
         self.pool = PoolView(stack.pool_path, self.catalogue)
         self.devices: dict[str, GatewayDevice] = {}
+        self.desks: dict[str, Desk] = {}
         self._runs = 0
 
     def observed_now(self) -> datetime:
@@ -259,6 +261,7 @@ class Gateway:
             catalogue=self.catalogue,
             grids=self.grids,
             max_payload_bytes=self.stack.options.max_payload_bytes,
+            operators=self.stack if self.stack.service is not None else None,
         )
         result = runner.run(
             sc,
@@ -269,6 +272,33 @@ class Gateway:
         if check and not result.ok:
             raise AssertionError(result.report())
         return result
+
+    # -- operators and departments (a stack with StackOptions(api=True)) ----------------------
+    def operator(
+        self,
+        name: str,
+        level: str,
+        *,
+        scope: str = "",
+        department: str | None = None,
+    ) -> Desk:
+        """An operator account logged in to the API (once per name; the account is
+        ``<tag>-<name>``): ``desk.step(event_id, "whistle", lead_department="police")``."""
+        if name not in self.desks:
+            account = self.stack.add_operator(
+                f"{self.tag}-{name}", level, scope_code=scope, department=department
+            )
+            self.desks[name] = self.stack.desk(account)
+        return self.desks[name]
+
+    def case(self, event_id: int) -> dict[str, Any]:
+        """The case as the gateway holds it (the API's view for an administrator)."""
+        return self.operator("observer", "admin").case(event_id)
+
+    def advance_clock(self, seconds: float) -> float:
+        """Move the gateway's case clock forward (deadlines, overdue); returns how far ahead
+        of the system clock it now runs."""
+        return self.stack.clock.advance(seconds)
 
     def _origin_for(self, sc: Scenario) -> float:
         """This gateway's clock origin, unless a device of the scenario runs ahead of true
@@ -282,3 +312,6 @@ class Gateway:
         for dev in self.devices.values():
             dev.sim.close(graceful=dev.sim.connected)
         self.devices.clear()
+        for desk in self.desks.values():
+            desk.close()
+        self.desks.clear()

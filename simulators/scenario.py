@@ -31,12 +31,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from aggregator.broker.registry import DeviceKind
+from aggregator.cases import ClockName, State
+from aggregator.cases import Outcome as CaseOutcome
+from aggregator.clock import OffsetFileClock
 from aggregator.grids import GridIndex, default_grid_file
 from contract import (
     Catalogue,
@@ -47,14 +50,16 @@ from contract import (
     default_catalogue,
 )
 from contract.messages import DEVICE_ID_PATTERN
+from simulators.desk import Account, Desk, StepRefused, action_of
 from simulators.device import SimDevice
 from simulators.errors import ScenarioError
-from simulators.messages import BadKind, bad_payload, make_alert, offset_m
+from simulators.messages import BadKind, bad_payload, make_alert, offset_m, snapshot_jpeg
 from simulators.poolview import PoolView
 from simulators.stack import DeviceSpec, Provisioner
 
 __all__ = [
     "Check",
+    "OperatorSide",
     "Scenario",
     "ScenarioResult",
     "ScenarioRunner",
@@ -117,21 +122,88 @@ class BadStep(_Strict):
     type: str | None = Field(default=None, description="type of the alert it spoils (default: any)")
 
 
+class AccountDecl(_Strict):
+    """An operator account the scenario acts as: an area account (community, street, county)
+    with its grid code prefix, or a department account with its catalogue department."""
+
+    level: Literal["community", "street", "county", "department"]
+    scope: str | None = Field(
+        default=None, pattern=r"^[0-9]{6,20}$", description="grid code prefix (area accounts)"
+    )
+    department: str | None = Field(default=None, description="department code (departments)")
+
+    @model_validator(mode="after")
+    def _fits(self) -> Self:
+        if self.level == "department":
+            if not self.department:
+                raise ValueError("a department account names its department")
+        elif not self.scope or self.department:
+            raise ValueError(f"a {self.level} account has a scope and no department")
+        return self
+
+
 class Step(_Strict):
+    """A device step (``device`` with one of alert, bad, offline, online) or an operator step
+    (``as`` an account, ``do`` an action on the ``case`` that a named alert became)."""
+
     t: float = Field(ge=0, description="simulated seconds after the scenario starts")
-    device: str
+    device: str | None = None
     alert: AlertStep | None = None
     bad: BadStep | None = None
     offline: bool = Field(
         default=False, description="drop the link (the broker sends the Last Will)"
     )
     online: bool = Field(default=False, description="reconnect and flush what was raised meanwhile")
+    # -- operator and department steps, through the gateway's API --
+    as_: str | None = Field(default=None, alias="as", description="the account taking the step")
+    do: str | None = Field(
+        default=None,
+        description="a lifecycle action (verify, whistle, accept_off_site, accept_on_site, "
+        "arrive, handle, send_back, accept_feedback, apply_extension, approve_extension, "
+        "refuse_extension, self_handle, not_ours) or an alias: accept, extend, approve, "
+        "refuse, close",
+    )
+    case: str | None = Field(
+        default=None, description="the case: the event of the alert of this alert_id name"
+    )
+    departments: list[str] = Field(
+        default_factory=list, max_length=16, description="whistle: the lead department first"
+    )
+    reason: str | None = None
+    note: str | None = None
+    summary: str | None = Field(default=None, description="handling feedback's text evidence")
+    photos: int = Field(default=0, ge=0, le=4, description="generated photos uploaded as evidence")
+    until_s: float | None = Field(
+        default=None, gt=0, description="extension: the deadline asked for, seconds after the step"
+    )
+    refused: Literal[403, 409, 422] | None = Field(
+        default=None, description="expect the API to refuse the step with this status"
+    )
 
     @model_validator(mode="after")
     def _one_action(self) -> Self:
-        if sum([self.alert is not None, self.bad is not None, self.offline, self.online]) != 1:
+        device_acts = [self.alert is not None, self.bad is not None, self.offline, self.online]
+        if self.do is not None:
+            if any(device_acts) or self.device is not None:
+                raise ValueError("an operator step (do) takes no device action")
+            if self.as_ is None or self.case is None:
+                raise ValueError("an operator step names the account (as) and the case")
+            try:
+                action_of(self.do)  # a typo fails at load time, naming the actions
+            except ScenarioError as exc:
+                raise ValueError(str(exc)) from None
+            return self
+        if self.as_ is not None or self.case is not None:
+            raise ValueError("as and case go with do")
+        if self.device is None:
+            raise ValueError("a step names a device, or is an operator step (as, do, case)")
+        if sum(device_acts) != 1:
             raise ValueError("a step does exactly one of: alert, bad, offline, online")
         return self
+
+    @property
+    def is_operator(self) -> bool:
+        return self.do is not None
 
 
 class EventsExpect(_Strict):
@@ -172,20 +244,61 @@ class DeviceStateExpect(_Strict):
     state: DeviceState
 
 
+class CaseExpect(_Strict):
+    """One case as the gateway holds it at the end (read through the API)."""
+
+    case: str = Field(description="the alert_id name whose event the case is")
+    state: State | None = None
+    outcome: CaseOutcome | None = None
+    lead_department: str | None = None
+    send_backs: int | None = Field(default=None, ge=0)
+    late: list[ClockName] | None = Field(
+        default=None,
+        description="exactly these stage clocks ended (or still run) past their deadline",
+    )
+    on_time: list[ClockName] = Field(
+        default_factory=list, description="these stage clocks ran and none of their runs was late"
+    )
+    overdue: list[ClockName] | None = Field(
+        default=None, description="exactly these clocks run past their deadline now"
+    )
+
+
+class SlaExpect(_Strict):
+    """One stage clock counted over this run's cases: "the department accepts after 40 min →
+    acceptance overdue, counted"."""
+
+    clock: ClockName
+    department: str | None = Field(default=None, description="only cases led by it")
+    late: int | None = Field(default=None, ge=0, description="runs that ended or run late")
+    on_time: int | None = Field(default=None, ge=0, description="runs stopped in time")
+    overdue: int | None = Field(default=None, ge=0, description="runs still running, late")
+
+
 class Expectation(_Strict):
     events: EventsExpect | None = None
     feedback: FeedbackExpect | None = None
     dead_letters: DeadLetterExpect | None = None
     out_of_area: OutOfAreaExpect | None = None
     device_state: DeviceStateExpect | None = None
+    case: CaseExpect | None = None
+    sla: SlaExpect | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> Self:
-        kinds = [self.events, self.feedback, self.dead_letters, self.out_of_area, self.device_state]
+        kinds = [
+            self.events,
+            self.feedback,
+            self.dead_letters,
+            self.out_of_area,
+            self.device_state,
+            self.case,
+            self.sla,
+        ]
         if sum(k is not None for k in kinds) != 1:
             raise ValueError(
                 "an expectation is exactly one of: events, feedback, dead_letters, out_of_area, "
-                "device_state"
+                "device_state, case, sla"
             )
         return self
 
@@ -214,6 +327,9 @@ class Scenario(_Strict):
     )
     timeout_s: float = Field(default=15, gt=0, le=600, description="how long expectations may take")
     places: dict[str, Point] = Field(default_factory=dict)
+    accounts: dict[str, AccountDecl] = Field(
+        default_factory=dict, description="operator accounts the operator steps act as"
+    )
     devices: list[DeviceDecl] = Field(min_length=1)
     steps: list[Step] = Field(min_length=1)
     expect: list[Expectation] = Field(min_length=1)
@@ -223,13 +339,23 @@ class Scenario(_Strict):
         ids = [d.id for d in self.devices]
         if len(set(ids)) != len(ids):
             raise ValueError("device ids must be unique")
+        named = {s.alert.alert_id for s in self.steps if s.alert and s.alert.alert_id}
         for i, step in enumerate(self.steps):
-            if step.device not in ids:
+            if step.is_operator:
+                if step.as_ not in self.accounts:
+                    raise ValueError(f"steps[{i}].as: unknown account {step.as_!r}")
+                if step.case not in named:
+                    raise ValueError(
+                        f"steps[{i}].case: no alert is named {step.case!r} (alert.alert_id)"
+                    )
+            elif step.device not in ids:
                 raise ValueError(f"steps[{i}].device: unknown device {step.device!r}")
         for i, exp in enumerate(self.expect):
             for d in exp.devices_named():
                 if d not in ids:
                     raise ValueError(f"expect[{i}]: unknown device {d!r}")
+            if exp.case is not None and exp.case.case not in named:
+                raise ValueError(f"expect[{i}].case: no alert is named {exp.case.case!r}")
         points = list(self.places.values()) + [d.at for d in self.devices if d.at]
         points += [s.alert.at for s in self.steps if s.alert and s.alert.at]
         for p in points:
@@ -249,6 +375,7 @@ class Scenario(_Strict):
                 raise ScenarioError(f"{self.name}: steps[{i}]: unknown warning type {typ!r}")
             if (
                 (step.alert or step.bad)
+                and step.device is not None
                 and by_id[step.device].at is None
                 and not (step.alert and step.alert.at)
             ):
@@ -267,7 +394,12 @@ class Scenario(_Strict):
 
     @property
     def span_s(self) -> float:
-        return max(s.t for s in self.steps)
+        """Simulated seconds of the device steps (operator steps run on the case clock)."""
+        return max((s.t for s in self.steps if not s.is_operator), default=0.0)
+
+    @property
+    def has_operator_steps(self) -> bool:
+        return bool(self.accounts) or any(s.is_operator for s in self.steps)
 
 
 def load_scenario(path: Path | str) -> Scenario:
@@ -351,6 +483,43 @@ class _Device:
         return not self.online or len(self.sim.feedback) - self.feedback_before >= self.sent_here
 
 
+class OperatorSide(Protocol):
+    """What operator steps need of a stack (``GatewayStack`` with ``api=True``): accounts,
+    their sessions on the API, and the case clock the gateway reads."""
+
+    clock: OffsetFileClock
+
+    def add_operator(
+        self, username: str, level: str, *, scope_code: str = "", department: str | None = None
+    ) -> Account: ...
+
+    def desk(self, account: Account) -> Desk: ...
+
+
+@dataclass(slots=True)
+class _OperatorRun:
+    """One run's operator side: desks per account, an observer reading every case, the case
+    clock's offset when the run began, and the events its named alerts became."""
+
+    side: OperatorSide
+    desks: dict[str, Desk]
+    observer: Desk
+    base_offset_s: float
+    started: float  # time.monotonic() at simulated t = 0
+    events: dict[str, int] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for desk in [*self.desks.values(), self.observer]:
+            desk.close()
+
+    def move_clock(self, t: float) -> None:
+        """The case clock to the run's start plus ``t`` simulated seconds: forward only (the
+        clock is the whole gateway's; another run may have moved it further)."""
+        target = self.base_offset_s + t - (time.monotonic() - self.started)
+        if target > self.side.clock.offset_s():
+            self.side.clock.set(target)
+
+
 class ScenarioRunner:
     """Plays scenarios against one stack: a provisioner for device credentials and the pool.
 
@@ -369,8 +538,10 @@ class ScenarioRunner:
         grids: GridIndex | None = None,
         max_payload_bytes: int = 1024 * 1024,
         poll_interval_s: float = 0.1,
+        operators: OperatorSide | None = None,
     ) -> None:
         self.provisioner = provisioner
+        self.operators = operators
         self.pool = PoolView(pool_path, catalogue)
         self.catalogue = catalogue or default_catalogue()
         self.grids = grids or GridIndex.from_geojson(default_grid_file())
@@ -386,6 +557,11 @@ class ScenarioRunner:
         timeout_s: float | None = None,
     ) -> ScenarioResult:
         scenario.check_against(self.catalogue, self.grids)
+        if scenario.has_operator_steps and self.operators is None:
+            raise ScenarioError(
+                f"{scenario.name}: operator steps need the gateway's API: run it on a stack "
+                "with the API (StackOptions(api=True); gateway-sim scenario --start-stack)"
+            )
         tag = run_tag or uuid.uuid4().hex[:8]
         started = time.monotonic()
         result = ScenarioResult(scenario.name)
@@ -393,23 +569,205 @@ class ScenarioRunner:
         # origin is placed so that its last step is (almost) now.
         origin = datetime.now(UTC) - timedelta(seconds=scenario.span_s + 2 + origin_shift_s)
         devices = self._connect(scenario, tag)
+        ops: _OperatorRun | None = None
         try:
+            if scenario.has_operator_steps:
+                ops = self._operators(scenario, tag)
             clock_real = time.monotonic()
+            if ops is not None:
+                ops.started = clock_real
             prev_t = 0.0
-            for step in sorted(scenario.steps, key=lambda s: s.t):
+            steps: list[Check] = []
+            for i, step in sorted(enumerate(scenario.steps), key=lambda x: x[1].t):
                 wait = (step.t - prev_t) / scenario.time_scale
                 if wait > 0:
                     clock_real += wait
                     time.sleep(max(0.0, clock_real - time.monotonic()))
                 prev_t = step.t
+                if step.is_operator:
+                    assert ops is not None
+                    steps.append(self._operate(i, step, ops, devices, tag))
+                    continue
+                assert step.device is not None
                 result.sent += self._play(scenario, step, devices[step.device], origin, tag)
-            result.checks = self._await(scenario, devices, timeout_s or scenario.timeout_s)
+            result.checks = steps + self._await(
+                scenario, devices, timeout_s or scenario.timeout_s, ops
+            )
         finally:
             for dev in devices.values():
                 dev.sim.close(graceful=dev.online)
+            if ops is not None:
+                ops.close()
         result.elapsed_s = time.monotonic() - started
         log.info("%s", result.report())
         return result
+
+    # -- operators and departments ---------------------------------------------------------
+    def _operators(self, scenario: Scenario, tag: str) -> _OperatorRun:
+        side = self.operators
+        assert side is not None
+        desks: dict[str, Desk] = {}
+        try:
+            for name, decl in scenario.accounts.items():
+                account = side.add_operator(
+                    f"{tag}-{name}",
+                    decl.level,
+                    scope_code=decl.scope or "",
+                    department=decl.department,
+                )
+                desks[name] = side.desk(account)
+            observer = side.desk(side.add_operator(f"{tag}-observer", "admin"))
+        except Exception:
+            for desk in desks.values():
+                desk.close()
+            raise
+        return _OperatorRun(side, desks, observer, side.clock.offset_s(), time.monotonic())
+
+    def _case_event(
+        self, name: str, ops: _OperatorRun, devices: dict[str, _Device], tag: str
+    ) -> int | None:
+        """The event the alert named ``name`` became, from the feedback its device received
+        (waits a little: the step may follow the alert closely)."""
+        if name in ops.events:
+            return ops.events[name]
+        alert_id = f"{tag}-{name}"
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            for dev in devices.values():
+                for fb in list(dev.sim.feedback):
+                    if fb.alert_id == alert_id and fb.event_id is not None:
+                        ops.events[name] = fb.event_id
+                        return fb.event_id
+            time.sleep(self.poll_interval_s / 2)
+        return None
+
+    def _operate(
+        self, i: int, step: Step, ops: _OperatorRun, devices: dict[str, _Device], tag: str
+    ) -> Check:
+        """One operator step through the API at simulated ``t`` on the case clock."""
+        assert step.do is not None
+        assert step.case is not None
+        assert step.as_ is not None
+        action = action_of(step.do)
+        title = f"step t={step.t:g} as={step.as_} do={action.value} case={step.case}"
+        want = f"HTTP {step.refused}" if step.refused else "done"
+        event_id = self._case_event(step.case, ops, devices, tag)
+        if event_id is None:
+            return Check(i, title, False, want, f"the alert {step.case!r} became no event")
+        ops.move_clock(step.t)
+        desk = ops.desks[step.as_]
+        try:
+            payload: dict[str, Any] = {
+                "note": step.note,
+                "reason": step.reason,
+                "summary": step.summary,
+            }
+            if step.departments:
+                payload["lead_department"] = step.departments[0]
+                if step.departments[1:]:
+                    payload["co_departments"] = step.departments[1:]
+            if step.photos:
+                payload["photos"] = [
+                    desk.upload_photo(snapshot_jpeg(f"{step.case} {action.value}", k + i * 8))
+                    for k in range(step.photos)
+                ]
+            if step.until_s is not None:
+                payload["until"] = ops.side.clock.now() + timedelta(seconds=step.until_s)
+            # The version as it stands, read by the observer: a department may not read a
+            # case before it is whistled to it, yet its step must get the API's own answer.
+            version = int(ops.observer.case(event_id)["version"])
+            out = desk.step(event_id, action, expected_version=version, **payload)
+        except StepRefused as exc:
+            got = f"HTTP {exc.status}: {exc.detail}"
+            return Check(i, title, step.refused == exc.status, want, got)
+        got = f"done: {out['from_state']} → {out['to_state']}"
+        return Check(i, title, step.refused is None, want, got)
+
+    def _case_checks(
+        self, scenario: Scenario, ops: _OperatorRun | None, devices: dict[str, _Device]
+    ) -> list[Check]:
+        checks: list[Check] = []
+        for i, exp in enumerate(scenario.expect):
+            if exp.case is None and exp.sla is None:
+                continue
+            if ops is None:  # no operator step: the cases are still read through the API
+                checks.append(Check(i, "case", False, "the gateway's API", "no operator side"))
+                continue
+            try:
+                if exp.case is not None:
+                    checks.append(self._case(i, exp.case, ops))
+                elif exp.sla is not None:
+                    checks.append(self._sla(i, exp.sla, ops))
+            except StepRefused as exc:
+                checks.append(Check(i, "case", False, "readable", str(exc)))
+        return checks
+
+    def _case(self, i: int, e: CaseExpect, ops: _OperatorRun) -> Check:
+        title = f"case {e.case}"
+        event_id = ops.events.get(e.case)
+        if event_id is None:
+            return Check(i, title, False, "a case", "no operator step reached this case")
+        case = ops.observer.case(event_id)
+        deadlines: list[dict[str, Any]] = case["deadlines"]
+        late = sorted({d["clock"] for d in deadlines if d["late"]})
+        overdue = sorted({d["clock"] for d in deadlines if d["overdue"]})
+        ran = {d["clock"] for d in deadlines}
+        want: dict[str, object] = {}
+        got: dict[str, object] = {}
+        ok = True
+
+        def compare(key: str, expected: object, actual: object) -> None:
+            nonlocal ok
+            want[key], got[key] = expected, actual
+            ok = ok and expected == actual
+
+        if e.state is not None:
+            compare("state", e.state.value, case["state"])
+        if e.outcome is not None:
+            compare("outcome", e.outcome.value, case["outcome"])
+        if e.lead_department is not None:
+            compare("lead_department", e.lead_department, case["lead_department"])
+        if e.send_backs is not None:
+            compare("send_backs", e.send_backs, case["send_backs"])
+        if e.late is not None:
+            compare("late", sorted(c.value for c in e.late), late)
+        if e.overdue is not None:
+            compare("overdue", sorted(c.value for c in e.overdue), overdue)
+        if e.on_time:
+            expected = sorted(c.value for c in e.on_time)
+            compare("on_time", expected, [c for c in expected if c in ran and c not in late])
+        return Check(
+            i,
+            title,
+            ok,
+            _describe(**want),
+            _describe(**got) + f"; clocks: {_clocks(deadlines)}",
+        )
+
+    def _sla(self, i: int, e: SlaExpect, ops: _OperatorRun) -> Check:
+        late = on_time = overdue = 0
+        for event_id in sorted(set(ops.events.values())):
+            case = ops.observer.case(event_id)
+            if e.department is not None and case["lead_department"] != e.department:
+                continue
+            for d in case["deadlines"]:
+                if d["clock"] != e.clock.value:
+                    continue
+                if d["late"]:
+                    late += 1
+                elif not d["running"]:
+                    on_time += 1
+                if d["overdue"]:
+                    overdue += 1
+        want = _describe(late=e.late, on_time=e.on_time, overdue=e.overdue)
+        ok = all(
+            x is None or x == y
+            for x, y in ((e.late, late), (e.on_time, on_time), (e.overdue, overdue))
+        )
+        got = _describe(late=late, on_time=on_time, overdue=overdue)
+        return Check(
+            i, f"sla {_describe(clock=e.clock.value, department=e.department)}", ok, want, got
+        )
 
     # -- devices and steps -----------------------------------------------------------------
     def _connect(self, scenario: Scenario, tag: str) -> dict[str, _Device]:
@@ -510,7 +868,11 @@ class ScenarioRunner:
 
     # -- expectations ----------------------------------------------------------------------
     def _await(
-        self, scenario: Scenario, devices: dict[str, _Device], timeout_s: float
+        self,
+        scenario: Scenario,
+        devices: dict[str, _Device],
+        timeout_s: float,
+        ops: _OperatorRun | None = None,
     ) -> list[Check]:
         deadline = time.monotonic() + timeout_s
         # Settle first: an exact count (or a zero) can hold by accident before the aggregator
@@ -519,6 +881,10 @@ class ScenarioRunner:
             time.sleep(self.poll_interval_s / 2)
         while True:
             checks = self.evaluate(scenario, devices)
+            if scenario.has_operator_steps or any(e.case or e.sla for e in scenario.expect):
+                checks = sorted(
+                    checks + self._case_checks(scenario, ops, devices), key=lambda c: c.index
+                )
             if all(c.ok for c in checks) or time.monotonic() > deadline:
                 return checks
             time.sleep(self.poll_interval_s)
@@ -644,6 +1010,14 @@ def _feedback(i: int, e: FeedbackExpect, dev: _Device) -> Check:
         want,
         f"count={n}; all feedback received: {seen}",
     )
+
+
+def _clocks(deadlines: list[dict[str, Any]]) -> str:
+    parts = []
+    for d in deadlines:
+        how = "late" if d["late"] else ("running" if d["running"] else "on time")
+        parts.append(f"{d['clock']}(round {d['round']}) {how}")
+    return ", ".join(parts) or "none"
 
 
 def _describe(**kw: object) -> str:

@@ -19,8 +19,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
 
+from argon2 import PasswordHasher
 from pydantic import SecretStr
 
+from aggregator.access.auth import Level
 from aggregator.broker.launcher import (
     BrokerEndpoint,
     BrokerError,
@@ -37,9 +39,11 @@ from aggregator.broker.registry import (
     DeviceRegistry,
     RegistryError,
 )
+from aggregator.clock import OffsetFileClock
 from aggregator.config import BatchSettings, MqttSettings, NoticeSettings, Settings
-from aggregator.service import Aggregator, build_aggregator
+from aggregator.service import Aggregator, Service, build_aggregator
 from contract import Topics
+from simulators.desk import Account, Desk
 from simulators.errors import StackError
 
 __all__ = [
@@ -55,6 +59,9 @@ log = logging.getLogger(__name__)
 
 AGGREGATOR_USER = "aggregator"
 INTEGRATOR_USER = "integrator"
+# Operator accounts of a test stack log in often; the library's default argon2 cost (~0.5 s a
+# hash on two shared cores) would dominate a scenario, and these passwords guard nothing.
+_STACK_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 # Between two tests' clock origins, beyond twice the longest merge window: room for a
 # scenario's simulated span and for the real time the tests between them take.
 ORIGIN_MARGIN_S = 86400.0
@@ -110,6 +117,9 @@ class StackOptions:
     # A PostgreSQL pool (postgresql://…, an empty or migrated database) instead of the SQLite
     # file under the stack's root.
     pool_url: str | None = None
+    # Also the operator API and dashboard (the whole Service, its API in a child process) on a
+    # free loopback port, for operator and department steps; costs a process start (~2 s).
+    api: bool = False
 
 
 class GatewayStack:
@@ -131,6 +141,9 @@ class GatewayStack:
         self.registry = DeviceRegistry(self.registry_path)
         self.broker: MosquittoBroker | None = None
         self.aggregator: Aggregator | None = None
+        self.service: Service | None = None
+        # The case clock the gateway reads (Settings.test_clock_file): scenarios move it.
+        self.clock = OffsetFileClock(self.root / "clock")
         self.integrator: AccountSecret | None = None
         self._credentials: dict[str, DeviceCredentials] = {}
         self._aggregator_password = ""
@@ -242,6 +255,7 @@ class GatewayStack:
                 "max_clock_skew_s": opts.max_clock_skew_s,
                 "max_payload_bytes": opts.max_payload_bytes,
                 "pool_url": opts.pool_url,
+                "test_clock_file": self.clock.path,
                 "mqtt": MqttSettings.model_validate(
                     {
                         "host": self.host,
@@ -267,8 +281,15 @@ class GatewayStack:
                 ),
             }
         )
-        self.aggregator = build_aggregator(settings)
-        self.aggregator.start()
+        if opts.api:
+            self.service = Service(
+                settings, port=0, log_level="warning", password_hasher=_STACK_HASHER
+            )
+            self.aggregator = self.service.aggregator
+            self.service.start()
+        else:
+            self.aggregator = build_aggregator(settings)
+            self.aggregator.start()
         if not self.aggregator.ingest.wait_connected(connect_timeout_s):
             raise StackError(
                 f"the aggregator did not connect within {connect_timeout_s:.0f} s; broker log:\n"
@@ -281,6 +302,10 @@ class GatewayStack:
 
     def stop(self) -> None:
         """Stop the aggregator (it commits what it holds), then the broker. Idempotent."""
+        if self.service is not None:
+            self.service.stop()  # the API process first, then ingest
+            self.service = None
+            self.aggregator = None
         if self.aggregator is not None:
             self.aggregator.stop()
             self.aggregator = None
@@ -289,6 +314,34 @@ class GatewayStack:
             self.broker = None
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- the operator side (StackOptions.api) ------------------------------------------------
+    @property
+    def api_url(self) -> str:
+        if self.service is None:
+            raise StackError("this stack runs no operator API: StackOptions(api=True)")
+        return self.service.url
+
+    def add_operator(
+        self,
+        username: str,
+        level: Level | str,
+        *,
+        scope_code: str = "",
+        department: str | None = None,
+    ) -> Account:
+        """An operator account (community, street, county, department, admin) on the stack's
+        pool; returns its login."""
+        if self.service is None:
+            raise StackError("this stack runs no operator API: StackOptions(api=True)")
+        op, password = self.service.auth.create_account(
+            username, level, scope_code=scope_code, department=department
+        )
+        return Account(op.username, password, str(op.level), op.scope_code, op.department)
+
+    def desk(self, account: Account) -> Desk:
+        """``account`` logged in to the stack's API."""
+        return Desk(self.api_url, account)
 
     def add_account(self, username: str, role: AccountRole) -> AccountSecret:
         """One more service account (a benchmark's bare counting subscriber, say)."""

@@ -187,3 +187,10 @@ def test_cli_against_a_running_gateway(
         == 2
     )
     assert "no credentials for device" in capsys.readouterr().err
+
+
+def test_operator_steps_need_a_stack_with_the_api(gateway: Gateway) -> None:
+    from simulators.cli import case_scenarios
+
+    with pytest.raises(ScenarioError, match="operator steps need the gateway's API"):
+        gateway.run_scenario(case_scenarios()[0])
