@@ -96,6 +96,8 @@ def filled(broker: Any, tmp_path: Path, pool_backend: PoolBackend) -> Iterator[F
                 ),
                 what="the second camera's alert to merge",
             )
+            # the events are where the backend keeps them (not in a file beside the service)
+            assert pool_backend.rows("SELECT count(*) FROM events") == [(7,)]
             by_type: dict[str, list[int]] = {}
             for e in events:
                 by_type.setdefault(e["type"], []).append(e["event_id"])
