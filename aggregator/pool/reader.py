@@ -182,7 +182,8 @@ class PgReader:
     """A Reader on a PostgreSQL pool: a connection of its own in autocommit mode whose
     sessions are read-only (``default_transaction_read_only``: a stray write fails rather than
     changing the pool behind the writer's back). A connection the server broke (a restart) is
-    replaced at the next question; the question that met the break raises."""
+    replaced: a question asked outside a transaction is asked again on a new session, one inside
+    a transaction raises."""
 
     def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
         self._url = url
@@ -201,9 +202,21 @@ class PgReader:
         )
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> psycopg.Cursor[PgRow]:
+        import psycopg
+
         if self._conn.broken:  # the server went away: a new session for this question
             self._conn = self._connect()
-        return self._conn.execute(pg_sql(sql), list(parameters))
+        idle = self._conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        try:
+            return self._conn.execute(pg_sql(sql), list(parameters))
+        except psycopg.OperationalError:
+            # A session the server ended (a restart) is only found out by using it. A question
+            # asked outside a transaction is read-only and asked once more on a new session;
+            # inside one (``queries.snapshot``) the break is the caller's to see.
+            if not (idle and self._conn.broken):
+                raise
+            self._conn = self._connect()
+            return self._conn.execute(pg_sql(sql), list(parameters))
 
     def close(self) -> None:
         self._conn.close()

@@ -360,20 +360,28 @@ def test_every_question_answers_the_same_on_sqlite_and_postgresql(
 
 
 def test_a_pg_reader_whose_session_the_server_ended_answers_again(pg_url: str) -> None:
-    """The question that meets the broken link raises one of ``read_errors()``; the next one
-    gets a new session."""
+    """A question asked on its own after the server ended the session is asked again on a new
+    one; inside a snapshot the broken link raises one of ``read_errors()`` (a consistent read
+    cannot be continued on another session), and the next question gets a new session."""
     import psycopg
+
+    def end_session() -> int:
+        pid = int(reader.execute("SELECT pg_backend_pid()").fetchall()[0][0])
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        return pid
 
     reader = PgReader(pg_url)
     try:
         assert reader.execute("SELECT count(*) FROM events").fetchall()[0][0] == 0
-        pid = reader.execute("SELECT pg_backend_pid()").fetchall()[0][0]
-        with psycopg.connect(pg_url, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        with pytest.raises(read_errors()):
-            reader.execute("SELECT 1").fetchall()
+        pid = end_session()
         row = reader.execute("SELECT pg_backend_pid() AS pid").fetchall()[0]
         assert row["pid"] != pid
+        reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        pid = end_session()  # inside the transaction: not asked again elsewhere
+        with pytest.raises(read_errors()):
+            queries.feed_marks(reader)
+        assert reader.execute("SELECT pg_backend_pid()").fetchall()[0][0] != pid
         with queries.snapshot(reader):
             assert queries.feed_marks(reader) == (0, 0)
     finally:
