@@ -30,8 +30,8 @@ from aggregator.access.auth import (
     RefusalPause,
     verify_login,
 )
+from aggregator.api import case_metrics, events, live, resources, webhooks
 from aggregator.api import cases as case_routes
-from aggregator.api import events, live, resources, webhooks
 from aggregator.api.cases import CaseOptions, open_case_store
 from aggregator.api.deps import (
     AUTH_RESPONSES,
@@ -273,6 +273,7 @@ def create_app(
     app.include_router(events.router)
     app.include_router(resources.router)
     app.include_router(live.router)
+    app.include_router(case_metrics.router)  # before /cases/{event_id}: "metrics" is no id
     app.include_router(case_routes.router)
     app.include_router(webhooks.router)
     if web_root is not None and web_root.is_dir():

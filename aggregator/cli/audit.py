@@ -39,8 +39,22 @@ def add_parsers(
     e.add_argument("event_id", type=int)
     e.add_argument("--output", type=Path, default=None, help="file (default: stdout)")
 
-    p = sub.add_parser("cases", help="list cases: state, version, departments, next deadline")
+    p = sub.add_parser(
+        "cases",
+        help="list cases: state, version, departments, next deadline; "
+        "`cases metrics`: the handling rates (8.6)",
+    )
     common(p)
+    p.add_argument(
+        "view",
+        nargs="?",
+        choices=["list", "metrics"],
+        default="list",
+        help="list (default) or metrics: 处置率, 按期处置率, 一次性处置率 and overdue per group",
+    )
+    from aggregator.cli.case_metrics import add_arguments as add_metrics_arguments
+
+    add_metrics_arguments(p)
     p.add_argument("--limit", type=int, default=50)
     p.add_argument(
         "--box",
@@ -87,6 +101,11 @@ def cmd_audit(args: argparse.Namespace, open_pool: OpenPool) -> int:
 
 def cmd_cases(args: argparse.Namespace, open_pool: OpenPool) -> int:
     from contract import default_catalogue
+
+    if args.view == "metrics":
+        from aggregator.cli.case_metrics import cmd_metrics
+
+        return cmd_metrics(args, open_pool)
 
     with closing(open_pool(args.data_dir)) as db:
         rows = store.list_cases(
