@@ -51,6 +51,8 @@ from prometheus_client import start_http_server
 
 from aggregator.access.auth import AuthStore
 from aggregator.api.server import ApiOptions, api_process_main
+from aggregator.cases.supervise import SupervisionPolicy
+from aggregator.clock import clock_for
 from aggregator.config import Settings
 from aggregator.errors import AggregatorError
 from aggregator.fanout.metrics import Metrics
@@ -64,6 +66,7 @@ from aggregator.ingest.worker import BatchSink, MqttIngest
 from aggregator.pool.port import IngestPool, SnapshotStorage
 from aggregator.pool.snapshots import SnapshotStore
 from aggregator.pool.sqlite import EventPool
+from aggregator.pool.supervision import SupervisionTimer, Supervisor
 from contract import Catalogue, Topics, load_catalogue
 
 __all__ = ["Aggregator", "Service", "ServiceError", "build_aggregator", "open_pool", "run_service"]
@@ -228,6 +231,7 @@ class Service:
         self._port: int | None = None
         self._metrics_server: Any = None
         self.webhooks: WebhookWorker | None = None
+        self.supervision: SupervisionTimer | None = None
         self.metrics_port: int | None = None
         self._started = False
 
@@ -272,6 +276,27 @@ class Service:
                 ),
             )
             self.webhooks.start()
+        if self.settings.supervision.enabled:
+            # Every replica runs the timer: each case is claimed with a row lock (PostgreSQL's
+            # SKIP LOCKED), each item raised once (aggregator/pool/supervision.py). Here rather
+            # than in the API process: its notices go out on ingest's MQTT session.
+            sup = self.settings.supervision
+            self.supervision = SupervisionTimer(
+                Supervisor(
+                    self.settings.pool_target,
+                    policy=SupervisionPolicy(
+                        reminder_lead=timedelta(seconds=sup.reminder_lead_s),
+                        reminder_fraction=sup.reminder_fraction,
+                        street_after=timedelta(seconds=sup.street_after_s),
+                        county_after=timedelta(seconds=sup.county_after_s),
+                    ),
+                    name=self.settings.mqtt.client_id,
+                ),
+                clock_for(self.settings.test_clock_file).now,
+                interval_s=sup.interval_s,
+                publish=self.aggregator.ingest.publish_events_topic,
+            )
+            self.supervision.start()
         server, _thread = start_http_server(
             self.settings.metrics_port, addr="127.0.0.1", registry=self.aggregator.metrics.registry
         )
@@ -329,6 +354,9 @@ class Service:
     def _stop_backends(self) -> None:
         if self._started:
             self._started = False
+            if self.supervision is not None:
+                self.supervision.stop()
+                self.supervision = None
             if self.webhooks is not None:
                 self.webhooks.stop()
                 self.webhooks = None

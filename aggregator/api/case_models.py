@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from aggregator.cases import Action, ClockName, Mode, Outcome, State
+from aggregator.cases.supervise import SupervisionItemOut
 
 
 class _Out(BaseModel):
@@ -93,6 +94,11 @@ class CaseOut(CaseItem):
         default_factory=dict,
         description="per allowed action, what its payload requires and may carry: the forms "
         "a client shows come from here, not from rules of its own",
+    )
+    supervision: list[SupervisionItemOut] = Field(
+        default_factory=list,
+        description="supervision (督办) raised on the case, oldest first: reminders before a "
+        "deadline, overdue items, escalations to the street and the county",
     )
 
 

@@ -61,6 +61,7 @@ from aggregator.pool.cases import CaseNotFoundError, CaseRow, CaseStore, StepRec
 from aggregator.pool.model import summary_from_row
 from aggregator.pool.port import LifecycleSteps
 from aggregator.pool.reader import Reader, is_pool_url
+from aggregator.pool.supervision import supervision_of
 from contract import Catalogue, EventNoticeV1, utcnow
 
 log = logging.getLogger(__name__)
@@ -327,7 +328,8 @@ def get_case(
     operator: CurrentOperator,
     event_id: Annotated[int, PathParam(ge=1, le=2**62)],
 ) -> CaseOut:
-    return _detail(_scoped(conn, ctx, event_id, operator), operator, cases)
+    out = _detail(_scoped(conn, ctx, event_id, operator), operator, cases)
+    return out.model_copy(update={"supervision": supervision_of(conn, event_id)})
 
 
 @router.post(

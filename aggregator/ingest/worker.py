@@ -189,6 +189,11 @@ class MqttIngest:
         """Tell integrators of an event change made elsewhere (an operator's lifecycle step)."""
         self._transport.publish([(self.topics.events, notice.to_json(), 1)])
 
+    def publish_events_topic(self, payload: bytes) -> None:
+        """Another notice on the events topic (QoS 1), already serialized: the supervision
+        timer's ``case/v1`` items."""
+        self._transport.publish([(self.topics.events, payload, 1)])
+
     def stats(self) -> IngestStats:
         connected = self._transport.connected()
         self.metrics.connected.set(1 if connected else 0)

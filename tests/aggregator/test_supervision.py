@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -19,16 +20,28 @@ from aggregator.access.auth import Level, Operator
 from aggregator.cases import Action, Case, State
 from aggregator.cases.audit import verify
 from aggregator.cases.supervise import Item, Kind, SupervisionPolicy, due_items
+from aggregator.clock import OffsetFileClock
+from aggregator.config import SupervisionSettings
 from aggregator.ingest.assemble import Inbound, Pipeline
 from aggregator.ingest.decode import DecodeLimits
 from aggregator.pool import cases as store
 from aggregator.pool.cases import CaseStore
 from aggregator.pool.outbox import Outbox, SubscriptionIn
 from aggregator.pool.supervision import Raised, Supervisor, supervision_of
+from aggregator.service import Service
 from contract import AlertV1, Outcome, Topics, default_catalogue
 
 from .case_support import T0, drive, new_case
-from .conftest import GRIDS, PoolBackend, grid_in_community, interior, make_alert, past
+from .conftest import (
+    GRIDS,
+    PoolBackend,
+    aggregator_settings,
+    grid_in_community,
+    interior,
+    make_alert,
+    past,
+)
+from .operator_support import FAST_HASHER, OPERATORS, PASSWORD, Api, publish, wait_for_events
 
 TOPICS = Topics("cwg")
 POLICY = SupervisionPolicy()  # reminder ≤30 min / 25 % ahead; street +1 h, county +4 h
@@ -342,3 +355,82 @@ def _replica(url: str, name: str, t0: float, start: object) -> None:
             sup.run_once(base + m * MIN)
     finally:
         sup.close()
+
+
+# ---------------------------------------------------------------------------- in the service
+
+
+def _supervision_notices(integrator: Any, n: int) -> list[dict[str, Any]]:
+    """The next ``n`` supervision notices on the events topic (event notices skipped)."""
+    got: list[dict[str, Any]] = []
+    for _ in range(50):  # bounded: event notices interleave
+        if len(got) == n:
+            break
+        (message,) = integrator.expect(1, timeout=20)
+        body = orjson.loads(message.payload)
+        if body.get("schema") == "case/v1":
+            got.append(body)
+    assert len(got) == n
+    return got
+
+
+def test_the_services_timer_reaches_the_events_topic_the_api_and_the_trail(
+    broker: Any, tmp_path: Path
+) -> None:
+    clock_file = tmp_path / "case-clock"
+    settings = aggregator_settings(
+        broker,
+        tmp_path / "agg",
+        test_clock_file=clock_file,
+        supervision=SupervisionSettings(interval_s=0.2),
+    )
+    service = Service(settings, port=0, log_level="warning", password_hasher=FAST_HASHER)
+    for username, (level, scope, department) in OPERATORS.items():
+        service.auth.create_account(
+            username, level, scope_code=scope, department=department, password=PASSWORD
+        )
+    service.start()
+    api = Api(service.url)
+    integrator = broker.client("integrator")
+    try:
+        assert service.aggregator.ingest.wait_connected(5)
+        assert not any(c.is_failure for c in integrator.subscribe(broker.topics.events))
+        publish(broker, make_alert("sup-cam", *interior(grid_in_community(0, 7))))
+        (item,) = wait_for_events(api, 1)
+        event_id = int(item["event_id"])
+        for version, action, payload in (
+            (1, "verify", {}),
+            (2, "whistle", {"lead_department": "fire"}),
+        ):
+            r = api.post(
+                f"/api/v1/cases/{event_id}/steps",
+                "comm_a",
+                json={"action": action, "expected_version": version, "payload": payload},
+            )
+            assert r.status_code == 200, r.text
+        clock = OffsetFileClock(clock_file)
+        clock.set(23 * 60)  # 23 min after the whistle: the acceptance reminder (7.5 min ahead)
+        [reminder] = _supervision_notices(integrator, 1)
+        clock.set(31 * 60)  # past the 30 min acceptance deadline
+        [overdue] = _supervision_notices(integrator, 1)
+        assert (reminder["change"], reminder["event_id"]) == ("supervision", event_id)
+        assert reminder["supervision"]["kind"] == "reminder"
+        assert overdue["supervision"]["kind"] == "overdue"
+        assert overdue["supervision"]["level"] == "department"
+        assert overdue["departments"] == ["fire"]
+        # the dashboard's view: the case lists both; the trail has them as the system's
+        case = api.get(f"/api/v1/cases/{event_id}", "fire").json()
+        assert [s["kind"] for s in case["supervision"]] == ["reminder", "overdue"]
+        assert case["version"] == 3  # supervision never moves the case
+        trail = api.get(f"/api/v1/cases/{event_id}/trail", "comm_a").json()["rows"]
+        assert [(r["actor"], r["action"]) for r in trail][-2:] == [
+            ("system", "reminder"),
+            ("system", "overdue"),
+        ]
+        integrator.expect_nothing(1.0)  # nothing twice, nothing else
+        assert service.supervision is not None
+        assert service.supervision.raised == 2
+    finally:
+        integrator.disconnect()
+        api.close()
+        service.stop()
