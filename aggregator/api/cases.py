@@ -283,7 +283,9 @@ def _step_out(
         audit_seq=record.audit.seq,
         at=record.at,
         actor=record.actor,
-        case=_detail(row, operator, cases),
+        case=_detail(row, operator, cases).model_copy(
+            update={"supervision": supervision_of(conn, record.event_id)}
+        ),
     )
 
 
