@@ -105,10 +105,17 @@ class Desk:
         out: dict[str, Any] = self._call("GET", f"/api/v1/cases/{event_id}", "read")
         return out
 
+    def inbox_page(self, box: str | None = None, *, limit: int = 100) -> dict[str, Any]:
+        """The account's inbox (``CasePage``: items, most recently changed first, and
+        ``as_of``, the case clock's now)."""
+        params: dict[str, Any] = {"limit": limit}
+        if box:
+            params["box"] = box
+        page: dict[str, Any] = self._call("GET", "/api/v1/cases", "inbox", params=params)
+        return page
+
     def inbox(self, box: str | None = None) -> list[dict[str, Any]]:
-        params = {"box": box} if box else {}
-        page = self._call("GET", "/api/v1/cases", "inbox", params=params)
-        items: list[dict[str, Any]] = page["items"]
+        items: list[dict[str, Any]] = self.inbox_page(box)["items"]
         return items
 
     def step(
