@@ -578,7 +578,9 @@ class Outbox:
             )
             return max(int(cur.rowcount), 0)
 
-    def _finish(self, claim: Claim, sets: str, params: Sequence[Any]) -> bool:
+    def _finish(
+        self, claim: Claim, sets: str, params: Sequence[Any], *, wake_at: float | None = None
+    ) -> bool:
         # Only the holder of the lease marks the row: a worker whose lease ran out (and whose
         # row another worker took over) changes nothing.
         with self.transaction() as tx:
@@ -588,6 +590,15 @@ class Outbox:
                 " WHERE id = ? AND lease_token = ? AND status = 'pending'",
                 (*params, claim.id, claim.token),
             )
+            if wake_at is not None and cur.rowcount:
+                # The receiver answers again: its deliveries waiting out a retry delay are due
+                # now, rather than up to the schedule's longest delay after it came back.
+                _run(
+                    tx,
+                    "UPDATE webhook_deliveries SET next_attempt_at = ? WHERE subscription_id = ?"
+                    " AND status = 'pending' AND attempts > 0 AND next_attempt_at > ?",
+                    (wake_at, claim.subscription_id, wake_at),
+                )
             return bool(cur.rowcount)
 
     def mark_delivered(
@@ -599,6 +610,7 @@ class Outbox:
             "status = 'delivered', attempts = attempts + 1, last_status = ?, last_error = NULL,"
             " finished_at = ?",
             (http_status, now),
+            wake_at=now,
         )
 
     def mark_retry(

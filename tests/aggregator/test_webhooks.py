@@ -354,6 +354,39 @@ def test_a_lease_left_by_a_dead_worker_runs_out_and_another_delivers(
     assert outbox.counts() == {"pending": 0, "delivered": 2, "dead": 0}
 
 
+def test_a_receiver_back_gets_its_backlog_without_waiting_out_the_delays(
+    pool_backend: PoolBackend,
+) -> None:
+    """Deliveries that failed wait a minute before their retry; the first delivery that gets
+    through to the receiver makes them due at once."""
+    receiver = Receiver()
+    receiver.start()
+    receiver.stop()  # its port is known and closed: connections are refused
+    try:
+        outbox = opened(pool_backend)
+        sub, secret = outbox.add_subscription(SubscriptionIn(url=receiver.url("/hook")), "root")
+        receiver.secrets["/hook"] = secret
+        outbox.enqueue(message(1, 2))
+        outbox.enqueue(message(2, 2))
+        outbox.enqueue(message(1, 3))  # waits behind case 1's first
+        worker(pool_backend, schedule_s=(60.0, 60.0), jitter=0.0)
+        waiting = lambda: [d.attempts for d in outbox.deliveries(sub.id, "pending")]  # noqa: E731
+        assert wait_for(lambda: waiting() == [1, 1, 0], 10), waiting()
+        receiver.start()
+        back = time.monotonic()
+        outbox.enqueue(message(3, 2))  # new: tried at once, and it gets through
+        assert wait_for(lambda: outbox.counts()["delivered"] == 4, 15), outbox.counts()
+        assert time.monotonic() - back < 15  # not the minute of the schedule
+        versions = [
+            (r.msg["data"]["case_id"], r.msg["data"]["version"]) for r in receiver.received()
+        ]
+        assert versions[0] == ("3", 2)
+        assert sorted(versions) == [("1", 2), ("1", 3), ("2", 2), ("3", 2)]
+        assert versions.index(("1", 2)) < versions.index(("1", 3))
+    finally:
+        receiver.stop()
+
+
 # ---------------------------------------------------------------------------- case steps
 
 
