@@ -108,19 +108,16 @@ def cmd_metrics(args: argparse.Namespace, open_pool: OpenPool) -> int:
         )
         return 0
 
-    def pct(rate: float | None) -> str:
-        return "–" if rate is None else f"{rate:.0%}"
+    def rate(value: float | None, part: int, whole: int) -> str:
+        return "–" if value is None else f"{value:.0%} ({part}/{whole})"
 
     period = "all cases" if args.days is None else f"cases of the last {args.days:g} days"
     table = Table(title=f"handling metrics per {by.value} ({period})", header_style="bold")
     for column in (
         by.value,
         "registered",
-        "handled",
         "处置率",
-        "on time/due",
         "按期处置率",
-        "first time/closed",
         "一次性处置率",
         "overdue",
         "not ours",
@@ -130,12 +127,9 @@ def cmd_metrics(args: argparse.Namespace, open_pool: OpenPool) -> int:
         table.add_row(
             f.key or "total",
             str(f.registered),
-            str(f.handled),
-            pct(f.handling_rate),
-            f"{f.on_time}/{f.due}",
-            pct(f.on_time_rate),
-            f"{f.first_time}/{f.closed}",
-            pct(f.first_time_rate),
+            rate(f.handling_rate, f.handled, f.registered),
+            rate(f.on_time_rate, f.on_time, f.due),
+            rate(f.first_time_rate, f.first_time, f.closed),
             str(f.overdue),
             str(f.not_ours),
         )

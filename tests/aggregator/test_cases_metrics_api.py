@@ -311,6 +311,16 @@ def test_the_cli_prints_the_same_figures(filled: Filled) -> None:
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout)
     assert _groups(body) == EXPECTED["department"]
+    table = subprocess.run(
+        [sys.executable, "-m", "aggregator.cli.main", "cases", "metrics", "--by", "department",
+         "--data-dir", str(filled.data_dir)],
+        capture_output=True, text=True, timeout=60, env=env | {"COLUMNS": "160"}, check=False,
+    )  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    # fire: 处置率 2 of 4, 按期处置率 1 of 4, 一次性处置率 2 of 3
+    fire = next(line for line in table.stdout.splitlines() if " fire " in line)
+    cells = tuple(cell.strip() for cell in fire.split("│")[3:6])
+    assert cells == ("50% (2/4)", "25% (1/4)", "67% (2/3)")
     assert "password" not in out.stdout + out.stderr
 
 
