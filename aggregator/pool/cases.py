@@ -184,19 +184,22 @@ class Box:
     ALL: Final = (TO_ACCEPT, TO_HANDLE, TO_REVIEW, OVERDUE)
 
 
-_BOX_STATES: Final[dict[tuple[str, bool], tuple[State, ...]]] = {
-    # (box, department account?) → states
-    (Box.TO_ACCEPT, False): (State.REGISTERED,),
-    (Box.TO_ACCEPT, True): (State.WHISTLED,),
-    (Box.TO_HANDLE, False): (State.ASSESSING, State.COMMUNITY_HANDLING),
-    (Box.TO_HANDLE, True): (
-        State.DEPT_HANDLING,
-        State.EN_ROUTE,
-        State.ON_SITE,
-        State.REHANDLING,
-    ),
-    (Box.TO_REVIEW, False): (State.REVIEWING,),
-    (Box.TO_REVIEW, True): (),
+_DEPT_WORK: Final = (State.DEPT_HANDLING, State.EN_ROUTE, State.ON_SITE, State.REHANDLING)
+_BOX_STATES: Final[dict[tuple[str, str], tuple[State, ...]]] = {
+    # (box, account level) → states. Street and county accounts do not verify or review
+    # feedback; they may whistle while the community assesses or handles (Longgang 7.3), and a
+    # county account reviews extension requests (list_cases: the pending ones).
+    (Box.TO_ACCEPT, "community"): (State.REGISTERED,),
+    (Box.TO_ACCEPT, "street"): (),
+    (Box.TO_ACCEPT, "county"): (),
+    (Box.TO_ACCEPT, "department"): (State.WHISTLED,),
+    (Box.TO_HANDLE, "community"): (State.ASSESSING, State.COMMUNITY_HANDLING),
+    (Box.TO_HANDLE, "street"): (State.ASSESSING, State.COMMUNITY_HANDLING),
+    (Box.TO_HANDLE, "county"): (State.ASSESSING, State.COMMUNITY_HANDLING),
+    (Box.TO_HANDLE, "department"): _DEPT_WORK,
+    (Box.TO_REVIEW, "community"): (State.REVIEWING,),
+    (Box.TO_REVIEW, "street"): (),
+    (Box.TO_REVIEW, "department"): (),
 }
 
 
@@ -300,7 +303,6 @@ def list_cases(
     """The account's inbox: cases in its scope, most recently changed first. ``box`` narrows
     it to the states the account has work in, or to cases past a running deadline."""
     where, params = _scope(actor)
-    is_dept = str(actor.level) == Role.DEPARTMENT.value
     if box == Box.OVERDUE:
         where.append("c.next_due_at IS NOT NULL AND c.next_due_at < ?")
         params.append(time.time() if now is None else now)
@@ -309,9 +311,10 @@ def list_cases(
         where.append("c.body LIKE ?")
         params.append('%"extension":{%')
     elif box is not None:
-        states = _BOX_STATES.get((box, is_dept))
-        if states is None:
+        if box not in Box.ALL:
             raise ValueError(f"unknown box {box!r}")
+        # an administrator takes no case actions: no work in any box
+        states = _BOX_STATES.get((box, str(actor.level)), ())
         if not states:
             return []
         marks = ",".join("?" * len(states))

@@ -244,3 +244,41 @@ def test_assignment_is_recorded_and_scoped(h: Harness) -> None:
 def test_an_empty_trail_verifies_against_the_genesis_head(h: Harness) -> None:
     assert store.audit_head(h.reader) == (0, GENESIS)
     assert verify(store.audit_rows(h.reader), head=GENESIS) == []
+
+
+def test_inbox_boxes_follow_the_work_of_each_level(h: Harness) -> None:
+    registered = h.event("cam-1")
+    lat, lon = interior(h.grid)
+    [(_, second)] = h.send(make_alert("cam-2", lat, lon, type="exposed_garbage"))
+    [(_, third)] = h.send(make_alert("cam-3", lat, lon, type="street_vending"))
+    assert second is not None
+    assert third is not None
+    assessing, whistled = second, third
+    h.cases.apply_step(assessing, Action.VERIFY, h.comm, {}, 1)
+    h.cases.apply_step(whistled, Action.VERIFY, h.comm, {}, 1)
+    h.cases.apply_step(whistled, Action.WHISTLE, h.comm, {"lead_department": "fire"}, 2)
+    street = account(Level.STREET, h.community[:9])
+    county = account(Level.COUNTY, h.community[:6])
+    admin = account(Level.ADMIN, "")
+
+    def box(who: Operator, name: str | None) -> list[int]:
+        rows = store.list_cases(h.reader, h.catalogue, who, box=name)
+        return sorted(r.event_id for r in rows)
+
+    assert box(h.comm, "to_accept") == [registered]
+    assert box(h.comm, "to_handle") == [assessing]
+    assert box(h.fire, "to_accept") == [whistled]
+    assert box(h.fire, "to_handle") == []
+    assert box(street, "to_accept") == []
+    assert box(street, "to_handle") == [assessing]
+    assert box(county, "to_review") == []
+    assert box(admin, "to_accept") == []
+    assert box(admin, None) == sorted([registered, assessing, whistled])
+    assert box(h.fire, None) == [whistled]
+    assert box(h.comm, "overdue") == []
+    # the accept clock (30 min from the whistle) is overdue an hour later
+    later = time.time() + 3600
+    rows = store.list_cases(h.reader, h.catalogue, h.fire, box="overdue", now=later)
+    assert [r.event_id for r in rows] == [whistled]
+    with pytest.raises(ValueError, match="unknown box"):
+        store.list_cases(h.reader, h.catalogue, h.comm, box="everything")
