@@ -278,8 +278,10 @@ def _scope(actor: Actor) -> tuple[list[str], list[Any]]:
         where.append(f"substr(e.grid_code, 1, {len(actor.scope_code)}) = ?")
         params.append(actor.scope_code)
     if str(actor.level) == Role.DEPARTMENT.value:
-        where.append("c.departments LIKE ?")
-        params.append(f"%,{actor.department or '-'},%")
+        # '_' in a department code is a LIKE wildcard: escaped, so road_works is not roadxworks
+        where.append("c.departments LIKE ? ESCAPE '\\'")
+        code = (actor.department or "-").replace("\\", "").replace("_", "\\_")
+        params.append(f"%,{code},%")
     return where, params
 
 

@@ -282,3 +282,14 @@ def test_inbox_boxes_follow_the_work_of_each_level(h: Harness) -> None:
     assert [r.event_id for r in rows] == [whistled]
     with pytest.raises(ValueError, match="unknown box"):
         store.list_cases(h.reader, h.catalogue, h.comm, box="everything")
+
+
+def test_a_department_sees_cases_whistled_to_it_by_its_exact_code(h: Harness) -> None:
+    event_id = h.event()
+    h.cases.apply_step(event_id, Action.VERIFY, h.comm, {}, 1)
+    whistle = {"lead_department": "water_affairs", "co_departments": ["police"]}
+    h.cases.apply_step(event_id, Action.WHISTLE, h.comm, whistle, 2)
+    for code, sees in (("water_affairs", True), ("police", True), ("waterxaffairs", False),
+                       ("water", False), ("fire", False)):  # fmt: skip
+        row = store.case_of(h.reader, h.catalogue, event_id, account(Level.DEPARTMENT, "", code))
+        assert (row is not None) is sees, code
