@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="stop after this many seconds (0: run until Ctrl-C)",
     )
+    p.add_argument(
+        "--case-speed",
+        type=float,
+        default=60.0,
+        help="simulated operators and departments work the cases on a case clock this many "
+        "times the wall clock (default 60: a minute a second; 0: no simulated operators)",
+    )
 
     p = sub.add_parser("broker", help="start the embedded Mosquitto with generated config")
     _common(p)
