@@ -16,7 +16,10 @@ For every *running* stage clock run (``Case.clocks``):
   chain belongs to the case version at which the overdue item was raised: once the case moves
   (its version changes: a step, an assignment) the chain stops for that clock run.
 
-Each item has a stable key (``<run>:<clock>:<kind>``) per case: raising is exactly once per key.
+Each item has a stable key (``<run>:<clock>:<kind>:<deadline>``, the deadline in UNIX seconds)
+per case: raising is exactly once per key. The deadline is part of it because an approved
+extension (8.4) moves a running clock's deadline: the new deadline gets its own reminder,
+overdue item and chain, even when the old one had been passed and supervised.
 """
 
 from __future__ import annotations
@@ -96,11 +99,11 @@ class Item:
 
     @property
     def key(self) -> str:
-        return item_key(self.run, self.clock, self.kind)
+        return item_key(self.run, self.clock, self.kind, self.due_at)
 
 
-def item_key(run: int, clock: ClockName | str, kind: Kind | str) -> str:
-    return f"{run}:{clock}:{kind}"
+def item_key(run: int, clock: ClockName | str, kind: Kind | str, due_at: datetime) -> str:
+    return f"{run}:{clock}:{kind}:{int(due_at.timestamp())}"
 
 
 def due_items(
@@ -160,7 +163,7 @@ class SupervisionItemOut(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    item: str = Field(description="the item's key in the case: '<run>:<clock>:<kind>'")
+    item: str = Field(description="the item's key in the case: '<run>:<clock>:<kind>:<deadline>'")
     kind: Kind
     kind_zh: str
     clock: ClockName

@@ -143,7 +143,10 @@ class Supervisor:
 
                 if self._pg is None or self._pg.closed:
                     self._pg = psycopg.connect(
-                        str(self.target), autocommit=True, connect_timeout=10
+                        str(self.target),
+                        autocommit=True,
+                        connect_timeout=10,
+                        application_name="cwg-supervision",
                     )
                 conn = self._pg
                 try:

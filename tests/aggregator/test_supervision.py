@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
+from pydantic import ValidationError
 
 from aggregator.access.auth import Level, Operator
 from aggregator.cases import Action, Case, State
 from aggregator.cases.audit import verify
 from aggregator.cases.supervise import Item, Kind, SupervisionPolicy, due_items
 from aggregator.clock import OffsetFileClock
-from aggregator.config import SupervisionSettings
+from aggregator.config import Settings, SupervisionSettings
 from aggregator.ingest.assemble import Inbound, Pipeline
 from aggregator.ingest.decode import DecodeLimits
 from aggregator.pool import cases as store
@@ -110,6 +112,46 @@ def test_the_chain_stops_when_the_case_moves() -> None:
     accepted, _ = drive(case, [(Action.ACCEPT_OFF_SITE, 40)])
     items, _ = due_items(accepted, raised, T0 + 500 * MIN, POLICY)
     assert "accept" not in " ".join(kinds(items))
+
+
+def test_an_extended_deadline_is_supervised_again() -> None:
+    case, _ = drive(whistled(), [(Action.ACCEPT_OFF_SITE, 10)])  # feedback: 24 h from T0
+    late = T0 + timedelta(hours=24, minutes=5)
+    items, _ = due_items(case, {}, late, POLICY)
+    raised = {i.key: case.version for i in items}
+    assert kinds(items) == ["feedback:overdue"]
+    until = T0 + timedelta(hours=48)
+    extended, _ = drive(
+        case,
+        [
+            (Action.APPLY_EXTENSION, 24 * 60 + 10, {"reason": "parts", "until": until}),
+            (Action.APPROVE_EXTENSION, 24 * 60 + 20, {}),
+        ],
+    )
+    items, nxt = due_items(extended, raised, late + 20 * MIN, POLICY)
+    assert items == []
+    assert nxt == until - 30 * MIN
+    items, _ = due_items(extended, raised, until - 10 * MIN, POLICY)
+    assert kinds(items) == ["feedback:reminder"]
+    raised |= {i.key: extended.version for i in items}
+    items, _ = due_items(extended, raised, until + MIN, POLICY)
+    assert kinds(items) == ["feedback:overdue"]
+    assert items[0].due_at == until
+
+
+def test_supervision_settings_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CWG_SUPERVISION__STREET_AFTER_S", "600")
+    monkeypatch.setenv("CWG_SUPERVISION__COUNTY_AFTER_S", "1200")
+    settings = Settings(data_dir=tmp_path)
+    assert (settings.supervision.street_after_s, settings.supervision.county_after_s) == (
+        600,
+        1200,
+    )
+    monkeypatch.setenv("CWG_SUPERVISION__COUNTY_AFTER_S", "300")  # before the street's
+    with pytest.raises(ValidationError, match="county_after_s"):
+        Settings(data_dir=tmp_path)
 
 
 # ---------------------------------------------------------------------------- in the pool
@@ -253,6 +295,29 @@ def test_the_escalation_stops_when_the_case_moves(pool_backend: PoolBackend) -> 
     ]
     assert timer.run_once(t0 + 600 * MIN) == []
     assert [i.kind for i in supervision_of(pool_backend.reader(), a)] == [Kind.OVERDUE]
+
+
+def test_a_timer_whose_session_the_server_ended_fails_one_tick_then_goes_on(
+    pg_url: str, tmp_path: Path
+) -> None:
+    backend = PoolBackend("postgres", pg_url, tmp_path)
+    try:
+        p = Pool(backend)
+        [event_id] = p.events(1)
+        t0 = datetime.now(UTC)
+        p.whistle(event_id, t0)
+        timer = p.supervisor()
+        assert timer.run_once(t0 + 10 * MIN) == []  # connected, nothing due yet
+        ended = backend.rows(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'cwg-supervision' AND datname = current_database()"
+        )
+        assert ended == [(True,)]
+        with pytest.raises(psycopg.OperationalError):
+            timer.run_once(t0 + 31 * MIN)
+        assert [r.item.kind for r in timer.run_once(t0 + 31 * MIN)] == [Kind.OVERDUE]
+    finally:
+        backend.close()
 
 
 def _race(sups: list[Supervisor], times: list[datetime]) -> list[Raised]:

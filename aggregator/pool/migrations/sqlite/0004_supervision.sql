@@ -5,7 +5,7 @@
 
 CREATE TABLE IF NOT EXISTS case_supervision (
     event_id     INTEGER NOT NULL,
-    item         TEXT NOT NULL,                 -- '<clock run>:<clock>:<kind>', stable
+    item         TEXT NOT NULL,                 -- '<run>:<clock>:<kind>:<deadline>', stable
     kind         TEXT NOT NULL,                 -- reminder, overdue, escalate_street, escalate_county
     clock        TEXT NOT NULL,                 -- the stage clock chased
     run          INTEGER NOT NULL,              -- its index in the case's clock runs
