@@ -440,7 +440,7 @@ def _supervision_notices(integrator: Any, n: int) -> list[dict[str, Any]]:
 
 
 def test_the_services_timer_reaches_the_events_topic_the_api_and_the_trail(
-    broker: Any, tmp_path: Path
+    broker: Any, tmp_path: Path, pool_backend: PoolBackend
 ) -> None:
     clock_file = tmp_path / "case-clock"
     settings = aggregator_settings(
@@ -448,6 +448,7 @@ def test_the_services_timer_reaches_the_events_topic_the_api_and_the_trail(
         tmp_path / "agg",
         test_clock_file=clock_file,
         supervision=SupervisionSettings(interval_s=0.2),
+        **pool_backend.settings_overrides(),
     )
     service = Service(settings, port=0, log_level="warning", password_hasher=FAST_HASHER)
     for username, (level, scope, department) in OPERATORS.items():
