@@ -6,7 +6,9 @@ their metrics and sinks. The pool is the SQLite file under the data directory, o
 ``CWG_POOL_URL=postgresql://…`` the PostgreSQL database that replicas on several machines share
 (``open_pool``; snapshots then live in its table, so no replica needs another's files).
 ``Service`` adds the operator side: accounts, the time-series sink, the ingest metrics endpoint
-and the operator API in a process of its own (``api/server.py``).
+and the operator API in a process of its own (``api/server.py``), and the background threads
+that work on the cases: webhook delivery and the supervision timer (督办: reminders, overdue
+items, escalations; every replica runs one, a row lock shares the cases among them).
 
 Ingest runs in this process, the operator API and dashboard in a child process.
 
