@@ -118,6 +118,15 @@ class Desk:
         items: list[dict[str, Any]] = self.inbox_page(box)["items"]
         return items
 
+    def metrics(self, by: str, *, since: datetime | None = None) -> dict[str, Any]:
+        """The handling figures per ``by`` (community, department, person) over the cases
+        registered since ``since`` (``GET /api/v1/cases/metrics``)."""
+        params: dict[str, Any] = {"by": by}
+        if since is not None:
+            params["since"] = since.isoformat()
+        out: dict[str, Any] = self._call("GET", "/api/v1/cases/metrics", "metrics", params=params)
+        return out
+
     def step(
         self,
         event_id: int,

@@ -275,6 +275,31 @@ class SlaExpect(_Strict):
     overdue: int | None = Field(default=None, ge=0, description="runs still running, late")
 
 
+class StageCounts(_Strict):
+    due: int | None = Field(default=None, ge=0)
+    on_time: int | None = Field(default=None, ge=0)
+    overdue: int | None = Field(default=None, ge=0)
+
+
+class HandlingExpect(_Strict):
+    """The gateway's own handling figures (Longgang 8.6, ``GET /api/v1/cases/metrics``) for
+    one group, over the cases registered since the run began. ``by: person`` names one of the
+    scenario's accounts, so the figures are this run's alone; a community or a department
+    counts every case of it registered meanwhile."""
+
+    by: Literal["community", "department", "person"]
+    key: str = Field(description="community code, department code, or a scenario account")
+    registered: int | None = Field(default=None, ge=0)
+    closed: int | None = Field(default=None, ge=0)
+    handled: int | None = Field(default=None, ge=0)
+    not_handled: int | None = Field(default=None, ge=0)
+    first_time: int | None = Field(default=None, ge=0)
+    due: int | None = Field(default=None, ge=0)
+    on_time: int | None = Field(default=None, ge=0)
+    overdue: int | None = Field(default=None, ge=0)
+    stages: dict[ClockName, StageCounts] = Field(default_factory=dict)
+
+
 class Expectation(_Strict):
     events: EventsExpect | None = None
     feedback: FeedbackExpect | None = None
@@ -283,6 +308,7 @@ class Expectation(_Strict):
     device_state: DeviceStateExpect | None = None
     case: CaseExpect | None = None
     sla: SlaExpect | None = None
+    handling: HandlingExpect | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> Self:
@@ -294,13 +320,19 @@ class Expectation(_Strict):
             self.device_state,
             self.case,
             self.sla,
+            self.handling,
         ]
         if sum(k is not None for k in kinds) != 1:
             raise ValueError(
                 "an expectation is exactly one of: events, feedback, dead_letters, out_of_area, "
-                "device_state, case, sla"
+                "device_state, case, sla, handling"
             )
         return self
+
+    @property
+    def on_cases(self) -> bool:
+        """Read through the gateway's API, not the pool."""
+        return self.case is not None or self.sla is not None or self.handling is not None
 
     def devices_named(self) -> list[str]:
         named = [
@@ -356,6 +388,9 @@ class Scenario(_Strict):
                     raise ValueError(f"expect[{i}]: unknown device {d!r}")
             if exp.case is not None and exp.case.case not in named:
                 raise ValueError(f"expect[{i}].case: no alert is named {exp.case.case!r}")
+            h = exp.handling
+            if h is not None and h.by == "person" and h.key not in self.accounts:
+                raise ValueError(f"expect[{i}].handling: unknown account {h.key!r}")
         points = list(self.places.values()) + [d.at for d in self.devices if d.at]
         points += [s.alert.at for s in self.steps if s.alert and s.alert.at]
         for p in points:
@@ -399,7 +434,11 @@ class Scenario(_Strict):
 
     @property
     def has_operator_steps(self) -> bool:
-        return bool(self.accounts) or any(s.is_operator for s in self.steps)
+        return (
+            bool(self.accounts)
+            or any(s.is_operator for s in self.steps)
+            or any(e.on_cases for e in self.expect)
+        )
 
 
 def load_scenario(path: Path | str) -> Scenario:
@@ -506,6 +545,8 @@ class _OperatorRun:
     observer: Desk
     base_offset_s: float
     started: float  # time.monotonic() at simulated t = 0
+    tag: str
+    registered_since: datetime  # before any event of the run was registered
     events: dict[str, int] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -621,7 +662,15 @@ class ScenarioRunner:
             for desk in desks.values():
                 desk.close()
             raise
-        return _OperatorRun(side, desks, observer, side.clock.offset_s(), time.monotonic())
+        return _OperatorRun(
+            side,
+            desks,
+            observer,
+            side.clock.offset_s(),
+            time.monotonic(),
+            tag,
+            datetime.now(UTC) - timedelta(seconds=1),
+        )
 
     def _case_event(
         self, name: str, ops: _OperatorRun, devices: dict[str, _Device], tag: str
@@ -688,7 +737,7 @@ class ScenarioRunner:
     ) -> list[Check]:
         checks: list[Check] = []
         for i, exp in enumerate(scenario.expect):
-            if exp.case is None and exp.sla is None:
+            if not exp.on_cases:
                 continue
             if ops is None:  # no operator step: the cases are still read through the API
                 checks.append(Check(i, "case", False, "the gateway's API", "no operator side"))
@@ -698,6 +747,8 @@ class ScenarioRunner:
                     checks.append(self._case(i, exp.case, ops))
                 elif exp.sla is not None:
                     checks.append(self._sla(i, exp.sla, ops))
+                elif exp.handling is not None:
+                    checks.append(self._handling(i, exp.handling, ops))
             except StepRefused as exc:
                 checks.append(Check(i, "case", False, "readable", str(exc)))
         return checks
@@ -768,6 +819,42 @@ class ScenarioRunner:
         return Check(
             i, f"sla {_describe(clock=e.clock.value, department=e.department)}", ok, want, got
         )
+
+    def _handling(self, i: int, e: HandlingExpect, ops: _OperatorRun) -> Check:
+        key = f"{ops.tag}-{e.key}" if e.by == "person" else e.key
+        title = f"handling by={e.by} key={e.key}"
+        figures = ops.observer.metrics(e.by, since=ops.registered_since)
+        group = next((g for g in figures["groups"] if g["key"] == key), None)
+        if group is None:
+            return Check(i, title, False, "figures", "no figures for this group")
+        want: dict[str, object] = {}
+        got: dict[str, object] = {}
+        for name in (
+            "registered",
+            "closed",
+            "handled",
+            "not_handled",
+            "first_time",
+            "due",
+            "on_time",
+            "overdue",
+        ):
+            expected = getattr(e, name)
+            if expected is not None:
+                want[name], got[name] = expected, group[name]
+        for clock, counts in e.stages.items():
+            stage = group["stages"].get(clock.value, {"due": 0, "on_time": 0, "overdue": 0})
+            for name in ("due", "on_time", "overdue"):
+                expected = getattr(counts, name)
+                if expected is not None:
+                    want[f"{clock.value}.{name}"] = expected
+                    got[f"{clock.value}.{name}"] = stage[name]
+        ok = all(want[k] == got[k] for k in want)
+        rates = ", ".join(
+            f"{r}={group[r]:.2f}" if group[r] is not None else f"{r}=-"
+            for r in ("handling_rate", "on_time_rate", "first_time_rate")
+        )
+        return Check(i, title, ok, _describe(**want), f"{_describe(**got)}; {rates}")
 
     # -- devices and steps -----------------------------------------------------------------
     def _connect(self, scenario: Scenario, tag: str) -> dict[str, _Device]:
@@ -881,7 +968,7 @@ class ScenarioRunner:
             time.sleep(self.poll_interval_s / 2)
         while True:
             checks = self.evaluate(scenario, devices)
-            if scenario.has_operator_steps or any(e.case or e.sla for e in scenario.expect):
+            if scenario.has_operator_steps:
                 checks = sorted(
                     checks + self._case_checks(scenario, ops, devices), key=lambda c: c.index
                 )

@@ -59,6 +59,12 @@ def test_an_acceptance_in_time_fails_the_late_expectation_with_a_diff(
     assert "FAIL [3] sla clock=accept" in report
     assert "actual:   late=0 on_time=2" in report
     assert "ok   [2] case pond" in report
+    # the gateway's own figures count the acceptance in time too
+    assert "FAIL [5] handling by=department key=police" in report
+    assert "expected: registered=1 handled=1 first_time=0 due=1 on_time=0" in report
+    assert "actual:   registered=1 handled=1 first_time=0 due=1 on_time=1" in report
+    assert "FAIL [6] handling by=person key=police" in report
+    assert "ok   [7] handling by=person key=emergency" in report
 
 
 def test_a_step_refused_otherwise_than_expected_fails(gateway: Gateway, tmp_path: Path) -> None:
@@ -129,6 +135,14 @@ def test_operator_steps_are_checked_before_anything_is_sent() -> None:
     with pytest.raises(ValueError, match="a department account names its department"):
         Scenario.model_validate(
             {**base, "accounts": {"p": {"level": "department"}}, "steps": [alert]}
+        )
+    with pytest.raises(ValueError, match="handling: unknown account 'nobody'"):
+        Scenario.model_validate(
+            {
+                **base,
+                "steps": [alert],
+                "expect": [{"handling": {"by": "person", "key": "nobody", "handled": 1}}],
+            }
         )
     for path in CASES:
         assert load_scenario(path).has_operator_steps
