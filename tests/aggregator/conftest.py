@@ -238,3 +238,12 @@ def pool_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Poo
     backend = PoolBackend(request.param, target, tmp_path)
     yield backend
     backend.close()
+    if backend.is_postgres:
+        # Dropped at once: the session's cluster would otherwise keep every test's copy of the
+        # template on disk and write them all out at its shutdown checkpoint.
+        import psycopg
+
+        server = request.getfixturevalue("pg_server")
+        name = target.rsplit("/", 1)[1]
+        with psycopg.connect(server.url(), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
