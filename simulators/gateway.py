@@ -154,7 +154,7 @@ class Gateway:
         self.origin_shift_s: float = stack.claim_origin() if isolate else 0.0
         self.catalogue: Catalogue = stack.aggregator.catalogue
         self.grids: GridIndex = grids or stack.aggregator.grids
-        self.pool = PoolView(stack.pool_path, self.catalogue)
+        self.pool = PoolView(stack.pool_target, self.catalogue)
         self.devices: dict[str, GatewayDevice] = {}
         self.desks: dict[str, Desk] = {}
         self._runs = 0
@@ -257,7 +257,7 @@ class Gateway:
         self._runs += 1
         runner = ScenarioRunner(
             self.stack,
-            self.stack.pool_path,
+            self.stack.pool_target,
             catalogue=self.catalogue,
             grids=self.grids,
             max_payload_bytes=self.stack.options.max_payload_bytes,

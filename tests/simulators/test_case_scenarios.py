@@ -157,3 +157,16 @@ def test_cli_runs_the_case_library_on_a_stack_it_starts(
     code = main(["scenario", "--broker", "127.0.0.1:1", "--credentials", "x", "--cases"])
     assert code == 2
     assert "--start-stack" in capsys.readouterr().err
+
+
+def test_the_case_scenario_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+    """The same steps, clocks and figures on a PostgreSQL pool."""
+    from simulators.stack import GatewayStack
+
+    with GatewayStack(tmp_path / "stack", StackOptions(api=True, pool_url=pg_url)) as stack:
+        gw = Gateway(stack)
+        try:
+            result = gw.run_scenario(CASES[0], check=False)
+        finally:
+            gw.close()
+    assert result.ok, result.report()
