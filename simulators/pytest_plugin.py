@@ -14,7 +14,14 @@ Fixtures:
           assert gateway.events(type="fire_lane_occupied")[0].department == "police"
 
 * ``gateway_options`` (module scope): override it to change aggregator settings
-  (``simulators.stack.StackOptions``).
+  (``simulators.stack.StackOptions``); ``StackOptions(api=True)`` also runs the operator API,
+  for operator and department steps (``gateway.operator(...)``, scenario ``accounts``) on the
+  case clock a test moves (``gateway.advance_clock(seconds)``).
+
+Tests that share the module's stack stay apart: each ``gateway`` has its own clock origin
+(``Gateway.origin_shift_s``), a slot further back than every merge window of the others, so one
+test's alerts never merge into another's events; ``Gateway(stack, isolate=False)`` shares the
+present instead.
 """
 
 from __future__ import annotations

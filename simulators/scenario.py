@@ -20,6 +20,26 @@ Example::
       - {t: 30, device: cam-2, alert: {type: smoke_fire}}
     expect:
       - events: {type: smoke_fire, grid: "330383001001", count: 1, devices: 2}
+
+Operator and department steps (on a stack running the API: ``StackOptions(api=True)``) act as
+the scenario's ``accounts`` on the case a named alert became, through the real API, at their
+``t`` on the gateway's case clock: the runner moves that clock (``Settings.test_clock_file``)
+so that it reads the run's start plus ``t`` whatever the real wait was, so ``time_scale``
+compresses deadlines too. ``case``, ``sla`` and ``handling`` expectations then check the SLA
+outcome::
+
+    accounts:
+      longxiang: {level: community, scope: "330383001001"}
+      police: {level: department, department: police}
+    steps:
+      - {t: 0, device: cam-1, alert: {type: fire_lane_occupied, alert_id: lane}}
+      - {t: 60, as: longxiang, case: lane, do: verify}
+      - {t: 120, as: longxiang, case: lane, do: whistle, departments: [police]}
+      - {t: 2520, as: police, case: lane, do: accept}   # 40 min after the whistle
+      - {t: 2600, as: police, case: lane, do: arrive, refused: 409}
+    expect:
+      - case: {case: lane, state: dept_handling, late: [accept]}
+      - handling: {by: person, key: police, stages: {accept: {due: 1, on_time: 0}}}
 """
 
 from __future__ import annotations
