@@ -39,7 +39,7 @@ outcome::
       - {t: 2600, as: police, case: lane, do: arrive, refused: 409}
     expect:
       - case: {case: lane, state: dept_handling, late: [accept]}
-      - handling: {by: person, key: police, stages: {accept: {due: 1, on_time: 0}}}
+      - handling: {by: department, key: police, stages: {accept: {due: 1, on_time: 0}}}
 """
 
 from __future__ import annotations
