@@ -42,12 +42,11 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias
 import orjson
 
 from aggregator.pool.reader import is_pool_url, pg_sql
+from aggregator.pool.steps import StepRecord
 
 if TYPE_CHECKING:
     import psycopg
     import psycopg_pool
-
-    from aggregator.pool.cases import StepRecord
 
 __all__ = [
     "Claim",
@@ -74,7 +73,7 @@ _ERROR_MAX: Final = 500
 
 class QmarkTx(Protocol):
     """An open transaction that takes ``?`` placeholders on either backend (the case store's
-    ``aggregator.pool.cases.Tx``, or a ``sqlite3.Connection``)."""
+    ``aggregator.pool.steps.Tx``, or a ``sqlite3.Connection``)."""
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any: ...
 
