@@ -1,6 +1,9 @@
-/* Community event pool dashboard: login, live event list, grid map, event detail with lifecycle
- * steps, device board. Plain JS, no dependencies, nothing loaded from outside this server.
- * Data is always inserted with textContent / attributes, never as HTML. */
+/* Community event pool dashboard: login, live event list, grid map, event detail, the case
+ * inbox and case view (steps, deadlines, evidence, audit timeline), device board, handling
+ * figures. Plain JS, no dependencies, nothing loaded from outside this server.
+ * Data is always inserted with textContent / attributes, never as HTML.
+ * The case rules live in the server's lifecycle table: which buttons show comes only from a
+ * case's allowed_actions, and what each form asks for from its action_inputs. */
 "use strict";
 
 const API = "/api/v1";
@@ -38,6 +41,34 @@ const I18N = {
     h_on_time: "按期处置率", h_open: "未办结", h_overdue: "超时（督办）",
     h_median: "办结用时中位数", h_total: "合计", h_asof: "统计时间",
     h_note: "按期处置率 = 按期办结 / 应办结（已办结 + 超时未办结）。",
+    tab_cases: "案件", box_to_accept: "待受理", box_to_handle: "待处置", box_to_review: "待验收",
+    box_overdue: "超时", box_all: "全部", no_cases: "暂无案件", pick_case: "从左侧选择一个案件",
+    cs_registered: "待核实", cs_assessing: "研判中", cs_community_handling: "社区自行处置",
+    cs_whistled: "已吹哨待受理", cs_dept_handling: "部门处置中", cs_en_route: "待到场",
+    cs_on_site: "现场处置中", cs_reviewing: "待验收", cs_rehandling: "退回重办",
+    cs_closed: "已办结",
+    act_verify: "核实", act_not_ours: "非本社区事件", act_self_handle: "自行处置", act_whistle: "吹哨",
+    act_accept_off_site: "受理（非现场）", act_accept_on_site: "受理（现场）", act_arrive: "到场",
+    act_handle: "处置反馈", act_accept_feedback: "验收办结", act_send_back: "退回重办",
+    act_apply_extension: "申请延期", act_approve_extension: "批准延期", act_refuse_extension: "驳回延期",
+    act_assign: "指派", act_reminder: "催办", act_overdue: "超期督办",
+    act_escalate_street: "升级至街道", act_escalate_county: "升级至区县",
+    k_case_state: "案件状态", k_version: "版本", k_lead: "牵头部门", k_co: "协办部门",
+    k_assignee: "承办人", k_send_backs: "退回次数", k_extension: "延期申请", k_outcome: "结果",
+    out_handled: "已处置", out_not_ours: "非本社区事件",
+    h_deadlines: "环节时限", h_case_timeline: "案件时间线（审计记录）", h_actions: "可办理",
+    c_stage: "环节", c_due: "时限", c_left: "剩余", left: "剩余", late_by: "超时",
+    stopped: "已完成", on_time: "按期", late: "超期", extended: "已延期",
+    f_note: "备注（可选）", f_reason: "理由", f_summary: "处置情况说明",
+    f_photos: "处置前后照片（JPEG/PNG）", f_lead: "牵头部门", f_co: "协办部门",
+    f_until: "新的时限", submit: "提交", cancel: "取消", required: "必填",
+    need_evidence: "请填写处置说明或上传照片", need_reason: "请填写理由",
+    need_lead: "请选择牵头部门", case_changed: "案件已被他人更新，已刷新",
+    uploading: "正在上传照片…", round: "退回", evidence: "证据", no_case: "无案件信息",
+    cm_title: "案件处置考核（龙港 8.6 · 江苏 6.3）", by_person: "人员",
+    cm_first_time: "一次性处置率", cm_not_handled: "未有效处置",
+    cm_note: "处置率 = 有效处置 / 登记；按期处置率 = 各环节均按期的办结 / 应办结；一次性处置率 = 未退回即办结 / 办结。",
+    cm_unavailable: "案件考核暂不可用",
   },
   en: {
     title: "Community event pool", subtitle: "Smart-community warnings · 5.4",
@@ -72,13 +103,48 @@ const I18N = {
     h_on_time: "On-time rate", h_open: "Open", h_overdue: "Overdue",
     h_median: "Median time to close", h_total: "All", h_asof: "as of",
     h_note: "On-time rate = closed on time / due (closed + open past the deadline).",
+    tab_cases: "Cases", box_to_accept: "To accept", box_to_handle: "To handle",
+    box_to_review: "To review", box_overdue: "Overdue", box_all: "All", no_cases: "No cases",
+    pick_case: "Pick a case on the left",
+    cs_registered: "To verify", cs_assessing: "Assessing", cs_community_handling: "Community handling",
+    cs_whistled: "Whistled, to accept", cs_dept_handling: "Department handling",
+    cs_en_route: "Accepted, on the way", cs_on_site: "On site", cs_reviewing: "To review",
+    cs_rehandling: "Sent back", cs_closed: "Closed",
+    act_verify: "Verify", act_not_ours: "Not ours", act_self_handle: "Handle ourselves",
+    act_whistle: "Whistle", act_accept_off_site: "Accept (off site)",
+    act_accept_on_site: "Accept (on site)", act_arrive: "Arrived", act_handle: "Report handling",
+    act_accept_feedback: "Accept and close", act_send_back: "Send back",
+    act_apply_extension: "Apply for extension", act_approve_extension: "Approve extension",
+    act_refuse_extension: "Refuse extension", act_assign: "Assign", act_reminder: "Reminder",
+    act_overdue: "Overdue supervision", act_escalate_street: "Escalated to the street",
+    act_escalate_county: "Escalated to the county",
+    clk_community_handle: "Community handling", clk_accept: "Department acceptance",
+    clk_feedback: "Feedback", clk_arrive: "On site", clk_hard_close: "Hard problem closed",
+    clk_rehandle: "Re-handling",
+    k_case_state: "Case state", k_version: "Version", k_lead: "Lead department",
+    k_co: "Co-departments", k_assignee: "Assignee", k_send_backs: "Sent back",
+    k_extension: "Extension request", k_outcome: "Outcome",
+    out_handled: "handled", out_not_ours: "not this community's",
+    h_deadlines: "Stage deadlines", h_case_timeline: "Case timeline (audit trail)",
+    h_actions: "Actions", c_stage: "Stage", c_due: "Due", c_left: "Left", left: "left",
+    late_by: "overdue by", stopped: "done", on_time: "on time", late: "late",
+    extended: "extended",
+    f_note: "Note (optional)", f_reason: "Reason", f_summary: "Handling summary",
+    f_photos: "Before/after photos (JPEG/PNG)", f_lead: "Lead department",
+    f_co: "Co-departments", f_until: "New deadline", submit: "Submit", cancel: "Cancel",
+    required: "required", need_evidence: "Write a summary or upload a photo",
+    need_reason: "Give a reason", need_lead: "Choose the lead department",
+    case_changed: "Someone else changed the case; reloaded", uploading: "Uploading photos…", round: "send-back",
+    evidence: "Evidence", no_case: "No case information",
+    cm_title: "Case handling (Longgang 8.6 · Jiangsu 6.3)", by_person: "Person",
+    cm_first_time: "First-time rate", cm_not_handled: "Not effectively handled",
+    cm_note: "Handling rate = effectively handled / registered; on-time rate = closed with every stage on time / due; first-time rate = closed without a send-back / closed.",
+    cm_unavailable: "Case figures unavailable",
   },
 };
 const SEVERITIES = ["critical", "high", "medium", "low"];
 const STATUSES = ["registered", "verified", "dispatched", "handling", "closed"];
-const ACTIONS = [
-  ["verify", "verified"], ["dispatch", "dispatched"], ["handle", "handling"], ["close", "closed"],
-];
+const BOXES = ["to_accept", "to_handle", "to_review", "overdue"];
 
 const state = {
   lang: localStorage.getItem("cwg.lang") || "zh",
@@ -98,6 +164,9 @@ const state = {
   deviceTimer: null,
   summaryTimer: null, // a totals refresh the stream asked for, at most one a second
   blobUrls: [],
+  box: "to_accept", // the inbox shown in the cases tab
+  caseId: null, // the case open in the cases tab
+  inboxTimer: null, // an inbox refresh the stream asked for, at most one a second
 };
 
 // -- small helpers --------------------------------------------------------------------------
@@ -190,6 +259,7 @@ function applyLang() {
     if (state.selected) openDetail(state.selected, false);
     if (state.tab === "devices") loadDevices();
     if (state.tab === "handling") loadHandling();
+    if (state.tab === "cases") { loadInbox(); if (state.caseId) openCase(state.caseId); }
     loadSummary();
   }
 }
@@ -229,6 +299,8 @@ function logout() {
   $("login-view").hidden = false;
   $("events-view").hidden = true;
   $("devices-view").hidden = true;
+  $("cases-view").hidden = true;
+  $("handling-view").hidden = true;
   $("tabs").hidden = true;
   $("logout").hidden = true;
   $("who").textContent = "";
@@ -401,6 +473,8 @@ function connectStream() {
 
 function onEventNotices(notices) {
   if (!notices.length) return;
+  // A case step moves its event: the inbox and an open case follow, whatever the filters.
+  if (state.tab === "cases") casesLater(notices.map((m) => m.event.event_id));
   const fresh = new Set();
   let listChanged = false, mapChanged = false, selectedChanged = false;
   for (const msg of notices) {
@@ -432,7 +506,7 @@ function onEventNotices(notices) {
   renderList(fresh);
   if (mapChanged) drawMap();
   drawMarkers(fresh);
-  if (selectedChanged) openDetail(state.selected, false);
+  if (selectedChanged) openDetail(state.selected, false, true);
   summaryLater();
 }
 
@@ -579,7 +653,11 @@ function setupMapControls() {
 
 // -- detail -----------------------------------------------------------------------------------
 
-async function openDetail(id, fromClick) {
+// passive: a refresh nobody asked for (the stream); it leaves a half-filled case form alone.
+const formOpen = (el) => Boolean(el && el.querySelector(".c-form"));
+
+async function openDetail(id, fromClick, passive) {
+  if (passive && formOpen($("d-case"))) return;
   state.selected = id;
   for (const el of document.querySelectorAll(".event.selected, .marker.selected")) el.classList.remove("selected");
   for (const el of document.querySelectorAll(`[data-event-id="${id}"]`)) el.classList.add("selected");
@@ -591,6 +669,7 @@ async function openDetail(id, fromClick) {
     return;
   }
   if (state.selected !== id) return;
+  if (passive && formOpen($("d-case"))) return;
   if ($("detail").hidden) { $("detail").hidden = false; refit(); }
   $("d-title").textContent = `#${d.event_id} ${typeName(d)}`;
   for (const u of state.blobUrls) URL.revokeObjectURL(u);
@@ -599,7 +678,7 @@ async function openDetail(id, fromClick) {
   const img = h("img", { class: "snapshot", id: "d-snapshot", alt: t("h_snapshots") });
   const thumbs = h("div", { class: "thumbs" });
   if (d.snapshot_url) showSnapshot(img, d.snapshot_url);
-  else img.replaceWith(h("p", { class: "muted", text: t("no_snapshot") }));
+  const snapshot = d.snapshot_url ? img : h("p", { class: "muted", text: t("no_snapshot") });
   if (d.snapshot_urls.length > 1) {
     for (const url of d.snapshot_urls) {
       const th = h("img", { alt: "", class: url === d.snapshot_url ? "current" : "" });
@@ -622,17 +701,10 @@ async function openDetail(id, fromClick) {
   fact("k_alerts", `${d.alert_count} · ${d.device_count} ${t("devices_n")}: ${d.devices.map((x) => x.device_id).join(", ")}`);
   if (d.recurrence_of) fact("k_recurrence", `#${d.recurrence_of}`);
 
-  const note = h("textarea", { id: "d-note", placeholder: t("note"), maxlength: 2000 });
-  const rank = STATUSES.indexOf(d.status);
-  const buttons = h("div", { class: "buttons" }, ACTIONS.map(([action, target]) => h("button", {
-    type: "button",
-    "data-action": action,
-    disabled: STATUSES.indexOf(target) <= rank,
-    text: t("a_" + action),
-    onclick: () => transition(d.event_id, action, note.value),
-  })));
-  const actionError = h("p", { class: "error", id: "d-action-error" });
-  const actions = d.status === "closed" ? null : h("div", { class: "actions" }, note, buttons, actionError);
+  // The case: its actions, deadlines and audit timeline (a department account sees only the
+  // cases whistled to it; for others the box stays empty).
+  const caseBox = h("div", { class: "case-box", id: "d-case" });
+  renderCase(caseBox, d.event_id, false);
 
   const alerts = h("table", { class: "small" },
     h("thead", {}, h("tr", {}, ["c_device", "c_time", "c_conf", "c_outcome"].map((k) => h("th", { text: t(k) })))),
@@ -645,7 +717,7 @@ async function openDetail(id, fromClick) {
     e.kind === "alert" ? `${e.actor} · ${t(e.action)}` : `${e.actor} · ${e.action.startsWith("status:") ? t("st_" + e.action.slice(7)) : t(e.action)}${e.detail && e.detail.note ? " — " + e.detail.note : ""}`)));
 
   $("d-body").replaceChildren(
-    img, thumbs, facts, actions,
+    snapshot, thumbs, facts, caseBox,
     h("h3", { text: t("h_alerts") }), alerts,
     h("h3", { text: t("h_timeline") }), timeline,
   );
@@ -655,11 +727,12 @@ async function openDetail(id, fromClick) {
   }
 }
 
-async function loadBlob(url) {
+// urls: the list the object URL is kept in, revoked when its view is redrawn
+async function loadBlob(url, urls = state.blobUrls) {
   const res = await fetch(url, { headers: { Authorization: `Bearer ${state.token}` } });
   if (!res.ok) throw new HttpError(res.status, res.statusText);
   const u = URL.createObjectURL(await res.blob());
-  state.blobUrls.push(u);
+  urls.push(u);
   return u;
 }
 
@@ -667,20 +740,341 @@ function showSnapshot(img, url) {
   loadBlob(url).then((u) => { img.src = u; }).catch(() => { img.alt = t("no_snapshot"); });
 }
 
-async function transition(id, action, note) {
-  try {
-    await api(`/events/${id}/${action}`, { method: "POST", body: { note } });
-    // The stream brings the new state to every other operator; this one refreshes at once.
-    const ev = await api(`/events/${id}`);
-    state.events.set(id, ev);
-    renderList();
-    drawMarkers();
-    await openDetail(id, false);
-    loadSummary();
-  } catch (err) {
-    const el = $("d-action-error");
-    if (el) el.textContent = `${t("error")}: ${err.message}`;
+// -- cases (issue 15): inbox, case view, steps, evidence, timeline ---------------------------
+
+const stateName = (s) => t("cs_" + s);
+// An action's label: the server's Chinese name from the lifecycle table, or its English one.
+function actionName(action, zhNames) {
+  if (state.lang === "zh") return (zhNames && zhNames[action]) || I18N.zh["act_" + action] || action;
+  return I18N.en["act_" + action] || action;
+}
+
+// The case clock's now less this browser's, from the last answer's as_of: deadlines are judged
+// by the server's case clock (which a simulation may run ahead), not by this machine's.
+function learnSkew(asOf) {
+  if (asOf) state.caseSkew = new Date(asOf).getTime() - Date.now();
+}
+
+function countdown(dueIso) {
+  const s = Math.round((new Date(dueIso).getTime() - (Date.now() + (state.caseSkew || 0))) / 1000);
+  const a = Math.abs(s);
+  const d = Math.floor(a / 86400), hh = Math.floor((a % 86400) / 3600), mm = Math.floor((a % 3600) / 60), ss = a % 60;
+  const txt = d ? `${d}d ${hh}h ${mm}m` : hh ? `${hh}h ${mm}m` : `${mm}m ${String(ss).padStart(2, "0")}s`;
+  return { late: s < 0, text: s < 0 ? `${t("late_by")} ${txt}` : `${t("left")} ${txt}` };
+}
+
+// A live countdown: every element with data-due is rewritten each second.
+function countdownEl(dueIso, serverOverdue) {
+  const el = h("span", { class: "countdown", "data-due": dueIso });
+  if (serverOverdue) el.dataset.overdue = "1";
+  paintCountdown(el);
+  return el;
+}
+function paintCountdown(el) {
+  const c = countdown(el.dataset.due);
+  el.textContent = c.text;
+  el.classList.toggle("overdue", c.late || el.dataset.overdue === "1");
+}
+function tickCountdowns() {
+  for (const el of document.querySelectorAll(".countdown[data-due]")) paintCountdown(el);
+}
+
+async function loadInbox() {
+  if (!state.operator) return;
+  const q = state.box ? `?box=${encodeURIComponent(state.box)}` : "";
+  let page;
+  try { page = await api(`/cases${q}`); } catch (_) { return; }
+  learnSkew(page.as_of);
+  $("case-list").replaceChildren(...page.items.map(caseRow));
+  $("case-empty").hidden = page.items.length > 0;
+  // the counts of the four boxes, beside their names
+  await Promise.all(BOXES.map(async (box) => {
+    const el = document.querySelector(`#boxes .box[data-box="${box}"] .count`);
+    try { el.textContent = (await api(`/cases?box=${box}`)).items.length; } catch (_) { el.textContent = ""; }
+  }));
+}
+
+function caseRow(c) {
+  const badges = [h("span", { class: `badge state-${c.state}`, text: stateName(c.state) })];
+  if (c.overdue) badges.push(h("span", { class: "badge overdue", text: t("overdue") }));
+  const ty = state.types.get(c.type);
+  return h("li", {
+    class: `event case${c.overdue ? " is-overdue" : ""}${c.event_id === state.caseId ? " selected" : ""}`,
+    "data-event-id": c.event_id,
+    onclick: () => openCase(c.event_id),
+  },
+  h("span", { class: `bar ${c.severity}` }),
+  h("span", { class: "name" }, (ty && ty[state.lang]) || c.type, ...badges),
+  h("span", { class: "when" }, c.next_due_at && c.state !== "closed" ? countdownEl(c.next_due_at, c.overdue) : ""),
+  h("span", { class: "where", text: `#${c.event_id} · ${c.address || c.grid_code}${c.lead_department ? " · " + departmentName(c.lead_department) : ""}` }));
+}
+
+// The stream's notices move the inbox and an open case at most once a second.
+function casesLater(ids) {
+  if (state.caseId && ids.includes(state.caseId)) state.caseDirty = true;
+  if (state.inboxTimer) return;
+  state.inboxTimer = setTimeout(() => {
+    state.inboxTimer = null;
+    loadInbox();
+    if (state.caseDirty && state.caseId) { state.caseDirty = false; openCase(state.caseId, true); }
+  }, 1000);
+}
+
+async function openCase(id, fromStream) {
+  state.caseId = id;
+  for (const el of document.querySelectorAll("#case-list .case")) el.classList.toggle("selected", Number(el.dataset.eventId) === id);
+  const box = $("c-body");
+  // Someone is filling in a form: a refresh from the stream would wipe it; the step's
+  // compare-and-set tells them if the case moved meanwhile.
+  if (fromStream && formOpen(box)) return;
+  $("c-pick").hidden = true;
+  $("c-title").textContent = `#${id}`;
+  await renderCase(box, id, fromStream, (c) => {
+    const ty = state.types.get(c.type);
+    $("c-title").textContent = `#${c.event_id} ${(ty && ty[state.lang]) || c.type} · ${stateName(c.state)}`;
+  });
+}
+
+// Refresh whatever shows this case: the cases tab, the event detail, the lists.
+async function afterStep(id) {
+  if (state.caseId === id && !$("cases-view").hidden) await openCase(id);
+  if (state.selected === id) {
+    try {
+      const ev = await api(`/events/${id}`);
+      if (state.events.has(id)) { state.events.set(id, ev); renderList(); drawMarkers(); }
+    } catch (_) { /* a department account may not see the event itself */ }
+    if (!$("detail").hidden) await openDetail(id, false);
   }
+  if (state.tab === "cases") loadInbox();
+  loadSummary();
+}
+
+// passive: see openDetail. Only the newest of overlapping renders of one container is drawn.
+async function renderCase(container, id, passive, onLoad) {
+  const seq = (container.renderSeq || 0) + 1;
+  container.renderSeq = seq;
+  let c, trail;
+  try {
+    [c, trail] = await Promise.all([api(`/cases/${id}`), api(`/cases/${id}/trail`)]);
+  } catch (err) {
+    if (container.renderSeq !== seq || (passive && formOpen(container))) return;
+    container.replaceChildren(err.status === 404 ? h("p", { class: "muted", text: t("no_case") }) : h("p", { class: "error", text: `${t("error")}: ${err.message}` }));
+    return;
+  }
+  if (container.renderSeq !== seq || (passive && formOpen(container))) return;
+  learnSkew(c.as_of);
+  for (const u of container.blobUrls || []) URL.revokeObjectURL(u);
+  container.blobUrls = [];
+  if (onLoad) onLoad(c);
+
+  const facts = h("dl", { class: "facts" });
+  const fact = (k, v) => facts.append(h("dt", { text: t(k) }), h("dd", {}, v));
+  fact("k_case_state", h("span", { class: "case-state", "data-state": c.state }, stateName(c.state),
+    c.overdue ? h("span", { class: "badge overdue", text: t("overdue") }) : null,
+    c.outcome ? h("span", { class: "badge closed", text: t("out_" + c.outcome) }) : null));
+  fact("k_version", String(c.version));
+  if (c.lead_department) fact("k_lead", departmentName(c.lead_department));
+  if (c.co_departments.length) fact("k_co", c.co_departments.map(departmentName).join("、"));
+  if (c.assignee || c.handled_by) fact("k_assignee", c.assignee || c.handled_by);
+  if (c.send_backs) fact("k_send_backs", String(c.send_backs));
+  if (c.extension) fact("k_extension", `${c.extension.by}: ${c.extension.reason}${c.extension.until ? " → " + fmtTime(c.extension.until) : ""}`);
+
+  const deadlines = c.deadlines.length ? h("table", { class: "small deadlines" },
+    h("thead", {}, h("tr", {}, ["c_stage", "c_due", "c_left"].map((k) => h("th", { text: t(k) })))),
+    h("tbody", {}, c.deadlines.map((d) => h("tr", {
+      class: `deadline${d.running ? " running" : ""}${d.overdue ? " overdue" : ""}${d.late ? " late" : ""}`,
+      "data-clock": d.clock,
+    },
+    h("td", { text: (state.lang === "zh" ? d.zh : I18N.en["clk_" + d.clock] || d.clock) + (d.round ? ` · ${t("round")} ${d.round}` : "") }),
+    h("td", { text: fmtTime(d.due_at) + (d.extended ? ` · ${t("extended")}` : "") }),
+    h("td", {}, d.running ? countdownEl(d.due_at, d.overdue) : h("span", { class: d.late ? "late" : "ok", text: `${t("stopped")} · ${t(d.late ? "late" : "on_time")}` })))))) : null;
+
+  const actions = c.allowed_actions.length ? caseActions(container, c) : null;
+
+  const timeline = h("ol", { class: "timeline case-timeline" }, trail.rows.map((r) => {
+    const li = h("li", { "data-action": r.action, "data-seq": r.seq },
+      h("time", { text: fmtTime(r.at) }),
+      h("b", { text: actionName(r.action, null) }),
+      ` · ${r.actor} (${r.role})`,
+      r.before !== r.after ? ` · ${stateName(r.before)} → ${stateName(r.after)}` : "",
+      r.reason ? h("div", { class: "reason", text: r.reason }) : null,
+      r.note ? h("div", { class: "note", text: r.note }) : null);
+    if (r.evidence.length) {
+      const pics = h("div", { class: "thumbs evidence" });
+      for (const sha of r.evidence) {
+        const img = h("img", { alt: t("evidence"), "data-sha256": sha, title: sha.slice(0, 12) });
+        loadBlob(`${API}/evidence/${sha}`, container.blobUrls).then((u) => { img.src = u; }).catch(() => {});
+        pics.append(img);
+      }
+      li.append(pics);
+    }
+    return li;
+  }));
+
+  container.replaceChildren(...[
+    facts,
+    actions ? h("h3", { text: t("h_actions") }) : null, actions,
+    deadlines ? h("h3", { text: t("h_deadlines") }) : null, deadlines,
+    h("h3", { text: t("h_case_timeline") }), timeline,
+  ].filter(Boolean));
+}
+
+// The buttons are the case's allowed_actions, nothing else; each form asks for what the
+// action's inputs (from the lifecycle table) name.
+function caseActions(container, c) {
+  const error = h("p", { class: "error c-error", role: "alert" });
+  const forms = h("div", { class: "c-forms" });
+  const buttons = h("div", { class: "buttons" }, c.allowed_actions.map((action) => {
+    const inputs = c.action_inputs[action] || { requires: [], optional: [] };
+    return h("button", {
+      type: "button",
+      class: "c-action",
+      "data-action": action,
+      text: actionName(action, c.actions_zh),
+      onclick: () => {
+        error.textContent = "";
+        if (!inputs.requires.length && !inputs.optional.length) {
+          takeStep(c, action, {}, [], error);
+          return;
+        }
+        // Renders still in flight were asked for before this form: they must not wipe it.
+        container.renderSeq = (container.renderSeq || 0) + 1;
+        forms.replaceChildren(stepForm(c, action, inputs, error, () => forms.replaceChildren()));
+      },
+    });
+  }));
+  return h("div", { class: "actions" }, buttons, forms, error);
+}
+
+function stepForm(c, action, inputs, error, close) {
+  const needs = (x) => inputs.requires.includes(x);
+  const takes = (x) => needs(x) || inputs.optional.includes(x);
+  const label = (key, field, req) => h("label", {}, h("span", { text: t(key) + (req ? ` (${t("required")})` : "") }), field);
+  const fields = [];
+  let reason, summary, photos, lead, co, until;
+  if (takes("departments")) {
+    lead = h("select", { class: "c-lead", name: "lead_department" },
+      h("option", { value: "", text: "—" }),
+      [...state.departments].map(([code, n]) => h("option", { value: code, text: `${n[state.lang]} (${code})` })));
+    co = h("div", { class: "c-co" }, [...state.departments].map(([code, n]) => h("label", { class: "check" },
+      h("input", { type: "checkbox", value: code, name: "co_departments" }), ` ${n[state.lang]}`)));
+    fields.push(label("f_lead", lead, needs("departments")), h("div", {}, h("span", { class: "muted", text: t("f_co") }), co));
+  }
+  if (takes("reason")) {
+    reason = h("textarea", { class: "c-reason", name: "reason", maxlength: 4000 });
+    fields.push(label("f_reason", reason, needs("reason")));
+  }
+  if (takes("evidence")) {
+    summary = h("textarea", { class: "c-summary", name: "summary", maxlength: 4000 });
+    photos = h("input", { type: "file", class: "c-photos", name: "photos", accept: "image/jpeg,image/png", multiple: true });
+    fields.push(label("f_summary", summary, false), label("f_photos", photos, false));
+  }
+  if (takes("until")) {
+    until = h("input", { type: "datetime-local", class: "c-until", name: "until" });
+    fields.push(label("f_until", until, needs("until")));
+  }
+  const note = h("textarea", { class: "c-note", name: "note", maxlength: 4000, placeholder: t("f_note") });
+  fields.push(label("f_note", note, false));
+  const submit = h("button", { type: "submit", class: "primary c-submit", text: `${t("submit")} · ${actionName(action, c.actions_zh)}` });
+  const form = h("form", { class: "c-form", "data-for": action },
+    ...fields,
+    h("div", { class: "buttons" }, submit, h("button", { type: "button", class: "ghost", text: t("cancel"), onclick: close })));
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    error.textContent = "";
+    // Hints only, so an operator is told before a round trip; the server checks all of it.
+    if (needs("reason") && !reason.value.trim()) { error.textContent = t("need_reason"); return; }
+    if (needs("departments") && !lead.value) { error.textContent = t("need_lead"); return; }
+    if (needs("evidence") && !summary.value.trim() && !photos.files.length) { error.textContent = t("need_evidence"); return; }
+    const payload = {};
+    if (reason && reason.value.trim()) payload.reason = reason.value.trim();
+    if (summary && summary.value.trim()) payload.summary = summary.value.trim();
+    if (lead && lead.value) {
+      payload.lead_department = lead.value;
+      payload.co_departments = [...co.querySelectorAll("input:checked")].map((x) => x.value).filter((x) => x !== lead.value);
+    }
+    if (until && until.value) payload.until = new Date(until.value).toISOString();
+    if (note.value.trim()) payload.note = note.value.trim();
+    submit.disabled = true;
+    try {
+      await takeStep(c, action, payload, photos ? [...photos.files] : [], error);
+    } finally {
+      submit.disabled = false;
+    }
+  });
+  return form;
+}
+
+async function uploadEvidence(file) {
+  const res = await fetch(`${API}/evidence`, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${state.token}`, "Content-Type": file.type || "application/octet-stream" },
+    body: file,
+  });
+  if (!res.ok) {
+    let detail = res.statusText;
+    try { detail = (await res.json()).detail; } catch (_) { /* not JSON */ }
+    throw new HttpError(res.status, typeof detail === "string" ? detail : JSON.stringify(detail));
+  }
+  return (await res.json()).sha256;
+}
+
+async function takeStep(c, action, payload, files, error) {
+  try {
+    if (files.length) {
+      error.textContent = t("uploading");
+      payload.photos = [];
+      for (const f of files) payload.photos.push(await uploadEvidence(f));
+      error.textContent = "";
+    }
+    await api(`/cases/${c.event_id}/steps`, {
+      method: "POST", body: { action, expected_version: c.version, payload },
+    });
+  } catch (err) {
+    if (err.status === 409 && /version|changed/i.test(err.message)) {
+      await afterStep(c.event_id);
+      const el = document.querySelector(".c-error");
+      if (el) el.textContent = `${t("case_changed")} (${err.message})`;
+      return;
+    }
+    error.textContent = `${t("error")}: ${err.message}`;
+    return;
+  }
+  await afterStep(c.event_id);
+}
+
+// -- case handling figures (Longgang 8.6): GET /cases/metrics ---------------------------------
+
+async function loadCaseMetrics() {
+  const by = $("cm-by").value;
+  let data;
+  try {
+    data = await api(`/cases/metrics?by=${encodeURIComponent(by)}`);
+    $("cm-error").textContent = "";
+  } catch (err) {
+    $("cm-error").textContent = `${t("cm_unavailable")}: ${err.message}`;
+    $("cm-rows").replaceChildren();
+    return;
+  }
+  $("cm-asof").textContent = `${t("h_asof")} ${fmtTime(data.at || data.as_of)}`;
+  const name = (key) => {
+    if (by === "department") { const d = state.departments.get(key); return d ? `${d[state.lang]} (${key})` : key; }
+    if (by === "community") { const p = state.places.get(key); return p ? `${p[state.lang] || p.zh} (${key})` : key; }
+    return key;
+  };
+  const row = (g, label, cls) => h("tr", { class: cls, "data-key": g.key ?? "" },
+    h("td", { text: label }),
+    h("td", { text: g.registered ?? "—" }),
+    h("td", { text: g.closed ?? "—" }),
+    h("td", { class: "rate", text: pct(g.handling_rate) }),
+    h("td", { class: "on-time", text: pct(g.on_time_rate) }),
+    h("td", { class: "first-time", text: pct(g.first_time_rate) }),
+    h("td", { class: "not-handled", text: g.not_handled ?? "—" }),
+    h("td", { class: g.overdue ? "overdue" : "", text: g.overdue ?? "—" }));
+  const groups = data.groups || data.items || [];
+  const rows = groups.map((g) => row(g, name(g.key), ""));
+  if (data.total) rows.push(row(data.total, t("h_total"), "total"));
+  $("cm-rows").replaceChildren(...rows);
 }
 
 // -- devices ----------------------------------------------------------------------------------
@@ -721,6 +1115,7 @@ function duration(seconds) {
 }
 
 async function loadHandling() {
+  loadCaseMetrics();
   let data;
   try { data = await api(`/stats/handling?by=${encodeURIComponent($("h-by").value)}`); } catch (_) { return; }
   $("handling-asof").textContent = `${t("h_asof")} ${fmtTime(data.as_of)}`;
@@ -750,6 +1145,7 @@ function showTab(tab) {
   $("events-view").hidden = tab !== "events";
   $("devices-view").hidden = tab !== "devices";
   $("handling-view").hidden = tab !== "handling";
+  $("cases-view").hidden = tab !== "cases";
   clearInterval(state.deviceTimer);
   if (tab === "devices") {
     loadDevices();
@@ -757,6 +1153,10 @@ function showTab(tab) {
   } else if (tab === "handling") {
     loadHandling();
     state.deviceTimer = setInterval(loadHandling, 30000);
+  } else if (tab === "cases") {
+    loadInbox();
+    if (state.caseId) openCase(state.caseId);
+    state.deviceTimer = setInterval(loadInbox, 15000);
   } else {
     refit();
   }
@@ -776,6 +1176,14 @@ function init() {
   $("filters").addEventListener("change", () => { loadEvents(true).catch(() => {}); drawMap(); });
   $("more").onclick = () => loadEvents(false);
   $("h-by").addEventListener("change", () => loadHandling());
+  $("cm-by").addEventListener("change", () => loadCaseMetrics());
+  for (const b of document.querySelectorAll("#boxes .box")) {
+    b.onclick = () => {
+      state.box = b.dataset.box;
+      for (const x of document.querySelectorAll("#boxes .box")) x.classList.toggle("active", x === b);
+      loadInbox();
+    };
+  }
   $("d-close").onclick = () => {
     $("detail").hidden = true;
     state.selected = null;
@@ -785,6 +1193,7 @@ function init() {
   setupMapControls();
   applyLang();
   setInterval(() => { if (state.operator && state.tab === "events") renderList(); }, 30000);
+  setInterval(tickCountdowns, 1000);
   if (state.token) start();
 }
 

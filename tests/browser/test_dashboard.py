@@ -140,10 +140,10 @@ def test_login_map_list_live_event_and_detail_with_snapshot(
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard-zh.png"))
 
-    # A lifecycle step from the detail panel.
-    page.click("button[data-action=verify]")
-    expect(page.locator("#d-body")).to_contain_text("已核实")
-    expect(page.locator("button[data-action=verify]")).to_be_disabled()
+    # The detail panel shows the event's case; an administrator takes no case actions (the
+    # case's allowed_actions are empty for it), so it offers no buttons.
+    expect(page.locator("#d-case .case-state[data-state=registered]")).to_be_visible()
+    expect(page.locator("#d-case button.c-action")).to_have_count(0)
 
     # English labels.
     page.click("#lang")
@@ -255,18 +255,18 @@ def test_no_token_in_any_log_line_after_a_browser_session(
     broker: Any, tmp_path: Path, page: Page, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """With every request logged (info), a whole session — login, live stream, an event with
-    its snapshot, a lifecycle step, logout — leaves no token in any line the service's
-    processes wrote."""
+    its snapshot, a case step, logout — leaves no token in any line the service's processes
+    wrote."""
     service = Service(
         aggregator_settings(broker, tmp_path / "agg"),
         port=0,
         log_level="info",
         password_hasher=FAST_HASHER,
     )
-    service.auth.create_account("admin", "admin", password=PASSWORD)
+    service.auth.create_account("comm_a", "community", scope_code=COMMUNITY_A, password=PASSWORD)
     with service:
         assert service.aggregator.ingest.wait_connected(5)
-        login(page, service, "admin")
+        login(page, service, "comm_a")
         token = page.evaluate("sessionStorage.getItem('cwg.token')")
         assert token
         expect(page.locator("#live.on")).to_be_visible()
@@ -283,8 +283,9 @@ def test_no_token_in_any_log_line_after_a_browser_session(
             " return i && i.complete && i.naturalWidth > 0; }",
             timeout=5_000,
         )
-        page.click("button[data-action=verify]")
+        page.click("#d-case button.c-action[data-action=verify]")
         expect(page.locator("#d-body")).to_contain_text("已核实")
+        expect(page.locator("#d-case .case-state[data-state=assessing]")).to_be_visible()
         # The session cookie the login set is HttpOnly: page scripts cannot read it.
         assert "cwg_stream" not in page.evaluate("document.cookie")
         page.click("#logout")
