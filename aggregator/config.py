@@ -376,7 +376,10 @@ class Settings(BaseSettings):
                 "pool_url must be a PostgreSQL URL, postgresql://user:password@host:port/db "
                 "(unset it to use the SQLite pool file)"
             )
-        return value
+        # The scheme is case-insensitive here and in reader.is_pool_url, but libpq matches it
+        # exactly: an upper-case one would be parsed as key=value text (and its error quotes
+        # the password). Every part gets the URL from here, lower-cased once.
+        return SecretStr(f"{scheme.lower()}://{rest}")
 
     @model_validator(mode="after")
     def _defaults_under_data_dir(self) -> Settings:

@@ -58,7 +58,8 @@ class Reader(Protocol):
 
 def is_pool_url(target: Path | str) -> bool:
     """Whether a pool target names a PostgreSQL database (a URL) rather than a SQLite file."""
-    return isinstance(target, str) and target.startswith(URL_SCHEMES)
+    # case-insensitive like Settings.pool_url (which hands the URL on with its scheme lowered)
+    return isinstance(target, str) and target[:16].lower().startswith(URL_SCHEMES)
 
 
 def is_pg(conn: Reader) -> bool:

@@ -18,7 +18,7 @@ from pydantic import SecretStr, ValidationError
 from aggregator.cli import main as cli_main
 from aggregator.config import Settings
 from aggregator.pool.postgres import PgEventPool, PgSnapshotStore
-from aggregator.pool.reader import open_reader
+from aggregator.pool.reader import is_pool_url, open_reader
 from aggregator.service import Aggregator, Service, build_aggregator
 from contract import Outcome
 from tests.pgsupport import PgServer
@@ -79,6 +79,10 @@ def test_pool_url_selects_postgresql_and_never_shows_its_password() -> None:
         Settings(pool_url=SecretStr("mysql://cwg:s3cret-pw@db.example/pool"))
     assert "pool_url must be a PostgreSQL URL" in str(refused.value)
     assert "s3cret" not in str(refused.value)
+    # an upper-case scheme is accepted and handed on lower-cased: libpq matches it exactly
+    upper = Settings(pool_url=SecretStr("POSTGRESQL://cwg:s3cret-pw@db.example/pool"))
+    assert upper.pool_target == "postgresql://cwg:s3cret-pw@db.example/pool"
+    assert is_pool_url(upper.pool_target)
 
 
 def test_pool_url_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -59,6 +59,8 @@ def test_placeholders_become_psycopg_ones_outside_quotes_and_percent_is_doubled(
 def test_a_url_names_postgresql_and_anything_else_a_sqlite_file(tmp_path: Path) -> None:
     assert is_pool_url("postgresql://u@h/db")
     assert is_pool_url("postgres://h/db")
+    assert is_pool_url("POSTGRESQL://u@h/db")  # the scheme is case-insensitive, as in Settings
+    assert is_pool_url("Postgres://h/db")
     assert not is_pool_url(tmp_path / "pool.db")
     assert not is_pool_url(str(tmp_path / "p.db"))
     assert sqlite3.Error in read_errors()
