@@ -485,6 +485,8 @@ class IoLoop:
 
     # rows waiting for the worker beyond which we stop reading the broker (TCP holds the rest)
     _MAX_CHANNEL_BYTES = 16 << 20
+    # back-pressure is logged at most this often
+    _BACK_PRESSURE_LOG_S = 10.0
     # the broker socket is read at most this often (adds at most this much latency)
     _READ_EVERY_S = 0.002
 
@@ -513,6 +515,8 @@ class IoLoop:
         self._max_out_bytes = settings.outgoing_max_bytes
         # the broker is connected and _out is full: the worker's channel is not read (it waits)
         self._holding_back = False
+        self._back_pressure_episodes = 0
+        self._next_back_pressure_log = 0.0
         self._dropping = False  # dropping the oldest while the broker is unreachable
         self._inflight: set[int] = set()  # mids of QoS 1 publishes the broker has not acked
         self._window = 1000
@@ -765,21 +769,31 @@ class IoLoop:
         return bool(self._inflight) and (room or holding_back)
 
     def _hold_back(self) -> bool:
-        """Whether the worker's channel waits this round: connected, and _out at its bound.
-        Logged once per episode, when it starts and when it ends."""
-        holding = self._connected and self._out_bytes >= self._max_out_bytes
+        """Whether the worker's channel waits this round: connected, and _out at its bound
+        (until it is down to half of it, so that the writer goes on for a while between
+        episodes rather than one frame at a time). Logged when an episode starts, at most
+        every ``_BACK_PRESSURE_LOG_S`` with the number of episodes since."""
+        limit = self._max_out_bytes if not self._holding_back else self._max_out_bytes // 2
+        holding = self._connected and self._out_bytes >= limit
         if holding != self._holding_back:
             self._holding_back = holding
             if holding:
-                log.warning(
-                    "the broker takes feedback and notices more slowly than they are made: "
-                    "%s messages (%.1f MiB) wait for it; the pool writer waits too until it "
-                    "has taken them (back-pressure, nothing dropped)",
-                    len(self._out),
-                    self._out_bytes / (1 << 20),
-                )
+                self._back_pressure_episodes += 1
+                now = time.monotonic()
+                if now >= self._next_back_pressure_log:
+                    self._next_back_pressure_log = now + self._BACK_PRESSURE_LOG_S
+                    log.warning(
+                        "the broker takes feedback and notices more slowly than they are "
+                        "made: %s messages (%.1f MiB) wait for it, and the pool writer waits "
+                        "until it has taken half (back-pressure, nothing dropped; %s times "
+                        "since the last such message)",
+                        len(self._out),
+                        self._out_bytes / (1 << 20),
+                        self._back_pressure_episodes,
+                    )
+                    self._back_pressure_episodes = 0
             elif self._connected:  # (a lost connection says so itself)
-                log.info("the broker caught up with feedback and notices; the writer goes on")
+                log.debug("the broker caught up with feedback and notices; the writer goes on")
         return holding
 
     def _drop_oldest(self) -> None:
