@@ -68,7 +68,8 @@ const I18N = {
     cm_title: "案件处置考核（龙港 8.6 · 江苏 6.3）", by_person: "人员",
     cm_first_time: "一次性处置率", cm_not_handled: "未有效处置",
     cm_note: "处置率 = 有效处置 / 登记；按期处置率 = 各环节均按期的办结 / 应办结；一次性处置率 = 未退回即办结 / 办结。",
-    cm_unavailable: "案件考核暂不可用",
+    cm_unavailable: "案件考核暂不可用", cm_period: "统计期", cm_all_time: "全部",
+    cm_1d: "近 1 天", cm_7d: "近 7 天", cm_30d: "近 30 天", cm_365d: "近一年",
   },
   en: {
     title: "Community event pool", subtitle: "Smart-community warnings · 5.4",
@@ -139,7 +140,8 @@ const I18N = {
     cm_title: "Case handling (Longgang 8.6 · Jiangsu 6.3)", by_person: "Person",
     cm_first_time: "First-time rate", cm_not_handled: "Not effectively handled",
     cm_note: "Handling rate = effectively handled / registered; on-time rate = closed with every stage on time / due; first-time rate = closed without a send-back / closed.",
-    cm_unavailable: "Case figures unavailable",
+    cm_unavailable: "Case figures unavailable", cm_period: "Period", cm_all_time: "All time",
+    cm_1d: "Last day", cm_7d: "Last 7 days", cm_30d: "Last 30 days", cm_365d: "Last year",
   },
 };
 const SEVERITIES = ["critical", "high", "medium", "low"];
@@ -1047,9 +1049,13 @@ async function takeStep(c, action, payload, files, error) {
 
 async function loadCaseMetrics() {
   const by = $("cm-by").value;
+  const q = new URLSearchParams({ by });
+  const days = Number($("cm-days").value);
+  // the period's start on the case clock (learnSkew), as the server counts registrations
+  if (days) q.set("since", new Date(Date.now() + (state.caseSkew || 0) - days * 86400000).toISOString());
   let data;
   try {
-    data = await api(`/cases/metrics?by=${encodeURIComponent(by)}`);
+    data = await api(`/cases/metrics?${q}`);
     $("cm-error").textContent = "";
   } catch (err) {
     $("cm-error").textContent = `${t("cm_unavailable")}: ${err.message}`;
@@ -1177,6 +1183,7 @@ function init() {
   $("more").onclick = () => loadEvents(false);
   $("h-by").addEventListener("change", () => loadHandling());
   $("cm-by").addEventListener("change", () => loadCaseMetrics());
+  $("cm-days").addEventListener("change", () => loadCaseMetrics());
   for (const b of document.querySelectorAll("#boxes .box")) {
     b.onclick = () => {
       state.box = b.dataset.box;

@@ -25,7 +25,13 @@ from tests.aggregator.conftest import (
     jpeg,
     make_alert,
 )
-from tests.aggregator.operator_support import FAST_HASHER, OPERATORS, PASSWORD, publish
+from tests.aggregator.operator_support import (
+    COMMUNITY_A,
+    FAST_HASHER,
+    OPERATORS,
+    PASSWORD,
+    publish,
+)
 from tests.browser.test_dashboard import ARTIFACTS, browser  # noqa: F401  (the module's Chromium)
 
 # The lifecycle actions of this case, in order (supervision rows may come between them).
@@ -292,3 +298,21 @@ def test_a_case_from_registration_to_closing_by_two_roles(
         expect(comm.locator("#d-case .case-state[data-state=closed]")).to_be_visible()
         expect(comm.locator("#d-case .case-timeline li[data-action=send_back]")).to_be_visible()
         comm.screenshot(path=str(ARTIFACTS / "case-closed-community.png"))
+
+        # The handling tab's case figures, computed by hand for this one case: handled (a
+        # single send-back is still effective handling) → 处置率 100%; sent back once →
+        # 一次性处置率 0%; accepted 40 minutes after the whistle (30 allowed) → 按期处置率 0%;
+        # the same for the community, the lead department and the person who handled it.
+        comm.click("button.tab[data-tab=handling]")
+        for by, key in (("community", COMMUNITY_A), ("department", "fire"), ("person", "fire")):
+            comm.select_option("#cm-by", by)
+            row = comm.locator(f"#cm-rows tr[data-key='{key}']")
+            expect(row.locator("td.rate")).to_have_text("100%")
+            expect(row.locator("td.first-time")).to_have_text("0%")
+            expect(row.locator("td.on-time")).to_have_text("0%")
+            expect(comm.locator("#cm-rows tr:not(.total)")).to_have_count(1)
+        expect(comm.locator("#cm-rows tr.total td.rate")).to_have_text("100%")
+        comm.select_option("#cm-days", "7")
+        expect(comm.locator("#cm-rows tr.total td.first-time")).to_have_text("0%")
+        expect(comm.locator("#cm-error")).to_be_empty()
+        comm.screenshot(path=str(ARTIFACTS / "case-handling-figures.png"))
