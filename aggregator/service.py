@@ -57,13 +57,13 @@ from aggregator.cases.supervise import SupervisionPolicy
 from aggregator.clock import clock_for
 from aggregator.config import Settings
 from aggregator.errors import AggregatorError
-from aggregator.fanout.metrics import Metrics
 from aggregator.fanout.timeseries import TimeSeriesSettings, TimeSeriesSink
 from aggregator.fanout.webhooks import WebhookWorker, WorkerOptions
 from aggregator.gctune import tune_gc
 from aggregator.grids import GridIndex, default_grid_file
 from aggregator.ingest.assemble import Pipeline
 from aggregator.ingest.decode import DecodeLimits
+from aggregator.ingest.metrics import Metrics
 from aggregator.ingest.worker import BatchSink, MqttIngest
 from aggregator.pool.port import IngestPool, SnapshotStorage
 from aggregator.pool.snapshots import SnapshotStore

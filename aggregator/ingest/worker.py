@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aggregator.config import BatchSettings, DeadLetterSettings, MqttSettings, NoticeSettings
-from aggregator.fanout.metrics import Metrics
 from aggregator.ingest.assemble import (
     Assembled,
     Inbound,
@@ -39,10 +38,12 @@ from aggregator.ingest.assemble import (
     internal_rejection,
 )
 from aggregator.ingest.decode import best_effort_ids
+from aggregator.ingest.metrics import Metrics
 from aggregator.ingest.transport import Outgoing, Transport, make_transport
 from aggregator.pool.model import BatchResult, DeadLetterIn, Notice
 from aggregator.pool.port import IngestPool
 from aggregator.pool.queries import event_summaries
+from aggregator.pool.reader import read_errors
 from contract import (
     EventNoticeV1,
     EventStatus,
@@ -149,6 +150,8 @@ class MqttIngest:
             batch_settings,
             Prevalidator(pipeline.topics, pipeline.catalogue, pipeline.limits),
         )
+        # read at each scrape: the gauge follows the session however long the service runs
+        self.metrics.connected.set_function(lambda: float(self._transport.connected()))
         self._stop = threading.Event()
         self._batches = 0
         self._messages = 0
@@ -174,9 +177,7 @@ class MqttIngest:
         self._worker.start()
 
     def wait_connected(self, timeout: float) -> bool:
-        ok = self._transport.wait_connected(timeout)
-        self.metrics.connected.set(1 if ok else 0)
-        return ok
+        return self._transport.wait_connected(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the batch in hand, commit and acknowledge it, then disconnect."""
@@ -196,7 +197,6 @@ class MqttIngest:
 
     def stats(self) -> IngestStats:
         connected = self._transport.connected()
-        self.metrics.connected.set(1 if connected else 0)
         return IngestStats(self._batches, self._messages, connected, self._transport.depth())
 
     # -- the worker ----------------------------------------------------------
@@ -320,7 +320,7 @@ class MqttIngest:
                 "expired dead letters could not be deleted: %s: %s",
                 type(exc).__name__,
                 exc,
-                exc_info=not (is_pool_fault(exc) or isinstance(exc, sqlite3.Error)),
+                exc_info=not (is_pool_fault(exc) or isinstance(exc, read_errors())),
             )
             return
         if removed:
@@ -425,10 +425,20 @@ class MqttIngest:
             self._notice_sent[event_id] = now
         try:
             summaries = event_summaries(self.pool.reader, ready, self.pipeline.catalogue)
-        except Exception:
-            # The pool could not be read (I/O error…): they stay held, tried again in an interval.
-            log.exception(
-                "held event notices could not be read; retrying in %.1f s", self._notice_interval
+        except Exception as exc:
+            # The pool could not be read: they stay held, tried again in an interval. A pool
+            # fault (locked, unreachable, a PostgreSQL restart) is expected: no traceback.
+            if not is_pool_fault(exc):
+                log.exception(
+                    "held event notices could not be read; retrying in %.1f s",
+                    self._notice_interval,
+                )
+                return
+            log.warning(
+                "held event notices could not be read (%s: %s); retrying in %.1f s",
+                type(exc).__name__,
+                exc,
+                self._notice_interval,
             )
             return
         for event_id in ready:
