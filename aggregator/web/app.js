@@ -68,6 +68,8 @@ const I18N = {
     cm_title: "案件处置考核（龙港 8.6 · 江苏 6.3）", by_person: "人员",
     cm_first_time: "一次性处置率", cm_not_handled: "未有效处置",
     cm_note: "处置率 = 有效处置 / 登记；按期处置率 = 各环节均按期的办结 / 应办结；一次性处置率 = 未退回即办结 / 办结。",
+    h_supervision: "督办", lv_community: "社区", lv_department: "部门", lv_street: "街道",
+    lv_county: "区县", raised: "发起于",
     cm_unavailable: "案件考核暂不可用", cm_period: "统计期", cm_all_time: "全部",
     cm_1d: "近 1 天", cm_7d: "近 7 天", cm_30d: "近 30 天", cm_365d: "近一年",
   },
@@ -140,6 +142,8 @@ const I18N = {
     cm_title: "Case handling (Longgang 8.6 · Jiangsu 6.3)", by_person: "Person",
     cm_first_time: "First-time rate", cm_not_handled: "Not effectively handled",
     cm_note: "Handling rate = effectively handled / registered; on-time rate = closed with every stage on time / due; first-time rate = closed without a send-back / closed.",
+    h_supervision: "Supervision", lv_community: "community", lv_department: "department",
+    lv_street: "street", lv_county: "county", raised: "raised",
     cm_unavailable: "Case figures unavailable", cm_period: "Period", cm_all_time: "All time",
     cm_1d: "Last day", cm_7d: "Last 7 days", cm_30d: "Last 30 days", cm_365d: "Last year",
   },
@@ -893,6 +897,15 @@ async function renderCase(container, id, passive, onLoad) {
 
   const actions = c.allowed_actions.length ? caseActions(container, c) : null;
 
+  // Supervision (督办) the timer raised: reminders, overdue items, escalations.
+  const items = c.supervision || [];
+  const supervision = items.length ? h("ul", { class: "supervision" }, items.map((s) => h("li", {
+    class: `sv ${s.kind}`, "data-kind": s.kind, "data-clock": s.clock,
+  },
+  h("b", { text: state.lang === "zh" ? s.kind_zh : actionName(s.kind, null) }),
+  ` · ${state.lang === "zh" ? (c.deadlines.find((d) => d.clock === s.clock)?.zh || s.clock) : (I18N.en["clk_" + s.clock] || s.clock)}`,
+  ` → ${t("lv_" + s.level)} · ${t("raised")} ${fmtTime(s.raised_at)}`))) : null;
+
   const timeline = h("ol", { class: "timeline case-timeline" }, trail.rows.map((r) => {
     const li = h("li", { "data-action": r.action, "data-seq": r.seq },
       h("time", { text: fmtTime(r.at) }),
@@ -917,6 +930,7 @@ async function renderCase(container, id, passive, onLoad) {
     facts,
     actions ? h("h3", { text: t("h_actions") }) : null, actions,
     deadlines ? h("h3", { text: t("h_deadlines") }) : null, deadlines,
+    supervision ? h("h3", { text: t("h_supervision") }) : null, supervision,
     h("h3", { text: t("h_case_timeline") }), timeline,
   ].filter(Boolean));
 }

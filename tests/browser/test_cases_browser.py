@@ -7,6 +7,7 @@ read the same timeline from the audit trail."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, FilePayload, Page, Route, expect
 
 from aggregator.clock import OffsetFileClock
+from aggregator.config import SupervisionSettings
 from aggregator.service import Service
 from tests.aggregator.conftest import (
     PoolBackend,
@@ -58,6 +60,8 @@ def stack(
             broker,
             tmp_path / "agg",
             test_clock_file=clock_file,
+            # the timer looks often, so the jump of the case clock is supervised at once
+            supervision=SupervisionSettings(interval_s=0.3),
             **pool_backend.settings_overrides(),
         ),
         port=0,
@@ -139,6 +143,17 @@ def expect_state(page: Page, state: str) -> None:
     expect(page.locator(f"#c-body .case-state[data-state='{state}']")).to_be_visible()
 
 
+def wait_for_supervision(page: Page, event_id: int, kind: str, clock: str) -> None:
+    """Reopen the case (from the overdue box) until the timer's item shows, for 10 s at most."""
+    item = page.locator(f"#c-body .supervision li[data-kind={kind}][data-clock={clock}]")
+    deadline = time.monotonic() + 10
+    while not item.count():
+        assert time.monotonic() < deadline, f"no {kind} supervision item on {clock}"
+        page.wait_for_timeout(300)
+        open_from_box(page, "overdue", event_id)
+    expect(item).to_contain_text("超期督办")
+
+
 def lifecycle_rows(page: Page) -> list[str]:
     rows: list[str] = page.locator("#c-body .case-timeline li").evaluate_all(
         "els => els.map(e => e.dataset.action)"
@@ -206,6 +221,9 @@ def test_a_case_from_registration_to_closing_by_two_roles(
         expect(fire.locator("#c-body .case-state .badge.overdue")).to_be_visible()
         open_from_box(comm, "overdue", event_id)
         expect(comm.locator("#case-list .case.is-overdue")).to_have_count(1)
+        # The supervision timer raised an overdue item on the acceptance: both pages show it.
+        for page in (fire, comm):
+            wait_for_supervision(page, event_id, "overdue", "accept")
         ARTIFACTS.mkdir(exist_ok=True)
         fire.screenshot(path=str(ARTIFACTS / "case-overdue-department.png"))
 
