@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import time
 from collections import Counter
 from contextlib import closing
 from pathlib import Path
+
+import httpx
 
 from aggregator.pool.sqlite import connect
 
@@ -28,11 +31,30 @@ def _actions(pool: Path) -> Counter[str]:
     return Counter({str(a): int(n) for a, n in rows})
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _figures(port: int) -> dict[str, object]:
+    """What the dashboard's handling tab shows: the figures by department, as admin/admin."""
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+        r = http.post("/api/v1/auth/token", json={"username": "admin", "password": "admin"})
+        r.raise_for_status()
+        auth = {"Authorization": f"Bearer {r.json()['access_token']}"}
+        r = http.get("/api/v1/cases/metrics", params={"by": "department"}, headers=auth)
+        r.raise_for_status()
+        total: dict[str, object] = r.json()["total"]
+        return total
+
+
 def test_demo_operators_work_the_cases(tmp_path: Path) -> None:
+    port = _free_port()
     proc = subprocess.Popen(
         [
             *(sys.executable, "-m", "aggregator.cli", "demo", "--data-dir", str(tmp_path)),
-            *("--devices", "9", "--rate", "4", "--http-port", "0", "--duration", "90"),
+            *("--devices", "9", "--rate", "4", "--http-port", str(port), "--duration", "90"),
             *("--case-speed", "1200"),  # twenty case-clock minutes a second
         ],
         stdout=subprocess.PIPE,
@@ -50,6 +72,11 @@ def test_demo_operators_work_the_cases(tmp_path: Path) -> None:
             actions = _actions(pool)
         assert all(actions[a] for a in wanted), actions
         assert actions["accept_off_site"] + actions["accept_on_site"] >= 1, actions
+        # what the dashboard's handling tab reads has figures: cases registered and handled
+        total = _figures(port)
+        assert isinstance(total["handled"], int)
+        assert total["handled"] >= 1, total
+        assert total["registered"] != 0, total
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=60)
     finally:
