@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Final, TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -81,7 +81,16 @@ T = TypeVar("T")
 
 DEV_ENV = "CWG_DEV"
 MIN_PASSWORD_LENGTH = 10
-USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{1,63}$")
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{1,63}")  # whole name: fullmatch
+# The limiter's user key for every name that no account can have (not itself such a name).
+_NOT_A_NAME: Final = "<not an account name>"
+
+
+def is_account_name(username: str) -> bool:
+    """Whether an account could have this name (the rule ``create_account`` enforces)."""
+    return USERNAME_PATTERN.fullmatch(username) is not None
+
+
 DEPARTMENT_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
@@ -248,7 +257,7 @@ class AuthStore:
     ) -> tuple[Operator, str]:
         """Add an account; returns it and its password (generated when none is given)."""
         level = Level(level)
-        if not USERNAME_PATTERN.match(username):
+        if not is_account_name(username):
             raise AccountError(
                 f"username {username!r} must be 2-64 letters, digits or _.@- "
                 "and start with a letter or digit"
@@ -327,7 +336,9 @@ class AuthStore:
     # -- tokens ---------------------------------------------------------------------------
 
     def login(self, username: str, password: str) -> IssuedToken:
-        record = self._store.account(username)
+        # A name no account can have (a NUL, which PostgreSQL text cannot even hold) is an
+        # unknown user without asking the store; the dummy hash still runs, as for any other.
+        record = self._store.account(username) if is_account_name(username) else None
         stored = record.password_hash if record is not None else self._dummy_hash
         try:
             self._hasher.verify(stored, password)
@@ -492,7 +503,10 @@ class LoginLimiter:
 
     @staticmethod
     def _keys(username: str, address: str) -> list[StrikeKey]:
-        return [("user", username.casefold()), ("addr", address)]
+        # Names no account can have share one user key (a shared limiter stores it in the
+        # pool, whose text cannot hold a NUL); the address key counts them as usual.
+        user = username.casefold() if is_account_name(username) else _NOT_A_NAME
+        return [("user", user), ("addr", address)]
 
     def _refused_here(self, keys: Sequence[StrikeKey], now: float) -> float:
         """The wait of a lockout refused here moments ago (0: ask the book)."""

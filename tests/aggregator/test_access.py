@@ -418,6 +418,19 @@ def test_two_replicas_apis_share_tokens_logouts_and_lockouts(
 # -- headers ----------------------------------------------------------------------------------
 
 
+def test_a_username_no_account_can_have_is_401_like_any_unknown_one(
+    service: Service, api: Api
+) -> None:
+    """A name with NUL (which PostgreSQL text cannot hold) or other characters no account may
+    have is refused like an unknown user, before the pool (and the shared limiter) sees it."""
+    for name in ("comm_a\x00", "comm\x00_a", "\x00", "comm a", "комм"):
+        r = api.http.post("/api/v1/auth/token", json={"username": name, "password": PASSWORD})
+        assert r.status_code == 401, (name, r.status_code, r.text)
+        assert r.json()["detail"] == "wrong username or password"
+    r = api.http.post("/api/v1/auth/token", json={"username": "comm_a", "password": PASSWORD})
+    assert r.status_code == 200, r.text
+
+
 def test_security_headers_on_every_response(service: Service, api: Api) -> None:
     csp = SECURITY_HEADERS["Content-Security-Policy"]
     assert "'unsafe-inline'" not in csp

@@ -68,6 +68,13 @@ def test_scope_must_fit_the_level(
         store.create_account("op1", level, scope_code=scope, department=department, password=GOOD)
 
 
+@pytest.mark.parametrize("name", ["op1\n", "op\x001", "o", "op 1", "-op1"])
+def test_a_name_must_be_a_whole_account_name(store: AuthStore, name: str) -> None:
+    """Matched whole: a trailing newline (which ``$`` lets through) is refused too."""
+    with pytest.raises(AccountError, match="2-64 letters"):
+        store.create_account(name, Level.ADMIN, password=GOOD)
+
+
 def test_passwords_are_argon2_tokens_hashed_and_weak_passwords_refused(
     backend_store: AuthStore, pool_backend: PoolBackend
 ) -> None:
