@@ -309,7 +309,8 @@ class HandlingExpect(_Strict):
 
     by: Literal["community", "department", "person"]
     key: str = Field(description="community code, department code, or a scenario account")
-    registered: int | None = Field(default=None, ge=0)
+    registered: int | None = Field(default=None, ge=0, description="less the not-ours ones")
+    not_ours: int | None = Field(default=None, ge=0)
     closed: int | None = Field(default=None, ge=0)
     handled: int | None = Field(default=None, ge=0)
     not_handled: int | None = Field(default=None, ge=0)
@@ -851,6 +852,7 @@ class ScenarioRunner:
         got: dict[str, object] = {}
         for name in (
             "registered",
+            "not_ours",
             "closed",
             "handled",
             "not_handled",
