@@ -103,7 +103,9 @@ _INT64 = range(-(2**63), 2**63)
 
 
 def _fits_sqlite(value: Any) -> bool:
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    if isinstance(value, bool):
+        return False  # no cursor of ours holds one, and PostgreSQL will not compare it to an id
+    if value is None or isinstance(value, str):
         return True
     if isinstance(value, int):
         return value in _INT64
@@ -118,7 +120,7 @@ def _fits_sqlite(value: Any) -> bool:
 
 def decode_cursor(cursor: str) -> dict[str, Any]:
     """The cursor's fields; a 400 for anything that is not a cursor this API could have made
-    (its numbers are bounded to what the pool stores)."""
+    (its numbers are bounded to what the pool stores, and none is a boolean)."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         data = orjson.loads(raw)
