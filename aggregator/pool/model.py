@@ -4,7 +4,7 @@ write what these describe."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -259,6 +259,52 @@ class Notice:
         )
 
 
+# An alert's event as the walk knows it: the state it joined or opened in this batch (whose id
+# a PostgreSQL batch assigns only after the walk), an id pooled before, or None (an alert
+# pooled before whose row retention dropped).
+EventRef = int | EventState | None
+
+
+def event_of(ref: EventRef) -> int | None:
+    """The event id a ``EventRef`` names (read after the batch's new events have their ids)."""
+    return ref.id if isinstance(ref, EventState) else ref
+
+
+# Before a look at an alert's open (closed=False) or closed candidates: an adapter whose view
+# does not hold them yet brings them in (``BatchWork.refresh``).
+LookUp = Callable[[AlertIn, bool], None]
+
+
+@dataclass(slots=True)
+class Walk:
+    """What the dedup walk decided for a batch's alerts, in their order."""
+
+    decisions: list[tuple[AlertIn, Outcome, EventRef]] = field(default_factory=list)
+    # each event the batch opened, with its ``registered`` log entry's detail
+    registered: list[tuple[EventState, dict[str, Any]]] = field(default_factory=list)
+
+    def fill(self, result: BatchResult) -> None:
+        """Each alert's result, and the created and updated events (ids final by now)."""
+        for a, outcome, ref in self.decisions:
+            event_id = event_of(ref)
+            result.alerts.append(AlertResult(a.alert_id, a.device_id, a.seq, outcome, event_id))
+            if outcome is Outcome.ACCEPTED:
+                assert event_id is not None
+                result.created.add(event_id)
+            elif outcome is Outcome.MERGED:
+                assert event_id is not None
+                result.updated.add(event_id)
+
+    def alert_rows(self, batch_id: int) -> Iterator[tuple[Any, ...]]:
+        """The rows of the alerts this batch pools (not the duplicates): ``alert_row``."""
+        for a, outcome, ref in self.decisions:
+            if outcome is Outcome.DUPLICATE:
+                continue
+            event_id = event_of(ref)
+            assert event_id is not None  # every pooled alert has its event
+            yield alert_row(a, event_id, outcome, batch_id)
+
+
 class BatchWork:
     """One batch's view of the events: the index, overlaid with this batch's edits, new events
     and rows re-read from SQL. Applied to the index only once the batch has committed, so a
@@ -305,6 +351,75 @@ class BatchWork:
             near.sort()
             by_point[(lat, lon)] = near
         return near
+
+    # -- the dedup walk (Longgang 7.1: one incident, one event), the same on both backends
+
+    def walk(
+        self,
+        alerts: Sequence[AlertIn],
+        catalogue: Catalogue,
+        known: dict[str, EventRef],
+        *,
+        now: float,
+        ids: Iterator[int],
+        text: Callable[[str], str] = str,
+        look_up: LookUp | None = None,
+    ) -> Walk:
+        """Decide each alert in order: a duplicate of an alert pooled before (``known``, which
+        the walk extends), merged into the nearest open event that can hold it, or opening a
+        new event (linked to a recent closed one nearby). New events take their ids from
+        ``ids``; ``text`` makes free text storable; ``look_up`` brings candidates in first."""
+        out = Walk()
+        for a in alerts:
+            if a.alert_id in known:
+                out.decisions.append((a, Outcome.DUPLICATE, known[a.alert_id]))
+                continue
+            wt = catalogue.types[a.type]
+            if look_up is not None:
+                look_up(a, False)
+            state = self.find_open(a, wt.merge_radius_m, wt.merge_window_s)
+            if state is None:
+                if look_up is not None:
+                    look_up(a, True)
+                recurrence = self.recurrence_of(a, wt.merge_radius_m, wt.merge_window_s)
+                state = new_event_state(
+                    catalogue, a, next(ids), now, recurrence, text(a.description)
+                )
+                self.created(state, a)
+                detail: dict[str, Any] = {"alert_id": a.alert_id, "device_id": a.device_id}
+                if recurrence is not None:
+                    detail["recurrence_of"] = recurrence
+                out.registered.append((state, detail))
+                outcome = Outcome.ACCEPTED
+            else:
+                self.merge(state, a)
+                outcome = Outcome.MERGED
+            known[a.alert_id] = state
+            out.decisions.append((a, outcome, state))
+        return out
+
+    def find_open(self, a: AlertIn, radius_m: float, window_s: float) -> EventState | None:
+        """The nearest open event of the type whose observed span, widened by the type's
+        window, holds the alert (ties go to the older event), as this batch's copy to edit."""
+        lo, hi = a.observed_at - window_s, a.observed_at + window_s
+        for _, event_id in self.open_near(a.type, a.lat, a.lon, radius_m):
+            s = self.get(event_id)
+            if s.status != "closed" and s.last >= lo and s.first <= hi:
+                return self.edit(event_id)
+        return None
+
+    def recurrence_of(self, a: AlertIn, radius_m: float, window_s: float) -> int | None:
+        """A closed event absorbs nothing; a recurrence near it opens a new event linked to
+        the latest one closed within the window."""
+        best: tuple[float, int] | None = None
+        for event_id in self.candidates(a.type, a.lat, a.lon, closed=True):
+            s = self.get(event_id)
+            if s.status != "closed" or (s.closed_at or 0) < a.observed_at - window_s:
+                continue
+            d = haversine_m(a.lat, a.lon, s.lat, s.lon)
+            if d <= radius_m and (best is None or (d, -s.id) < best):
+                best = (d, -s.id)  # the latest closed event nearby
+        return None if best is None else -best[1]
 
     def get(self, event_id: int) -> EventState:
         state = self.states.get(event_id)

@@ -34,6 +34,7 @@ the batch is to be retried unacknowledged, not blamed on its messages.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import time
@@ -55,20 +56,18 @@ from aggregator.pool.migrate import Migration, numbered, pending
 from aggregator.pool.model import (
     SOURCE,
     AlertIn,
-    AlertResult,
     Batch,
     BatchResult,
     BatchWork,
     DeadLetterIn,
     DeadLetterResult,
+    EventRef,
     OutOfAreaIn,
-    alert_row,
     device_tallies,
-    new_event_state,
     summary_dict,
 )
 from aggregator.pool.reader import PgReader
-from contract import Catalogue, EventStatus, Outcome, Severity
+from contract import Catalogue, EventStatus, Severity
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +458,7 @@ class PgEventPool:
                 (ids, [first_received[i] for i in ids]),
             )
             claimed = {r[0] for r in cur.fetchall()}
-        known: dict[str, int | EventState | None] = {}
+        known: dict[str, EventRef] = {}
         pooled_before = [i for i in first_received if i not in claimed]
         if pooled_before:
             for r in cur.execute(
@@ -476,28 +475,11 @@ class PgEventPool:
             index.put(base)  # read only: the batch edits copies (BatchWork.edit)
         work = BatchWork(index)
 
-        decisions: list[tuple[AlertIn, Outcome, int | EventState | None]] = []
-        log_new: list[tuple[EventState, dict[str, Any]]] = []
-        provisional = 0
-        for a in batch.alerts:
-            if a.alert_id in known:
-                decisions.append((a, Outcome.DUPLICATE, known[a.alert_id]))
-                continue
-            state = self._find_open(work, a)
-            if state is None:
-                provisional -= 1  # a real id from the sequence once the batch knows how many
-                state = self._new_event(a, provisional, now, self._recurrence_of(work, a))
-                work.created(state, a)
-                outcome = Outcome.ACCEPTED
-                detail: dict[str, Any] = {"alert_id": a.alert_id, "device_id": a.device_id}
-                if state.recurrence_of is not None:
-                    detail["recurrence_of"] = state.recurrence_of
-                log_new.append((state, detail))
-            else:
-                work.merge(state, a)
-                outcome = Outcome.MERGED
-            known[a.alert_id] = state
-            decisions.append((a, outcome, state))
+        # New events get provisional ids (-1, -2, …): real ones come from the sequence once
+        # the batch knows how many it needs. Free text loses its NULs (_text).
+        walk = work.walk(
+            batch.alerts, self.catalogue, known, now=now, ids=itertools.count(-1, -1), text=_text
+        )
 
         new_states = [work.get(i) for i in work.new_ids]
         new_set = set(work.new_ids)
@@ -512,29 +494,15 @@ class PgEventPool:
             for state, r in zip(new_states, cur.fetchall(), strict=True):
                 state.id = int(r[0])
 
-        def event_of(ref: int | EventState | None) -> int | None:
-            return ref.id if isinstance(ref, EventState) else ref
-
-        for a, outcome, ref in decisions:
-            event_id = event_of(ref)
-            result.alerts.append(AlertResult(a.alert_id, a.device_id, a.seq, outcome, event_id))
-            if outcome is Outcome.ACCEPTED:
-                assert event_id is not None
-                result.created.add(event_id)
-            elif outcome is Outcome.MERGED:
-                assert event_id is not None
-                result.updated.add(event_id)
-
+        walk.fill(result)
         self._write_events(cur, new_states, changed, device_alerts, now, change)
         with cur.copy(_COPY_ALERTS) as copy:
-            for a, outcome, ref in decisions:
-                if outcome is Outcome.DUPLICATE:
-                    continue
-                pooled_in = event_of(ref)
-                assert pooled_in is not None  # every pooled alert has its event
-                copy.write_row(alert_row(a, pooled_in, outcome, batch_id))
-        if log_new:
-            records = [{"event_id": s.id, "at": now, "detail": _json(d)} for s, d in log_new]
+            for row in walk.alert_rows(batch_id):
+                copy.write_row(row)
+        if walk.registered:
+            records = [
+                {"event_id": s.id, "at": now, "detail": _json(d)} for s, d in walk.registered
+            ]
             cur.execute(_INSERT_LOG, (_json(records),))
         self._record_out_of_area(cur, batch.out_of_area)
         result.out_of_area = batch.out_of_area
@@ -649,37 +617,6 @@ class PgEventPool:
                 ),
             )
         return out
-
-    def _find_open(self, work: BatchWork, a: AlertIn) -> EventState | None:
-        """The nearest open event of the type whose observed span, widened by the type's
-        window, holds the alert; ties go to the older event (as ``EventPool``)."""
-        wt = self.catalogue.types[a.type]
-        lo, hi = a.observed_at - wt.merge_window_s, a.observed_at + wt.merge_window_s
-        for _, event_id in work.open_near(a.type, a.lat, a.lon, wt.merge_radius_m):
-            s = work.get(event_id)
-            if s.status != "closed" and s.last >= lo and s.first <= hi:
-                return work.edit(event_id)
-        return None
-
-    def _recurrence_of(self, work: BatchWork, a: AlertIn) -> int | None:
-        """A closed event absorbs nothing; a recurrence near it opens a new event linked to it."""
-        from aggregator.pool.dedup import haversine_m
-
-        wt = self.catalogue.types[a.type]
-        best: tuple[float, int] | None = None
-        for event_id in work.candidates(a.type, a.lat, a.lon, closed=True):
-            s = work.get(event_id)
-            if s.status != "closed" or (s.closed_at or 0) < a.observed_at - wt.merge_window_s:
-                continue
-            d = haversine_m(a.lat, a.lon, s.lat, s.lon)
-            if d <= wt.merge_radius_m and (best is None or (d, -s.id) < best):
-                best = (d, -s.id)  # the latest closed event nearby
-        return None if best is None else -best[1]
-
-    def _new_event(
-        self, a: AlertIn, event_id: int, now: float, recurrence: int | None
-    ) -> EventState:
-        return new_event_state(self.catalogue, a, event_id, now, recurrence, _text(a.description))
 
     @staticmethod
     def _write_events(

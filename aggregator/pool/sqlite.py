@@ -12,6 +12,7 @@ wire carry RFC 3339.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import sqlite3
@@ -27,26 +28,23 @@ import orjson
 
 from aggregator.errors import PoolError
 from aggregator.fileperms import FILE_MODE, private_dir, private_file, tighten
-from aggregator.pool.dedup import DedupIndex, EventState, haversine_m
+from aggregator.pool.dedup import DedupIndex, EventState
 from aggregator.pool.migrate import migrate_sqlite
 from aggregator.pool.model import (
     SOURCE,
     AlertIn,
-    AlertResult,
     Batch,
     BatchResult,
     BatchWork,
     DeadLetterIn,
     DeadLetterResult,
+    EventRef,
     OutOfAreaIn,
-    alert_row,
     device_tallies,
-    new_event_state,
 )
 from contract import (
     Catalogue,
     EventStatus,
-    Outcome,
     Severity,
 )
 
@@ -173,41 +171,33 @@ class EventPool:
             work.change_seq = _next_change(db)
             batch_id = db.execute("INSERT INTO batches(started_at) VALUES (?)", (now,)).lastrowid
             assert batch_id is not None
-            known = self._known_alerts(db, [a.alert_id for a in batch.alerts])
+            known: dict[str, EventRef] = dict(
+                self._known_alerts(db, [a.alert_id for a in batch.alerts])
+            )
             next_id = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM events").fetchone()[0]
-            alert_rows: list[tuple[Any, ...]] = []
-            log_rows: list[tuple[Any, ...]] = []
-            for a in batch.alerts:
-                if a.alert_id in known:
-                    result.alerts.append(
-                        AlertResult(
-                            a.alert_id, a.device_id, a.seq, Outcome.DUPLICATE, known[a.alert_id]
-                        )
-                    )
-                    continue
-                state = self._find_open(db, work, a)
-                if state is None:
-                    state = self._new_event(a, next_id, now, self._recurrence_of(db, work, a))
-                    next_id += 1
-                    work.created(state, a)
-                    result.created.add(state.id)
-                    outcome = Outcome.ACCEPTED
-                    detail: dict[str, Any] = {"alert_id": a.alert_id, "device_id": a.device_id}
-                    if state.recurrence_of is not None:
-                        detail["recurrence_of"] = state.recurrence_of
-                    log_rows.append((state.id, now, "registered", "aggregator", _json(detail)))
-                else:
-                    work.merge(state, a)
-                    result.updated.add(state.id)
-                    outcome = Outcome.MERGED
-                known[a.alert_id] = state.id
-                alert_rows.append(alert_row(a, state.id, outcome, batch_id))
-                result.alerts.append(AlertResult(a.alert_id, a.device_id, a.seq, outcome, state.id))
+
+            def look_up(a: AlertIn, closed: bool) -> None:
+                # an alert older than the index's horizon: its candidates come from SQL
+                if not self._index.covers(a.type, a.observed_at):
+                    self._fetch_into(db, work, a, closed=closed)
+
+            walk = work.walk(
+                batch.alerts,
+                self.catalogue,
+                known,
+                now=now,
+                ids=itertools.count(next_id),
+                look_up=look_up,
+            )
+            walk.fill(result)
             self._write_events(db, work, now)
-            db.executemany(_INSERT_ALERT, alert_rows)
+            db.executemany(_INSERT_ALERT, walk.alert_rows(batch_id))
             db.executemany(
                 "INSERT INTO event_log(event_id, at, action, actor, detail) VALUES (?,?,?,?,?)",
-                log_rows,
+                [
+                    (state.id, now, "registered", "aggregator", _json(detail))
+                    for state, detail in walk.registered
+                ],
             )
             self._record_out_of_area(db, batch.out_of_area)
             result.out_of_area = batch.out_of_area
@@ -252,34 +242,6 @@ class EventPool:
                 known[row[0]] = row[1]
         return known
 
-    def _find_open(self, db: sqlite3.Connection, work: BatchWork, a: AlertIn) -> EventState | None:
-        """The nearest open event of the type whose observed span, widened by the type's
-        window, holds the alert; ties go to the older event."""
-        wt = self.catalogue.types[a.type]
-        if not self._index.covers(a.type, a.observed_at):
-            self._fetch_into(db, work, a, closed=False)
-        lo, hi = a.observed_at - wt.merge_window_s, a.observed_at + wt.merge_window_s
-        for _, event_id in work.open_near(a.type, a.lat, a.lon, wt.merge_radius_m):
-            s = work.get(event_id)
-            if s.status != "closed" and s.last >= lo and s.first <= hi:
-                return work.edit(event_id)
-        return None
-
-    def _recurrence_of(self, db: sqlite3.Connection, work: BatchWork, a: AlertIn) -> int | None:
-        """A closed event absorbs nothing; a recurrence near it opens a new event linked to it."""
-        wt = self.catalogue.types[a.type]
-        if not self._index.covers(a.type, a.observed_at):
-            self._fetch_into(db, work, a, closed=True)
-        best: tuple[float, int] | None = None
-        for event_id in work.candidates(a.type, a.lat, a.lon, closed=True):
-            s = work.get(event_id)
-            if s.status != "closed" or (s.closed_at or 0) < a.observed_at - wt.merge_window_s:
-                continue
-            d = haversine_m(a.lat, a.lon, s.lat, s.lon)
-            if d <= wt.merge_radius_m and (best is None or (d, -s.id) < best):
-                best = (d, -s.id)  # the latest closed event nearby
-        return None if best is None else -best[1]
-
     def _fetch_into(
         self, db: sqlite3.Connection, work: BatchWork, a: AlertIn, closed: bool
     ) -> None:
@@ -302,11 +264,6 @@ class EventPool:
         ).fetchall()
         for state in self._states(db, rows):
             work.refresh(state)
-
-    def _new_event(
-        self, a: AlertIn, event_id: int, now: float, recurrence: int | None
-    ) -> EventState:
-        return new_event_state(self.catalogue, a, event_id, now, recurrence, a.description)
 
     @staticmethod
     def _write_events(db: sqlite3.Connection, work: BatchWork, now: float) -> None:
