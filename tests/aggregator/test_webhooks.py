@@ -547,3 +547,28 @@ def test_receiver_down_two_minutes_gets_everything_once_in_order(
         receiver.stop()
         for b in backends:
             b.close()
+
+
+def test_the_readme_verification_example_verifies_the_specification_vector(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The receiver's example in the README is run as written: the specification's signed
+    example passes, an altered body or an old timestamp does not."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text("utf-8")
+    start = readme.index("```python", readme.index("Verifying a delivery"))
+    code = readme[start + len("```python") : readme.index("```", start + 9)]
+    scope: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own README's example
+    readme_verify = scope["verify"]
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    headers = {
+        "webhook-id": "msg_p5jXN8AQM9LWM0D4loKWxJek",
+        "webhook-timestamp": "1614265330",
+        "webhook-signature": "v1,bm9wZQ== v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+    }
+    body = b'{"test": 2432232314}'
+    monkeypatch.setattr(time, "time", lambda: 1614265330.0)
+    assert readme_verify(secret, headers, body)
+    assert not readme_verify(secret, headers, b'{"test": 2432232315}')
+    monkeypatch.setattr(time, "time", lambda: 1614265330.0 + 301)
+    assert not readme_verify(secret, headers, body)
