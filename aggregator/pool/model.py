@@ -516,6 +516,89 @@ def new_event_state(
     )
 
 
+# The events columns a writer's EventState is read from, in the order ``event_state`` takes
+# them (both adapters select exactly these).
+EVENT_STATE_COLUMNS: Final = (
+    "id, type, status, severity, department, grid_code, grid_path, lat, lon, address,"
+    " description, first_observed_at, last_observed_at, registered_at, deadline_at,"
+    " alert_count, snapshot_sha256, snapshot_score, recurrence_of, closed_at"
+)
+
+
+def event_state(r: Sequence[Any], devices: dict[str, int]) -> EventState:
+    """The writer's state of a stored event: ``r`` the values of ``EVENT_STATE_COLUMNS``,
+    ``devices`` its devices' alert counts in order of first appearance."""
+    return EventState(
+        id=r[0],
+        type=r[1],
+        status=r[2],
+        severity=Severity(r[3]),
+        department=r[4],
+        grid_code=r[5],
+        grid_path=r[6],
+        lat=r[7],
+        lon=r[8],
+        address=r[9],
+        description=r[10],
+        first=r[11],
+        last=r[12],
+        registered_at=r[13],
+        deadline_at=r[14],
+        alert_count=r[15],
+        devices=devices,
+        snapshot_sha256=r[16],
+        snapshot_score=r[17],
+        recurrence_of=r[18],
+        closed_at=r[19],
+    )
+
+
+def new_event_record(s: EventState, now: float, change_seq: int) -> dict[str, Any]:
+    """A new event's row by column, as both adapters insert it."""
+    return {
+        "id": s.id,
+        "source": SOURCE,
+        "type": s.type,
+        "severity": s.severity.value,
+        "status": s.status,
+        "department": s.department,
+        "grid_code": s.grid_code,
+        "grid_path": s.grid_path,
+        "lat": s.lat,
+        "lon": s.lon,
+        "address": s.address,
+        "description": s.description,
+        "snapshot_sha256": s.snapshot_sha256,
+        "snapshot_score": s.snapshot_score,
+        "first_observed_at": s.first,
+        "last_observed_at": s.last,
+        "registered_at": s.registered_at,
+        "updated_at": now,
+        "deadline_at": s.deadline_at,
+        "alert_count": s.alert_count,
+        "device_count": len(s.devices),
+        "recurrence_of": s.recurrence_of,
+        "change_seq": change_seq,
+    }
+
+
+def merged_event_record(s: EventState, now: float, change_seq: int) -> dict[str, Any]:
+    """What a batch changes in an event it merged alerts into (both adapters also bump its
+    ``version``)."""
+    return {
+        "id": s.id,
+        "severity": s.severity.value,
+        "snapshot_sha256": s.snapshot_sha256,
+        "snapshot_score": s.snapshot_score,
+        "first_observed_at": s.first,
+        "last_observed_at": s.last,
+        "updated_at": now,
+        "alert_count": s.alert_count,
+        "device_count": len(s.devices),
+        "change_seq": change_seq,
+    }
+
+
 def summary_dict(s: EventState, catalogue: Catalogue) -> dict[str, Any]:
     """The writer's state as ``EventSummary``'s JSON-ready dict (wire names, no nulls,
     datetimes as aware datetimes), built without models: every value came from a validated

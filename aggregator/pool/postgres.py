@@ -54,7 +54,7 @@ from aggregator.errors import PoolError
 from aggregator.pool.dedup import EARTH_RADIUS_M, DedupIndex, EventState
 from aggregator.pool.migrate import Migration, numbered, pending
 from aggregator.pool.model import (
-    SOURCE,
+    EVENT_STATE_COLUMNS,
     AlertIn,
     Batch,
     BatchResult,
@@ -64,10 +64,13 @@ from aggregator.pool.model import (
     EventRef,
     OutOfAreaIn,
     device_tallies,
+    event_state,
+    merged_event_record,
+    new_event_record,
     summary_dict,
 )
 from aggregator.pool.reader import PgReader
-from contract import Catalogue, EventStatus, Severity
+from contract import Catalogue, EventStatus
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +155,7 @@ def migrate(conninfo: str, folder: Path = MIGRATIONS) -> list[int]:
 
 # ---------------------------------------------------------------------------- the adapter
 
-_EVENT_COLUMNS: Final = (
-    "version, id, type, status, severity, department, grid_code, grid_path, lat, lon, address,"
-    " description, first_observed_at, last_observed_at, registered_at, deadline_at,"
-    " alert_count, snapshot_sha256, snapshot_score, recurrence_of, closed_at"
-)
+_EVENT_COLUMNS: Final = "version, " + EVENT_STATE_COLUMNS
 
 # The open events near each point whose span can reach the alert's window, and the closed ones
 # that closed within it (recurrence links). One row per (type, box) in one JSON parameter: a
@@ -590,32 +589,7 @@ class PgEventPool:
         for r in rows:
             if r[2] not in self.catalogue.types:
                 continue
-            out[r[1]] = (
-                r[0],
-                EventState(
-                    id=r[1],
-                    type=r[2],
-                    status=r[3],
-                    severity=Severity(r[4]),
-                    department=r[5],
-                    grid_code=r[6],
-                    grid_path=r[7],
-                    lat=r[8],
-                    lon=r[9],
-                    address=r[10],
-                    description=r[11],
-                    first=r[12],
-                    last=r[13],
-                    registered_at=r[14],
-                    deadline_at=r[15],
-                    alert_count=r[16],
-                    devices=devices.get(r[1], {}),
-                    snapshot_sha256=r[17],
-                    snapshot_score=r[18],
-                    recurrence_of=r[19],
-                    closed_at=r[20],
-                ),
-            )
+            out[r[1]] = (r[0], event_state(r[1:], devices.get(r[1], {})))
         return out
 
     @staticmethod
@@ -628,51 +602,10 @@ class PgEventPool:
         change: int,
     ) -> None:
         if new:
-            records: list[dict[str, Any]] = [
-                {
-                    "id": s.id,
-                    "source": SOURCE,
-                    "type": s.type,
-                    "severity": s.severity.value,
-                    "status": s.status,
-                    "department": s.department,
-                    "grid_code": s.grid_code,
-                    "grid_path": s.grid_path,
-                    "lat": s.lat,
-                    "lon": s.lon,
-                    "address": s.address,
-                    "description": s.description,
-                    "snapshot_sha256": s.snapshot_sha256,
-                    "snapshot_score": s.snapshot_score,
-                    "first_observed_at": s.first,
-                    "last_observed_at": s.last,
-                    "registered_at": s.registered_at,
-                    "updated_at": now,
-                    "deadline_at": s.deadline_at,
-                    "alert_count": s.alert_count,
-                    "device_count": len(s.devices),
-                    "recurrence_of": s.recurrence_of,
-                    "change_seq": change,
-                }
-                for s in new
-            ]
+            records = [new_event_record(s, now, change) for s in new]
             cur.execute(_INSERT_EVENTS, (_json(records),))
         if changed:
-            records = [
-                {
-                    "id": s.id,
-                    "severity": s.severity.value,
-                    "snapshot_sha256": s.snapshot_sha256,
-                    "snapshot_score": s.snapshot_score,
-                    "first_observed_at": s.first,
-                    "last_observed_at": s.last,
-                    "updated_at": now,
-                    "alert_count": s.alert_count,
-                    "device_count": len(s.devices),
-                    "change_seq": change,
-                }
-                for s in changed
-            ]
+            records = [merged_event_record(s, now, change) for s in changed]
             cur.execute(_UPDATE_EVENTS, (_json(records),))
         if device_alerts:
             records = [

@@ -31,7 +31,7 @@ from aggregator.fileperms import FILE_MODE, private_dir, private_file, tighten
 from aggregator.pool.dedup import DedupIndex, EventState
 from aggregator.pool.migrate import migrate_sqlite
 from aggregator.pool.model import (
-    SOURCE,
+    EVENT_STATE_COLUMNS,
     AlertIn,
     Batch,
     BatchResult,
@@ -41,11 +41,13 @@ from aggregator.pool.model import (
     EventRef,
     OutOfAreaIn,
     device_tallies,
+    event_state,
+    merged_event_record,
+    new_event_record,
 )
 from contract import (
     Catalogue,
     EventStatus,
-    Severity,
 )
 
 log = logging.getLogger(__name__)
@@ -124,7 +126,8 @@ class EventPool:
         with self._transaction() as db:
             self._seen_seq = _current_change(db)
             rows = db.execute(
-                "SELECT * FROM events WHERE (status != 'closed' AND last_observed_at >= ?)"
+                f"SELECT {EVENT_STATE_COLUMNS} FROM events"
+                " WHERE (status != 'closed' AND last_observed_at >= ?)"
                 " OR (status = 'closed' AND closed_at >= ?)",
                 (since - longest, since - longest),
             ).fetchall()
@@ -224,7 +227,9 @@ class EventPool:
         """Events other connections changed since our last commit: operators' lifecycle steps,
         and the alerts another aggregator replica pooled into this file. We hold the write lock,
         so nothing else changes until we commit; a rolled-back batch reads them again."""
-        rows = db.execute("SELECT * FROM events WHERE change_seq > ?", (self._seen_seq,)).fetchall()
+        rows = db.execute(
+            f"SELECT {EVENT_STATE_COLUMNS} FROM events WHERE change_seq > ?", (self._seen_seq,)
+        ).fetchall()
         for state in self._states(db, rows):
             work.refresh(state)
 
@@ -251,7 +256,8 @@ class EventPool:
         dlon = wt.merge_radius_m / (111_320.0 * max(0.01, math.cos(math.radians(a.lat))))
         status = "status = 'closed'" if closed else "status != 'closed'"
         rows = db.execute(
-            f"SELECT * FROM events WHERE type=? AND {status} AND last_observed_at >= ?"
+            f"SELECT {EVENT_STATE_COLUMNS} FROM events"
+            f" WHERE type=? AND {status} AND last_observed_at >= ?"
             " AND lat BETWEEN ? AND ? AND lon BETWEEN ? AND ?",
             (
                 a.type,
@@ -267,62 +273,28 @@ class EventPool:
 
     @staticmethod
     def _write_events(db: sqlite3.Connection, work: BatchWork, now: float) -> None:
-        new = [work.get(i) for i in work.new_ids]
+        new_ids = set(work.new_ids)
         db.executemany(
             "INSERT INTO events(id, source, type, severity, status, department, grid_code,"
             " grid_path, lat, lon, address, description, snapshot_sha256, snapshot_score,"
             " first_observed_at, last_observed_at, registered_at, updated_at, deadline_at,"
             " alert_count, device_count, recurrence_of, change_seq)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            [
-                (
-                    s.id,
-                    SOURCE,
-                    s.type,
-                    s.severity.value,
-                    s.status,
-                    s.department,
-                    s.grid_code,
-                    s.grid_path,
-                    s.lat,
-                    s.lon,
-                    s.address,
-                    s.description,
-                    s.snapshot_sha256,
-                    s.snapshot_score,
-                    s.first,
-                    s.last,
-                    s.registered_at,
-                    now,
-                    s.deadline_at,
-                    s.alert_count,
-                    len(s.devices),
-                    s.recurrence_of,
-                    work.change_seq,
-                )
-                for s in new
-            ],
+            " VALUES (:id, :source, :type, :severity, :status, :department, :grid_code,"
+            " :grid_path, :lat, :lon, :address, :description, :snapshot_sha256, :snapshot_score,"
+            " :first_observed_at, :last_observed_at, :registered_at, :updated_at, :deadline_at,"
+            " :alert_count, :device_count, :recurrence_of, :change_seq)",
+            [new_event_record(work.get(i), now, work.change_seq) for i in work.new_ids],
         )
-        new_ids = set(work.new_ids)
-        changed = [work.get(i) for i in work.edited_ids if i not in new_ids]
         db.executemany(
-            "UPDATE events SET severity=?, snapshot_sha256=?, snapshot_score=?,"
-            " first_observed_at=?, last_observed_at=?, updated_at=?, alert_count=?,"
-            " device_count=?, change_seq=?, version=version+1 WHERE id=?",
+            "UPDATE events SET severity=:severity, snapshot_sha256=:snapshot_sha256,"
+            " snapshot_score=:snapshot_score, first_observed_at=:first_observed_at,"
+            " last_observed_at=:last_observed_at, updated_at=:updated_at,"
+            " alert_count=:alert_count, device_count=:device_count, change_seq=:change_seq,"
+            " version=version+1 WHERE id=:id",
             [
-                (
-                    s.severity.value,
-                    s.snapshot_sha256,
-                    s.snapshot_score,
-                    s.first,
-                    s.last,
-                    now,
-                    s.alert_count,
-                    len(s.devices),
-                    work.change_seq,
-                    s.id,
-                )
-                for s in changed
+                merged_event_record(work.get(i), now, work.change_seq)
+                for i in work.edited_ids
+                if i not in new_ids
             ],
         )
         db.executemany(
@@ -350,29 +322,7 @@ class EventPool:
             ):
                 devices.setdefault(d[0], {})[d[1]] = d[2]
         return [
-            EventState(
-                id=r["id"],
-                type=r["type"],
-                status=r["status"],
-                severity=Severity(r["severity"]),
-                department=r["department"],
-                grid_code=r["grid_code"],
-                grid_path=r["grid_path"],
-                lat=r["lat"],
-                lon=r["lon"],
-                address=r["address"],
-                description=r["description"],
-                first=r["first_observed_at"],
-                last=r["last_observed_at"],
-                registered_at=r["registered_at"],
-                deadline_at=r["deadline_at"],
-                alert_count=r["alert_count"],
-                devices=devices.get(r["id"], {}),
-                snapshot_sha256=r["snapshot_sha256"],
-                snapshot_score=r["snapshot_score"],
-                recurrence_of=r["recurrence_of"],
-                closed_at=r["closed_at"],
-            )
+            event_state(r, devices.get(r["id"], {}))
             for r in rows
             if r["type"] in self.catalogue.types
         ]
