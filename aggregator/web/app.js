@@ -54,7 +54,7 @@ const I18N = {
     act_assign: "指派", act_reminder: "催办", act_overdue: "超期督办",
     act_escalate_street: "升级至街道", act_escalate_county: "升级至区县",
     k_case_state: "案件状态", k_version: "版本", k_lead: "牵头部门", k_co: "协办部门",
-    k_assignee: "承办人", k_send_backs: "退回次数", k_extension: "延期申请", k_outcome: "结果",
+    k_assignee: "指派给", k_handled_by: "处置人", k_send_backs: "退回次数", k_extension: "延期申请", k_outcome: "结果",
     out_handled: "已处置", out_not_ours: "非本社区事件",
     h_deadlines: "环节时限", h_case_timeline: "案件时间线（审计记录）", h_actions: "可办理",
     c_stage: "环节", c_due: "时限", c_left: "剩余", left: "剩余", late_by: "超时",
@@ -125,7 +125,7 @@ const I18N = {
     clk_feedback: "Feedback", clk_arrive: "On site", clk_hard_close: "Hard problem closed",
     clk_rehandle: "Re-handling",
     k_case_state: "Case state", k_version: "Version", k_lead: "Lead department",
-    k_co: "Co-departments", k_assignee: "Assignee", k_send_backs: "Sent back",
+    k_co: "Co-departments", k_assignee: "Assigned to", k_handled_by: "Handled by", k_send_backs: "Sent back",
     k_extension: "Extension request", k_outcome: "Outcome",
     out_handled: "handled", out_not_ours: "not this community's",
     h_deadlines: "Stage deadlines", h_case_timeline: "Case timeline (audit trail)",
@@ -881,7 +881,8 @@ async function renderCase(container, id, passive, onLoad) {
   fact("k_version", String(c.version));
   if (c.lead_department) fact("k_lead", departmentName(c.lead_department));
   if (c.co_departments.length) fact("k_co", c.co_departments.map(departmentName).join("、"));
-  if (c.assignee || c.handled_by) fact("k_assignee", c.assignee || c.handled_by);
+  if (c.assignee) fact("k_assignee", c.assignee);
+  if (c.handled_by) fact("k_handled_by", c.handled_by);
   if (c.send_backs) fact("k_send_backs", String(c.send_backs));
   if (c.extension) fact("k_extension", `${c.extension.by}: ${c.extension.reason}${c.extension.until ? " → " + fmtTime(c.extension.until) : ""}`);
 

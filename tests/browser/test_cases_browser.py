@@ -7,6 +7,7 @@ read the same timeline from the audit trail."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, FilePayload, Page, Route, expect
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from aggregator.clock import OffsetFileClock
 from aggregator.config import SupervisionSettings
@@ -82,7 +84,7 @@ def guarded_page(browser: Browser) -> Iterator[Page]:  # noqa: F811
     """A page in a context of its own (its own session storage: its own login), failing the
     test on a script error, a Content-Security-Policy violation or a request off the service."""
     context: BrowserContext = browser.new_context(
-        viewport={"width": 1440, "height": 900}, locale="zh-CN"
+        viewport={"width": 1440, "height": 900}, locale="zh-CN", timezone_id="Asia/Shanghai"
     )
     page = context.new_page()
     errors: list[str] = []
@@ -132,11 +134,20 @@ def open_from_box(page: Page, box: str, event_id: int) -> None:
 
 
 def expect_buttons(page: Page, *actions: str) -> None:
-    """The case view offers exactly these actions, in this order."""
-    buttons = page.locator("#c-body button.c-action")
-    expect(buttons).to_have_count(len(actions))
-    got = buttons.evaluate_all("els => els.map(e => e.dataset.action)")
-    assert got == list(actions), got
+    """The case view comes to offer exactly these actions, in this order (within 5 s)."""
+    script = (
+        "(want) => JSON.stringify([...document.querySelectorAll('#c-body button.c-action')]"
+        ".map(e => e.dataset.action)) === want"
+    )
+    try:
+        page.wait_for_function(
+            script, arg=json.dumps(list(actions), separators=(",", ":")), timeout=5_000
+        )
+    except PlaywrightTimeoutError:
+        got = page.locator("#c-body button.c-action").evaluate_all(
+            "els => els.map(e => e.dataset.action)"
+        )
+        raise AssertionError(f"buttons {got}, expected {list(actions)}") from None
 
 
 def expect_state(page: Page, state: str) -> None:
@@ -334,3 +345,56 @@ def test_a_case_from_registration_to_closing_by_two_roles(
         expect(comm.locator("#cm-rows tr.total td.first-time")).to_have_text("0%")
         expect(comm.locator("#cm-error")).to_be_empty()
         comm.screenshot(path=str(ARTIFACTS / "case-handling-figures.png"))
+
+
+def test_an_extension_applied_for_and_approved_moves_the_deadline(
+    broker: Any,
+    stack: tuple[Service, OffsetFileClock],
+    browser: Browser,  # noqa: F811
+) -> None:
+    """The community handles a case itself and applies for more time with a reason and a new
+    deadline (entered in Shanghai time); the county account, whose review box holds pending
+    extensions, approves it; the stage deadline shown moves to it, marked extended."""
+    service, _clock = stack
+    publish(
+        broker, make_alert("cam-001", *interior(grid_in_community(0, 5)), type="exposed_garbage")
+    )
+    with guarded_page(browser) as comm, guarded_page(browser) as county:
+        login(comm, service, "comm_a")
+        row = comm.locator("#case-list .case").first
+        expect(row).to_be_visible(timeout=10_000)
+        event_id = int(row.get_attribute("data-event-id") or 0)
+        open_from_box(comm, "to_accept", event_id)
+        comm.click("#c-body button.c-action[data-action=verify]")
+        expect_buttons(comm, "self_handle", "whistle")
+        comm.click("#c-body button.c-action[data-action=self_handle]")
+        expect_state(comm, "community_handling")
+        expect_buttons(comm, "whistle", "handle", "apply_extension")
+        expect(comm.locator("#c-body tr.deadline[data-clock=community_handle]")).to_be_visible()
+
+        comm.click("#c-body button.c-action[data-action=apply_extension]")
+        form = comm.locator("#c-body form.c-form[data-for=apply_extension]")
+        expect(form.locator("input.c-until")).to_be_visible()  # the table's optional "until"
+        form.locator("textarea.c-reason").fill("需要环卫车辆，明日清运")
+        form.locator("input.c-until").fill("2031-03-04T18:30")
+        form.locator("button.c-submit").click()
+        expect(comm.locator("#c-body .facts")).to_contain_text("需要环卫车辆，明日清运")
+        # Pending: the community may not apply twice (the table's guard), the county decides.
+        expect_buttons(comm, "whistle", "handle")
+
+        login(county, service, "county")
+        open_from_box(county, "to_review", event_id)
+        # (a county account may also whistle a case the community handles: the table says so)
+        expect_buttons(county, "whistle", "approve_extension", "refuse_extension")
+        county.click("#c-body button.c-action[data-action=approve_extension]")
+        form = county.locator("#c-body form.c-form[data-for=approve_extension]")
+        expect(form.locator("textarea.c-reason")).to_be_visible()
+        form.locator("button.c-submit").click()  # approved as asked
+        deadline = county.locator("#c-body tr.deadline[data-clock=community_handle]")
+        # 2031-03-04 18:30 in Shanghai, shown in the page's time zone (Shanghai)
+        expect(deadline).to_contain_text("2031/3/4 18:30:00")
+        expect(deadline).to_contain_text("已延期")
+        expect_buttons(county, "whistle")
+        expect(
+            county.locator("#c-body .case-timeline li[data-action=approve_extension]")
+        ).to_be_visible()
