@@ -1,4 +1,5 @@
-"""Terminal tables of the pool, shared by ``gateway events`` and ``gateway demo``."""
+"""Terminal tables of the pool, shared by ``gateway events`` and ``gateway demo``: outside
+``cli/`` so that the demo (a simulator the CLI starts) does not import the CLI back."""
 
 from __future__ import annotations
 

@@ -31,11 +31,11 @@ from rich.text import Text
 from aggregator.access.auth import Level
 from aggregator.broker.launcher import BrokerSettings, MosquittoBroker
 from aggregator.broker.registry import AccountRole, DeviceRegistry
-from aggregator.cli.tables import render_events
 from aggregator.clock import OffsetFileClock
 from aggregator.config import MqttSettings, Settings
 from aggregator.pool import queries
 from aggregator.service import Service
+from aggregator.tables import render_events
 from simulators.casework import CaseworkConfig, CaseWorkers
 from simulators.desk import Account, Desk
 from simulators.fleet import Fleet, FleetConfig

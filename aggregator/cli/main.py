@@ -30,9 +30,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from aggregator.cli.tables import render_events
 from aggregator.pool import queries
 from aggregator.pool.reader import Reader, is_pool_url, open_reader, read_errors
+from aggregator.tables import render_events
 
 log = logging.getLogger("gateway")
 
