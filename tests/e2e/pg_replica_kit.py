@@ -176,8 +176,8 @@ def replicas(
 
 def wait_ready(r: Replica, timeout: float = 60.0) -> None:
     """Until the replica has connected to the broker (and so sent its SUBSCRIBE) and serves
-    its metrics. (Its ``cwg_broker_connected`` gauge is set only when something asks the
-    ingest for its stats, which a replica without the API does not: the log line is the sign.)
+    its metrics. (Its ``cwg_broker_connected`` gauge turns 1 at the CONNACK, just before the
+    SUBSCRIBE goes out: the log line, written after it, is the sign.)
     """
     deadline = time.monotonic() + timeout
     while not (_CONNECTED in r.since_start() and r.metrics()):
