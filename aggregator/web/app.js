@@ -19,8 +19,7 @@ const I18N = {
     sev_critical: "特急", sev_high: "紧急", sev_medium: "较急", sev_low: "一般",
     st_registered: "已登记", st_verified: "已核实", st_dispatched: "已吹哨派单",
     st_handling: "处置中", st_closed: "已办结",
-    a_verify: "核实", a_dispatch: "吹哨派单", a_handle: "处置", a_close: "办结",
-    note: "备注 / 办结说明（办结必填）", overdue: "超时", open: "未办结", total: "事件",
+    overdue: "超时", open: "未办结", total: "事件",
     alerts_n: "预警", devices_n: "设备",
     k_status: "状态", k_severity: "等级", k_department: "责任部门", k_address: "事发位置",
     k_description: "问题描述", k_observed: "发现时间", k_registered: "登记时间",
@@ -84,8 +83,7 @@ const I18N = {
     sev_critical: "Critical", sev_high: "High", sev_medium: "Medium", sev_low: "Low",
     st_registered: "Registered", st_verified: "Verified", st_dispatched: "Dispatched",
     st_handling: "Handling", st_closed: "Closed",
-    a_verify: "Verify", a_dispatch: "Dispatch", a_handle: "Handle", a_close: "Close",
-    note: "Note / closing summary (required to close)", overdue: "Overdue", open: "Open",
+    overdue: "Overdue", open: "Open",
     total: "Events", alerts_n: "alerts", devices_n: "devices",
     k_status: "Status", k_severity: "Severity", k_department: "Department",
     k_address: "Location", k_description: "Description", k_observed: "Observed",
@@ -720,7 +718,7 @@ async function openDetail(id, fromClick, passive) {
   );
   const timeline = h("ol", { class: "timeline" }, d.timeline.map((e) => h("li", {},
     h("time", { text: fmtTime(e.at) }),
-    e.kind === "alert" ? `${e.actor} · ${t(e.action)}` : `${e.actor} · ${e.action.startsWith("status:") ? t("st_" + e.action.slice(7)) : t(e.action)}${e.detail && e.detail.note ? " — " + e.detail.note : ""}`)));
+    e.kind === "alert" ? `${e.actor} · ${t(e.action)}` : `${e.actor} · ${logAction(e.action)}${e.detail && e.detail.note ? " — " + e.detail.note : ""}`)));
 
   $("d-body").replaceChildren(
     snapshot, thumbs, facts, caseBox,
@@ -734,6 +732,13 @@ async function openDetail(id, fromClick, passive) {
 }
 
 // urls: the list the object URL is kept in, revoked when its view is redrawn
+// An event log entry's action: a status change, a case step ("case:<action>"), or ingest's own.
+function logAction(action) {
+  if (action.startsWith("status:")) return t("st_" + action.slice(7));
+  if (action.startsWith("case:")) return actionName(action.slice(5), null);
+  return t(action);
+}
+
 async function loadBlob(url, urls = state.blobUrls) {
   const res = await fetch(url, { headers: { Authorization: `Bearer ${state.token}` } });
   if (!res.ok) throw new HttpError(res.status, res.statusText);

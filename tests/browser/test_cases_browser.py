@@ -326,6 +326,8 @@ def test_a_case_from_registration_to_closing_by_two_roles(
         comm.locator(f"#event-list .event[data-event-id='{event_id}']").click()
         expect(comm.locator("#d-case .case-state[data-state=closed]")).to_be_visible()
         expect(comm.locator("#d-case .case-timeline li[data-action=send_back]")).to_be_visible()
+        # the event's own log names the case steps as the case view does
+        expect(comm.locator("#d-body ol.timeline:not(.case-timeline)")).to_contain_text("退回重办")
         comm.screenshot(path=str(ARTIFACTS / "case-closed-community.png"))
 
         # The handling tab's case figures, computed by hand for this one case: handled (a
