@@ -34,7 +34,7 @@ import psycopg_pool
 
 from aggregator.config import redact_pool_url
 from aggregator.pool.postgres import PoolUnavailableError, is_pg_pool_fault, migrate
-from aggregator.pool.reader import is_pool_url
+from aggregator.pool.reader import is_pool_url, pg_sql
 from aggregator.pool.sqlite import connect
 
 __all__ = [
@@ -218,86 +218,86 @@ def open_account_store(target: Path | str) -> AccountStore:
     return SqliteAccountStore(Path(target))
 
 
-# ---------------------------------------------------------------------------- SQLite
+# ---------------------------------------------------------------------------- both backends
 
 
-class SqliteAccountStore:
-    """The tables in the SQLite pool file: one connection behind a lock (account reads are
-    single-row lookups; the pool's WAL keeps them from waiting on ingest)."""
+class _Qmark(Protocol):
+    """A connection inside the store's read or write scope, taking ``?`` placeholders."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._db = connect(path)
-        self._db.executescript(_SQLITE_SCHEMA)
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any: ...
 
-    @property
-    def target(self) -> str:
-        return str(self.path)
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+class _PgQmark:
+    """A psycopg connection that takes ``?`` placeholders (``pg_sql``), so both adapters ask
+    the same SQL."""
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction under the lock (the connection is in autocommit mode)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> psycopg.Cursor[Any]:
+        return self._conn.execute(pg_sql(sql), list(parameters))
+
+
+class _SqlAccountStore:
+    """The account store's SQL, the same on both backends; an adapter supplies ``_read`` (a
+    connection for one question) and ``_write`` (one write transaction)."""
+
+    def _read(self) -> AbstractContextManager[_Qmark]:
+        raise NotImplementedError
+
+    def _write(self) -> AbstractContextManager[_Qmark]:
+        raise NotImplementedError
 
     def add(self, record: AccountRecord, at: float) -> bool:
-        try:
-            with self._lock:
-                self._db.execute(
-                    "INSERT INTO operators(username, level, scope_code, department, display_name,"
-                    " password_hash, disabled, created_at, password_changed_at)"
-                    " VALUES (?,?,?,?,?,?,?,?,?)",
-                    (
-                        record.username,
-                        record.level,
-                        record.scope_code,
-                        record.department,
-                        record.display_name,
-                        record.password_hash,
-                        int(record.disabled),
-                        at,
-                        at,
-                    ),
-                )
-        except sqlite3.IntegrityError:
-            return False
-        return True
+        with self._write() as db:
+            # ON CONFLICT rather than catching the key's violation: two replicas (or two
+            # administrators) adding one name at once both get an answer, not an error
+            rows = db.execute(
+                "INSERT INTO operators(username, level, scope_code, department, display_name,"
+                " password_hash, disabled, created_at, password_changed_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (username) DO NOTHING RETURNING username",
+                (
+                    record.username,
+                    record.level,
+                    record.scope_code,
+                    record.department,
+                    record.display_name,
+                    record.password_hash,
+                    record.disabled,  # SQLite keeps a bool as 0/1, PostgreSQL as a boolean
+                    at,
+                    at,
+                ),
+            ).fetchall()
+        return bool(rows)
 
     def accounts(self) -> list[AccountRecord]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM operators ORDER BY username")
-            return [_record(r) for r in rows.fetchall()]
+        with self._read() as db:
+            rows = db.execute(f"SELECT {_COLUMNS} FROM operators ORDER BY username").fetchall()
+        return [_record(r) for r in rows]
 
     def account(self, username: str) -> AccountRecord | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._read() as db:
+            row = db.execute(
                 f"SELECT {_COLUMNS} FROM operators WHERE username=?", (username,)
             ).fetchone()
         return None if row is None else _record(row)
 
     def count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM operators").fetchone()[0])
+        with self._read() as db:
+            return int(db.execute("SELECT count(*) FROM operators").fetchone()[0])
 
     def set_disabled(self, username: str, disabled: bool) -> bool:
         with self._write() as db:
             cur = db.execute(
-                "UPDATE operators SET disabled=? WHERE username=?", (int(disabled), username)
+                "UPDATE operators SET disabled=? WHERE username=?", (disabled, username)
             )
-            if cur.rowcount and disabled:
+            found = int(cur.rowcount) > 0
+            if found and disabled:
                 db.execute("DELETE FROM operator_tokens WHERE username=?", (username,))
-        return cur.rowcount > 0
+        return found
 
     def set_password_hash(self, username: str, password_hash: str, at: float) -> bool:
         with self._write() as db:
@@ -305,8 +305,9 @@ class SqliteAccountStore:
                 "UPDATE operators SET password_hash=?, password_changed_at=? WHERE username=?",
                 (password_hash, at, username),
             )
+            found = int(cur.rowcount) > 0
             db.execute("DELETE FROM operator_tokens WHERE username=?", (username,))
-        return cur.rowcount > 0
+        return found
 
     def add_token(
         self,
@@ -333,8 +334,8 @@ class SqliteAccountStore:
             )
 
     def token_account(self, token_hash: str) -> tuple[AccountRecord, float] | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._read() as db:
+            row = db.execute(
                 f"SELECT {_SESSION_COLUMNS} FROM operator_tokens t"
                 " JOIN operators o ON o.username = t.username WHERE t.token_hash=?",
                 (token_hash,),
@@ -342,8 +343,47 @@ class SqliteAccountStore:
         return None if row is None else (_record(row), float(row[7]))
 
     def delete_token(self, token_hash: str) -> None:
+        with self._read() as db:  # one statement: autocommit on both backends
+            db.execute("DELETE FROM operator_tokens WHERE token_hash=?", (token_hash,))
+
+
+# ---------------------------------------------------------------------------- SQLite
+
+
+class SqliteAccountStore(_SqlAccountStore):
+    """The tables in the SQLite pool file: one connection behind a lock (account reads are
+    single-row lookups; the pool's WAL keeps them from waiting on ingest)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = connect(path)
+        self._db.executescript(_SQLITE_SCHEMA)
+
+    @property
+    def target(self) -> str:
+        return str(self.path)
+
+    def close(self) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM operator_tokens WHERE token_hash=?", (token_hash,))
+            self._db.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock (the connection is in autocommit mode)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def strike_book(self, forget_after_s: float) -> StrikeBook | None:
         # One API process per SQLite pool: its memory is the whole count, and a write per
@@ -354,7 +394,7 @@ class SqliteAccountStore:
 # ---------------------------------------------------------------------------- PostgreSQL
 
 
-class PgAccountStore:
+class PgAccountStore(_SqlAccountStore):
     """The tables in the PostgreSQL pool, shared by every replica. Opening migrates the pool
     (as the event pool's adapter does), so ``gateway accounts add`` works on a fresh database
     before any aggregator has started. Server and connection faults raise
@@ -410,102 +450,15 @@ class PgAccountStore:
         with self._faults(), self._pool.connection() as conn:
             yield conn
 
-    def add(self, record: AccountRecord, at: float) -> bool:
+    @contextmanager
+    def _read(self) -> Iterator[_PgQmark]:
         with self._conn() as conn:
-            # ON CONFLICT rather than catching UniqueViolation: two replicas (or two
-            # administrators) adding one name at once both get an answer, not an error
-            row = conn.execute(
-                "INSERT INTO operators(username, level, scope_code, department, display_name,"
-                " password_hash, disabled, created_at, password_changed_at)"
-                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-                " ON CONFLICT (username) DO NOTHING RETURNING username",
-                (
-                    record.username,
-                    record.level,
-                    record.scope_code,
-                    record.department,
-                    record.display_name,
-                    record.password_hash,
-                    record.disabled,
-                    at,
-                    at,
-                ),
-            ).fetchone()
-        return row is not None
+            yield _PgQmark(conn)
 
-    def accounts(self) -> list[AccountRecord]:
-        with self._conn() as conn:
-            rows = conn.execute(f"SELECT {_COLUMNS} FROM operators ORDER BY username").fetchall()
-        return [_record(r) for r in rows]
-
-    def account(self, username: str) -> AccountRecord | None:
-        with self._conn() as conn:
-            row = conn.execute(
-                f"SELECT {_COLUMNS} FROM operators WHERE username=%s", (username,)
-            ).fetchone()
-        return None if row is None else _record(row)
-
-    def count(self) -> int:
-        with self._conn() as conn:
-            row = conn.execute("SELECT count(*) FROM operators").fetchone()
-        return 0 if row is None else int(row[0])
-
-    def set_disabled(self, username: str, disabled: bool) -> bool:
+    @contextmanager
+    def _write(self) -> Iterator[_PgQmark]:
         with self._conn() as conn, conn.transaction():
-            cur = conn.execute(
-                "UPDATE operators SET disabled=%s WHERE username=%s", (disabled, username)
-            )
-            found = cur.rowcount > 0
-            if found and disabled:
-                conn.execute("DELETE FROM operator_tokens WHERE username=%s", (username,))
-        return found
-
-    def set_password_hash(self, username: str, password_hash: str, at: float) -> bool:
-        with self._conn() as conn, conn.transaction():
-            cur = conn.execute(
-                "UPDATE operators SET password_hash=%s, password_changed_at=%s WHERE username=%s",
-                (password_hash, at, username),
-            )
-            found = cur.rowcount > 0
-            conn.execute("DELETE FROM operator_tokens WHERE username=%s", (username,))
-        return found
-
-    def add_token(
-        self,
-        token_hash: str,
-        username: str,
-        issued_at: float,
-        expires_at: float,
-        rehashed: str | None = None,
-    ) -> None:
-        with self._conn() as conn, conn.transaction():
-            conn.execute(
-                "DELETE FROM operator_tokens WHERE username=%s AND expires_at<%s",
-                (username, issued_at),
-            )
-            conn.execute(
-                "INSERT INTO operator_tokens(token_hash, username, issued_at, expires_at)"
-                " VALUES (%s,%s,%s,%s)",
-                (token_hash, username, issued_at, expires_at),
-            )
-            conn.execute(
-                "UPDATE operators SET last_login_at=%s,"
-                " password_hash=coalesce(%s, password_hash) WHERE username=%s",
-                (issued_at, rehashed, username),
-            )
-
-    def token_account(self, token_hash: str) -> tuple[AccountRecord, float] | None:
-        with self._conn() as conn:
-            row = conn.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM operator_tokens t"
-                " JOIN operators o ON o.username = t.username WHERE t.token_hash=%s",
-                (token_hash,),
-            ).fetchone()
-        return None if row is None else (_record(row), float(row[7]))
-
-    def delete_token(self, token_hash: str) -> None:
-        with self._conn() as conn:
-            conn.execute("DELETE FROM operator_tokens WHERE token_hash=%s", (token_hash,))
+            yield _PgQmark(conn)
 
     def strike_book(self, forget_after_s: float) -> StrikeBook | None:
         return PgStrikeBook(self, forget_after_s)
