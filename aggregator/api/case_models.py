@@ -90,6 +90,9 @@ class CaseOut(CaseItem):
     as_of: datetime | None = Field(
         default=None, description="the case clock's now: what overdue and countdowns run from"
     )
+    may_assign: bool = Field(
+        default=False, description="whether the caller may assign the case (POST …/assign)"
+    )
     action_inputs: dict[str, ActionInputs] = Field(
         default_factory=dict,
         description="per allowed action, what its payload requires and may carry: the forms "

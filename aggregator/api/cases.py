@@ -57,7 +57,13 @@ from aggregator.cases.whistle import load_whistle_lists
 from aggregator.clock import clock_for
 from aggregator.pool import cases as store
 from aggregator.pool import queries
-from aggregator.pool.cases import CaseNotFoundError, CaseRow, CaseStore, StepRecord
+from aggregator.pool.cases import (
+    CaseNotFoundError,
+    CaseRow,
+    CaseStore,
+    StepRecord,
+    assign_refusal,
+)
 from aggregator.pool.model import summary_from_row
 from aggregator.pool.port import LifecycleSteps
 from aggregator.pool.reader import Reader, is_pool_url
@@ -198,6 +204,7 @@ def _detail(row: CaseRow, operator: Operator, cases: CaseStore) -> CaseOut:
         actions_zh={a.value: table.actions[a].zh for a in item.allowed_actions},
         action_inputs={a.value: _inputs(table, case.state, a) for a in item.allowed_actions},
         as_of=now,
+        may_assign=assign_refusal(case, operator) is None,
     )
 
 

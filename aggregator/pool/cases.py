@@ -713,13 +713,10 @@ class CaseStore:
         with self._transaction() as tx:
             event = self._lock_event(tx, event_id)
             case, stored, _old = self._read_case(tx, event)
-            if not case.grid_code.startswith(actor.scope_code):
-                raise ForbiddenError("the case lies outside this account's area")
+            refusal = assign_refusal(case, actor)
+            if refusal is not None:
+                raise refusal
             departments = (case.lead_department, *case.co_departments)
-            if role is Role.DEPARTMENT and actor.department != case.lead_department:
-                raise ForbiddenError("only the case's lead department assigns it")
-            if case.state is State.CLOSED:
-                raise WrongStateError("a closed case is not assigned")
             if expected_version is not None and expected_version != case.version:
                 raise StaleVersionError(
                     f"case {case.case_id} is at version {case.version}, not {expected_version}"
@@ -780,6 +777,23 @@ class CaseStore:
                 (case.lead_department, *case.co_departments) if case.lead_department else ()
             ),
         )
+
+
+def assign_refusal(case: Case, actor: Actor) -> CaseError | None:
+    """Why this account may not assign this case now (None: it may): an account of the case's
+    community or above, or its lead department, while the case is open. The one statement of
+    the rule: :meth:`CaseStore.assign` raises it, the API tells the caller (``may_assign``)."""
+    try:
+        role = _actor_role(actor)
+    except ForbiddenError as exc:
+        return exc
+    if not case.grid_code.startswith(actor.scope_code):
+        return ForbiddenError("the case lies outside this account's area")
+    if role is Role.DEPARTMENT and actor.department != case.lead_department:
+        return ForbiddenError("only the case's lead department assigns it")
+    if case.state is State.CLOSED:
+        return WrongStateError("a closed case is not assigned")
+    return None
 
 
 def _actor_role(actor: Actor) -> Role:

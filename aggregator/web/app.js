@@ -60,7 +60,7 @@ const I18N = {
     stopped: "已完成", on_time: "按期", late: "超期", extended: "已延期",
     f_note: "备注（可选）", f_reason: "理由", f_summary: "处置情况说明",
     f_photos: "处置前后照片（JPEG/PNG）", f_lead: "牵头部门", f_co: "协办部门",
-    f_until: "新的时限", submit: "提交", cancel: "取消", required: "必填",
+    f_until: "新的时限", f_assignee: "指派给（帐号）", submit: "提交", cancel: "取消", required: "必填",
     need_evidence: "请填写处置说明或上传照片", need_reason: "请填写理由",
     need_lead: "请选择牵头部门", case_changed: "案件已被他人更新，已刷新",
     uploading: "正在上传照片…", round: "退回", evidence: "证据", no_case: "无案件信息",
@@ -132,7 +132,7 @@ const I18N = {
     extended: "extended",
     f_note: "Note (optional)", f_reason: "Reason", f_summary: "Handling summary",
     f_photos: "Before/after photos (JPEG/PNG)", f_lead: "Lead department",
-    f_co: "Co-departments", f_until: "New deadline", submit: "Submit", cancel: "Cancel",
+    f_co: "Co-departments", f_until: "New deadline", f_assignee: "Assign to (account)", submit: "Submit", cancel: "Cancel",
     required: "required", need_evidence: "Write a summary or upload a photo",
     need_reason: "Give a reason", need_lead: "Choose the lead department",
     case_changed: "Someone else changed the case; reloaded", uploading: "Uploading photos…", round: "send-back",
@@ -901,7 +901,7 @@ async function renderCase(container, id, passive, onLoad) {
     h("td", { text: fmtTime(d.due_at) + (d.extended ? ` · ${t("extended")}` : "") }),
     h("td", {}, d.running ? countdownEl(d.due_at, d.overdue) : h("span", { class: d.late ? "late" : "ok", text: `${t("stopped")} · ${t(d.late ? "late" : "on_time")}` })))))) : null;
 
-  const actions = c.allowed_actions.length ? caseActions(container, c) : null;
+  const actions = c.allowed_actions.length || c.may_assign ? caseActions(container, c) : null;
 
   // Supervision (督办) the timer raised: reminders, overdue items, escalations.
   const items = c.supervision || [];
@@ -965,7 +965,48 @@ function caseActions(container, c) {
       },
     });
   }));
+  if (c.may_assign) {
+    buttons.append(h("button", {
+      type: "button",
+      class: "c-assign-open",
+      text: `${t("act_assign")}…`,
+      onclick: () => {
+        error.textContent = "";
+        container.renderSeq = (container.renderSeq || 0) + 1;
+        forms.replaceChildren(assignForm(c, error, () => forms.replaceChildren()));
+      },
+    }));
+  }
   return h("div", { class: "actions" }, buttons, forms, error);
+}
+
+// Assign the case to a person of its community or of a department it was whistled to (the
+// server decides who qualifies); empty: unassign.
+function assignForm(c, error, close) {
+  const who = h("input", { class: "c-assignee", name: "assignee", maxlength: 64, value: c.assignee || "", autocomplete: "off" });
+  const note = h("textarea", { class: "c-note", name: "note", maxlength: 4000, placeholder: t("f_note") });
+  const submit = h("button", { type: "submit", class: "primary c-submit", text: `${t("submit")} · ${t("act_assign")}` });
+  const form = h("form", { class: "c-form", "data-for": "assign" },
+    h("label", {}, h("span", { text: t("f_assignee") }), who),
+    h("label", {}, h("span", { text: t("f_note") }), note),
+    h("div", { class: "buttons" }, submit, h("button", { type: "button", class: "ghost", text: t("cancel"), onclick: close })));
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    error.textContent = "";
+    submit.disabled = true;
+    try {
+      await api(`/cases/${c.event_id}/assign`, {
+        method: "POST",
+        body: { assignee: who.value.trim() || null, expected_version: c.version, note: note.value.trim() || null },
+      });
+    } catch (err) {
+      error.textContent = `${t("error")}: ${err.message}`;
+      submit.disabled = false;
+      return;
+    }
+    await afterStep(c.event_id);
+  });
+  return form;
 }
 
 function stepForm(c, action, inputs, error, close) {

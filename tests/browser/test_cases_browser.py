@@ -374,6 +374,18 @@ def test_an_extension_applied_for_and_approved_moves_the_deadline(
         expect_buttons(comm, "whistle", "handle", "apply_extension")
         expect(comm.locator("#c-body tr.deadline[data-clock=community_handle]")).to_be_visible()
 
+        # Assignment: refused for an account of no department the case went to, then to a
+        # person of the community; recorded in the timeline.
+        comm.click("#c-body button.c-assign-open")
+        form = comm.locator("#c-body form.c-form[data-for=assign]")
+        form.locator("input.c-assignee").fill("fire")
+        form.locator("button.c-submit").click()
+        expect(comm.locator("#c-body .c-error")).to_contain_text("neither of the case's community")
+        form.locator("input.c-assignee").fill("comm_a")
+        form.locator("button.c-submit").click()
+        expect(comm.locator("#c-body .facts")).to_contain_text("指派给comm_a")
+        expect(comm.locator("#c-body .case-timeline li[data-action=assign]")).to_be_visible()
+
         comm.click("#c-body button.c-action[data-action=apply_extension]")
         form = comm.locator("#c-body form.c-form[data-for=apply_extension]")
         expect(form.locator("input.c-until")).to_be_visible()  # the table's optional "until"
