@@ -4,6 +4,7 @@ write what these describe."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -12,7 +13,13 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from aggregator.pool.dedup import DedupIndex, EventState, SpatialHash, haversine_m
+from aggregator.pool.dedup import (
+    METRES_PER_DEGREE_LAT,
+    DedupIndex,
+    EventState,
+    SpatialHash,
+    haversine_m,
+)
 from contract import (
     Catalogue,
     EventNoticeV1,
@@ -87,6 +94,12 @@ class DeadLetterIn:
     detail: str
     payload: bytes
     seq: int | None = None  # the alert's seq when it could be read, for the device's feedback
+
+
+def dead_letter_key(dl: DeadLetterIn) -> str:
+    """A rejected message's identity in the pool (``dead_letters.message_sha256``): the same
+    bytes on the same topic again (a redelivery after a reconnect) are the same message."""
+    return hashlib.sha256(dl.topic.encode("utf-8", "replace") + b"\0" + dl.payload).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +186,7 @@ def alert_row(a: AlertIn, event_id: int, outcome: Outcome, batch_id: int) -> tup
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per device per batch (a city: 1,000 a batch)
 class DeviceTally:
     """What one committed batch adds to a device's row: both adapters upsert exactly this."""
 
@@ -190,29 +203,44 @@ class DeviceTally:
 def device_tallies(batch: Batch, result: BatchResult) -> list[DeviceTally]:
     """Per device seen in the batch: pooled alerts (not duplicates), new dead letters,
     out-of-area messages, the highest pooled seq and the position of its latest alert."""
-    counts: dict[str, list[int]] = {}
+    # Plain dicts and one pass each: a city's batch names a thousand devices.
+    alerts: dict[str, int] = {}
     last_seq: dict[str, int] = {}
+    duplicate = Outcome.DUPLICATE
     for r in result.alerts:
-        if r.outcome is not Outcome.DUPLICATE:
-            counts.setdefault(r.device_id, [0, 0, 0])[0] += 1
-            last_seq[r.device_id] = max(last_seq.get(r.device_id, -1), r.seq)
-    for d in result.dead_letters:
-        if d.device_id and not d.duplicate:
-            counts.setdefault(d.device_id, [0, 0, 0])[1] += 1
+        if r.outcome is not duplicate:
+            d = r.device_id
+            alerts[d] = alerts.get(d, 0) + 1
+            if r.seq > last_seq.get(d, -1):
+                last_seq[d] = r.seq
+    rejected: dict[str, int] = {}
+    for dl in result.dead_letters:
+        if dl.device_id and not dl.duplicate:
+            rejected[dl.device_id] = rejected.get(dl.device_id, 0) + 1
+    out_of_area: dict[str, int] = {}
     for o in batch.out_of_area:
-        counts.setdefault(o.device_id, [0, 0, 0])[2] += 1
+        out_of_area[o.device_id] = out_of_area.get(o.device_id, 0) + 1
     # A device's position is where its latest alert placed it (a camera: its own position or
     # the object's; a sensor: where it is installed).
-    position: dict[str, tuple[float, float, float]] = {}
+    latest: dict[str, AlertIn] = {}
     for a in batch.alerts:
-        if a.observed_at >= position.get(a.device_id, (0.0, 0.0, -1.0))[2]:
-            position[a.device_id] = (a.lat, a.lon, a.observed_at)
+        held = latest.get(a.device_id)
+        if held is None or a.observed_at >= held.observed_at:
+            latest[a.device_id] = a
     tallies = []
     for device_id, seen in batch.seen.items():
-        c = counts.get(device_id, [0, 0, 0])
-        lat, lon = position[device_id][:2] if device_id in position else (None, None)
+        a = latest.get(device_id)
         tallies.append(
-            DeviceTally(device_id, seen, last_seq.get(device_id), c[0], c[1], c[2], lat, lon)
+            DeviceTally(
+                device_id,
+                seen,
+                last_seq.get(device_id),
+                alerts.get(device_id, 0),
+                rejected.get(device_id, 0),
+                out_of_area.get(device_id, 0),
+                None if a is None else a.lat,
+                None if a is None else a.lon,
+            )
         )
     return tallies
 
@@ -343,8 +371,14 @@ class BatchWork:
         near = by_point.get((lat, lon))
         if near is None:
             near = []
+            # A great circle is never shorter than its latitude difference: most candidates
+            # of the cells around are ruled out by that before the haversine.
+            max_dlat = radius_m / METRES_PER_DEGREE_LAT * (1 + 1e-9)
+            get = self.get
             for event_id in dict.fromkeys(self.candidates(type_, lat, lon, closed=False)):
-                s = self.get(event_id)
+                s = get(event_id)
+                if abs(s.lat - lat) > max_dlat:
+                    continue
                 d = haversine_m(lat, lon, s.lat, s.lon)
                 if d <= radius_m:
                     near.append((d, event_id))
@@ -425,10 +459,10 @@ class BatchWork:
         state = self.states.get(event_id)
         return state if state is not None else self.index.events[event_id]
 
-    def candidates(self, type_: str, lat: float, lon: float, *, closed: bool) -> Iterator[int]:
-        yield from self.index.candidates(type_, lat, lon, closed=closed)
-        if closed in self._local:
-            yield from self._local[closed].near(type_, lat, lon)
+    def candidates(self, type_: str, lat: float, lon: float, *, closed: bool) -> list[int]:
+        ids = self.index.candidates(type_, lat, lon, closed=closed)
+        local = self._local.get(closed)
+        return ids + local.near(type_, lat, lon) if local is not None else ids
 
     def edit(self, event_id: int) -> EventState:
         if event_id not in self.states:

@@ -63,6 +63,7 @@ from aggregator.pool.model import (
     DeadLetterResult,
     EventRef,
     OutOfAreaIn,
+    dead_letter_key,
     device_tallies,
     event_state,
     merged_event_record,
@@ -639,7 +640,7 @@ class PgEventPool:
         ``EventPool``); only the head of a long payload is kept, with its full size and hash."""
         keep = self.dead_letter_keep_bytes
         for dl in items:
-            key = hashlib.sha256(dl.topic.encode("utf-8", "replace") + b"\0" + dl.payload)
+            key = dead_letter_key(dl)
             row = cur.execute(
                 "INSERT INTO dead_letters(received_at, topic, device_id, alert_id, reason,"
                 " detail, payload, message_sha256, payload_size, payload_sha256)"
@@ -653,7 +654,7 @@ class PgEventPool:
                     dl.reason.value,
                     _text(dl.detail),
                     dl.payload[:keep],
-                    key.hexdigest(),
+                    key,
                     len(dl.payload),
                     hashlib.sha256(dl.payload).hexdigest(),
                 ),
@@ -661,7 +662,7 @@ class PgEventPool:
             duplicate = row is None
             if row is None:
                 row = cur.execute(
-                    "SELECT id FROM dead_letters WHERE message_sha256 = %s", (key.hexdigest(),)
+                    "SELECT id FROM dead_letters WHERE message_sha256 = %s", (key,)
                 ).fetchone()
                 assert row is not None
             result.dead_letters.append(

@@ -40,6 +40,7 @@ from aggregator.pool.model import (
     DeadLetterResult,
     EventRef,
     OutOfAreaIn,
+    dead_letter_key,
     device_tallies,
     event_state,
     merged_event_record,
@@ -351,8 +352,7 @@ class EventPool:
         faulty device cannot fill the pool with megabytes per message."""
         kept: dict[str, int] = {}
         for dl in items:
-            topic = dl.topic.encode("utf-8", "replace")
-            key = hashlib.sha256(topic + b"\0" + dl.payload).hexdigest()
+            key = dead_letter_key(dl)
             known = kept.get(key)
             if known is None:
                 row = db.execute(
