@@ -229,7 +229,7 @@ def device_tallies(batch: Batch, result: BatchResult) -> list[DeviceTally]:
             latest[a.device_id] = a
     tallies = []
     for device_id, seen in batch.seen.items():
-        a = latest.get(device_id)
+        last = latest.get(device_id)
         tallies.append(
             DeviceTally(
                 device_id,
@@ -238,8 +238,8 @@ def device_tallies(batch: Batch, result: BatchResult) -> list[DeviceTally]:
                 alerts.get(device_id, 0),
                 rejected.get(device_id, 0),
                 out_of_area.get(device_id, 0),
-                None if a is None else a.lat,
-                None if a is None else a.lon,
+                None if last is None else last.lat,
+                None if last is None else last.lon,
             )
         )
     return tallies
