@@ -4,6 +4,7 @@ write what these describe."""
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -349,8 +350,10 @@ class BatchWork:
         # type → (lat, lon) → [(distance m, event id)] of the open candidates within the merge
         # radius, nearest first. A device sits still, so its alerts repeat their position; an
         # event's position is its first alert's and never moves. Dropped for a type when this
-        # batch adds a candidate of it.
+        # batch reads a candidate of it from SQL (``refresh``); an event the batch opens is
+        # added to the lists it belongs in (``created``).
         self._near: dict[str, dict[tuple[float, float], list[tuple[float, int]]]] = {}
+        self._near_radius: dict[str, float] = {}
 
     def _hash(self, closed: bool) -> SpatialHash:
         if closed not in self._local:
@@ -362,12 +365,30 @@ class BatchWork:
         if not closed:
             self._near.pop(state.type, None)
 
+    def _near_add(self, state: EventState) -> None:
+        """A new open event into the cached candidate lists of the points within its type's
+        radius, as ``open_near`` would find it: a city's batch opens dozens of events, and
+        dropping the cache for each made every later alert of the type search again."""
+        by_point = self._near.get(state.type)
+        if not by_point:
+            return
+        radius_m = self._near_radius[state.type]
+        max_dlat = radius_m / METRES_PER_DEGREE_LAT * (1 + 1e-9)
+        lat, lon = state.lat, state.lon
+        for (plat, plon), near in by_point.items():
+            if abs(plat - lat) > max_dlat:
+                continue
+            d = haversine_m(plat, plon, lat, lon)
+            if d <= radius_m:
+                bisect.insort(near, (d, state.id))
+
     def open_near(
         self, type_: str, lat: float, lon: float, radius_m: float
     ) -> list[tuple[float, int]]:
         """The open candidates of the type within ``radius_m`` of the point, as (distance,
         event id), nearest (then oldest) first; their status and span are the caller's."""
         by_point = self._near.setdefault(type_, {})
+        self._near_radius[type_] = radius_m
         near = by_point.get((lat, lon))
         if near is None:
             near = []
@@ -481,7 +502,8 @@ class BatchWork:
         self.states[state.id] = state
         self.new_ids.append(state.id)
         self.edited_ids[state.id] = None
-        self._add_local(state, False)
+        self._hash(False).add(state.type, state.lat, state.lon, state.id)
+        self._near_add(state)
         self.device_alerts[(state.id, a.device_id)] = [a.observed_at, 1]
 
     def merge(self, state: EventState, a: AlertIn) -> None:
