@@ -377,6 +377,44 @@ def _utc_text(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def chain_link(tx: Tx) -> AuditRow | None:
+    """The newest audit row's link (seq and hash), locked until the transaction ends on
+    PostgreSQL (SQLite's write lock already serializes appends); None for an empty chain."""
+    head = tx.execute(
+        "SELECT seq, hash FROM case_audit_head WHERE id = 1" + (" FOR UPDATE" if tx.is_pg else "")
+    ).fetchone()
+    if head is None or int(head[0]) <= 0:
+        return None
+    # chain() reads only the previous row's seq and hash: the head holds both
+    link: dict[str, Any] = {"seq": int(head[0]), "hash": str(head[1])}
+    return AuditRow.model_construct(**link)
+
+
+def append_audit(tx: Tx, event_id: int, row: AuditRow) -> None:
+    """Append one chained row (from ``chain(entry, chain_link(tx))``) and move the head."""
+    tx.execute(
+        f"INSERT INTO case_audit({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        [
+            row.seq,
+            event_id,
+            row.case_version,
+            row.actor,
+            row.role,
+            row.action,
+            row.before,
+            row.after,
+            row.reason,
+            row.note,
+            _json(list(row.evidence)),
+            _json(row.detail),
+            _utc_text(row.at),
+            row.prev_hash,
+            row.hash,
+        ],
+    )
+    tx.execute("UPDATE case_audit_head SET seq = ?, hash = ? WHERE id = 1", [row.seq, row.hash])
+
+
 def _next_due(case: Case) -> float | None:
     running = [d.due_at.timestamp() for d in case.running()]
     return min(running) if running else None
@@ -554,37 +592,8 @@ class CaseStore:
             )
         if _rowcount(cur) != 1:
             raise StaleVersionError(f"case {event_id} changed meanwhile; reload it")
-        head = tx.execute(
-            "SELECT seq, hash FROM case_audit_head WHERE id = 1"
-            + (" FOR UPDATE" if tx.is_pg else "")
-        ).fetchone()
-        previous: AuditRow | None = None
-        if head is not None and int(head[0]) > 0:
-            # chain() reads only the previous row's seq and hash: the head holds both
-            link: dict[str, Any] = {"seq": int(head[0]), "hash": str(head[1])}
-            previous = AuditRow.model_construct(**link)
-        row = chain(entry, previous)
-        tx.execute(
-            f"INSERT INTO case_audit({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            [
-                row.seq,
-                event_id,
-                row.case_version,
-                row.actor,
-                row.role,
-                row.action,
-                row.before,
-                row.after,
-                row.reason,
-                row.note,
-                _json(list(row.evidence)),
-                _json(row.detail),
-                _utc_text(row.at),
-                row.prev_hash,
-                row.hash,
-            ],
-        )
-        tx.execute("UPDATE case_audit_head SET seq = ?, hash = ? WHERE id = 1", [row.seq, row.hash])
+        row = chain(entry, chain_link(tx))
+        append_audit(tx, event_id, row)
         change = self._touch_event(tx, event, before, after, row, now)
         return row, change
 

@@ -49,13 +49,12 @@ from aggregator.cases.supervise import (
     utc,
 )
 from aggregator.pool.cases import (
-    _AUDIT_COLUMNS,
     _CASE_SELECT,
     Tx,
     _case_row,
-    _json,
     _scope,
-    _utc_text,
+    append_audit,
+    chain_link,
 )
 from aggregator.pool.outbox import WebhookMessage, enqueue
 from aggregator.pool.reader import Reader, is_pool_url
@@ -236,14 +235,7 @@ class Supervisor:
     def _raise(self, tx: Tx, event_id: int, case: Case, item: Item, now: datetime) -> Raised | None:
         # The chain head first (the lock every audit append takes, in the same order as a
         # step: case row, then head), so the seq the item row records is the row appended.
-        head = tx.execute(
-            "SELECT seq, hash FROM case_audit_head WHERE id = 1"
-            + (" FOR UPDATE" if tx.is_pg else "")
-        ).fetchone()
-        previous: AuditRow | None = None
-        if head is not None and int(head[0]) > 0:
-            link: dict[str, Any] = {"seq": int(head[0]), "hash": str(head[1])}
-            previous = AuditRow.model_construct(**link)
+        previous = chain_link(tx)
         due_text = item.due_at.astimezone(UTC).isoformat()
         entry = AuditEntry(
             case_id=case.case_id,
@@ -285,27 +277,7 @@ class Supervisor:
         )
         if int(getattr(cur, "rowcount", -1)) != 1:
             return None  # another timer raised it: the key is the last word
-        tx.execute(
-            f"INSERT INTO case_audit({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            [
-                row.seq,
-                event_id,
-                row.case_version,
-                row.actor,
-                row.role,
-                row.action,
-                row.before,
-                row.after,
-                row.reason,
-                row.note,
-                _json(list(row.evidence)),
-                _json(row.detail),
-                _utc_text(row.at),
-                row.prev_hash,
-                row.hash,
-            ],
-        )
-        tx.execute("UPDATE case_audit_head SET seq = ?, hash = ? WHERE id = 1", [row.seq, row.hash])
+        append_audit(tx, event_id, row)
         out = _item_out(item, case.version, now, row.seq)
         departments = (case.lead_department, *case.co_departments) if case.lead_department else ()
         enqueue(
