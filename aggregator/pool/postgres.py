@@ -162,20 +162,29 @@ _EVENT_COLUMNS: Final = "version, " + EVENT_STATE_COLUMNS
 # that closed within it (recurrence links). One row per (type, box) in one JSON parameter: a
 # batch's alerts in a few hundred distinct places cost one statement. It returns ids and
 # versions; whole rows are read only for the events the writer does not hold at that version.
+# Each box is its own range scan of the (type, lat) partial index: the subqueries are LATERAL
+# and OFFSET 0 keeps the planner from flattening them into one hash join of every box with
+# every event of the type (EXPLAIN: 20 ms for a city batch over 2,000 events, and growing
+# with the table).
 _CANDIDATES: Final = """
 WITH q AS MATERIALIZED (
     SELECT * FROM json_to_recordset(%s::json)
         AS q(type text, la0 float8, la1 float8, lo0 float8, lo1 float8, since float8)
 )
-SELECT id, version FROM events WHERE id IN (
-    SELECT e.id FROM q JOIN events e ON e.type = q.type AND e.status <> 'closed'
-        AND e.lat BETWEEN q.la0 AND q.la1 AND e.lon BETWEEN q.lo0 AND q.lo1
-        AND e.last_observed_at >= q.since
-    UNION
-    SELECT e.id FROM q JOIN events e ON e.type = q.type AND e.status = 'closed'
-        AND e.lat BETWEEN q.la0 AND q.la1 AND e.lon BETWEEN q.lo0 AND q.lo1
-        AND e.closed_at >= q.since
-) ORDER BY id
+SELECT e.id, e.version FROM q CROSS JOIN LATERAL (
+    SELECT id, version FROM events
+    WHERE type = q.type AND status <> 'closed' AND lat BETWEEN q.la0 AND q.la1
+        AND lon BETWEEN q.lo0 AND q.lo1 AND last_observed_at >= q.since
+    OFFSET 0
+) AS e
+UNION
+SELECT e.id, e.version FROM q CROSS JOIN LATERAL (
+    SELECT id, version FROM events
+    WHERE type = q.type AND status = 'closed' AND lat BETWEEN q.la0 AND q.la1
+        AND lon BETWEEN q.lo0 AND q.lo1 AND closed_at >= q.since
+    OFFSET 0
+) AS e
+ORDER BY 1
 """
 
 # Many rows in one statement: the rows travel as one JSON parameter (orjson writes it in
