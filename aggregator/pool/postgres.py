@@ -42,6 +42,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -271,6 +272,9 @@ def _lock_key(type_: str, cy: int, cx: int) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+# A device sits still, so a batch's points are mostly those of the batches before: their
+# boxes and lock keys are remembered (pure functions of the point; bounded caches).
+@lru_cache(maxsize=1 << 16)
 def _box(lat: float, lon: float, radius_m: float) -> tuple[float, float, float, float]:
     """A lat/lon box holding every point within ``radius_m`` of (lat, lon), with a margin.
     North-south, a great circle is at least as long as its latitude difference; east-west the
@@ -279,6 +283,17 @@ def _box(lat: float, lon: float, radius_m: float) -> tuple[float, float, float, 
     cos = math.cos(math.radians(min(89.0, abs(lat) + dlat)))
     dlon = min(180.0, math.degrees(radius_m / EARTH_RADIUS_M) / max(cos, 1e-6) * 1.01)
     return lat - dlat, lat + dlat, lon - dlon, lon + dlon
+
+
+@lru_cache(maxsize=1 << 16)
+def _point_lock_keys(type_: str, lat: float, lon: float, radius_m: float) -> tuple[int, ...]:
+    """The lock keys of the coarse cells a point's merge circle reaches (usually one)."""
+    la0, la1, lo0, lo1 = _box(lat, lon, radius_m)
+    return tuple(
+        _lock_key(type_, cy, cx)
+        for cy in range(math.floor(la0 / LOCK_CELL_DEG), math.floor(la1 / LOCK_CELL_DEG) + 1)
+        for cx in range(math.floor(lo0 / LOCK_CELL_DEG), math.floor(lo1 / LOCK_CELL_DEG) + 1)
+    )
 
 
 def _json(value: object) -> str:
@@ -418,18 +433,9 @@ class PgEventPool:
         if self.lock == "batch":
             return [_BATCH_LOCK]
         keys: set[int] = set()
-        seen: set[tuple[str, float, float]] = set()
-        for a in alerts:
-            point = (a.type, a.lat, a.lon)
-            if point in seen:
-                continue
-            seen.add(point)
-            la0, la1, lo0, lo1 = _box(a.lat, a.lon, self._radius[a.type])
-            for cy in range(math.floor(la0 / LOCK_CELL_DEG), math.floor(la1 / LOCK_CELL_DEG) + 1):
-                for cx in range(
-                    math.floor(lo0 / LOCK_CELL_DEG), math.floor(lo1 / LOCK_CELL_DEG) + 1
-                ):
-                    keys.add(_lock_key(a.type, cy, cx))
+        radius = self._radius
+        for type_, lat, lon in {(a.type, a.lat, a.lon) for a in alerts}:
+            keys.update(_point_lock_keys(type_, lat, lon, radius[type_]))
         return sorted(keys)
 
     def _commit(
@@ -460,11 +466,13 @@ class PgEventPool:
         claimed: set[str] = set()
         if first_received:
             ids = sorted(first_received)
+            # one JSON parameter: dumping two Python lists as PostgreSQL arrays cost the
+            # writer more than the statement (a quoting check per element)
             cur.execute(
                 "INSERT INTO alert_ids(alert_id, received_at)"
-                " SELECT i, r FROM unnest(%s::text[], %s::float8[]) AS u(i, r) ORDER BY i"
+                " SELECT i, r FROM json_to_recordset(%s::json) AS u(i text, r float8) ORDER BY i"
                 " ON CONFLICT DO NOTHING RETURNING alert_id",
-                (ids, [first_received[i] for i in ids]),
+                (_json([{"i": i, "r": first_received[i]} for i in ids]),),
             )
             claimed = {r[0] for r in cur.fetchall()}
         known: dict[str, EventRef] = {}
