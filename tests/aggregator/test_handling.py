@@ -14,7 +14,7 @@ from aggregator.pool.sqlite import LifecycleWriter, connect
 from contract import EventStatus, Outcome
 
 from .conftest import grid_in_community, interior, make_alert
-from .test_pool import Harness
+from .test_pool import Harness, sqlite_backend
 
 
 def test_counting_rules() -> None:
@@ -42,7 +42,7 @@ def _stats(
 
 
 def test_rates_and_overdue_by_department_type_and_community(tmp_path: Path) -> None:
-    h = Harness(tmp_path)
+    h = Harness(sqlite_backend(tmp_path))  # the file-level lifecycle writer and CLI
     sent = [
         ("smoke_fire", 0, 1),  # fire, deadline 15 min
         ("smoke_fire", 0, 9),
@@ -102,7 +102,7 @@ def test_rates_and_overdue_by_department_type_and_community(tmp_path: Path) -> N
 
 
 def test_an_empty_pool_has_no_rates(tmp_path: Path) -> None:
-    h = Harness(tmp_path)
+    h = Harness(sqlite_backend(tmp_path))  # the file-level lifecycle writer and CLI
     total, groups = _stats(h.pool.path, GroupBy.DEPARTMENT, time.time())
     assert (total.registered, total.handling_rate, total.on_time_rate) == (0, None, None)
     assert groups == {}
@@ -112,7 +112,7 @@ def test_cli_prints_the_table_per_type_and_refuses_a_missing_pool(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COLUMNS", "200")
-    h = Harness(tmp_path)
+    h = Harness(sqlite_backend(tmp_path))  # the file-level lifecycle writer and CLI
     for seq, grid in enumerate((1, 9)):
         alert = make_alert(f"cam-{seq}", *interior(grid_in_community(0, grid)), seq=seq)
         assert h.send(alert) == [Outcome.ACCEPTED]
