@@ -390,14 +390,16 @@ def test_timers_in_separate_processes_raise_each_item_once_on_postgres(
         for i, event_id in enumerate(events):
             p.whistle(event_id, t0 + i * MIN)
         ctx = multiprocessing.get_context("spawn")
-        start = ctx.Event()
+        # Replicas share one time (NTP): each step of the simulated clock is taken by all of
+        # them together, so they race for the same items rather than one running ahead
+        # (a timer that first looks after a deadline rightly raises no reminder for it).
+        tick = ctx.Barrier(replicas, timeout=60)
         procs = [
-            ctx.Process(target=_replica, args=(pg_url, f"proc-{n}", t0.timestamp(), start))
+            ctx.Process(target=_replica, args=(pg_url, f"proc-{n}", t0.timestamp(), tick))
             for n in range(replicas)
         ]
         for proc in procs:
             proc.start()
-        start.set()
         for proc in procs:
             proc.join(120)
         assert [proc.exitcode for proc in procs] == [0] * replicas
@@ -411,12 +413,12 @@ def test_timers_in_separate_processes_raise_each_item_once_on_postgres(
         backend.close()
 
 
-def _replica(url: str, name: str, t0: float, start: object) -> None:
-    start.wait(60)  # type: ignore[attr-defined]
+def _replica(url: str, name: str, t0: float, tick: Any) -> None:
     sup = Supervisor(url, name=name, batch=2)
     try:
         base = datetime.fromtimestamp(t0, UTC)
         for m in (20, 23, 25, 27, 29, 31, 33, 35, 37, 39, 92, 96, 100, 300):
+            tick.wait()
             sup.run_once(base + m * MIN)
     finally:
         sup.close()

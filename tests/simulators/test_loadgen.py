@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import resource
@@ -206,8 +207,11 @@ def test_a_fleet_with_a_connection_and_an_account_per_device(tmp_path: Path, n: 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         stack.start()
-        # Below what one process holding n connections needs: the run must raise it.
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n - 44, hard))
+        # Below what one process holding n connections needs: the run must raise it. Never
+        # below what this test process already holds (a long session keeps some descriptors:
+        # servers' log files, session fixtures), or its own next open() fails instead.
+        in_use = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(n - 44, in_use + 64), hard))
         report = run_load(
             LoadConfig(
                 rate=2 * n,
