@@ -38,7 +38,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -69,6 +69,7 @@ from aggregator.errors import AggregatorError
 from aggregator.grids import COMMUNITY_LENGTH
 from aggregator.pool.outbox import step_hook
 from aggregator.pool.reader import Cursor, Reader, Row, is_pool_url
+from aggregator.pool.sqlite import write_transaction
 from aggregator.pool.steps import StepHook, StepRecord, Tx
 from contract import Catalogue, EventStatus
 
@@ -482,17 +483,8 @@ class CaseStore:
     @contextmanager
     def _transaction(self) -> Iterator[Tx]:
         if self._db is not None:
-            with self._lock:
-                db = self._db
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield Tx(db, is_pg=False)
-                    db.execute("COMMIT")
-                except BaseException:
-                    if db.in_transaction:
-                        with suppress(sqlite3.Error):
-                            db.execute("ROLLBACK")
-                    raise
+            with self._lock, write_transaction(self._db) as db:
+                yield Tx(db, is_pg=False)
             return
         assert self._pg is not None
         with self._pg.connection() as conn, conn.transaction():

@@ -33,7 +33,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias
 import orjson
 
 from aggregator.pool.reader import is_pool_url, pg_sql
+from aggregator.pool.sqlite import write_transaction
 from aggregator.pool.steps import StepRecord
 
 if TYPE_CHECKING:
@@ -404,16 +405,8 @@ class Outbox:
             with self._pg_conn() as conn, conn.transaction():
                 yield conn
             return
-        with self._sqlite_conn() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    with suppress(sqlite3.Error):
-                        db.execute("ROLLBACK")
-                raise
+        with self._sqlite_conn() as db, write_transaction(db):
+            yield db
 
     @contextmanager
     def _pg_conn(self) -> Iterator[psycopg.Connection[Any]]:

@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -149,19 +149,8 @@ class EventPool:
         """The writer's own connection, for reads on the writer's thread between batches."""
         return self._db
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-            self._db.execute("COMMIT")
-        except BaseException:
-            # SQLite may have rolled back already (SQLITE_FULL, SQLITE_IOERR): a ROLLBACK then
-            # fails, and its error must not hide the one that says what went wrong.
-            if self._db.in_transaction:
-                with suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-            raise
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self._db)
 
     # -- the one write path --------------------------------------------------
 
@@ -473,6 +462,24 @@ class LifecycleWriter:
 
     def close(self) -> None:
         self._db.close()
+
+
+@contextmanager
+def write_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction on the pool file: ``BEGIN IMMEDIATE`` takes the database's one
+    write lock at once (reads inside see what no other writer can change before the commit),
+    then COMMIT, or ROLLBACK on any error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        # SQLite may have rolled back already (SQLITE_FULL, SQLITE_IOERR): a ROLLBACK then
+        # fails, and its error must not hide the one that says what went wrong.
+        if db.in_transaction:
+            with suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
 
 
 def set_event_status(

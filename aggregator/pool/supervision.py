@@ -158,20 +158,12 @@ class Supervisor:
                     self._pg = None
                     raise
                 return
-            from aggregator.pool.sqlite import connect
+            from aggregator.pool.sqlite import connect, write_transaction
 
             if self._db is None:
                 self._db = connect(self.target)
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(self._db) as db:
                 yield Tx(db, is_pg=False)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    with suppress(sqlite3.Error):
-                        db.execute("ROLLBACK")
-                raise
 
     def run_once(self, now: datetime, max_batches: int = 100) -> list[Raised]:
         """Raise everything due at ``now``; returns what this call raised (committed)."""
