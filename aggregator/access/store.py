@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -240,15 +241,15 @@ class _PgQmark:
         return self._conn.execute(pg_sql(sql), list(parameters))
 
 
-class _SqlAccountStore:
+class _SqlAccountStore(ABC):
     """The account store's SQL, the same on both backends; an adapter supplies ``_read`` (a
     connection for one question) and ``_write`` (one write transaction)."""
 
-    def _read(self) -> AbstractContextManager[_Qmark]:
-        raise NotImplementedError
+    @abstractmethod
+    def _read(self) -> AbstractContextManager[_Qmark]: ...
 
-    def _write(self) -> AbstractContextManager[_Qmark]:
-        raise NotImplementedError
+    @abstractmethod
+    def _write(self) -> AbstractContextManager[_Qmark]: ...
 
     def add(self, record: AccountRecord, at: float) -> bool:
         with self._write() as db:
