@@ -31,10 +31,14 @@ from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
 import psycopg
-import psycopg_pool
 
 from aggregator.config import redact_pool_url
-from aggregator.pool.postgres import PoolUnavailableError, is_pg_pool_fault, migrate
+from aggregator.pool.postgres import (
+    PoolUnavailableError,
+    connection_pool,
+    is_pg_pool_fault,
+    migrate,
+)
 from aggregator.pool.reader import is_pool_url, pg_sql
 from aggregator.pool.sqlite import connect
 
@@ -408,24 +412,21 @@ class PgAccountStore(_SqlAccountStore):
         min_size: int = 1,
         max_size: int = 4,
         connect_timeout_s: float = 10.0,
+        checkout_timeout_s: float = 3.0,
         migrate_on_open: bool = True,
     ) -> None:
         self._target = describe_target(url)
         with self._faults():
             if migrate_on_open:
                 migrate(url)
-            self._pool = psycopg_pool.ConnectionPool(
+            self._pool = connection_pool(
                 url,
+                name="cwg-access",
                 min_size=min_size,
                 max_size=max_size,
-                kwargs={"autocommit": True},
-                # a connection broken by a server restart is replaced on checkout
-                check=psycopg_pool.ConnectionPool.check_connection,
-                timeout=connect_timeout_s,
-                open=False,
-                name="cwg-access",
+                connect_timeout_s=connect_timeout_s,
+                checkout_timeout_s=checkout_timeout_s,
             )
-            self._pool.open(wait=True, timeout=connect_timeout_s)
 
     @property
     def target(self) -> str:

@@ -68,6 +68,8 @@ def open_operator_side(
         catalogue,
         min_size=1,
         max_size=2,
+        # an operator's step while the server is away is a 503 in seconds, not a hung request
+        checkout_timeout_s=3.0,
         migrate_on_open=False,
     )
     return writer, PgSnapshotStore(writer)

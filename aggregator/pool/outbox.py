@@ -372,21 +372,13 @@ class Outbox:
         self._db: sqlite3.Connection | None = None
         self._pool: psycopg_pool.ConnectionPool[Any] | None = None
         if self._pg and pooled:
-            import psycopg_pool
+            from aggregator.pool.postgres import connection_pool
 
-            self._pool = psycopg_pool.ConnectionPool(
-                str(target),
-                min_size=1,
-                max_size=max(1, max_connections),
-                kwargs={"autocommit": True},
-                check=psycopg_pool.ConnectionPool.check_connection,
-                timeout=10,
-                open=False,
-                name="cwg-outbox",
-            )
             # not waiting: a pool unreachable now is the worker's retry, not the service's
             # failure to start (a claim then raises PoolTimeout, and the worker waits)
-            self._pool.open(wait=False)
+            self._pool = connection_pool(
+                str(target), name="cwg-outbox", max_size=max_connections, wait=False
+            )
 
     def close(self) -> None:
         with self._lock:

@@ -124,6 +124,56 @@ def _faults() -> Iterator[None]:
         raise PoolUnavailableError(f"PostgreSQL pool: {type(exc).__name__}: {exc}") from exc
 
 
+_RECONNECT_S: Final = 5.0
+
+
+def connection_pool(
+    url: str,
+    *,
+    name: str,
+    min_size: int = 1,
+    max_size: int = 4,
+    connect_timeout_s: float = 10.0,
+    checkout_timeout_s: float | None = None,
+    wait: bool = True,
+) -> psycopg_pool.ConnectionPool[Any]:
+    """A psycopg pool of autocommit connections on the PostgreSQL event pool, opened the one
+    way every adapter opens it (event pool, accounts, webhook outbox).
+
+    A connection a server restart broke is found out and replaced on checkout, so the next
+    transaction after a restart commits instead of failing once more. ``connect_timeout_s``
+    bounds the first connections (``wait``: the caller needs the pool now, e.g. a service
+    starting); ``checkout_timeout_s`` (default: the same) bounds how long a transaction waits
+    for a connection while the server is away before ``PoolTimeout``. A request path gives a
+    short one, so an operator hears 503 in seconds rather than after an HTTP client gave up;
+    the ingest worker keeps the long one, as it retries the batch either way.
+
+    ``reconnect_timeout`` is short on purpose. psycopg_pool replaces a lost connection with
+    attempts 1, 2, 4, 8 … s apart until it gives up (300 s by default), so after an outage of
+    a minute the next attempt could be half a minute away and every checkout until then would
+    time out although the server is back. Giving up after a few seconds bounds the wait after
+    recovery to about two seconds: a checkout that then finds no connection starts a new
+    attempt at once.
+    """
+    pool: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max(min_size, max_size),
+        kwargs={"autocommit": True},
+        check=psycopg_pool.ConnectionPool.check_connection,
+        timeout=connect_timeout_s if checkout_timeout_s is None else checkout_timeout_s,
+        reconnect_timeout=_RECONNECT_S,
+        open=False,
+        name=name,
+    )
+    if wait:
+        pool.open(wait=True, timeout=connect_timeout_s)
+    else:
+        # not waiting: a server unreachable now is the first checkout's PoolTimeout
+        pool.open(wait=False)
+    return pool
+
+
 # ---------------------------------------------------------------------------- migrations
 
 
@@ -336,6 +386,7 @@ class PgEventPool:
         min_size: int = 1,
         max_size: int = 4,
         connect_timeout_s: float = 10.0,
+        checkout_timeout_s: float | None = None,
         migrate_on_open: bool = True,
     ) -> None:
         self.catalogue = catalogue
@@ -355,20 +406,15 @@ class PgEventPool:
         if migrate_on_open:
             with _faults():
                 migrate(url)
-        self._pool = psycopg_pool.ConnectionPool(
-            url,
-            min_size=min_size,
-            max_size=max_size,
-            kwargs={"autocommit": True},
-            # a connection broken by a server restart is found out and replaced on checkout,
-            # so the batch after a restart commits instead of failing once more
-            check=psycopg_pool.ConnectionPool.check_connection,
-            timeout=connect_timeout_s,
-            open=False,
-            name="cwg-pool",
-        )
         with _faults():
-            self._pool.open(wait=True, timeout=connect_timeout_s)
+            self._pool = connection_pool(
+                url,
+                name="cwg-pool",
+                min_size=min_size,
+                max_size=max_size,
+                connect_timeout_s=connect_timeout_s,
+                checkout_timeout_s=checkout_timeout_s,
+            )
             now = time.time()
             self._ensure_partitions([now - 31 * 86400, now + 31 * 86400])
 

@@ -259,8 +259,11 @@ def test_the_api_process_on_postgresql_lists_steps_and_follows_the_pool(
         try:
             wait_until(lambda: api.get("/readyz").status_code == 503, 15, "not ready")
             assert api.get("/readyz").json() == {"ready": False, "pool": False, "broker": True}
-            # a route that needs the pool says so, rather than failing with a 500
+            # a route that needs the pool says so, rather than failing with a 500, and soon:
+            # an operator hears it before an HTTP client would give up on the request
+            began = time.monotonic()
             assert api.get("/api/v1/events", "admin").status_code == 503
+            assert time.monotonic() - began < 8.0
         finally:
             pg_server.start()
         wait_until(lambda: api.get("/readyz").status_code == 200, 20, "ready again")
