@@ -230,12 +230,48 @@ class WebhookSettings(BaseModel):
     retention_days: float = Field(
         30.0, gt=0, le=3650, description="delivered and dead deliveries are kept this long"
     )
+    rotation_grace_s: float = Field(
+        86400.0,
+        ge=0,
+        le=30 * 86400,
+        description="after a secret rotation, deliveries are signed with the old and the new "
+        "key for this long, then with the new one only",
+    )
+    retry_after_max_s: float = Field(
+        3600.0,
+        gt=0,
+        le=86400,
+        description="a receiver's Retry-After (on 429/503) is honoured up to this many seconds",
+    )
+    allow_networks: list[str] = Field(
+        [],
+        max_length=256,
+        description="destinations allowed although not public (JSON list of CIDRs, addresses "
+        "or host names); by default loopback, private, link-local, shared, reserved and "
+        "unspecified addresses are refused, at subscription and at every delivery",
+    )
 
     @field_validator("schedule_s")
     @classmethod
     def _positive(cls, value: list[float]) -> list[float]:
         if any(d <= 0 for d in value):
             raise ValueError("retry delays are positive seconds")
+        return value
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks_or_hosts(cls, value: list[str]) -> list[str]:
+        # the same rule as aggregator/fanout/destinations.parse_allow_entry, which uses them
+        import ipaddress
+        import re
+
+        host = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9-]{1,63})(\.[A-Za-z0-9-]{1,63})*\.?$")
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                if not host.match(entry.strip()):
+                    raise ValueError(f"not a network, address or host name: {entry!r}") from None
         return value
 
 
