@@ -19,6 +19,14 @@ primary key is what makes an item exactly once even when two timers claimed one 
 snapshots taken either side of a commit. After commit the caller publishes each item's notice
 on the events topic (:class:`SupervisionTimer`).
 
+A case that got an item moves its *event's* version and change number, as every other write
+to an event does (a case step, an ingest batch; PostgreSQL also announces it on ``cwg_pool``):
+the live stream and the event list follow change numbers, so they refresh when a reminder,
+overdue item or escalation is raised. The event row is claimed with the case row: on
+PostgreSQL ``FOR UPDATE OF e, c SKIP LOCKED`` — a step locks the event before the case, so a
+timer that waited for the event while holding the case could deadlock with it; skipping never
+waits.
+
 ``case_supervision_next`` remembers, per case, the version looked at and when the next item
 falls due at it, so a tick reads only the cases with work in them.
 """
@@ -31,10 +39,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
+
+import orjson
 
 from aggregator.cases.audit import AuditEntry, AuditRow, chain
 from aggregator.cases.rules import Actor, Case, Lifecycle
@@ -90,12 +100,13 @@ class Raised:
     item: Item
     audit: AuditRow
     notice: SupervisionNoticeV1
+    change_seq: int = 0  # the event's change number after the tick that raised it
 
 
 # The cases with something due: a running deadline within the reminder horizon, and either a
 # version the timer has not looked at or an item due at it.
 _DUE: Final = (
-    "SELECT c.event_id, c.body FROM cases c"
+    "SELECT c.event_id, c.body FROM cases c JOIN events e ON e.id = c.event_id"
     " LEFT JOIN case_supervision_next n ON n.event_id = c.event_id"
     " WHERE c.next_due_at IS NOT NULL AND c.next_due_at <= ?"
     " AND (n.event_id IS NULL OR n.version <> c.version OR n.next_at <= ?)"
@@ -186,7 +197,7 @@ class Supervisor:
         raised: list[Raised] = []
         with self._transaction() as tx:
             rows = tx.execute(
-                _DUE + (" FOR UPDATE OF c SKIP LOCKED" if tx.is_pg else ""), params
+                _DUE + (" FOR UPDATE OF e, c SKIP LOCKED" if tx.is_pg else ""), params
             ).fetchall()
             for row in rows:
                 case = Case.model_validate_json(row[1])
@@ -216,6 +227,9 @@ class Supervisor:
             raised = self._raise(tx, event_id, case, item, now)
             if raised is not None:
                 out.append(raised)
+        if out:
+            change = _touch_event(tx, event_id)
+            out = [replace(r, change_seq=change) for r in out]
         tx.execute(
             "INSERT INTO case_supervision_next(event_id, version, next_at) VALUES (?,?,?)"
             " ON CONFLICT (event_id) DO UPDATE SET version = excluded.version,"
@@ -306,6 +320,35 @@ class Supervisor:
             "case %s %s: %s due %s (to %s)", event_id, item.kind, item.clock, due_text, item.level
         )
         return Raised(event_id, case, item, row, notice)
+
+
+def _touch_event(tx: Tx, event_id: int) -> int:
+    """Move the event's version and change number (once per tick, however many items it
+    raised) and, on PostgreSQL, announce the change as the pool's other writers do. Its status
+    and ``updated_at`` stay: an item changes what the case owes, not the event."""
+    if tx.is_pg:
+        from aggregator.pool.postgres import CHANNEL
+
+        found = tx.execute(
+            "UPDATE events SET version = version + 1, change_seq = nextval('pool_change_seq')"
+            " WHERE id = ? RETURNING change_seq",
+            [event_id],
+        ).fetchone()
+        assert found is not None  # the claim holds the row
+        change = int(found[0])
+        tx.execute(
+            "SELECT pg_notify(?, ?)",
+            [CHANNEL, orjson.dumps({"change": change, "updated": [event_id]}).decode()],
+        ).fetchone()
+        return change
+    from aggregator.pool.sqlite import _next_change
+
+    lite: sqlite3.Connection = tx._conn  # type: ignore[assignment]
+    change = _next_change(lite)
+    tx.execute(
+        "UPDATE events SET version = version + 1, change_seq = ? WHERE id = ?", [change, event_id]
+    )
+    return change
 
 
 def _item_out(item: Item, version: int, raised_at: datetime, seq: int) -> SupervisionItemOut:

@@ -27,6 +27,7 @@ from aggregator.config import Settings, SupervisionSettings
 from aggregator.ingest.assemble import Inbound, Pipeline
 from aggregator.ingest.decode import DecodeLimits
 from aggregator.pool import cases as store
+from aggregator.pool import queries
 from aggregator.pool.cases import CaseStore
 from aggregator.pool.outbox import Outbox, SubscriptionIn
 from aggregator.pool.supervision import Raised, Supervisor, supervision_of
@@ -42,8 +43,10 @@ from .conftest import (
     interior,
     make_alert,
     past,
+    wait_until,
 )
 from .operator_support import FAST_HASHER, OPERATORS, PASSWORD, Api, publish, wait_for_events
+from .test_stream import collect, stream, until
 
 TOPICS = Topics("cwg")
 POLICY = SupervisionPolicy()  # reminder ≤30 min / 25 % ahead; street +1 h, county +4 h
@@ -271,6 +274,63 @@ def test_one_timer_raises_each_item_once_into_trail_outbox_and_case(
     assert sup[1]["type"] == "case.supervision"
 
 
+def test_an_item_moves_the_events_change_number_so_followers_see_it(
+    pool_backend: PoolBackend,
+) -> None:
+    p = Pool(pool_backend)
+    [event_id, quiet] = p.events(2)
+    t0 = datetime.now(UTC)
+    p.whistle(event_id, t0)
+
+    def mark(eid: int) -> tuple[int, int]:
+        [(change, version)] = pool_backend.rows(
+            "SELECT change_seq, version FROM events WHERE id = ?", eid
+        )
+        return int(change), int(version)
+
+    listener = None
+    if pool_backend.is_postgres:  # the pool's change channel, as the stream listens to it
+        listener = psycopg.connect(pool_backend.target, autocommit=True)
+        pool_backend._closers.append(listener.close)
+        listener.execute("LISTEN cwg_pool")
+    timer = p.supervisor()
+    assert timer.run_once(t0 + 10 * MIN) == []
+    before, version = mark(event_id)
+    quiet_before = mark(quiet)
+    reader = pool_backend.reader()
+    assert event_id not in dict(queries.changed_events(reader, before, 100))
+
+    [reminder] = timer.run_once(t0 + 23 * MIN)
+    after, version_after = mark(event_id)
+    assert after > before
+    assert version_after == version + 1
+    assert reminder.change_seq == after
+    # a client following the pool's changes from the old number sees the event, once
+    changed = queries.changed_events(reader, before, 100)
+    assert changed == [(event_id, after)]
+    assert mark(quiet) == quiet_before  # only the supervised event moved
+    if listener is not None:
+        heard = [orjson.loads(n.payload) for n in listener.notifies(timeout=5, stop_after=1)]
+        assert heard == [{"change": after, "updated": [event_id]}]
+    # the case itself did not move, and a tick with nothing due moves nothing
+    row = store.case_of(reader, p.catalogue, event_id, EVERYONE)
+    assert row is not None
+    assert row.case.version == 3
+    assert timer.run_once(t0 + 24 * MIN) == []
+    assert mark(event_id) == (after, version_after)
+    # several items in one tick (overdue and both escalations): one move of the event
+    raised = timer.run_once(t0 + 300 * MIN)
+    assert [r.item.kind for r in raised] == [
+        Kind.OVERDUE,
+        Kind.ESCALATE_STREET,
+        Kind.ESCALATE_COUNTY,
+    ]
+    last, last_version = mark(event_id)
+    assert last > after
+    assert last_version == version_after + 1
+    assert {r.change_seq for r in raised} == {last}
+
+
 def test_the_escalation_stops_when_the_case_moves(pool_backend: PoolBackend) -> None:
     p = Pool(pool_backend)
     a, b = p.events(2)
@@ -477,8 +537,18 @@ def test_the_services_timer_reaches_the_events_topic_the_api_and_the_trail(
             )
             assert r.status_code == 200, r.text
         clock = OffsetFileClock(clock_file)
-        clock.set(23 * 60)  # 23 min after the whistle: the acceptance reminder (7.5 min ahead)
-        [reminder] = _supervision_notices(integrator, 1)
+        with stream(service, api.token("comm_a")) as live:
+            wait_until(lambda: service.hub.client_count == 1, what="a stream client")
+            collect(live, 0.5)  # the steps' own updates, if still on their way
+            clock.set(23 * 60)  # 23 min after the whistle: the acceptance reminder (7.5 min ahead)
+            [reminder] = _supervision_notices(integrator, 1)
+            # the item moved the event's change number: the live list refreshes the event
+            refreshed = until(
+                live,
+                lambda m: m["kind"] == "event" and m["event"]["event_id"] == event_id,
+                seconds=10,
+            )
+            assert refreshed["change"] == "updated"
         clock.set(31 * 60)  # past the 30 min acceptance deadline
         [overdue] = _supervision_notices(integrator, 1)
         assert (reminder["change"], reminder["event_id"]) == ("supervision", event_id)
