@@ -175,6 +175,22 @@ class DeadLetterSettings(BaseModel):
     )
 
 
+class RetentionSettings(BaseModel):
+    """Retention of raw alerts (``gateway retention``, aggregator/pool/retention.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alert_days: int | None = Field(
+        None,
+        ge=1,
+        le=36500,
+        description="`gateway retention` (its default --keep-days) removes raw alerts, dead "
+        "letters and out-of-area rows received more than this many days ago; events, cases, "
+        "audit chains, supervision items and snapshots are never removed. Unset: keep every "
+        "alert",
+    )
+
+
 class HttpSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -371,6 +387,7 @@ class Settings(BaseSettings):
     batch: BatchSettings = Field(default_factory=BatchSettings)
     notices: NoticeSettings = Field(default_factory=NoticeSettings)
     dead_letters: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     access: AccessSettings = Field(default_factory=AccessSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
