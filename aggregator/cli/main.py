@@ -48,6 +48,7 @@ examples:
   gateway accounts add lx-op --level community --scope 330383001001
   gateway catalogue                         the warning types, departments and dedup windows
   gateway grids                             streets, communities and grid counts
+  gateway retention --keep-days 90 --dry-run   what removing alerts older than 90 days would do
 """
 
 
@@ -227,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     from aggregator.cli.audit import add_parsers as add_case_parsers
 
     add_case_parsers(sub, _common)
+    from aggregator.cli.retention import add_parser as add_retention_parser
+
+    add_retention_parser(sub, _common)
     sub.add_parser("catalogue", help="print the warning catalogue")
     p = sub.add_parser("grids", help="print the grid hierarchy")
     p.add_argument("--grid-file", type=Path, default=None)
@@ -684,6 +688,12 @@ def cmd_cases(args: argparse.Namespace) -> int:
     return audit.cmd_cases(args, _open_pool)
 
 
+def cmd_retention(args: argparse.Namespace) -> int:
+    from aggregator.cli import retention
+
+    return retention.cmd_retention(args, pool_target)
+
+
 _COMMANDS = {
     "demo": cmd_demo,
     "broker": cmd_broker,
@@ -696,6 +706,7 @@ _COMMANDS = {
     "grids": cmd_grids,
     "audit": cmd_audit,
     "cases": cmd_cases,
+    "retention": cmd_retention,
 }
 
 if __name__ == "__main__":
