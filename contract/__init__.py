@@ -4,6 +4,7 @@ from contract.catalogue import Catalogue, WarningType, default_catalogue, load_c
 from contract.ids import new_alert_id
 from contract.messages import (
     AlertV1,
+    CaseNoticeV1,
     DetectedObject,
     DeviceState,
     EventNoticeV1,
@@ -22,6 +23,8 @@ from contract.messages import (
     SensorReading,
     Severity,
     StatusV1,
+    SupervisionItem,
+    SupervisionKind,
     TelemetryV1,
     decode_snapshot,
     dump,
@@ -37,6 +40,7 @@ from contract.topics import DeviceChannel, ParsedTopic, TopicError, Topics
 
 __all__ = [
     "AlertV1",
+    "CaseNoticeV1",
     "Catalogue",
     "DetectedObject",
     "DeviceChannel",
@@ -58,6 +62,8 @@ __all__ = [
     "SensorReading",
     "Severity",
     "StatusV1",
+    "SupervisionItem",
+    "SupervisionKind",
     "TelemetryV1",
     "TopicError",
     "Topics",

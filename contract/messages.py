@@ -468,6 +468,69 @@ def event_notice_json(change: str, event: dict[str, Any], at: datetime) -> bytes
     )
 
 
+# -- case/v1 ---------------------------------------------------------------------------------
+
+CASE_STATE_PATTERN = r"^[a-z][a-z_]{0,31}$"
+CLOCK_PATTERN = r"^[a-z][a-z_]{0,31}$"
+
+
+class SupervisionKind(StrEnum):
+    """What a supervision item (督办, Longgang 9.1) is."""
+
+    REMINDER = "reminder"  # 催办: before a stage deadline
+    OVERDUE = "overdue"  # 超期督办: the deadline passed
+    ESCALATE_STREET = "escalate_street"  # 升级督办(街道)
+    ESCALATE_COUNTY = "escalate_county"  # 升级督办(区县)
+
+
+class SupervisionItem(_Part):
+    """One supervision item of a case, as the events topic, the webhooks and the API show it."""
+
+    item: str = Field(
+        max_length=200,
+        description="the item's key in the case: '<run>:<clock>:<kind>:<deadline UNIX s>'",
+    )
+    kind: SupervisionKind
+    kind_zh: str = Field(max_length=64, description="the kind as operators read it: 催办, …")
+    clock: str = Field(
+        pattern=CLOCK_PATTERN,
+        description="the stage clock: community_handle, accept, feedback, arrive, hard_close, "
+        "rehandle (the lifecycle table may add more)",
+    )
+    level: Literal["community", "department", "street", "county"] = Field(
+        description="who is chased"
+    )
+    due_at: UtcDatetime = Field(description="the stage deadline")
+    raised_at: UtcDatetime
+    case_version: int = Field(ge=1, le=INT64_MAX, description="the case's version when raised")
+    audit_seq: int = Field(ge=1, le=INT64_MAX, description="its row in the case audit trail")
+
+
+class CaseNoticeV1(_Message):
+    """Aggregator → integrators, on the events topic beside ``event/v1``: something happened to
+    a case that did not change it (today: a supervision item was raised; a consumer tells the
+    two apart by ``schema`` and ignores a ``change`` it does not know)."""
+
+    schema_: Literal["case/v1"] = Field(alias="schema", default="case/v1")
+    change: Literal["supervision"] = "supervision"
+    event_id: int = Field(ge=1, le=INT64_MAX, description="the case's event")
+    state: str = Field(
+        pattern=CASE_STATE_PATTERN,
+        description="the case state: registered, assessing, community_handling, whistled, "
+        "dept_handling, en_route, on_site, reviewing, rehandling, closed",
+    )
+    version: int = Field(ge=1, le=INT64_MAX, description="the case's version (unchanged)")
+    grid_code: str = Field(max_length=32)
+    type: str = Field(pattern=TYPE_CODE_PATTERN, description="warning type code")
+    departments: list[str] = Field(
+        max_length=17, description="the lead department, then co-departments; empty before"
+    )
+    supervision: SupervisionItem
+    at: UtcDatetime
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -479,6 +542,7 @@ MESSAGE_MODELS: dict[str, type[_Message]] = {
     "feedback": FeedbackV1,
     "feedback-batch": FeedbackBatchV1,
     "event": EventNoticeV1,
+    "case": CaseNoticeV1,
 }
 
 

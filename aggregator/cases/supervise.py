@@ -27,12 +27,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from aggregator.cases.rules import Case, ClockName, Lifecycle, default_lifecycle
+from contract.messages import CaseNoticeV1, SupervisionItem, SupervisionKind
 
 __all__ = [
     "Item",
@@ -46,11 +45,8 @@ __all__ = [
 ]
 
 
-class Kind(StrEnum):
-    REMINDER = "reminder"  # 催办
-    OVERDUE = "overdue"  # 超期督办
-    ESCALATE_STREET = "escalate_street"  # 升级至街道
-    ESCALATE_COUNTY = "escalate_county"  # 升级至区县
+# The kinds are the wire contract's (case/v1): one list, named here as the timer says it.
+Kind = SupervisionKind
 
 
 ZH: Mapping[Kind, str] = {
@@ -158,40 +154,15 @@ def due_items(
     return out, min(upcoming) if upcoming else None
 
 
-class SupervisionItemOut(BaseModel):
-    """An item as the events topic, the webhooks and the API show it."""
+class SupervisionItemOut(SupervisionItem):
+    """An item as the events topic, the webhooks and the API show it: the contract's
+    ``SupervisionItem`` (contract/messages.py, ``case/v1``), its clock one of this lifecycle's."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    item: str = Field(description="the item's key in the case: '<run>:<clock>:<kind>:<deadline>'")
-    kind: Kind
-    kind_zh: str
     clock: ClockName
-    level: str = Field(description="who is chased: community, department, street or county")
-    due_at: datetime = Field(description="the stage deadline")
-    raised_at: datetime
-    case_version: int
-    audit_seq: int
 
 
-class SupervisionNoticeV1(BaseModel):
-    """Aggregator → integrators, on the events topic: a supervision item was raised."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    schema_: Literal["case/v1"] = Field(alias="schema", default="case/v1")
-    change: Literal["supervision"] = "supervision"
-    event_id: int
-    state: str
-    version: int
-    grid_code: str
-    type: str
-    departments: list[str]
-    supervision: SupervisionItemOut
-    at: datetime
-
-    def to_json(self) -> bytes:
-        return self.model_dump_json(by_alias=True).encode()
+# The notice the timer publishes on the events topic is the contract's ``case/v1`` message.
+SupervisionNoticeV1 = CaseNoticeV1
 
 
 def utc(ts: float) -> datetime:

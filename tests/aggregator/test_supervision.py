@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
 import orjson
 import psycopg
 import pytest
@@ -32,7 +33,8 @@ from aggregator.pool.cases import CaseStore
 from aggregator.pool.outbox import Outbox, SubscriptionIn
 from aggregator.pool.supervision import Raised, Supervisor, supervision_of
 from aggregator.service import Service
-from contract import AlertV1, Outcome, Topics, default_catalogue
+from contract import AlertV1, CaseNoticeV1, Outcome, Topics, default_catalogue
+from contract.schema_export import SCHEMA_DIR
 
 from .case_support import T0, drive, new_case
 from .conftest import (
@@ -487,8 +489,15 @@ def _replica(url: str, name: str, t0: float, tick: Any) -> None:
 # ---------------------------------------------------------------------------- in the service
 
 
+CASE_SCHEMA = jsonschema_rs.Draft202012Validator(
+    orjson.loads((SCHEMA_DIR / "case-v1.json").read_bytes())
+)
+
+
 def _supervision_notices(integrator: Any, n: int) -> list[dict[str, Any]]:
-    """The next ``n`` supervision notices on the events topic (event notices skipped)."""
+    """The next ``n`` supervision notices on the events topic (event notices skipped), each
+    as published checked against the contract: the committed ``case-v1.json`` schema and,
+    strictly, the ``CaseNoticeV1`` model."""
     got: list[dict[str, Any]] = []
     for _ in range(50):  # bounded: event notices interleave
         if len(got) == n:
@@ -496,6 +505,9 @@ def _supervision_notices(integrator: Any, n: int) -> list[dict[str, Any]]:
         (message,) = integrator.expect(1, timeout=20)
         body = orjson.loads(message.payload)
         if body.get("schema") == "case/v1":
+            errors = [e.message for e in CASE_SCHEMA.iter_errors(body)]
+            assert errors == [], (errors, body)
+            CaseNoticeV1.model_validate_json(message.payload, strict=True)
             got.append(body)
     assert len(got) == n
     return got
