@@ -57,6 +57,7 @@ from aggregator.cases.supervise import SupervisionPolicy
 from aggregator.clock import clock_for
 from aggregator.config import Settings
 from aggregator.errors import AggregatorError
+from aggregator.fanout.metrics import WebhookMetrics
 from aggregator.fanout.timeseries import TimeSeriesSettings, TimeSeriesSink
 from aggregator.fanout.webhooks import WebhookWorker, WorkerOptions
 from aggregator.gctune import tune_gc
@@ -275,7 +276,11 @@ class Service:
                     poll_s=hooks.poll_s,
                     jitter=hooks.jitter,
                     retention_days=hooks.retention_days,
+                    retry_after_max_s=hooks.retry_after_max_s,
+                    allow_networks=tuple(hooks.allow_networks),
                 ),
+                # on ingest's registry, which the loopback metrics port serves to the API
+                WebhookMetrics.on(self.aggregator.metrics.registry),
             )
             self.webhooks.start()
         if self.settings.supervision.enabled:

@@ -43,7 +43,7 @@ from aggregator.api.deps import (
     Readers,
 )
 from aggregator.api.models import Health, OperatorOut, Problem, Ready, TokenOut, TokenRequest
-from aggregator.config import AccessSettings
+from aggregator.config import AccessSettings, WebhookSettings
 from aggregator.fanout.metrics import Metrics
 from aggregator.fanout.stream import StreamHub
 from aggregator.grids import GridIndex
@@ -158,6 +158,7 @@ def create_app(
     writer: LifecycleSteps | None = None,
     pool_label: str | None = None,
     case_options: CaseOptions | None = None,
+    webhook_settings: WebhookSettings | None = None,
 ) -> FastAPI:
     """The FastAPI app over one pool: a SQLite file or a PostgreSQL URL. The pool must exist
     (the aggregator creates and migrates it).
@@ -237,6 +238,8 @@ def create_app(
     app.state.ctx = ctx
     app.state.cases = case_store
     app.state.case_options = case_options
+    # the webhook routes' destination allow-list and secret rotation grace (api/webhooks.py)
+    app.state.webhook_settings = webhook_settings or WebhookSettings()
     app.add_middleware(SecurityHeaders)
 
     async def pool_unreachable(request: Request, exc: Exception) -> JSONResponse:

@@ -172,6 +172,7 @@ def api_process_main(
             evidence_max_bytes=settings.evidence_max_bytes,
             test_clock_file=settings.test_clock_file,
         ),
+        webhook_settings=settings.webhooks,
     )
     server = uvicorn.Server(
         uvicorn.Config(

@@ -8,17 +8,20 @@ port when it is asked (``ScrapedMetrics``)."""
 from __future__ import annotations
 
 import logging
+import threading
 import urllib.request
+import weakref
 from collections.abc import Iterable
+from typing import Final
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from aggregator.ingest.metrics import Metrics
 
-__all__ = ["Metrics", "ScrapedMetrics"]
+__all__ = ["Metrics", "ScrapedMetrics", "WebhookMetrics"]
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +55,55 @@ class ScrapedMetrics(Metrics):
     def __init__(self, url: str | None) -> None:  # no super().__init__: nothing is counted here
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Scrape(url))
+
+
+_WEBHOOK_LOCK = threading.Lock()
+
+
+class WebhookMetrics:
+    """Webhook delivery's metrics, on the registry of the service that runs the worker (the
+    ingest registry, which the operator API's ``/metrics`` shows). Names are public: keep them.
+
+    ``outcome``: ``delivered`` (2xx), ``failed`` (an attempt that will be retried: another
+    status, no answer, a refused destination), ``dead`` (the last retry failed), ``gone`` (the
+    receiver answered 410 and the subscription was disabled)."""
+
+    OUTCOMES: Final = ("delivered", "failed", "dead", "gone")
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.deliveries = Counter(
+            "cwg_webhook_deliveries",
+            "webhook delivery attempts by outcome (delivered, failed, dead, gone)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in self.OUTCOMES:  # present at 0 from the start, so rates have a base
+            self.deliveries.labels(outcome)
+        self.attempt_seconds = Histogram(
+            "cwg_webhook_attempt_seconds",
+            "time of one webhook POST, until the answer or the failure",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.pending = Gauge(
+            "cwg_webhook_pending",
+            "webhook deliveries pending (due or waiting for a retry or an enabled subscription)",
+            registry=r,
+        )
+
+    @classmethod
+    def on(cls, registry: CollectorRegistry) -> WebhookMetrics:
+        """The webhook metrics of ``registry``, made at the first call: a service whose
+        workers are started again registers its metric names once."""
+        with _WEBHOOK_LOCK:
+            found = _WEBHOOK_METRICS.get(registry)
+            if found is None:
+                found = _WEBHOOK_METRICS[registry] = cls(registry)
+            return found
+
+
+_WEBHOOK_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, WebhookMetrics] = (
+    weakref.WeakKeyDictionary()
+)

@@ -7,12 +7,21 @@ Every request carries
     webhook-timestamp: 1733480000   UNIX seconds of this attempt
     webhook-signature: v1,<base64 HMAC-SHA256 of "{webhook-id}.{webhook-timestamp}.{body}">
 
-with the key the base64 after ``whsec_`` in the subscription's secret. A 2xx answer is
-delivered; anything else (another status, a refused connection, a timeout) is tried again after
-the next delay of the schedule (with jitter, so many failed deliveries do not return at once),
-and after the last delay the delivery is dead: the API lists it. A case's deliveries to one
-subscriber go in order (the outbox hands out only the first pending one), so a receiver that
-was down gets the steps of each case in the order they were taken once it is back.
+with the key the base64 after ``whsec_`` in the subscription's secret. For a grace period after
+the secret was rotated the header holds two signatures, space-separated as the specification
+allows (new key first, then the old one), so a receiver verifies with either.
+
+A 2xx answer is delivered. ``410 Gone`` disables the subscription (the reason and time are
+recorded; its deliveries wait until an administrator enables it again). Anything else (another
+status, a redirect, which is never followed, a refused connection, a timeout, a destination
+that is not allowed: aggregator/fanout/destinations.py) is tried again after the next delay of
+the schedule (with jitter, so many failed deliveries do not return at once); a ``429`` or
+``503`` with ``Retry-After`` waits at least that long (up to ``retry_after_max_s``). After the
+last delay the delivery is dead: the API lists it, and an administrator may send it again.
+
+A case's deliveries to one subscriber go in order (the outbox hands out only the first pending
+one), so a receiver that was down gets the steps of each case in the order they were taken
+once it is back.
 
 The worker is threads in the aggregator service's process (``Service`` starts and stops it):
 delivery is waiting on sockets (httpx releases the GIL), each claim or mark a short
@@ -24,6 +33,7 @@ and leases keep them from posting one delivery twice at once.
 from __future__ import annotations
 
 import base64
+import email.utils
 import hashlib
 import hmac
 import logging
@@ -41,9 +51,18 @@ import psycopg
 import psycopg_pool
 
 from aggregator.errors import AggregatorError
+from aggregator.fanout.destinations import AllowList, RefusedDestinationError, check_destination
+from aggregator.fanout.metrics import WebhookMetrics
 from aggregator.pool.outbox import SECRET_PREFIX, Claim, Outbox
 
-__all__ = ["WebhookWorker", "WorkerOptions", "retry_delay", "sign"]
+__all__ = [
+    "WebhookWorker",
+    "WorkerOptions",
+    "parse_retry_after",
+    "retry_delay",
+    "sign",
+    "signatures",
+]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +90,32 @@ def sign(secret: str, msg_id: str, timestamp: int, body: str) -> str:
     return "v1," + base64.b64encode(mac.digest()).decode()
 
 
+def signatures(claim: Claim, timestamp: int) -> str:
+    """The header value for one attempt: the current key's signature, and during a
+    rotation's grace period the previous key's after it, space-separated."""
+    header = sign(claim.secret, claim.webhook_id, timestamp, claim.payload)
+    if claim.previous_secret:
+        header += " " + sign(claim.previous_secret, claim.webhook_id, timestamp, claim.payload)
+    return header
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta seconds or an HTTP-date
+    (RFC 9110 10.2.3); None when absent or unreadable. A date in the past is 0."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is GMT; a zone-less one is read as such
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
 def retry_delay(
     attempts: int, schedule: Sequence[float], jitter: float, rnd: random.Random
 ) -> float | None:
@@ -91,13 +136,24 @@ class WorkerOptions:
     batch: int = 16
     retention_days: float = 30.0  # finished deliveries kept this long, then deleted
     prune_every_s: float = 3600.0
+    retry_after_max_s: float = 3600.0  # a receiver's Retry-After is honoured up to this
+    # destinations allowed although not public (CWG_WEBHOOKS__ALLOW_NETWORKS)
+    allow_networks: tuple[str, ...] = ()
+    pending_every_s: float = 5.0  # how often the pending gauge is counted
 
 
 class WebhookWorker:
     """Threads that claim due deliveries, post them and mark the outcome."""
 
-    def __init__(self, target: Path | str, options: WorkerOptions) -> None:
+    def __init__(
+        self,
+        target: Path | str,
+        options: WorkerOptions,
+        metrics: WebhookMetrics | None = None,
+    ) -> None:
         self.options = options
+        self.metrics = metrics or WebhookMetrics()
+        self._allow = AllowList.parse(options.allow_networks)
         self.outbox = Outbox(target, pooled=True, max_connections=options.workers + 1)
         self._client = httpx.Client(
             timeout=httpx.Timeout(options.timeout_s),
@@ -110,6 +166,8 @@ class WebhookWorker:
         self._rnd = random.Random()
         self._prune_lock = threading.Lock()
         self._next_prune = time.monotonic() + 60.0  # not at start: replicas start together
+        self._count_lock = threading.Lock()
+        self._next_count = 0.0
 
     def start(self) -> None:
         for n in range(max(1, self.options.workers)):
@@ -151,6 +209,7 @@ class WebhookWorker:
                 log.warning("webhook outbox unreachable: %s", type(exc).__name__)
                 self._stop.wait(max(self.options.poll_s, 1.0))
                 continue
+            self._maybe_count()
             if not claims:
                 self._maybe_prune()
                 self._stop.wait(self.options.poll_s)
@@ -159,6 +218,18 @@ class WebhookWorker:
                 if self._stop.is_set():
                     break  # its lease runs out; this or another replica's worker retries it
                 self.deliver(claim)
+
+    def _maybe_count(self) -> None:
+        # one thread at a time, every few seconds: a count over the pending rows' index
+        if time.monotonic() < self._next_count or not self._count_lock.acquire(blocking=False):
+            return
+        try:
+            self._next_count = time.monotonic() + self.options.pending_every_s
+            self.metrics.pending.set(self.outbox.pending_count())
+        except _POOL_FAULTS as exc:
+            log.warning("webhook pending count failed: %s", type(exc).__name__)
+        finally:
+            self._count_lock.release()
 
     def _maybe_prune(self) -> None:
         # one idle worker at a time, once per period; on several replicas each prunes (the
@@ -181,25 +252,59 @@ class WebhookWorker:
         headers = {
             "webhook-id": claim.webhook_id,
             "webhook-timestamp": str(stamp),
-            "webhook-signature": sign(claim.secret, claim.webhook_id, stamp, claim.payload),
+            "webhook-signature": signatures(claim, stamp),
         }
         status: int | None = None
+        retry_after: float | None = None
+        started = time.monotonic()
         try:
-            response = self._client.post(claim.url, content=claim.payload.encode(), headers=headers)
+            # checked again at every attempt (what the name resolves to may have changed since
+            # the subscription was made), and posted to the very address that passed
+            target = check_destination(claim.url, self._allow)
+            headers["host"] = target.host_header
+            extensions = {"sni_hostname": target.server_name} if target.server_name else None
+            response = self._client.post(
+                target.url,
+                content=claim.payload.encode(),
+                headers=headers,
+                extensions=extensions,
+            )
             status = response.status_code
             error = None if 200 <= status < 300 else f"HTTP {status}"
+            if status in (429, 503):
+                retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
+        except RefusedDestinationError as exc:
+            # the reason names the host and the kind of address, never the path or query
+            error = "destination refused"
+            log.warning(
+                "webhook %s to subscription %s not sent: %s",
+                claim.webhook_id,
+                claim.subscription_id,
+                exc,
+            )
         except httpx.HTTPError as exc:
             # the exception's name says what failed; its text may quote the URL (which may hold
             # a receiver's token), so it is not kept
             error = type(exc).__name__
+        self.metrics.attempt_seconds.observe(time.monotonic() - started)
         try:
             if error is None:
                 self.outbox.mark_delivered(claim, status)
+                self.metrics.deliveries.labels("delivered").inc()
                 return True
+            if status == 410:
+                if self.outbox.mark_gone(claim, status, error):
+                    self.metrics.deliveries.labels("gone").inc()
+                    log.warning(
+                        "webhook subscription %s disabled: its receiver answered 410 Gone",
+                        claim.subscription_id,
+                    )
+                return False
             attempts = claim.attempts + 1
             delay = retry_delay(attempts, self.options.schedule_s, self.options.jitter, self._rnd)
             if delay is None:
                 self.outbox.mark_dead(claim, error, status)
+                self.metrics.deliveries.labels("dead").inc()
                 log.warning(
                     "webhook %s to subscription %s dead after %s attempts: %s",
                     claim.webhook_id,
@@ -208,7 +313,12 @@ class WebhookWorker:
                     error,
                 )
             else:
+                if retry_after is not None:
+                    # the receiver said when: not earlier, though never sooner than the
+                    # schedule's delay, and not later than the cap
+                    delay = max(delay, min(retry_after, self.options.retry_after_max_s))
                 self.outbox.mark_retry(claim, error, status, time.time() + delay)
+                self.metrics.deliveries.labels("failed").inc()
                 log.info(
                     "webhook %s to subscription %s failed (%s), attempt %s; next in %.0f s",
                     claim.webhook_id,

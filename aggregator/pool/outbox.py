@@ -175,6 +175,11 @@ class Subscription:
     enabled: bool
     created_by: str
     created_at: float
+    disabled_reason: str | None = None  # why it is disabled ('receiver answered 410 Gone', …)
+    disabled_at: float | None = None
+    secret_rotated_at: float | None = None
+    # until then deliveries are signed with the previous secret too (never the secret itself)
+    previous_secret_until: float | None = None
 
     def matches(self, message: WebhookMessage) -> bool:
         return (
@@ -188,8 +193,19 @@ class Subscription:
 
 _SUB_COLUMNS: Final = (
     "id, url, event_types, grid_prefix, department, actions, description, enabled,"
-    " created_by, created_at"
+    " created_by, created_at, disabled_reason, disabled_at, secret_rotated_at,"
+    " previous_secret_until"
 )
+
+# What PATCH may change: the filters, the URL, the description and the switch.
+EDITABLE: Final = frozenset(
+    {"url", "event_types", "grid_prefix", "department", "actions", "description", "enabled"}
+)
+GONE_REASON: Final = "receiver answered 410 Gone"
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _subscription(row: Sequence[Any]) -> Subscription:
@@ -204,6 +220,10 @@ def _subscription(row: Sequence[Any]) -> Subscription:
         enabled=bool(row[7]),  # SQLite keeps 0/1, PostgreSQL a boolean
         created_by=row[8],
         created_at=float(row[9]),
+        disabled_reason=row[10],
+        disabled_at=_opt_float(row[11]),
+        secret_rotated_at=_opt_float(row[12]),
+        previous_secret_until=_opt_float(row[13]),
     )
 
 
@@ -298,6 +318,9 @@ class Claim:
     payload: str = field(repr=False)
     attempts: int  # attempts made before this one
     token: str = field(repr=False)
+    # the secret before a rotation, while its grace period lasts: the delivery carries a
+    # signature with each key, so a receiver still on the old one verifies it too
+    previous_secret: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,10 +366,13 @@ def _delivery(row: Sequence[Any]) -> Delivery:
     )
 
 
-# The head of each (subscription, case) queue that is due and not leased. The NOT EXISTS makes
-# the order per case: a later delivery waits while an earlier one is pending, leased or not.
+# The head of each (subscription, case) queue that is due and not leased, of an enabled
+# subscription (a disabled one's deliveries wait, pending, until it is enabled again). The NOT
+# EXISTS makes the order per case: a later delivery waits while an earlier one is pending,
+# leased or not.
 _DUE: Final = (
     "SELECT d.id FROM webhook_deliveries d"
+    " JOIN webhook_subscriptions s ON s.id = d.subscription_id AND s.enabled"
     " WHERE d.status = 'pending' AND d.next_attempt_at <= ?"
     " AND (d.lease_until IS NULL OR d.lease_until < ?)"
     " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e WHERE e.status = 'pending'"
@@ -484,6 +510,73 @@ class Outbox:
             ).fetchone()
         return None if row is None else _subscription(row)
 
+    def update_subscription(
+        self,
+        sub_id: str,
+        changes: Mapping[str, Any],
+        *,
+        disabled_reason: str = "disabled by an administrator",
+        now: float | None = None,
+    ) -> Subscription | None:
+        """Change a subscription's URL, filters, description or ``enabled`` (keys of
+        ``EDITABLE``); None when there is none. Disabling records ``disabled_reason`` and the
+        time (a subscription already disabled keeps its first reason); enabling clears them,
+        and its pending deliveries are claimed again, in order, from where they stopped."""
+        unknown = set(changes) - EDITABLE
+        if unknown:
+            raise ValueError(f"not editable: {', '.join(sorted(unknown))}")
+        now = time.time() if now is None else now
+        sets: list[str] = []
+        params: list[Any] = []
+        for name in sorted(changes):
+            value = changes[name]
+            if name == "enabled":
+                continue
+            if name in ("event_types", "actions"):
+                value = orjson.dumps(list(value)).decode()
+            sets.append(f"{name} = ?")
+            params.append(value)
+        if "enabled" in changes:
+            if changes["enabled"]:
+                sets.append("enabled = ?, disabled_reason = NULL, disabled_at = NULL")
+                params.append(True)
+            else:
+                # the CASEs read the row as it was: a disabled one keeps its reason and time
+                sets.append(
+                    "disabled_reason = CASE WHEN enabled THEN ? ELSE disabled_reason END,"
+                    " disabled_at = CASE WHEN enabled THEN ? ELSE disabled_at END, enabled = ?"
+                )
+                params.extend((disabled_reason, now, False))
+        with self.transaction() as tx:
+            if sets:
+                cur = _run(
+                    tx,
+                    f"UPDATE webhook_subscriptions SET {', '.join(sets)} WHERE id = ?",
+                    (*params, sub_id),
+                )
+                if not cur.rowcount:
+                    return None
+            row = _run(
+                tx, f"SELECT {_SUB_COLUMNS} FROM webhook_subscriptions WHERE id = ?", (sub_id,)
+            ).fetchone()
+        return None if row is None else _subscription(row)
+
+    def rotate_secret(self, sub_id: str, grace_s: float, now: float | None = None) -> str | None:
+        """A new secret for the subscription (returned to show once); for ``grace_s`` seconds
+        deliveries are signed with the secret it replaces as well. Rotating again within a
+        grace period keeps only the secret just replaced. None when there is no such
+        subscription."""
+        now = time.time() if now is None else now
+        secret = new_secret()
+        with self.transaction() as tx:
+            cur = _run(
+                tx,
+                "UPDATE webhook_subscriptions SET previous_secret = secret,"
+                " previous_secret_until = ?, secret_rotated_at = ?, secret = ? WHERE id = ?",
+                (now + grace_s, now, secret, sub_id),
+            )
+            return secret if cur.rowcount else None
+
     def delete_subscription(self, sub_id: str) -> bool:
         """Remove a subscription and its deliveries (a worker holding one of them finds it
         gone when it marks it); False when there was none."""
@@ -521,10 +614,12 @@ class Outbox:
             rows = _run(
                 tx,
                 "SELECT d.id, d.webhook_id, d.subscription_id, d.case_id, s.url, s.secret,"
-                " d.payload, d.attempts FROM webhook_deliveries d"
+                " d.payload, d.attempts,"
+                " CASE WHEN s.previous_secret_until > ? THEN s.previous_secret END"
+                " FROM webhook_deliveries d"
                 " JOIN webhook_subscriptions s ON s.id = d.subscription_id"
                 f" WHERE d.id IN ({marks}) ORDER BY d.id",
-                ids,
+                (now, *ids),
             ).fetchall()
         return [
             Claim(
@@ -537,6 +632,7 @@ class Outbox:
                 payload=r[6],
                 attempts=int(r[7]),
                 token=token,
+                previous_secret=r[8],
             )
             for r in rows
         ]
@@ -544,8 +640,10 @@ class Outbox:
     def _anything_due(self, now: float) -> bool:
         with self._sqlite_conn() as db:  # a read outside any write transaction (WAL)
             row = db.execute(
-                "SELECT 1 FROM webhook_deliveries WHERE status = 'pending'"
-                " AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?) LIMIT 1",
+                "SELECT 1 FROM webhook_deliveries d"
+                " JOIN webhook_subscriptions s ON s.id = d.subscription_id AND s.enabled"
+                " WHERE d.status = 'pending' AND d.next_attempt_at <= ?"
+                " AND (d.lease_until IS NULL OR d.lease_until < ?) LIMIT 1",
                 (now, now),
             ).fetchone()
         return row is not None
@@ -577,10 +675,12 @@ class Outbox:
             if wake_at is not None and cur.rowcount:
                 # The receiver answers again: its deliveries waiting out a retry delay are due
                 # now, rather than up to the schedule's longest delay after it came back.
+                # Not those it answered 429 Too Many Requests: it asked for fewer, not more.
                 _run(
                     tx,
                     "UPDATE webhook_deliveries SET next_attempt_at = ? WHERE subscription_id = ?"
-                    " AND status = 'pending' AND attempts > 0 AND next_attempt_at > ?",
+                    " AND status = 'pending' AND attempts > 0 AND next_attempt_at > ?"
+                    " AND (last_status IS NULL OR last_status != 429)",
                     (wake_at, claim.subscription_id, wake_at),
                 )
             return bool(cur.rowcount)
@@ -606,6 +706,31 @@ class Outbox:
             (error[:_ERROR_MAX], http_status, next_attempt_at),
         )
 
+    def mark_gone(
+        self, claim: Claim, http_status: int, error: str, now: float | None = None
+    ) -> bool:
+        """The receiver answered 410 Gone: the subscription is disabled (with the reason and
+        time) and the attempt counted; the delivery stays pending, so it and the rest of the
+        subscription's deliveries wait, in order, until an administrator enables it again."""
+        now = time.time() if now is None else now
+        with self.transaction() as tx:
+            cur = _run(
+                tx,
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, last_error = ?,"
+                " last_status = ?, next_attempt_at = ?, lease_until = NULL, lease_token = NULL"
+                " WHERE id = ? AND lease_token = ? AND status = 'pending'",
+                (error[:_ERROR_MAX], http_status, now, claim.id, claim.token),
+            )
+            if not cur.rowcount:
+                return False
+            _run(
+                tx,
+                "UPDATE webhook_subscriptions SET disabled_reason = ?, disabled_at = ?,"
+                " enabled = ? WHERE id = ? AND enabled",
+                (GONE_REASON, now, False, claim.subscription_id),
+            )
+            return True
+
     def mark_dead(
         self, claim: Claim, error: str, http_status: int | None, now: float | None = None
     ) -> bool:
@@ -617,7 +742,65 @@ class Outbox:
             (error[:_ERROR_MAX], http_status, now),
         )
 
+    def redeliver(
+        self, sub_id: str, delivery_id: int, now: float | None = None
+    ) -> Delivery | Literal["pending"] | None:
+        """Put a dead or delivered delivery back to pending, due now, with the full retry
+        schedule ahead of it and the same ``webhook_id`` (the receiver's idempotency key: one
+        that already has it may skip it). It then goes before the case's later pending
+        deliveries, in enqueue order. None when the subscription has no such delivery,
+        ``"pending"`` when it is pending already."""
+        now = time.time() if now is None else now
+        with self.transaction() as tx:
+            row = _run(
+                tx,
+                "SELECT status FROM webhook_deliveries WHERE id = ? AND subscription_id = ?",
+                (delivery_id, sub_id),
+            ).fetchone()
+            if row is None:
+                return None
+            if row[0] == "pending":
+                return "pending"
+            _run(
+                tx,
+                "UPDATE webhook_deliveries SET status = 'pending', attempts = 0,"
+                " next_attempt_at = ?, finished_at = NULL, lease_until = NULL,"
+                " lease_token = NULL WHERE id = ?",
+                (now, delivery_id),
+            )
+            row = _run(
+                tx,
+                f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = ?",
+                (delivery_id,),
+            ).fetchone()
+        return _delivery(row)
+
     # -- reading -------------------------------------------------------------------------------
+
+    def delivery(self, sub_id: str, delivery_id: int) -> Delivery | None:
+        with self.transaction() as tx:
+            row = _run(
+                tx,
+                f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries"
+                " WHERE id = ? AND subscription_id = ?",
+                (delivery_id, sub_id),
+            ).fetchone()
+        return None if row is None else _delivery(row)
+
+    def pending_count(self) -> int:
+        """How many deliveries are pending (all subscriptions, enabled or not): the metrics'
+        gauge. A count over the partial index of pending rows."""
+        if self._pg:
+            with self._pg_conn() as conn:
+                row = conn.execute(
+                    "SELECT COUNT(*) FROM webhook_deliveries WHERE status = 'pending'"
+                ).fetchone()
+        else:
+            with self._sqlite_conn() as db:  # a read outside any write transaction (WAL)
+                row = db.execute(
+                    "SELECT COUNT(*) FROM webhook_deliveries WHERE status = 'pending'"
+                ).fetchone()
+        return int(row[0]) if row is not None else 0
 
     def deliveries(
         self,

@@ -29,9 +29,11 @@ import orjson
 import pytest
 
 from aggregator.cases import Action, ForbiddenError
+from aggregator.config import WebhookSettings
 from aggregator.fanout.webhooks import WebhookWorker, WorkerOptions, sign
 from aggregator.pool.cases import StepRecord, Tx
 from aggregator.pool.outbox import (
+    Delivery,
     Outbox,
     SubscriptionIn,
     WebhookMessage,
@@ -71,6 +73,8 @@ class Received:
     headers: dict[str, str]
     body: bytes
     verified: bool
+    path: str = ""
+    at: float = 0.0  # time.monotonic() when it arrived
 
     @property
     def msg(self) -> dict[str, Any]:
@@ -82,10 +86,12 @@ class Received:
 class Receiver:
     """A webhook endpoint: answers 204 to a request whose signature verifies with the secret
     of its path, 401 otherwise; ``stop()`` closes the port (connections refused) until
-    ``start()`` opens it again."""
+    ``start()`` opens it again. ``answers[path]``: scripted answers (status, headers), one
+    per request, before the usual ones."""
 
     secrets: dict[str, str] = field(default_factory=dict)  # path → secret
     got: list[Received] = field(default_factory=list)
+    answers: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
     port: int = 0
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -103,8 +109,13 @@ class Receiver:
                 secret = receiver.secrets.get(self.path, "")
                 ok = verify(secret, headers, body)
                 with receiver._lock:
-                    receiver.got.append(Received(headers, body, ok))
-                self.send_response(204 if ok else 401)
+                    receiver.got.append(Received(headers, body, ok, self.path, time.monotonic()))
+                    scripted = receiver.answers.get(self.path)
+                    answer = scripted.pop(0) if scripted else (204 if ok else 401, {})
+                self.send_response(answer[0])
+                for name, value in answer[1].items():
+                    self.send_header(name, value)
+                self.send_header("content-length", "0")
                 self.end_headers()
 
             def log_message(self, format: str, *args: Any) -> None:
@@ -165,7 +176,17 @@ def opened(backend: PoolBackend) -> Outbox:
     return outbox
 
 
+# the receivers here listen on loopback, which a deployment refuses unless it allows it
+LOOPBACK = WebhookSettings(allow_networks=["127.0.0.0/8"])
+
+
+def sample(w: WebhookWorker, name: str, **labels: str) -> float | None:
+    """A value of the worker's metrics, as Prometheus would scrape it."""
+    return w.metrics.registry.get_sample_value(name, labels)
+
+
 def worker(backend: PoolBackend, **options: Any) -> WebhookWorker:
+    options.setdefault("allow_networks", tuple(LOOPBACK.allow_networks))
     options.setdefault("schedule_s", (0.2, 0.2))
     options.setdefault("poll_s", 0.05)
     options.setdefault("timeout_s", 2.0)
@@ -572,3 +593,342 @@ def test_the_readme_verification_example_verifies_the_specification_vector(
     assert not readme_verify(secret, headers, b'{"test": 2432232315}')
     monkeypatch.setattr(time, "time", lambda: 1614265330.0 + 301)
     assert not readme_verify(secret, headers, body)
+
+
+# ---------------------------------------------------------------------------- switching off
+
+
+def test_a_disabled_subscription_queues_nothing_and_its_pending_deliveries_wait(
+    pool_backend: PoolBackend, receiver: Receiver
+) -> None:
+    outbox = opened(pool_backend)
+    sub, secret = outbox.add_subscription(SubscriptionIn(url=receiver.url("/hook")), "root")
+    receiver.secrets["/hook"] = secret
+    assert outbox.enqueue(message(1, 2)) == 1  # queued while enabled
+    off = outbox.update_subscription(sub.id, {"enabled": False}, disabled_reason="by root")
+    assert off is not None
+    assert not off.enabled
+    assert off.disabled_reason == "by root"
+    assert off.disabled_at is not None
+    # disabling again keeps the first reason
+    again = outbox.update_subscription(sub.id, {"enabled": False}, disabled_reason="later")
+    assert again is not None
+    assert again.disabled_reason == "by root"
+    assert outbox.enqueue(message(1, 3)) == 0  # nothing new for a disabled one
+    assert outbox.enqueue(message(2, 2)) == 0
+    w = worker(pool_backend)
+    time.sleep(1.0)  # the worker polls every 0.05 s: it would have posted by now
+    assert receiver.received() == []
+    [waiting] = outbox.deliveries(sub.id, "pending")
+    assert waiting.attempts == 0  # not claimed, not dead: it waits
+    assert sample(w, "cwg_webhook_pending") == 1
+    on = outbox.update_subscription(sub.id, {"enabled": True, "description": "back"})
+    assert on is not None
+    assert on.enabled
+    assert on.disabled_reason is None
+    assert on.disabled_at is None
+    assert on.description == "back"
+    assert wait_for(lambda: outbox.counts()["delivered"] == 1, 15), outbox.counts()
+    [got] = receiver.received()
+    assert got.verified
+    assert got.headers["webhook-id"] == webhook_id(sub.id, "case:1:v2")
+    # edits: the filters and the URL
+    edited = outbox.update_subscription(
+        sub.id, {"event_types": ["smoke_fire"], "department": "fire", "url": receiver.url("/x")}
+    )
+    assert edited is not None
+    assert (edited.event_types, edited.department, edited.url) == (
+        ("smoke_fire",),
+        "fire",
+        receiver.url("/x"),
+    )
+    assert outbox.enqueue(message(3, 2)) == 0  # not smoke_fire
+    assert outbox.update_subscription("wh_0000000000000000", {"enabled": False}) is None
+    with pytest.raises(ValueError, match="not editable"):
+        outbox.update_subscription(sub.id, {"secret": "whsec_x"})
+
+
+def test_410_gone_disables_the_subscription_and_its_deliveries_wait(
+    pool_backend: PoolBackend, receiver: Receiver
+) -> None:
+    outbox = opened(pool_backend)
+    sub, secret = outbox.add_subscription(SubscriptionIn(url=receiver.url("/hook")), "root")
+    receiver.secrets["/hook"] = secret
+    other, other_secret = outbox.add_subscription(SubscriptionIn(url=receiver.url("/other")), "r")
+    receiver.secrets["/other"] = other_secret
+    receiver.answers["/hook"] = [(410, {})]
+    outbox.enqueue(message(1, 2))
+    outbox.enqueue(message(2, 2))
+    w = worker(pool_backend, workers=1, batch=1)
+    assert wait_for(lambda: not outbox.subscription(sub.id).enabled, 15)  # type: ignore[union-attr]
+    assert wait_for(lambda: outbox.counts(other.id)["delivered"] == 2, 15)
+    time.sleep(0.5)  # the other case's delivery to /hook would have gone by now
+    gone = outbox.subscription(sub.id)
+    assert gone is not None
+    assert gone.disabled_reason == "receiver answered 410 Gone"
+    assert gone.disabled_at is not None
+    assert [r.path for r in receiver.received()].count("/hook") == 1  # nothing after the 410
+    pending = outbox.deliveries(sub.id, "pending")
+    assert len(pending) == 2  # waiting, not dead
+    assert sorted((d.attempts, d.last_status) for d in pending) == [(0, None), (1, 410)]
+    assert sample(w, "cwg_webhook_deliveries_total", outcome="gone") == 1
+    assert outbox.enqueue(message(3, 2)) == 1  # only to the other one
+    outbox.update_subscription(sub.id, {"enabled": True})  # the receiver is back
+    assert wait_for(lambda: outbox.counts(sub.id)["delivered"] == 2, 15), outbox.counts(sub.id)
+    assert outbox.counts(sub.id) == {"pending": 0, "delivered": 2, "dead": 0}
+
+
+# ---------------------------------------------------------------------------- answers
+
+
+def test_parse_retry_after() -> None:
+    from aggregator.fanout.webhooks import parse_retry_after
+
+    now = 1_800_000_000.0
+    assert parse_retry_after("120", now) == 120.0
+    assert parse_retry_after(" 0 ", now) == 0.0
+    date = "Fri, 15 Jan 2027 08:00:30 GMT"  # 30 s after 08:00:00 GMT of that day
+    at = datetime(2027, 1, 15, 8, 0, 0, tzinfo=UTC).timestamp()
+    assert parse_retry_after(date, at) == 30.0
+    assert parse_retry_after(date, at + 60) == 0.0  # in the past: now
+    assert parse_retry_after(None, now) is None
+    assert parse_retry_after("soon", now) is None
+    assert parse_retry_after("-5", now) is None
+
+
+@pytest.mark.parametrize("code", [429, 503])
+def test_retry_after_puts_the_next_attempt_no_earlier(
+    pool_backend: PoolBackend, receiver: Receiver, code: int
+) -> None:
+    outbox = opened(pool_backend)
+    sub, secret = outbox.add_subscription(SubscriptionIn(url=receiver.url("/hook")), "root")
+    receiver.secrets["/hook"] = secret
+    slow, slow_secret = outbox.add_subscription(SubscriptionIn(url=receiver.url("/slow")), "r")
+    receiver.secrets["/slow"] = slow_secret
+    capped, capped_secret = outbox.add_subscription(SubscriptionIn(url=receiver.url("/cap")), "r")
+    receiver.secrets["/cap"] = capped_secret
+    when = datetime.fromtimestamp(time.time() + 2.5, UTC)
+    receiver.answers["/hook"] = [(code, {"retry-after": "2"})]  # delta seconds
+    receiver.answers["/slow"] = [
+        (code, {"retry-after": when.strftime("%a, %d %b %Y %H:%M:%S GMT")})
+    ]
+    receiver.answers["/cap"] = [(code, {"retry-after": "86400"})]  # a day: capped to 3 s
+    outbox.enqueue(message(1, 2))
+    worker(pool_backend, schedule_s=(0.2, 0.2), retry_after_max_s=3.0)
+    assert wait_for(lambda: outbox.counts()["delivered"] == 3, 20), outbox.counts()
+    got = receiver.received()
+    for path, at_least, at_most in (("/hook", 2.0, 6.0), ("/slow", 1.3, 6.0), ("/cap", 3.0, 6.0)):
+        first, second = (r for r in got if r.path == path)
+        # the HTTP-date has whole seconds: up to one earlier than asked
+        assert at_least <= second.at - first.at <= at_most, (path, second.at - first.at)
+        assert second.verified
+        assert second.headers["webhook-id"] == first.headers["webhook-id"]
+    [hook] = outbox.deliveries(sub.id, "delivered")
+    assert (hook.attempts, hook.last_status) == (2, 204)
+    del slow, capped
+
+
+def test_retry_after_shorter_than_the_schedule_does_not_shorten_it(
+    pool_backend: PoolBackend, receiver: Receiver
+) -> None:
+    outbox = opened(pool_backend)
+    sub, secret = outbox.add_subscription(SubscriptionIn(url=receiver.url("/hook")), "root")
+    receiver.secrets["/hook"] = secret
+    receiver.answers["/hook"] = [(503, {"retry-after": "1"})]
+    outbox.enqueue(message(1, 2))
+    before = time.time()
+    worker(pool_backend, schedule_s=(30.0, 30.0))
+    assert wait_for(lambda: [d.attempts for d in outbox.deliveries(sub.id, "pending")] == [1], 10)
+    [waiting] = outbox.deliveries(sub.id, "pending")
+    assert waiting.next_attempt_at >= before + 30.0
+    assert waiting.last_error == "HTTP 503"
+
+
+def test_a_redirect_is_a_failure_and_is_not_followed(
+    pool_backend: PoolBackend, receiver: Receiver
+) -> None:
+    outbox = opened(pool_backend)
+    sub, secret = outbox.add_subscription(SubscriptionIn(url=receiver.url("/moved")), "root")
+    receiver.secrets["/moved"] = receiver.secrets["/new"] = secret
+    receiver.answers["/moved"] = [(302, {"location": receiver.url("/new")})] * 2
+    receiver.answers["/moved"] += [(301, {"location": receiver.url("/new")})]
+    outbox.enqueue(message(1, 2))
+    w = worker(pool_backend, schedule_s=(0.1, 0.1))
+    assert wait_for(lambda: outbox.counts()["dead"] == 1, 15), outbox.counts()
+    assert [r.path for r in receiver.received()] == ["/moved"] * 3  # /new never asked
+    [dead] = outbox.deliveries(sub.id, "dead")
+    assert (dead.attempts, dead.last_status, dead.last_error) == (3, 301, "HTTP 301")
+    assert sample(w, "cwg_webhook_deliveries_total", outcome="failed") == 2
+    assert sample(w, "cwg_webhook_deliveries_total", outcome="dead") == 1
+    assert sample(w, "cwg_webhook_attempt_seconds_count") == 3
+
+
+# ---------------------------------------------------------------------------- rotation
+
+
+def test_a_rotated_secret_signs_beside_the_old_one_for_the_grace_period(
+    pool_backend: PoolBackend, receiver: Receiver
+) -> None:
+    outbox = opened(pool_backend)
+    sub, old = outbox.add_subscription(SubscriptionIn(url=receiver.url("/hook")), "root")
+    receiver.secrets["/hook"] = old
+    outbox.enqueue(message(1, 2))
+    worker(pool_backend)
+    assert wait_for(lambda: len(receiver.received()) == 1, 15)
+    assert receiver.received()[0].headers["webhook-signature"].count("v1,") == 1
+    new = outbox.rotate_secret(sub.id, grace_s=2.0)
+    assert new is not None
+    assert new.startswith("whsec_")
+    assert new != old
+    rotated = outbox.subscription(sub.id)
+    assert rotated is not None
+    assert rotated.secret_rotated_at is not None
+    assert rotated.previous_secret_until == pytest.approx(rotated.secret_rotated_at + 2.0)
+    outbox.enqueue(message(1, 3))  # in the grace period: both keys sign
+    assert wait_for(lambda: len(receiver.received()) == 2, 15)
+    during = receiver.received()[1]
+    assert during.verified  # the receiver still has the old secret
+    assert during.headers["webhook-signature"].count("v1,") == 2
+    assert verify(new, during.headers, during.body)
+    receiver.secrets["/hook"] = new  # the receiver switches
+    until = rotated.previous_secret_until
+    assert until is not None
+    time.sleep(max(0.0, until - time.time()) + 0.2)
+    outbox.enqueue(message(1, 4))  # after it: the new key only
+    assert wait_for(lambda: len(receiver.received()) == 3, 15)
+    after = receiver.received()[2]
+    assert after.verified
+    assert after.headers["webhook-signature"].count("v1,") == 1
+    assert not verify(old, after.headers, after.body)
+    assert outbox.rotate_secret("wh_0000000000000000", 1.0) is None
+
+
+# ---------------------------------------------------------------------------- redelivery
+
+
+def test_a_dead_delivery_sent_again_keeps_its_webhook_id(
+    pool_backend: PoolBackend, receiver: Receiver
+) -> None:
+    outbox = opened(pool_backend)
+    sub, secret = outbox.add_subscription(SubscriptionIn(url=receiver.url("/hook")), "root")
+    receiver.secrets["/hook"] = secret
+    receiver.answers["/hook"] = [(500, {})] * 2
+    outbox.enqueue(message(1, 2))
+    worker(pool_backend, schedule_s=(0.1,))
+    assert wait_for(lambda: outbox.counts()["dead"] == 1, 15)
+    [dead] = outbox.deliveries(sub.id, "dead")
+    assert outbox.redeliver(other := "wh_0000000000000000", dead.id) is None, other
+    again = outbox.redeliver(sub.id, dead.id)
+    assert isinstance(again, Delivery)
+    assert (again.status, again.attempts, again.finished_at) == ("pending", 0, None)
+    assert wait_for(lambda: outbox.counts()["delivered"] == 1, 15), outbox.counts()
+    got = receiver.received()
+    assert [r.headers["webhook-id"] for r in got] == [dead.webhook_id] * 3
+    assert got[-1].verified
+    assert got[-1].body == got[0].body
+    # a delivered one may be sent again too (a receiver that lost it); a pending one may not
+    assert isinstance(outbox.redeliver(sub.id, dead.id), Delivery)
+    assert outbox.redeliver(sub.id, dead.id) == "pending"
+    assert wait_for(lambda: len(receiver.received()) == 4, 15)
+
+
+# ---------------------------------------------------------------------------- destinations
+
+
+def test_destinations_that_are_not_public_are_refused() -> None:
+    from aggregator.fanout.destinations import (
+        AllowList,
+        RefusedDestinationError,
+        check_destination,
+    )
+
+    def resolving(*addresses: str) -> Callable[[str, int], list[str]]:
+        return lambda host, port: list(addresses)
+
+    none = AllowList()
+    refused = {
+        "http://127.0.0.1:8080/x": "loopback",
+        "http://10.0.0.5/x": "private",
+        "http://172.16.3.4/x": "private",
+        "http://192.168.1.1/x": "private",
+        "http://169.254.169.254/latest/meta-data": "link-local",
+        "http://0.0.0.0/x": "unspecified",
+        "http://[::1]/x": "loopback",
+        "http://[::]/x": "unspecified",
+        "http://[fd12:3456::1]/x": "private",
+        "http://[fe80::1]/x": "link-local",
+        "http://[::ffff:127.0.0.1]/x": "loopback",
+        "http://100.64.1.1/x": "shared",
+        "http://224.0.0.1/x": "multicast",
+    }
+    for url, why in refused.items():
+        with pytest.raises(RefusedDestinationError, match=why):
+            check_destination(url, none)
+    # a name is judged by what it resolves to: every address must pass
+    with pytest.raises(RefusedDestinationError, match=r"hooks\.example \(10\.1\.2\.3\)"):
+        check_destination("https://hooks.example/x", none, resolving("10.1.2.3"))
+    with pytest.raises(RefusedDestinationError, match="private"):
+        check_destination("https://hooks.example/x", none, resolving("93.184.216.34", "10.0.0.1"))
+    with pytest.raises(RefusedDestinationError, match="does not resolve"):
+        check_destination("https://nowhere.invalid/x", none, resolving())
+    with pytest.raises(RefusedDestinationError, match="http and https"):
+        check_destination("ftp://93.184.216.34/x", none)
+    # a public one passes, pinned to the address that was checked
+    pinned = check_destination(
+        "https://user:pw@hooks.example:8443/in?a=1", none, resolving("93.184.216.34")
+    )
+    assert pinned.url == "https://user:pw@93.184.216.34:8443/in?a=1"
+    assert (pinned.host_header, pinned.server_name) == ("hooks.example:8443", "hooks.example")
+    six = check_destination("http://[2606:4700::1111]/x", none)
+    assert six.url == "http://[2606:4700::1111]/x"
+    assert six.server_name is None
+    # the allow-list: networks, addresses, host names
+    allow = AllowList.parse(["127.0.0.0/8", "fd00::/8", "10.9.8.7", "Intranet.Example"])
+    assert check_destination("http://127.0.0.1:9/x", allow).address == "127.0.0.1"
+    assert check_destination("http://[fd12::1]/x", allow).address == "fd12::1"
+    assert check_destination("http://10.9.8.7/x", allow).address == "10.9.8.7"
+    assert check_destination("http://intranet.example/x", allow, resolving("10.0.0.1")).url == (
+        "http://10.0.0.1/x"
+    )
+    with pytest.raises(RefusedDestinationError):
+        check_destination("http://10.9.8.8/x", allow)
+    with pytest.raises(RefusedDestinationError):  # ::1 is not in 127.0.0.0/8
+        check_destination("http://[::1]/x", allow)
+    with pytest.raises(ValueError, match="not a network"):
+        AllowList.parse(["not a host"])
+
+
+def test_a_refused_destination_is_not_posted_to_at_delivery(
+    pool_backend: PoolBackend, receiver: Receiver
+) -> None:
+    """A subscription whose URL became a loopback one (it was made straight in the pool,
+    or its name resolves elsewhere now) is checked again at each delivery: nothing is sent."""
+    outbox = opened(pool_backend)
+    sub, secret = outbox.add_subscription(SubscriptionIn(url=receiver.url("/hook")), "root")
+    receiver.secrets["/hook"] = secret
+    outbox.enqueue(message(1, 2))
+    w = worker(pool_backend, allow_networks=(), schedule_s=(0.1,))
+    assert wait_for(lambda: outbox.counts()["dead"] == 1, 15), outbox.counts()
+    assert receiver.received() == []
+    [dead] = outbox.deliveries(sub.id, "dead")
+    assert (dead.last_error, dead.last_status) == ("destination refused", None)
+    assert sample(w, "cwg_webhook_deliveries_total", outcome="dead") == 1
+
+
+def test_a_host_name_is_delivered_to_the_address_it_was_checked_at(
+    pool_backend: PoolBackend, receiver: Receiver
+) -> None:
+    found = {i[4][0] for i in socket.getaddrinfo("localhost", receiver.port, socket.AF_UNSPEC)}
+    if found != {"127.0.0.1"}:  # the receiver listens on 127.0.0.1 only
+        pytest.skip(f"localhost resolves to {sorted(found)} here, not 127.0.0.1 alone")
+    outbox = opened(pool_backend)
+    url = f"http://localhost:{receiver.port}/hook"
+    sub, secret = outbox.add_subscription(SubscriptionIn(url=url), "root")
+    receiver.secrets["/hook"] = secret
+    outbox.enqueue(message(1, 2))
+    worker(pool_backend)  # 127.0.0.0/8 allowed; localhost resolves there (and to ::1 maybe)
+    assert wait_for(lambda: len(receiver.received()) >= 1, 15)
+    [got] = receiver.received()
+    assert got.verified
+    assert got.headers["host"] == f"localhost:{receiver.port}"
+    del sub

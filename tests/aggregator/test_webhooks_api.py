@@ -30,6 +30,8 @@ def test_webhook_api_and_the_services_worker(
     monkeypatch.setenv("CWG_WEBHOOKS__SCHEDULE_S", "[0.2, 0.2]")
     monkeypatch.setenv("CWG_WEBHOOKS__POLL_S", "0.1")
     monkeypatch.setenv("CWG_WEBHOOKS__TIMEOUT_S", "2")
+    # the receivers listen on loopback, which is refused unless allowed (IPv6's ::1 is not)
+    monkeypatch.setenv("CWG_WEBHOOKS__ALLOW_NETWORKS", '["127.0.0.0/8"]')
     receiver = Receiver()
     receiver.start()
     try:
