@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,9 +22,11 @@ from aggregator.ingest.decode import DecodeLimits
 from aggregator.pool import queries
 from aggregator.pool.model import AlertIn, Batch
 from aggregator.pool.retention import apply_retention
+from aggregator.pool.snapshots import SnapshotStore
 from contract import EventStatus, Severity, Topics, default_catalogue
 
 from .conftest import GRIDS, OUTSIDE, PoolBackend, grid_in_community, interior, jpeg, make_alert
+from .operator_support import Api, running_service
 
 TOPICS = Topics("cwg")
 CATALOGUE = default_catalogue()
@@ -53,11 +56,14 @@ class Filler:
     """Alerts, dead letters and out-of-area rows through the real ingest path (decode,
     geo-tag, dedup, the pool writer), each message with the receive time a test gives it."""
 
-    def __init__(self, backend: PoolBackend) -> None:
+    def __init__(self, backend: PoolBackend, snapshot_dir: Path | None = None) -> None:
         self.pool = backend.writer()
-        self.pipeline = Pipeline(
-            TOPICS, CATALOGUE, GRIDS, backend.snapshots(self.pool), DecodeLimits()
+        store = (
+            SnapshotStore(snapshot_dir)
+            if snapshot_dir is not None and not backend.is_postgres
+            else backend.snapshots(self.pool)
         )
+        self.pipeline = Pipeline(TOPICS, CATALOGUE, GRIDS, store, DecodeLimits())
 
     def send(self, received_at: float, *messages: tuple[str, bytes]) -> Any:
         batch = self.pipeline.assemble(
@@ -77,11 +83,11 @@ class Filler:
         )
 
 
-def _fill(backend: PoolBackend) -> tuple[Filler, dict[str, Any]]:
+def _fill(backend: PoolBackend, snapshot_dir: Path | None = None) -> tuple[Filler, dict[str, Any]]:
     """Three ages of alerts: four months old (on PostgreSQL a month that is dropped whole), a
     day past the cut (a partly old month, deleted row by row), and a day old (kept)."""
     now = time.time()
-    f = Filler(backend)
+    f = Filler(backend, snapshot_dir)
     ancient = f.alerts(now - 120 * DAY, "cam-1", 0, 3, snapshot=jpeg(1))
     old = f.alerts(now - (KEEP_DAYS + 1) * DAY, "cam-2", 1, 4, snapshot=jpeg(2))
     f.send(
@@ -163,6 +169,34 @@ def test_retention_removes_old_alerts_and_keeps_events_whole(pool_backend: PoolB
     # a second run finds nothing left
     again = apply_retention(pool_backend.target, cut, pause_s=0)
     assert (again.alerts, again.partitions, again.dead_letters) == (0, [], 0)
+
+
+def test_events_whose_alerts_are_gone_still_show_in_the_api(
+    broker: Any, tmp_path: Path, pool_backend: PoolBackend
+) -> None:
+    with running_service(broker, tmp_path, backend=pool_backend) as service:
+        api = Api(service.url)
+        try:
+            _, events = _fill(pool_backend, service.settings.snapshots)
+            apply_retention(pool_backend.target, time.time() - KEEP_DAYS * DAY, pause_s=0)
+            items = api.get("/api/v1/events", "admin", limit=50).json()["items"]
+            assert sorted(e["event_id"] for e in items) == sorted(events.values())
+            r = api.get(f"/api/v1/events/{events['old']}", "admin")
+            assert r.status_code == 200, r.text
+            detail = r.json()
+            assert (detail["alert_count"], detail["alerts"], detail["status"]) == (
+                4,
+                [],
+                "verified",
+            )
+            assert [d["device_id"] for d in detail["devices"]] == ["cam-2"]
+            # the event's own snapshot (its 实时照片) still opens
+            [url] = detail["snapshot_urls"]
+            assert api.get(url, "admin").content == jpeg(2)
+            kept = api.get(f"/api/v1/events/{events['new']}", "admin").json()
+            assert len(kept["alerts"]) == 2
+        finally:
+            api.close()
 
 
 def test_the_command_on_either_backend(
