@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
@@ -126,11 +127,12 @@ def apply_retention(
     batch_rows: int = BATCH_ROWS,
     pause_s: float = PAUSE_S,
     progress: Callable[[Progress], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> RetentionReport:
     """Remove (``dry_run``: count) the raw alerts, dead letters and out-of-area rows received
     before ``cut`` (UNIX seconds) from the pool at ``target``: a SQLite file or a
     ``postgresql://`` URL. Every step commits on its own: an interrupted run keeps what it
-    did, and the next one carries on."""
+    did, and the next one carries on; so does a run ``stop`` ends between two steps."""
     if batch_rows < 1:
         raise ValueError("batch_rows must be at least 1")
     started = time.monotonic()
@@ -138,11 +140,11 @@ def apply_retention(
     if is_pool_url(target):
         with _PgBackend.open(str(target)) as pg:
             floor = pg.partitions(cut, report, batch_rows=batch_rows, pause_s=pause_s)
-            _walk(pg, cut, floor, report, batch_rows, pause_s, progress)
+            _walk(pg, cut, floor, report, batch_rows, pause_s, progress, stop)
             _rejects(pg, cut, report, batch_rows)
     else:
         with closing(_SqliteBackend(Path(target))) as lite:
-            _walk(lite, cut, float("-inf"), report, batch_rows, pause_s, progress)
+            _walk(lite, cut, float("-inf"), report, batch_rows, pause_s, progress, stop)
             _rejects(lite, cut, report, batch_rows)
     report.seconds = time.monotonic() - started
     log.info(
@@ -157,6 +159,56 @@ def apply_retention(
     return report
 
 
+class RetentionTimer:
+    """The retention job once a day in the service (``CWG_RETENTION__ALERT_DAYS``), on a thread
+    and connection of its own: the same bounded steps as ``gateway retention``. The first run
+    waits ``first_after_s`` (replicas restarting together do not all prune at start; on
+    PostgreSQL one job runs at a time anyway). A run that fails is logged and retried at the
+    next period; ``stop`` ends a run between two steps."""
+
+    def __init__(
+        self,
+        target: Path | str,
+        keep_days: float,
+        *,
+        every_s: float = 86400.0,
+        first_after_s: float = 3600.0,
+        batch_rows: int = BATCH_ROWS,
+    ) -> None:
+        self._target = target
+        self._keep_s = keep_days * 86400.0
+        self._every_s = every_s
+        self._first_after_s = first_after_s
+        self._batch_rows = batch_rows
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cwg-retention", daemon=True)
+        self.last: RetentionReport | None = None
+        self.runs = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        wait = self._first_after_s
+        while not self._stop.wait(wait):
+            wait = self._every_s
+            try:
+                self.last = apply_retention(
+                    self._target,
+                    time.time() - self._keep_s,
+                    batch_rows=self._batch_rows,
+                    stop=self._stop,
+                )
+            except Exception as exc:  # noqa: BLE001  (the next period tries again)
+                log.warning("retention run failed (next in %.0f s): %s", wait, exc)
+            self.runs += 1
+
+
 def _walk(
     backend: _Backend,
     cut: float,
@@ -165,12 +217,13 @@ def _walk(
     batch_rows: int,
     pause_s: float,
     progress: Callable[[Progress], None] | None,
+    stop: threading.Event | None = None,
 ) -> None:
     """The alerts in arrival order, a chunk per step, until a chunk holds none older than
     ``cut``; only rows received at or after ``floor`` are looked at (on PostgreSQL: after the
     months a dry run would have dropped)."""
     lo = 0
-    while True:
+    while stop is None or not stop.is_set():
         rows = backend.chunk(lo, floor, batch_rows)
         if not rows:
             return
@@ -184,7 +237,11 @@ def _walk(
             began = time.monotonic()
             report.alerts += backend.delete(lo, hi, floor, cut)
             # the writer's turn: at least as long as the step held the lock
-            time.sleep(max(pause_s, time.monotonic() - began))
+            rest = max(pause_s, time.monotonic() - began)
+            if stop is not None:
+                stop.wait(rest)
+            else:
+                time.sleep(rest)
         report.steps += 1
         if progress is not None:
             progress(Progress(report.steps, report.alerts, rows[-1][1]))

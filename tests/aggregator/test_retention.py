@@ -25,7 +25,16 @@ from aggregator.pool.retention import apply_retention
 from aggregator.pool.snapshots import SnapshotStore
 from contract import EventStatus, Severity, Topics, default_catalogue
 
-from .conftest import GRIDS, OUTSIDE, PoolBackend, grid_in_community, interior, jpeg, make_alert
+from .conftest import (
+    GRIDS,
+    OUTSIDE,
+    PoolBackend,
+    grid_in_community,
+    interior,
+    jpeg,
+    make_alert,
+    wait_until,
+)
 from .operator_support import Api, running_service
 
 TOPICS = Topics("cwg")
@@ -358,3 +367,20 @@ def test_a_running_sqlite_writer_keeps_committing_through_a_large_prune(
         )
         live = db.execute("SELECT count(*) FROM alerts WHERE device_id='cam-live'").fetchone()[0]
     assert live == len(commits) * 10
+
+
+def test_the_daily_timer_runs_the_same_job_and_stops_promptly(pool_backend: PoolBackend) -> None:
+    from aggregator.pool.retention import RetentionTimer
+
+    _fill(pool_backend)
+    timer = RetentionTimer(pool_backend.target, KEEP_DAYS, first_after_s=0, every_s=3600)
+    timer.start()
+    try:
+        wait_until(lambda: timer.runs >= 1, 30, "a retention run")
+    finally:
+        began = time.monotonic()
+        timer.stop()
+        assert time.monotonic() - began < 5  # waiting for its next day ends at once
+    assert timer.last is not None
+    assert timer.last.alerts + timer.last.partition_rows == 7
+    assert pool_backend.rows("SELECT count(*) FROM alerts") == [(2,)]
