@@ -5,6 +5,8 @@ to a real local receiver, dead deliveries listed, subscriptions removed."""
 from __future__ import annotations
 
 import socket
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from aggregator.pool.outbox import Outbox, webhook_id
 
 from .conftest import PoolBackend, grid_in_community, interior, make_alert
 from .operator_support import Api, publish, running_service, wait_for_events
-from .test_webhooks import Receiver, message, wait_for
+from .test_webhooks import Receiver, message, verify, wait_for
 
 
 def _refused_port() -> int:
@@ -32,6 +34,7 @@ def test_webhook_api_and_the_services_worker(
     monkeypatch.setenv("CWG_WEBHOOKS__TIMEOUT_S", "2")
     # the receivers listen on loopback, which is refused unless allowed (IPv6's ::1 is not)
     monkeypatch.setenv("CWG_WEBHOOKS__ALLOW_NETWORKS", '["127.0.0.0/8"]')
+    monkeypatch.setenv("CWG_WEBHOOKS__ROTATION_GRACE_S", "600")
     receiver = Receiver()
     receiver.start()
     try:
@@ -41,6 +44,7 @@ def test_webhook_api_and_the_services_worker(
             try:
                 _check(api, receiver, pool_backend)
                 _case_steps(api, receiver, broker)
+                _lifecycle(api, receiver, pool_backend)
             finally:
                 api.close()
         assert service.webhooks is None  # stopped with the service
@@ -160,3 +164,141 @@ def _case_steps(api: Api, receiver: Receiver, broker: Any) -> None:
     ]
     assert data[1]["departments"] == ["fire"]
     assert all(d["event_type"] == "smoke_fire" for d in data)
+
+
+def _lifecycle(api: Api, receiver: Receiver, backend: PoolBackend) -> None:
+    """Destinations refused, PATCH (switch, filters, URL), secret rotation, redelivery and the
+    delivery metrics, through the API process and the service's own worker."""
+    [hook] = api.get("/api/v1/webhooks", "admin").json()
+    hooks = f"/api/v1/webhooks/{hook['id']}"
+    outbox = Outbox(backend.target, pooled=False)
+    grid = "330383001001000005"
+
+    # -- destinations: only public ones, unless allowed (127.0.0.0/8 is, here)
+    for url, why in (
+        ("http://10.1.2.3/x", "private"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://[::1]:9/x", "loopback"),
+        ("http://0.0.0.0:9/x", "unspecified"),
+        ("http://[fd00::7]/x", "private"),
+    ):
+        r = api.post("/api/v1/webhooks", "admin", json={"url": url})
+        assert r.status_code == 422, (url, r.text)
+        assert why in r.text, r.text
+        assert "CWG_WEBHOOKS__ALLOW_NETWORKS" in r.text
+    public = api.post("/api/v1/webhooks", "admin", json={"url": "https://93.184.216.34/in"})
+    assert public.status_code == 201, public.text
+    token = {"Authorization": f"Bearer {api.token('admin')}"}
+    assert (
+        api.http.delete(f"/api/v1/webhooks/{public.json()['id']}", headers=token).status_code == 204
+    )
+
+    # -- PATCH: the switch
+    def patch(body: dict[str, Any], as_: str = "admin", path: str = hooks) -> Any:
+        return api.http.patch(
+            path, json=body, headers={"Authorization": f"Bearer {api.token(as_)}"}
+        )
+
+    off = patch({"enabled": False})
+    assert off.status_code == 200, off.text
+    assert off.json()["enabled"] is False
+    assert off.json()["disabled_reason"] == "disabled by admin"
+    assert off.json()["disabled_at"] is not None
+    assert outbox.enqueue(message(42, 2, event_type="smoke_fire", grid_code=grid)) == 0
+    listed = {h["id"]: h for h in api.get("/api/v1/webhooks", "admin").json()}
+    assert listed[hook["id"]]["enabled"] is False
+    assert listed[hook["id"]]["disabled_reason"] == "disabled by admin"
+    on = patch({"enabled": True, "grid_prefix": "", "event_types": [], "description": "12345"})
+    assert on.status_code == 200, on.text
+    assert (on.json()["enabled"], on.json()["disabled_reason"], on.json()["disabled_at"]) == (
+        True,
+        None,
+        None,
+    )
+    assert (on.json()["grid_prefix"], on.json()["event_types"]) == ("", [])
+    assert on.json()["description"] == "12345"
+    # refused: other fields, nulls, unknown types, a destination not allowed, not an admin
+    assert patch({"secret": "whsec_x"}).status_code == 422
+    assert patch({"enabled": None}).status_code == 422
+    assert patch({"event_types": ["no_such_type"]}).status_code == 422
+    bad = patch({"url": "http://169.254.169.254/latest/"})
+    assert bad.status_code == 422
+    assert "link-local" in bad.text
+    assert patch({"enabled": False}, as_="comm_a").status_code == 403
+    assert patch({"enabled": False}, path="/api/v1/webhooks/wh_0000000000000000").status_code == 404
+    assert api.get(hooks, "admin").json()["enabled"] is True
+
+    # -- rotation: the new secret once; both keys sign for the grace period (600 s here)
+    old_secret = receiver.secrets["/hook"]
+    rotated = api.post(f"{hooks}/secret", "admin")
+    assert rotated.status_code == 200, rotated.text
+    new_secret = rotated.json()["secret"]
+    assert new_secret.startswith("whsec_")
+    assert new_secret != old_secret
+    until = datetime.fromisoformat(rotated.json()["previous_secret_valid_until"]).timestamp()
+    assert 590 < until - time.time() <= 600
+    shown = api.get(hooks, "admin")
+    assert new_secret not in shown.text
+    assert old_secret not in shown.text
+    assert shown.json()["secret_rotated_at"] is not None
+    assert new_secret not in api.get("/api/v1/webhooks", "admin").text
+    assert api.post(f"{hooks}/secret", "comm_a").status_code == 403
+    assert api.post("/api/v1/webhooks/wh_0000000000000000/secret", "admin").status_code == 404
+    before = len(receiver.received())
+    assert outbox.enqueue(message(43, 2, grid_code=grid)) == 1
+    assert wait_for(lambda: len(receiver.received()) == before + 1, 15)
+    got = receiver.received()[-1]
+    assert got.verified  # with the old secret, which the receiver still holds
+    assert verify(new_secret, got.headers, got.body)
+    assert got.headers["webhook-signature"].count("v1,") == 2
+
+    # -- redelivery: a dead one back to pending, the same webhook-id
+    dead_url = f"http://127.0.0.1:{_refused_port()}/later"
+    later = api.post("/api/v1/webhooks", "admin", json={"url": dead_url}).json()
+    receiver.secrets["/later"] = later["secret"]
+    later_path = f"/api/v1/webhooks/{later['id']}"
+    assert outbox.enqueue(message(44, 2, grid_code=grid)) == 2
+
+    def deliveries(status: str) -> list[dict[str, Any]]:
+        page = api.get(f"{later_path}/deliveries", "admin", status=status)
+        items: list[dict[str, Any]] = page.json()["items"]
+        return items
+
+    assert wait_for(lambda: len(deliveries("dead")) == 1, 15)
+    [dead] = deliveries("dead")
+    assert patch({"enabled": False}, path=later_path).status_code == 200  # so it waits
+    again = api.post(f"{later_path}/deliveries/{dead['id']}/retry", "admin")
+    assert again.status_code == 200, again.text
+    assert (again.json()["status"], again.json()["attempts"]) == ("pending", 0)
+    assert again.json()["webhook_id"] == dead["webhook_id"]
+    assert again.json()["next_attempt_at"] is not None
+    assert api.post(f"{later_path}/deliveries/{dead['id']}/retry", "admin").status_code == 409
+    assert api.post(f"{hooks}/deliveries/{dead['id']}/retry", "admin").status_code == 404
+    assert api.post(f"{later_path}/deliveries/0/retry", "admin").status_code == 422
+    assert api.post(f"{later_path}/deliveries/{dead['id']}/retry", "comm_a").status_code == 403
+    # the receiver is found at last: a new URL, enabled again; the same webhook-id arrives
+    moved = patch({"url": receiver.url("/later"), "enabled": True}, path=later_path)
+    assert moved.status_code == 200, moved.text
+    assert wait_for(lambda: len(deliveries("delivered")) == 1, 15)
+    arrived = [r for r in receiver.received() if r.path == "/later"]
+    assert [r.headers["webhook-id"] for r in arrived] == [dead["webhook_id"]]
+    assert arrived[0].verified
+
+    # -- the delivery metrics, on the service's registry as /metrics shows them
+    def value(text: str, sample: str) -> float:
+        # a sample line is "name{labels} value"
+        for line in text.splitlines():
+            key, _, number = line.rpartition(" ")
+            if key == sample:
+                return float(number)
+        raise AssertionError(f"{sample} not in /metrics")
+
+    metrics = api.get("/metrics", "admin")
+    assert metrics.status_code == 200
+    text = metrics.text
+    assert value(text, 'cwg_webhook_deliveries_total{outcome="delivered"}') >= 6
+    assert value(text, 'cwg_webhook_deliveries_total{outcome="dead"}') >= 3
+    assert value(text, 'cwg_webhook_deliveries_total{outcome="failed"}') >= 6
+    assert value(text, 'cwg_webhook_deliveries_total{outcome="gone"}') == 0
+    assert value(text, "cwg_webhook_attempt_seconds_count") >= 15
+    assert value(text, "cwg_webhook_pending") >= 0
