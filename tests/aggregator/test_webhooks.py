@@ -932,3 +932,25 @@ def test_a_host_name_is_delivered_to_the_address_it_was_checked_at(
     assert got.verified
     assert got.headers["host"] == f"localhost:{receiver.port}"
     del sub
+
+
+def test_a_receiver_back_does_not_wake_what_it_rate_limited(
+    pool_backend: PoolBackend, receiver: Receiver
+) -> None:
+    """A delivery that got through makes the subscription's deliveries waiting out a failure
+    due at once, except those the receiver answered 429: it asked for fewer, not more."""
+    outbox = opened(pool_backend)
+    sub, secret = outbox.add_subscription(SubscriptionIn(url=receiver.url("/hook")), "root")
+    receiver.secrets["/hook"] = secret
+    receiver.answers["/hook"] = [(429, {"retry-after": "30"}), (500, {})]
+    outbox.enqueue(message(1, 2))  # 429, wait 30 s
+    outbox.enqueue(message(2, 2))  # 500, wait the schedule's 30 s
+    before = time.time()
+    worker(pool_backend, schedule_s=(30.0, 30.0), workers=1, batch=1)
+    assert wait_for(lambda: len(receiver.received()) == 2, 10)
+    outbox.enqueue(message(3, 2))  # gets through: wakes case 2, not case 1
+    assert wait_for(lambda: outbox.counts()["delivered"] == 2, 10), outbox.counts()
+    [waiting] = outbox.deliveries(sub.id, "pending")
+    assert (waiting.case_id, waiting.last_status) == ("1", 429)
+    assert waiting.next_attempt_at >= before + 30.0
+    assert [r.msg["data"]["case_id"] for r in receiver.received()] == ["1", "2", "3", "2"]
