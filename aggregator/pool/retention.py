@@ -57,6 +57,8 @@ PAUSE_S: Final = 0.15
 # a partition's rows are counted up to this many (a month of a city's alerts is far more, and
 # counting them would read the whole partition)
 COUNT_CAP: Final = 1_000_000
+# tries at dropping a partition (each waits up to 2 s for its lock)
+DROP_ATTEMPTS = 3
 # session advisory lock of the retention job on PostgreSQL (the schema's other keys end 1, 2, 3)
 _JOB_LOCK: Final = 0x6377_6700_0000_0004
 
@@ -356,14 +358,16 @@ class _PgBackend:
     def partitions(
         self, cut: float, report: RetentionReport, *, batch_rows: int, pause_s: float
     ) -> float:
-        """Drop (dry: list) the monthly partitions that end at or before ``cut``, each with
-        its alert ids; returns where the rest of the alerts begin (the last dropped month's
-        end, or -inf)."""
+        """Drop (dry: list) the monthly partitions that end at or before ``cut``, then the
+        alert ids no partition can hold any more; returns where the rest of the alerts begin
+        (the last dropped month's end, or -inf)."""
+        import psycopg
         from psycopg import sql
 
         from aggregator.pool.postgres import _PARTITION_LOCK, _month_start
 
         floor = float("-inf")
+        kept_from = cut  # alert ids received before this have no alert left
         names = self._conn.execute(
             "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
             " WHERE i.inhparent = 'alerts'::regclass ORDER BY c.relname"
@@ -374,6 +378,7 @@ class _PgBackend:
             month = int(name[8:12]) * 12 + int(name[12:14]) - 1
             start, end = _month_start(month), _month_start(month + 1)
             if end > cut:
+                kept_from = min(kept_from, start)
                 continue
             rows = int(
                 _one(
@@ -391,23 +396,35 @@ class _PgBackend:
             floor = max(floor, end)
             if report.dry_run:
                 continue
-            # the month's ids in bounded steps (a month of a city's ids is hundreds of
-            # millions of rows: one DELETE would be one huge transaction)
+            for attempt in range(1, DROP_ATTEMPTS + 1):
+                try:
+                    with self._conn.transaction():
+                        # Dropping a partition takes a moment's exclusive lock on the parent
+                        # table; while it waits for one, ingest's inserts queue behind it. A
+                        # short wait, given up and tried again, bounds that stall.
+                        self._conn.execute("SET LOCAL lock_timeout = '2s'")
+                        self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
+                        self._conn.execute(
+                            sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name))
+                        )
+                    break
+                except psycopg.errors.LockNotAvailable:
+                    if attempt == DROP_ATTEMPTS:
+                        raise
+                    time.sleep(1.0)
+            log.info("retention dropped partition %s", name)
+        if not report.dry_run:
+            # The dropped months' ids (and any a stopped run left), in bounded steps: a month
+            # of a city's ids is hundreds of millions of rows, too many for one transaction.
             while True:
                 gone = self._conn.execute(
                     "DELETE FROM alert_ids WHERE alert_id IN (SELECT alert_id FROM alert_ids"
-                    " WHERE received_at >= %s AND received_at < %s LIMIT %s)",
-                    (start, end, batch_rows),
+                    " WHERE received_at < %s LIMIT %s)",
+                    (min(kept_from, cut), batch_rows),
                 ).rowcount
                 if gone < batch_rows:
                     break
                 time.sleep(pause_s / 10)
-            with self._conn.transaction():
-                # DROP locks the parent table: give up rather than queue ingest behind us
-                self._conn.execute("SET LOCAL lock_timeout = '10s'")
-                self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
-                self._conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
-            log.info("retention dropped partition %s", name)
         return floor
 
     def chunk(self, lo: int, floor: float, n: int) -> list[tuple[int, float]]:

@@ -384,3 +384,30 @@ def test_the_daily_timer_runs_the_same_job_and_stops_promptly(pool_backend: Pool
     assert timer.last is not None
     assert timer.last.alerts + timer.last.partition_rows == 7
     assert pool_backend.rows("SELECT count(*) FROM alerts") == [(2,)]
+
+
+def test_a_partition_held_by_a_reader_is_left_for_the_next_run(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    from aggregator.pool import retention
+    from aggregator.pool.postgres import PoolUnavailableError
+
+    backend = PoolBackend("postgres", pg_url, tmp_path)
+    try:
+        _fill(backend)
+        monkeypatch.setattr(retention, "DROP_ATTEMPTS", 1)
+        cut = time.time() - KEEP_DAYS * DAY
+        with psycopg.connect(pg_url) as reader:  # a transaction reading the alerts, held open
+            reader.execute("SELECT count(*) FROM alerts").fetchone()
+            began = time.monotonic()
+            with pytest.raises(PoolUnavailableError, match="lock timeout"):
+                apply_retention(pg_url, cut, pause_s=0)
+            assert time.monotonic() - began < 10  # it gave up instead of queueing ingest
+        assert backend.rows("SELECT count(*) FROM alerts") == [(9,)]  # nothing half done
+        done = apply_retention(pg_url, cut, pause_s=0)
+        assert done.alerts + done.partition_rows == 7
+        assert backend.rows("SELECT count(*) FROM alert_ids") == [(2,)]
+    finally:
+        backend.close()
