@@ -181,7 +181,8 @@ def _print_report(r: RetentionReport, batch_rows: int) -> None:
     if dry:
         print(f"alerts {rest}: {r.alerts:,} would be removed, {batch_rows:,} per transaction")
     else:
-        print(f"alerts {rest}: {r.alerts:,} removed in {r.steps:,} steps ({r.seconds:.1f} s)")
+        steps = f"{r.steps:,} step{'' if r.steps == 1 else 's'}"
+        print(f"alerts {rest}: {r.alerts:,} removed in {steps} ({r.seconds:.1f} s)")
     print(
         f"dead letters: {r.dead_letters:,}, out-of-area rows: {r.out_of_area:,} "
         f"{'would be removed' if dry else 'removed'}"

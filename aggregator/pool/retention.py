@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -150,8 +151,8 @@ def apply_retention(
             _rejects(lite, cut, report, batch_rows)
     report.seconds = time.monotonic() - started
     log.info(
-        "retention cut=%s dry_run=%s partitions=%s alerts=%s dead_letters=%s out_of_area=%s",
-        cut,
+        "retention before=%s dry_run=%s partitions=%s alerts=%s dead_letters=%s out_of_area=%s",
+        datetime.fromtimestamp(cut, UTC).isoformat(timespec="seconds"),
         dry_run,
         len(report.partitions),
         report.alerts,

@@ -240,6 +240,8 @@ def test_the_command_on_either_backend(
     if pool_backend.is_postgres:
         assert "dropped whole" in out
     assert pool_backend.rows("SELECT count(*) FROM alerts") == [(2,)]
+    if pool_backend.is_postgres:
+        assert not data_dir.exists()  # nothing made where no pool is
     assert cli_main(["events", "--data-dir", str(data_dir)]) == 0  # every event still lists
     assert capsys.readouterr().out.count(CATALOGUE.types["smoke_fire"].zh) == 3
 
