@@ -144,11 +144,11 @@ def apply_retention(
         with _PgBackend.open(str(target)) as pg:
             floor = pg.partitions(cut, report, batch_rows=batch_rows, pause_s=pause_s)
             _walk(pg, cut, floor, report, batch_rows, pause_s, progress, stop)
-            _rejects(pg, cut, report, batch_rows)
+            _rejects(pg, cut, report, batch_rows, pause_s)
     else:
         with closing(_SqliteBackend(Path(target))) as lite:
             _walk(lite, cut, float("-inf"), report, batch_rows, pause_s, progress, stop)
-            _rejects(lite, cut, report, batch_rows)
+            _rejects(lite, cut, report, batch_rows, pause_s)
     report.seconds = time.monotonic() - started
     log.info(
         "retention before=%s dry_run=%s partitions=%s alerts=%s dead_letters=%s out_of_area=%s",
@@ -251,16 +251,20 @@ def _walk(
         lo = hi + 1
 
 
-def _rejects(backend: _Backend, cut: float, report: RetentionReport, batch_rows: int) -> None:
+def _rejects(
+    backend: _Backend, cut: float, report: RetentionReport, batch_rows: int, pause_s: float
+) -> None:
     if report.dry_run:
         report.dead_letters, report.out_of_area = backend.count_rejects(cut)
         return
     while True:
+        began = time.monotonic()
         dead, outside = backend.prune_rejects(cut, batch_rows)
         report.dead_letters += dead
         report.out_of_area += outside
         if dead < batch_rows and outside < batch_rows:
             return
+        time.sleep(max(pause_s, time.monotonic() - began))  # as the walk: the writer's turn
 
 
 # ---------------------------------------------------------------------------- SQLite

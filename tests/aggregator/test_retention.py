@@ -137,8 +137,10 @@ def test_retention_removes_old_alerts_and_keeps_events_whole(pool_backend: PoolB
     if pool_backend.is_postgres:
         assert dry.partitions, "the month four months back ends before the cut"
 
-    done = apply_retention(pool_backend.target, cut, pause_s=0)
+    # two rows a step: chunks that end inside the old alerts, and one that holds old and new
+    done = apply_retention(pool_backend.target, cut, pause_s=0, batch_rows=2)
     assert (done.alerts + done.partition_rows, done.dead_letters, done.out_of_area) == (7, 1, 1)
+    assert done.steps == -(-done.alerts // 2)
     assert [p.name for p in done.partitions] == [p.name for p in dry.partitions]
     after = _counts(pool_backend)
     assert {t: n for t, n in after.items() if t not in PRUNED} == {
