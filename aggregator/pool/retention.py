@@ -10,20 +10,22 @@ alerts are gone still lists and shows (its alert list is then empty, its counts 
 
 How rows go without stalling ingest:
 
-- The alerts are walked in arrival order (``alerts.id``, which both backends give in commit
-  order), a chunk of at most ``batch_rows`` rows per transaction: each step deletes the chunk's
-  rows received before the cut (a range of the primary key, never a scan), commits, and pauses
-  at least as long as it took and never less than ``pause_s``, so a running pool writer, whose
-  SQLite busy handler retries every 100 ms, always finds the write lock free within a pause.
+- The alerts are walked in the order they were pooled (``alerts.id``: SQLite's rowid, the
+  PostgreSQL sequence), a chunk of at most ``batch_rows`` rows per transaction: each step
+  deletes the chunk's rows received before the cut (a range of the primary key, never a scan),
+  commits, and pauses at least as long as it took and never less than ``pause_s``, so a running
+  pool writer, whose SQLite busy handler retries every 100 ms, finds the write lock free within
+  a pause.
   The walk stops at the first chunk that holds no alert older than the cut. An alert pooled far
   out of arrival order (a batch retried through a long pool outage) goes at a later run, once
   every alert pooled before it is old enough.
-- On PostgreSQL the months wholly before the cut go first, each monthly partition of
-  ``alerts`` dropped whole (its alert ids first, in bounded steps, then ``DROP TABLE`` with a
-  lock timeout, since dropping a partition briefly locks the parent table); the walk then
-  deletes the rest of the partly old month, and the deleted alerts' ids with them. One job at a
-  time per pool (a session advisory lock): replicas or a cron job starting it together do not
-  both walk.
+- On PostgreSQL the months wholly before the cut go first: each monthly partition of
+  ``alerts`` is dropped whole (``DROP TABLE``, which takes a moment's exclusive lock on the
+  parent table: it waits at most 2 s for it, three times, rather than queue ingest behind a
+  long reader), then the ids of the alerts no partition holds any more leave ``alert_ids`` in
+  bounded steps. The walk then deletes the rest of the partly old month, each step with its
+  alerts' ids. One job at a time per pool (a session advisory lock): replicas or a cron job
+  starting it together do not both walk.
 
 A deleted alert's id is forgotten: the same alert sent again later would be pooled again, as a
 new alert (semantic dedup still merges it into its event while that is open). Keep alerts for
