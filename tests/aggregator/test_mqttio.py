@@ -336,6 +336,13 @@ def test_lean_client_acknowledges_by_itself_without_manual_ack(
     cam = broker.client("cam-001")
     cam.publish_many(broker.topics.alert("cam-001"), [b"%d" % i for i in range(200)])
     wait_until(lambda: len(rows) == 200, 5, "200 rows")
+    # The row is handed over before its PUBACK is queued, on the client's network thread. A
+    # SUBACK is read on that same thread after the 200th PUBLISH was handled, so once it is in,
+    # every PUBACK is queued ahead of the DISCONNECT below (and paho writes in queue order).
+    resubscribed = threading.Event()
+    client.on_subscribe = lambda *_: resubscribed.set()
+    client.subscribe(broker.topics.device_filter(DeviceChannel.ALERT), 1)
+    assert resubscribed.wait(5)
     # every PUBACK went out: the broker holds nothing in flight for us
     client.disconnect()
     client.loop_stop()
