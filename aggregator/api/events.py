@@ -1,4 +1,5 @@
-"""Events of the community event pool: list (filters, sort, cursor), detail, lifecycle steps."""
+"""Events of the community event pool: list (filters, sort, cursor), detail, and the older
+(deprecated) step route, which takes its steps through the case lifecycle."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ import binascii
 import logging
 import math
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import orjson
 from fastapi import APIRouter, Body, HTTPException, Path, Query, status
 
 from aggregator.access.auth import Level
+from aggregator.api.cases import Cases
+from aggregator.api.cases import _announce as announce_step
+from aggregator.api.cases import _refusal as case_refusal
 from aggregator.api.deps import SCOPED_RESPONSES, ApiContext, Ctx, CurrentOperator, Db
 from aggregator.api.models import (
     Action,
@@ -28,19 +34,14 @@ from aggregator.api.models import (
     TransitionOut,
     TransitionRequest,
 )
-from aggregator.errors import PoolError
+from aggregator.cases import Action as CaseAction
+from aggregator.cases import CalendarRangeError, CaseError, State
 from aggregator.pool import cases as cases_store
 from aggregator.pool import queries
+from aggregator.pool.cases import CaseNotFoundError
 from aggregator.pool.model import summary_from_row
-from aggregator.pool.postgres import PoolUnavailableError
 from aggregator.pool.reader import Reader, Row
-from contract import (
-    EventNoticeV1,
-    EventStatus,
-    Location,
-    Severity,
-    utcnow,
-)
+from contract import EventStatus, Location, Severity
 from contract.messages import DEVICE_ID_PATTERN
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ router = APIRouter(prefix="/api/v1/events", tags=["events"])
 GRID_PREFIX = r"^[0-9]{1,20}$"
 DEPARTMENT = r"^[a-z][a-z0-9_]{0,63}$"
 TYPE_CODE = r"^[a-z][a-z0-9_]{1,63}$"
-_STATUS_RANK = {s: i for i, s in enumerate(EventStatus)}
 
 
 def snapshot_url(sha: str | None) -> str | None:
@@ -345,20 +345,87 @@ def _payload(raw: bytes) -> dict[str, Any]:
     return _json_object(raw)
 
 
+# -- the older step route ---------------------------------------------------------------------
+# POST /api/v1/events/{id}/{verify|dispatch|handle|close} came before the case lifecycle. It is
+# kept for clients written against it, but it no longer moves an event by itself: each of its
+# actions is taken as the one case step that brings the case from its present state to the
+# action's event status, through the case store (the same rules, audit chain link, webhook
+# outbox and version compare-and-set as POST /api/v1/cases/{id}/steps). Where no single step
+# does — a department's feedback goes to the community's review before closing, the community
+# cannot close a case it has not handled — it answers 409 and names the case route.
+
+
+@dataclass(frozen=True, slots=True)
+class OldStep:
+    """The case step an older action stands for in one case state."""
+
+    action: CaseAction
+    whistle_to_catalogue: bool = False  # dispatch: the type's catalogue department leads
+    note_is_summary: bool = False  # close: the note is the handling summary (Longgang 8.5)
+
+
+OLD_STEPS: Final[Mapping[tuple[Action, State], OldStep]] = {
+    (Action.VERIFY, State.REGISTERED): OldStep(CaseAction.VERIFY),
+    (Action.DISPATCH, State.ASSESSING): OldStep(CaseAction.WHISTLE, whistle_to_catalogue=True),
+    (Action.DISPATCH, State.COMMUNITY_HANDLING): OldStep(
+        CaseAction.WHISTLE, whistle_to_catalogue=True
+    ),
+    (Action.HANDLE, State.ASSESSING): OldStep(CaseAction.SELF_HANDLE),
+    (Action.HANDLE, State.WHISTLED): OldStep(CaseAction.ACCEPT_OFF_SITE),
+    (Action.CLOSE, State.COMMUNITY_HANDLING): OldStep(CaseAction.HANDLE, note_is_summary=True),
+    (Action.CLOSE, State.REVIEWING): OldStep(CaseAction.ACCEPT_FEEDBACK),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _AnyScope:
+    """Reads a case wherever it lies: the route has already found the event in the caller's
+    scope, and the step is then taken as the caller (the rules check the caller again)."""
+
+    username: str = ""
+    level: str = Level.COUNTY.value
+    scope_code: str = ""
+    department: str | None = None
+
+
+def _old_payload(step: OldStep, note: str, department: str) -> dict[str, Any]:
+    payload: dict[str, Any] = {}
+    if step.note_is_summary:
+        payload["summary"] = note
+    elif note:
+        payload["note"] = note
+    if step.whistle_to_catalogue:
+        payload["lead_department"] = department
+    return payload
+
+
 @router.post(
     "/{event_id}/{action}",
     response_model=TransitionOut,
     responses={
         **SCOPED_RESPONSES,
         400: {"model": Problem, "description": "closing without a handling summary"},
-        403: {"model": Problem, "description": "this level may not take this step"},
-        409: {"model": Problem, "description": "the event is closed or already past this step"},
+        403: {"model": Problem, "description": "the case rules refuse this account the step"},
+        409: {
+            "model": Problem,
+            "description": "no case step does this from the case's state (the message names "
+            "the case route), or the case changed meanwhile",
+        },
+        422: {"model": Problem, "description": "the case step lacks what it requires"},
     },
-    summary="Move an event along its lifecycle: verify, dispatch, handle, close",
+    summary="Deprecated: take a case step by its older name (verify, dispatch, handle, close)",
+    description="Use `POST /api/v1/cases/{id}/steps`. Each action is taken as the case step "
+    "that brings the case to the action's status from its present state: verify → verify "
+    "(registered); dispatch → whistle to the type's catalogue department (assessing, "
+    "community handling); handle → self_handle (assessing) or accept_off_site (whistled); "
+    "close → handle with the note as its summary (community handling) or accept_feedback "
+    "(reviewing). Anything else is a 409 naming the case route.",
+    deprecated=True,
 )
 def transition(
     ctx: Ctx,
     conn: Db,
+    cases: Cases,
     operator: CurrentOperator,
     event_id: Annotated[int, Path(ge=1, le=2**62)],
     action: Action,
@@ -368,60 +435,54 @@ def transition(
     row = queries.scoped_event(conn, operator.event_filter("e"), event_id)
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no event {event_id} in your scope")
-    if operator.level is Level.DEPARTMENT and action in (Action.VERIFY, Action.DISPATCH):
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            "verifying and dispatching are the community's steps (Longgang 7.1, 7.3)",
-        )
     if action is Action.CLOSE and not note:
         raise HTTPException(
             status.HTTP_400_BAD_REQUEST,
             "closing needs a handling summary in 'note' (Longgang 8.5)",
         )
-    if cases_store.has_case(conn, event_id):
-        # The case lifecycle (POST /api/v1/cases/{id}/steps) replaces these four steps; once
-        # an event is a case, only case steps move it, so the two never disagree.
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"event {event_id} is handled as a case: use POST /api/v1/cases/{event_id}/steps",
-        )
-    target = action.target
-    current = EventStatus(row["status"])
-    if _STATUS_RANK[target] <= _STATUS_RANK[current]:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"event {event_id} is {current.value}; it cannot move to {target.value}",
-        )
-    with ctx.write_lock:
-        try:
-            done = ctx.writer.set_status(event_id, target, operator.username, note)
-        except PoolUnavailableError:
-            raise  # the pool is unreachable: 503 (create_app's handler), not a conflict
-        except PoolError as exc:
-            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
-    # A step taken here shows in every list at once, not after the lists' micro-cache expires.
-    ctx.event_pages.clear()
-    log.info("event %s %s -> %s by %s", event_id, current, target, operator.username)
-    fresh = queries.scoped_event(conn, operator.event_filter("e"), event_id)
-    assert fresh is not None
-    item = event_item(fresh, queries.devices_of(conn, [event_id]).get(event_id, []), ctx)
-    notice = EventNoticeV1(
-        change="closed" if target is EventStatus.CLOSED else "updated",
-        event=summary_from_row(fresh, item.device_ids, ctx.catalogue),
-        at=utcnow(),
+    case_row = cases_store.case_of(conn, ctx.catalogue, event_id, _AnyScope())
+    case_route = (
+        f"use POST /api/v1/cases/{event_id}/steps (GET /api/v1/cases/{event_id} lists the "
+        "actions you may take)"
     )
-    ctx.hub.publish_notice(notice)
-    if ctx.on_notice is not None:
-        try:
-            ctx.on_notice(notice)
-        except Exception:
-            # The step is committed; a failed side channel must not turn it into an error.
-            log.exception("notice hook failed for event %s", event_id)
+    if case_row is None or (not case_row.stored and row["status"] == EventStatus.CLOSED.value):
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"event {event_id} is closed; it cannot {action.value}"
+        )
+    case = case_row.case
+    step = OLD_STEPS.get((action, case.state))
+    if step is None:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"event {event_id} is a case in state {case.state.value}; no case step does"
+            f" '{action.value}' from there: {case_route}",
+        )
+    try:
+        record = cases.apply_step(
+            event_id,
+            step.action,
+            operator,
+            _old_payload(step, note, row["department"]),
+            # the state the step was chosen for: if the case moved meanwhile, a 409
+            case.version,
+        )
+    except (CaseError, CaseNotFoundError, CalendarRangeError) as exc:
+        raise case_refusal(exc) from exc
+    log.info(
+        "event %s %s (case %s) by %s (deprecated route)",
+        event_id,
+        action.value,
+        step.action.value,
+        operator.username,
+    )
+    announce_step(ctx, conn, record)  # the live stream and the events topic, as a case step
+    fresh = queries.scoped_event(conn, operator.event_filter("e"), event_id) or row
+    item = event_item(fresh, queries.devices_of(conn, [event_id]).get(event_id, []), ctx)
     return TransitionOut(
         event_id=event_id,
-        from_status=EventStatus(done["from"]),
-        to_status=target,
-        at=_dt(done["at"]),
+        from_status=cases_store.EVENT_STATUS[record.before],
+        to_status=cases_store.EVENT_STATUS[record.after],
+        at=record.at,
         actor=operator.username,
         event=item,
     )

@@ -237,6 +237,8 @@ def test_detail_has_every_alert_device_snapshot_and_timeline(filled: Filled) -> 
 
 
 def test_lifecycle_steps_with_notes_and_rules(filled: Filled) -> None:
+    """The older step route (deprecated) takes its steps as case steps under the case rules;
+    the event's timeline logs them as such (tests/aggregator/test_cases_api.py has the rest)."""
     api, fire = filled.api, filled.fire
     path = f"/api/v1/events/{fire}"
     r = api.post(f"{path}/verify", "comm_a", json={"note": "seen on camera 2"})
@@ -249,7 +251,14 @@ def test_lifecycle_steps_with_notes_and_rules(filled: Filled) -> None:
     assert api.post(f"{path}/handle", "fire", json={"note": "crew on site"}).status_code == 200
     r = api.post(f"{path}/close", "fire", json={"note": "  "})
     assert r.status_code == 400  # Longgang 8.5: a summary is required
-    r = api.post(f"{path}/close", "fire", json={"note": "extinguished, bins removed"})
+    # a department's feedback goes to the community's review first: a step of the case route
+    r = api.post(f"{path}/close", "fire", json={"note": "extinguished"})
+    assert r.status_code == 409
+    assert f"/api/v1/cases/{fire}/steps" in r.json()["detail"]
+    feedback = {"action": "handle", "expected_version": 4, "payload": {"summary": "out"}}
+    r = api.post(f"/api/v1/cases/{fire}/steps", "fire", json=feedback)
+    assert r.status_code == 200, r.text
+    r = api.post(f"{path}/close", "comm_a", json={"note": "extinguished, bins removed"})
     assert r.status_code == 200
     assert r.json()["event"]["status"] == "closed"
     assert r.json()["event"]["closed_at"]
@@ -258,17 +267,32 @@ def test_lifecycle_steps_with_notes_and_rules(filled: Filled) -> None:
     steps = [(t["action"], t["actor"]) for t in d["timeline"] if t["kind"] == "log"]
     assert steps == [
         ("registered", "aggregator"),
-        ("status:verified", "comm_a"),
-        ("status:dispatched", "comm_a"),
-        ("status:handling", "fire"),
-        ("status:closed", "fire"),
+        ("case:verify", "comm_a"),
+        ("case:whistle", "comm_a"),
+        ("case:accept_off_site", "fire"),
+        ("case:handle", "fire"),
+        ("case:accept_feedback", "comm_a"),
     ]
-    assert d["timeline"][-1]["detail"]["note"] == "extinguished, bins removed"
     closed = api.get("/api/v1/events", "admin", status="closed").json()["items"]
     assert [e["event_id"] for e in closed] == [fire]
-    # Skipping ahead is allowed (a community may handle without a whistle).
+    # Skipping ahead is no case step: a registered case is verified first.
     r = api.post(f"/api/v1/events/{filled.garbage[0]}/handle", "comm_a")
-    assert r.status_code == 200
+    assert r.status_code == 409
+
+
+def close_as_community(api: Api, event_id: int, summary: str) -> None:
+    """Verify, handle in the community and close with a summary: three case steps."""
+    for version, action, payload in (
+        (1, "verify", {}),
+        (2, "self_handle", {}),
+        (3, "handle", {"summary": summary}),
+    ):
+        r = api.post(
+            f"/api/v1/cases/{event_id}/steps",
+            "comm_a",
+            json={"action": action, "expected_version": version, "payload": payload},
+        )
+        assert r.status_code == 200, r.text
 
 
 def test_scope_community_street_county_department(filled: Filled) -> None:
@@ -344,14 +368,8 @@ def test_statistics(filled: Filled) -> None:
 
 def test_handling_metrics_by_department_and_community_in_scope(filled: Filled) -> None:
     api, f = filled.api, filled
-    r = api.post(f"/api/v1/events/{f.fire}/close", "fire", json={"note": "out"})
-    assert r.status_code == 200
-    assert (
-        api.post(
-            f"/api/v1/events/{f.garbage[0]}/close", "comm_a", json={"note": "bins emptied"}
-        ).status_code
-        == 200
-    )
+    close_as_community(api, f.fire, "out")
+    close_as_community(api, f.garbage[0], "bins emptied")
     r = api.get("/api/v1/stats/handling", "admin")
     assert r.status_code == 200, r.text
     s = r.json()

@@ -32,7 +32,7 @@ def test_an_operators_step_goes_out_on_the_events_topic(broker: Any, service: Se
         (created,) = integrator.expect(1)
         event = orjson.loads(created.payload)["event"]
         assert orjson.loads(created.payload)["change"] == "created"
-        r = api.post(f"/api/v1/events/{event['event_id']}/verify", "admin")
+        r = api.post(f"/api/v1/events/{event['event_id']}/verify", "comm_a")  # a case step
         assert r.status_code == 200, r.text
         (step,) = integrator.expect(1)
         notice = orjson.loads(step.payload)

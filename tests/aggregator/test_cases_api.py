@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from aggregator.access.auth import Level
 from aggregator.cases.audit import load_jsonl, verify
+from aggregator.pool.outbox import Outbox, SubscriptionIn
 from aggregator.service import Service
 
 from .conftest import PoolBackend, grid_in_community, interior, jpeg, make_alert
@@ -200,10 +202,10 @@ def test_refusals_across_roles_states_and_payloads(stack: Stack) -> None:
     )
     assert bad.status_code == 422
     _ok(stack.step("comm_a", event_id, "verify", 1))
-    # once an event is a case, the old four-step route no longer moves it
-    old_route = stack.api.post(f"/api/v1/events/{event_id}/dispatch", "comm_a")
+    # the older step route takes case steps; where none matches it names the case route
+    old_route = stack.api.post(f"/api/v1/events/{event_id}/close", "comm_a", json={"note": "x"})
     assert old_route.status_code == 409
-    assert "/api/v1/cases/" in old_route.json()["detail"]
+    assert f"/api/v1/cases/{event_id}/steps" in old_route.json()["detail"]
     assert stack.step("comm_a", event_id, "whistle", 2, {}).status_code == 422  # no department
     assert (
         stack.step("comm_a", event_id, "whistle", 2, {"lead_department": "nobody"}).status_code
@@ -452,3 +454,98 @@ def test_every_other_action_of_the_table_through_the_api(stack: Stack) -> None:
     assert stopped == ["accept", "feedback"]
     for event_id, status in ((own, "closed"), (not_ours, "closed"), (off_site, "closed")):
         assert _ok(stack.api.get(f"/api/v1/events/{event_id}", "admin"))["status"] == status
+
+
+# ---------------------------------------------------------------------------- the older route
+
+
+def old_step(stack: Stack, who: str, event_id: int, action: str, note: str = "") -> httpx.Response:
+    return stack.api.post(f"/api/v1/events/{event_id}/{action}", who, json={"note": note})
+
+
+def test_the_older_step_route_takes_case_steps_under_the_case_rules(stack: Stack) -> None:
+    outbox = Outbox(stack.backend.target, pooled=False)
+    outbox.add_subscription(SubscriptionIn(url="http://127.0.0.1:9/hook"), created_by="admin")
+    event_id = stack.new_case(0)  # smoke_fire: the catalogue's department is fire
+    case_route = f"/api/v1/cases/{event_id}/steps"
+
+    # the case rules decide who may: not a department, not an administrator
+    assert old_step(stack, "fire", event_id, "verify").status_code == 403
+    assert old_step(stack, "admin", event_id, "verify").status_code == 403
+    assert old_step(stack, "comm_b", event_id, "verify").status_code == 404  # not in scope
+    # no single case step closes a registered case ("not ours" is not a closing of it)
+    refused = old_step(stack, "comm_a", event_id, "close", "done")
+    assert refused.status_code == 409
+    assert case_route in refused.json()["detail"]
+
+    walk = [
+        ("comm_a", "verify", "seen on camera 2", "verified", "assessing"),
+        ("comm_a", "dispatch", "", "dispatched", "whistled"),
+        ("fire", "handle", "crew on its way", "handling", "dept_handling"),
+    ]
+    for who, action, note, status, state in walk:
+        r = old_step(stack, who, event_id, action, note)
+        assert r.status_code == 200, (action, r.text)
+        assert r.json()["to_status"] == status
+        assert r.json()["event"]["status"] == status
+        assert stack.case("county", event_id)["state"] == state
+    case = stack.case("fire", event_id)
+    assert (case["lead_department"], case["mode"], case["version"]) == ("fire", "off_site", 4)
+    assert old_step(stack, "comm_a", event_id, "verify").status_code == 409  # not twice
+    # the department's feedback goes to the community's review, which the old route cannot say
+    refused = old_step(stack, "fire", event_id, "close", "extinguished")
+    assert refused.status_code == 409
+    assert case_route in refused.json()["detail"]
+    _ok(stack.step("fire", event_id, "handle", 4, {"summary": "extinguished, bins removed"}))
+    assert old_step(stack, "comm_a", event_id, "close", "  ").status_code == 400  # 8.5
+    assert old_step(stack, "fire", event_id, "close", "accepted").status_code == 403
+    r = old_step(stack, "comm_a", event_id, "close", "checked on site")
+    assert r.status_code == 200, r.text
+    assert (r.json()["from_status"], r.json()["to_status"]) == ("handling", "closed")
+    case = stack.case("comm_a", event_id)
+    assert (case["state"], case["outcome"], case["version"]) == ("closed", "handled", 6)
+    assert old_step(stack, "comm_a", event_id, "handle").status_code == 409  # closed stays
+
+    # one audit chain: the old route's steps are rows like any case step's
+    trail = _ok(stack.api.get(f"/api/v1/cases/{event_id}/trail", "comm_a"))["rows"]
+    assert [(t["action"], t["actor"]) for t in trail] == [
+        ("verify", "comm_a"),
+        ("whistle", "comm_a"),
+        ("accept_off_site", "fire"),
+        ("handle", "fire"),
+        ("accept_feedback", "comm_a"),
+    ]
+    assert trail[0]["note"] == "seen on camera 2"
+    export = stack.api.get(f"/api/v1/cases/{event_id}/trail.jsonl", "comm_a")
+    assert verify(load_jsonl(export.content), head=trail[-1]["hash"]) == []
+    # and the same webhook hook: one case.step delivery per step, in order
+    deliveries = stack.backend.rows(
+        "SELECT message_type, payload FROM webhook_deliveries WHERE case_id = ? ORDER BY id",
+        str(event_id),
+    )
+    steps = [orjson.loads(p)["data"] for kind, p in deliveries if kind == "case.step"]
+    assert [d["action"] for d in steps] == [t["action"] for t in trail]
+    assert steps[1]["departments"] == ["fire"]
+
+
+def test_the_older_route_closes_a_case_the_community_handled_itself(stack: Stack) -> None:
+    event_id = stack.new_case(0)
+    for action, note in (("verify", ""), ("handle", "our own cleaners"), ("close", "bins gone")):
+        r = old_step(stack, "comm_a", event_id, action, note)
+        assert r.status_code == 200, (action, r.text)
+    case = stack.case("comm_a", event_id)
+    assert (case["state"], case["outcome"], case["handled_by"]) == ("closed", "handled", "comm_a")
+    trail = _ok(stack.api.get(f"/api/v1/cases/{event_id}/trail", "comm_a"))["rows"]
+    assert [t["action"] for t in trail] == ["verify", "self_handle", "handle"]
+    assert trail[-1]["note"] == "bins gone"  # the close note is the handling summary (8.5)
+    event = _ok(stack.api.get(f"/api/v1/events/{event_id}", "comm_a"))
+    assert event["status"] == "closed"
+    assert event["closed_at"]
+
+
+def test_the_older_route_is_deprecated_in_the_openapi(stack: Stack) -> None:
+    spec = stack.api.get("/openapi.json").json()
+    old = spec["paths"]["/api/v1/events/{event_id}/{action}"]["post"]
+    assert old["deprecated"] is True
+    assert "/api/v1/cases/{id}/steps" in old["description"]
+    assert "deprecated" not in spec["paths"]["/api/v1/cases/{event_id}/steps"]["post"]

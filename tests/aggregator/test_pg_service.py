@@ -33,7 +33,7 @@ from .conftest import (
     offset,
     wait_until,
 )
-from .operator_support import FAST_HASHER, PASSWORD, Api, publish, wait_for_events
+from .operator_support import COMMUNITY_C, FAST_HASHER, PASSWORD, Api, publish, wait_for_events
 
 
 def pg_settings(broker: Any, data_dir: Path, url: str, **overrides: Any) -> Settings:
@@ -240,7 +240,11 @@ def test_the_api_process_on_postgresql_lists_steps_and_follows_the_pool(
         items = wait_for_events(api, 2)
         assert {i["type"] for i in items} == {"smoke_fire", "crowd_gathering"}
         fire = next(i for i in items if i["type"] == "smoke_fire")
-        r = api.post(f"/api/v1/events/{fire['event_id']}/verify", "admin")
+        # a case step: the community's account (an administrator takes none)
+        pg_service.auth.create_account(
+            "comm_c", "community", scope_code=COMMUNITY_C, password=PASSWORD
+        )
+        r = api.post(f"/api/v1/events/{fire['event_id']}/verify", "comm_c")
         assert r.status_code == 200, r.text
         [(status,)] = rows(pg_url, "SELECT status FROM events WHERE id = ?", fire["event_id"])
         assert status == "verified"

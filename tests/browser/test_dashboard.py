@@ -229,12 +229,23 @@ def test_handling_tab_shows_rates_per_department_and_community(
         "els => els.map(e => [e.dataset.eventId, e.textContent])"
     )
     [fire_id] = [i for i, text in fire if "烟火" in text]
-    close = page.request.post(
-        f"{service.url}/api/v1/events/{fire_id}/close",
-        headers={"Authorization": "Bearer " + page.evaluate("sessionStorage.getItem('cwg.token')")},
-        data={"note": "extinguished"},
+    # the community closes it through the case route: verify, handle it itself, close
+    login_as = page.request.post(
+        f"{service.url}/api/v1/auth/token", data={"username": "comm_a", "password": PASSWORD}
     )
-    assert close.ok, close.text()
+    assert login_as.ok, login_as.text()
+    auth = {"Authorization": "Bearer " + login_as.json()["access_token"]}
+    for version, action, payload in (
+        (1, "verify", {}),
+        (2, "self_handle", {}),
+        (3, "handle", {"summary": "extinguished"}),
+    ):
+        step = page.request.post(
+            f"{service.url}/api/v1/cases/{fire_id}/steps",
+            headers=auth,
+            data={"action": action, "expected_version": version, "payload": payload},
+        )
+        assert step.ok, step.text()
     page.click("button.tab[data-tab=handling]")
     expect(page.locator("#handling-view")).to_be_visible()
     fire_row = page.locator("#handling-rows tr[data-key=fire]")
