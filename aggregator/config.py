@@ -266,6 +266,11 @@ class WebhookSettings(BaseModel):
         "or host names); by default loopback, private, link-local, shared, reserved and "
         "unspecified addresses are refused, at subscription and at every delivery",
     )
+    ca_file: Path | None = Field(
+        None,
+        description="PEM file of the CAs that https receivers' certificates are checked "
+        "against, instead of the system's (a city's own CA); unset: the system's",
+    )
 
     @field_validator("schedule_s")
     @classmethod

@@ -278,6 +278,7 @@ class Service:
                     retention_days=hooks.retention_days,
                     retry_after_max_s=hooks.retry_after_max_s,
                     allow_networks=tuple(hooks.allow_networks),
+                    ca_file=hooks.ca_file,
                 ),
                 # on ingest's registry, which the loopback metrics port serves to the API
                 WebhookMetrics.on(self.aggregator.metrics.registry),

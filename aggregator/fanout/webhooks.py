@@ -39,6 +39,7 @@ import hmac
 import logging
 import random
 import sqlite3
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -140,6 +141,7 @@ class WorkerOptions:
     # destinations allowed although not public (CWG_WEBHOOKS__ALLOW_NETWORKS)
     allow_networks: tuple[str, ...] = ()
     pending_every_s: float = 5.0  # how often the pending gauge is counted
+    ca_file: Path | None = None  # CAs for https receivers instead of the system's
 
 
 class WebhookWorker:
@@ -155,12 +157,13 @@ class WebhookWorker:
         self.metrics = metrics or WebhookMetrics()
         self._allow = AllowList.parse(options.allow_networks)
         self.outbox = Outbox(target, pooled=True, max_connections=options.workers + 1)
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(options.timeout_s),
-            follow_redirects=False,  # a redirect is not a delivery, and could leak the body
-            headers={"user-agent": USER_AGENT, "content-type": "application/json"},
-            trust_env=False,  # a proxy from the environment is not the subscriber's
-        )
+        # http, and https to an address: one client. https to a name: a client per name,
+        # because httpx pools connections by the URL's address and port, and two names on one
+        # address would otherwise share a connection whose certificate was checked for the
+        # first name only. As many as there are such subscriptions' host names.
+        self._client = self._new_client()
+        self._named: dict[str, httpx.Client] = {}
+        self._named_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._rnd = random.Random()
@@ -168,6 +171,27 @@ class WebhookWorker:
         self._next_prune = time.monotonic() + 60.0  # not at start: replicas start together
         self._count_lock = threading.Lock()
         self._next_count = 0.0
+
+    def _new_client(self) -> httpx.Client:
+        verify: ssl.SSLContext | bool = True
+        if self.options.ca_file is not None:
+            verify = ssl.create_default_context(cafile=str(self.options.ca_file))
+        return httpx.Client(
+            verify=verify,
+            timeout=httpx.Timeout(self.options.timeout_s),
+            follow_redirects=False,  # a redirect is not a delivery, and could leak the body
+            headers={"user-agent": USER_AGENT, "content-type": "application/json"},
+            trust_env=False,  # a proxy from the environment is not the subscriber's
+        )
+
+    def _client_for(self, server_name: str | None) -> httpx.Client:
+        if server_name is None:
+            return self._client
+        with self._named_lock:
+            client = self._named.get(server_name)
+            if client is None:
+                client = self._named[server_name] = self._new_client()
+            return client
 
     def start(self) -> None:
         for n in range(max(1, self.options.workers)):
@@ -188,6 +212,10 @@ class WebhookWorker:
             t.join(timeout)
         self._threads.clear()
         self._client.close()
+        with self._named_lock:
+            for client in self._named.values():
+                client.close()
+            self._named.clear()
         self.outbox.close()
 
     def __enter__(self) -> WebhookWorker:
@@ -263,7 +291,7 @@ class WebhookWorker:
             target = check_destination(claim.url, self._allow)
             headers["host"] = target.host_header
             extensions = {"sni_hostname": target.server_name} if target.server_name else None
-            response = self._client.post(
+            response = self._client_for(target.server_name).post(
                 target.url,
                 content=claim.payload.encode(),
                 headers=headers,

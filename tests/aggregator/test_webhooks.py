@@ -16,6 +16,7 @@ import base64
 import hashlib
 import hmac
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -954,3 +955,89 @@ def test_a_receiver_back_does_not_wake_what_it_rate_limited(
     assert (waiting.case_id, waiting.last_status) == ("1", 429)
     assert waiting.next_attempt_at >= before + 30.0
     assert [r.msg["data"]["case_id"] for r in receiver.received()] == ["1", "2", "3", "2"]
+
+
+def _tls_receiver(
+    tmp_path: Path, names: list[str], secret: str
+) -> tuple[ThreadingHTTPServer, Path, list[tuple[str | None, Received]]]:
+    """An https receiver on 127.0.0.1 with a certificate for ``names`` from a CA of its own;
+    records the TLS server name each request came with."""
+    from aggregator.broker import devca
+
+    ca = tmp_path / "ca.pem"
+    devca.ensure(ca, tmp_path / "ca.key", tmp_path / "srv.pem", tmp_path / "srv.key", names)
+    got: list[tuple[str | None, Received]] = []
+    sni: dict[int, str | None] = {}
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "srv.pem", tmp_path / "srv.key")
+
+    def on_sni(sock: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: Any) -> None:
+        sni[id(sock)] = name
+
+    context.sni_callback = on_sni  # type: ignore[assignment]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", "0")))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            ok = verify(secret, headers, body)
+            got.append((sni.get(id(self.connection)), Received(headers, body, ok, self.path)))
+            self.send_response(204)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    class TlsServer(ThreadingHTTPServer):
+        def get_request(self) -> tuple[socket.socket, Any]:
+            sock, addr = super().get_request()
+            return context.wrap_socket(sock, server_side=True), addr
+
+    server = TlsServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server, ca, got
+
+
+def test_https_to_a_name_goes_to_the_checked_address_and_checks_the_certificate_for_the_name(
+    pool_backend: PoolBackend, tmp_path: Path
+) -> None:
+    """Posted to the address the name was checked at, the request still carries the name in
+    TLS (SNI) and in Host, and the certificate must be the name's: one issued for another
+    name is refused."""
+    found = {i[4][0] for i in socket.getaddrinfo("localhost", 443, socket.AF_UNSPEC)}
+    if found != {"127.0.0.1"}:
+        pytest.skip(f"localhost resolves to {sorted(found)} here, not 127.0.0.1 alone")
+    outbox = opened(pool_backend)
+    good, good_ca, good_got = _tls_receiver(tmp_path / "good", ["localhost"], "")
+    wrong, wrong_ca, wrong_got = _tls_receiver(tmp_path / "wrong", ["other.example"], "")
+    try:
+        port = good.server_address[1]
+        sub, secret = outbox.add_subscription(
+            SubscriptionIn(url=f"https://localhost:{port}/hook"), "root"
+        )
+        outbox.enqueue(message(1, 2))
+        first = worker(pool_backend, ca_file=good_ca)
+        assert wait_for(lambda: outbox.counts()["delivered"] == 1, 15), outbox.counts()
+        first.stop()  # the next one trusts the other CA: its only fault is the name
+        [(server_name, got)] = good_got
+        assert server_name == "localhost"
+        assert got.headers["host"] == f"localhost:{port}"
+        assert verify(secret, got.headers, got.body)
+        # the same, to a receiver whose certificate names another host: refused by TLS
+        wrong_port = wrong.server_address[1]
+        bad, _ = outbox.add_subscription(
+            SubscriptionIn(url=f"https://localhost:{wrong_port}/hook"), "root"
+        )
+        outbox.update_subscription(sub.id, {"enabled": False})
+        outbox.enqueue(message(2, 2))
+        worker(pool_backend, ca_file=wrong_ca, schedule_s=(0.1,))
+        assert wait_for(lambda: outbox.counts(bad.id)["dead"] == 1, 15), outbox.counts(bad.id)
+        assert wrong_got == []
+        [dead] = outbox.deliveries(bad.id, "dead")
+        assert dead.last_error == "ConnectError"
+    finally:
+        for server in (good, wrong):
+            server.shutdown()
+            server.server_close()
