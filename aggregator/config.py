@@ -184,10 +184,18 @@ class RetentionSettings(BaseModel):
         None,
         ge=1,
         le=36500,
-        description="`gateway retention` (its default --keep-days) removes raw alerts, dead "
+        description="the service (once a day) and `gateway retention` (its default "
+        "--keep-days) remove raw alerts, dead "
         "letters and out-of-area rows received more than this many days ago; events, cases, "
         "audit chains, supervision items and snapshots are never removed. Unset: keep every "
         "alert",
+    )
+    first_run_after_s: float = Field(
+        3600.0,
+        ge=0,
+        le=86400,
+        description="the service's first daily run waits this long after it starts (replicas "
+        "restarting together do not all prune at once; on PostgreSQL one job runs at a time)",
     )
 
 

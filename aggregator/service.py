@@ -8,7 +8,8 @@ their metrics and sinks. The pool is the SQLite file under the data directory, o
 ``Service`` adds the operator side: accounts, the time-series sink, the ingest metrics endpoint
 and the operator API in a process of its own (``api/server.py``), and the background threads
 that work on the cases: webhook delivery and the supervision timer (督办: reminders, overdue
-items, escalations; every replica runs one, a row lock shares the cases among them).
+items, escalations; every replica runs one, a row lock shares the cases among them), and, with
+``CWG_RETENTION__ALERT_DAYS`` set, the daily retention of raw alerts.
 
 Ingest runs in this process, the operator API and dashboard in a child process.
 
@@ -67,6 +68,7 @@ from aggregator.ingest.decode import DecodeLimits
 from aggregator.ingest.metrics import Metrics
 from aggregator.ingest.worker import BatchSink, MqttIngest
 from aggregator.pool.port import IngestPool, SnapshotStorage
+from aggregator.pool.retention import RetentionTimer
 from aggregator.pool.snapshots import SnapshotStore
 from aggregator.pool.sqlite import EventPool
 from aggregator.pool.supervision import SupervisionTimer, Supervisor
@@ -235,6 +237,7 @@ class Service:
         self._metrics_server: Any = None
         self.webhooks: WebhookWorker | None = None
         self.supervision: SupervisionTimer | None = None
+        self.retention: RetentionTimer | None = None
         self.metrics_port: int | None = None
         self._started = False
 
@@ -305,6 +308,16 @@ class Service:
                 publish=self.aggregator.ingest.publish_events_topic,
             )
             self.supervision.start()
+        kept = self.settings.retention
+        if kept.alert_days is not None:
+            # the same bounded steps as `gateway retention`, once a day on a thread and
+            # connection of its own; on PostgreSQL one replica's job runs at a time
+            self.retention = RetentionTimer(
+                self.settings.pool_target,
+                kept.alert_days,
+                first_after_s=kept.first_run_after_s,
+            )
+            self.retention.start()
         server, _thread = start_http_server(
             self.settings.metrics_port, addr="127.0.0.1", registry=self.aggregator.metrics.registry
         )
@@ -362,6 +375,9 @@ class Service:
     def _stop_backends(self) -> None:
         if self._started:
             self._started = False
+            if self.retention is not None:
+                self.retention.stop()
+                self.retention = None
             if self.supervision is not None:
                 self.supervision.stop()
                 self.supervision = None

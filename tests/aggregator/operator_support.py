@@ -50,10 +50,13 @@ def running_service(
     stream_queue: int = 256,
     operators: dict[str, tuple[Level, str, str | None]] | None = None,
     backend: PoolBackend | None = None,
+    **settings: Any,
 ) -> Iterator[Service]:
     """Broker-connected aggregator + API on a free port, with operator accounts provisioned;
-    on ``backend``'s pool when given (``pool_backend``), else on the default SQLite file."""
+    on ``backend``'s pool when given (``pool_backend``), else on the default SQLite file.
+    ``settings``: further ``Settings`` fields (e.g. ``retention=RetentionSettings(…)``)."""
     overrides = backend.settings_overrides() if backend is not None else {}
+    overrides.update(settings)
     service = Service(
         aggregator_settings(broker, root / "agg", **overrides),
         port=0,

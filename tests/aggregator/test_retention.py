@@ -390,6 +390,27 @@ def test_the_daily_timer_runs_the_same_job_and_stops_promptly(pool_backend: Pool
     assert pool_backend.rows("SELECT count(*) FROM alerts") == [(2,)]
 
 
+def test_the_service_runs_retention_when_a_keep_time_is_set(
+    broker: Any, tmp_path: Path, pool_backend: PoolBackend
+) -> None:
+    from aggregator.access.auth import Level
+    from aggregator.config import RetentionSettings
+
+    keep = RetentionSettings(alert_days=KEEP_DAYS, first_run_after_s=0)
+    _fill(pool_backend)  # before the service: its first run is at once, the next a day later
+    with running_service(broker, tmp_path, backend=pool_backend, retention=keep) as service:
+        timer = service.retention
+        assert timer is not None
+        wait_until(lambda: pool_backend.rows("SELECT count(*) FROM alerts") == [(2,)], 30, "prune")
+        assert timer.runs >= 1
+    assert service.retention is None  # stopped with the service
+    again = {"admin-2": (Level.ADMIN, "", None)}  # the pool already holds the first's accounts
+    with running_service(
+        broker, tmp_path / "unset", backend=pool_backend, operators=again
+    ) as service:
+        assert service.retention is None  # no keep time: the service keeps every alert
+
+
 def test_a_partition_held_by_a_reader_is_left_for_the_next_run(
     pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
