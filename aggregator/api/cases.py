@@ -224,7 +224,8 @@ def _scoped(conn: Reader, ctx: ApiContext, event_id: int, operator: Operator) ->
     return row
 
 
-def _refusal(exc: Exception) -> HTTPException:
+def step_refusal(exc: Exception) -> HTTPException:
+    """The HTTP answer to a step the case store refused (both step routes use it)."""
     if isinstance(exc, CaseNotFoundError):
         return HTTPException(status.HTTP_404_NOT_FOUND, str(exc))
     if isinstance(exc, ForbiddenError):
@@ -239,9 +240,9 @@ def _refusal(exc: Exception) -> HTTPException:
     raise exc
 
 
-def _announce(ctx: ApiContext, conn: Reader, record: StepRecord) -> None:
-    """The step on the live stream and (``on_notice``) the MQTT events topic, as the events
-    routes announce theirs."""
+def announce_step(ctx: ApiContext, conn: Reader, record: StepRecord) -> None:
+    """The step on the live stream and (``on_notice``) the MQTT events topic (both step
+    routes use it)."""
     ctx.event_pages.clear()
     row = queries.scoped_event(conn, ("1=1", []), record.event_id)
     if row is None:  # the reader has not seen the commit yet: the stream's poll will
@@ -264,7 +265,7 @@ def _announce(ctx: ApiContext, conn: Reader, record: StepRecord) -> None:
 def _step_out(
     ctx: ApiContext, conn: Reader, cases: CaseStore, operator: Operator, record: StepRecord
 ) -> StepOut:
-    _announce(ctx, conn, record)
+    announce_step(ctx, conn, record)
     row = store.case_of(conn, ctx.catalogue, record.event_id, operator)
     if row is None or row.case.version < record.case.version:
         # not visible to the caller any more (an assignment elsewhere), or the reader lags:
@@ -362,7 +363,7 @@ def take_step(
             event_id, body.action, operator, body.payload, body.expected_version
         )
     except (CaseError, CaseNotFoundError, CalendarRangeError) as exc:
-        raise _refusal(exc) from exc
+        raise step_refusal(exc) from exc
     return _step_out(ctx, conn, cases, operator, record)
 
 
@@ -398,7 +399,7 @@ def assign_case(
             note=body.note,
         )
     except (CaseError, CaseNotFoundError) as exc:
-        raise _refusal(exc) from exc
+        raise step_refusal(exc) from exc
     return _step_out(ctx, conn, cases, operator, record)
 
 

@@ -17,9 +17,7 @@ import orjson
 from fastapi import APIRouter, Body, HTTPException, Path, Query, status
 
 from aggregator.access.auth import Level
-from aggregator.api.cases import Cases
-from aggregator.api.cases import _announce as announce_step
-from aggregator.api.cases import _refusal as case_refusal
+from aggregator.api.cases import Cases, announce_step, step_refusal
 from aggregator.api.deps import SCOPED_RESPONSES, ApiContext, Ctx, CurrentOperator, Db
 from aggregator.api.models import (
     Action,
@@ -467,7 +465,7 @@ def transition(
             case.version,
         )
     except (CaseError, CaseNotFoundError, CalendarRangeError) as exc:
-        raise case_refusal(exc) from exc
+        raise step_refusal(exc) from exc
     log.info(
         "event %s %s (case %s) by %s (deprecated route)",
         event_id,
