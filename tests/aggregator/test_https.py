@@ -85,7 +85,10 @@ def test_live_stream_over_wss(broker: Any, https_service: tuple[Service, Path]) 
         token = http.post(
             "/api/v1/auth/token", json={"username": "admin", "password": PASSWORD}
         ).json()["access_token"]
-    with connect(f"wss://127.0.0.1:{service.port}/api/v1/stream", ssl=trust) as ws:
+    # the API process runs at nice 10: on a busy box its handshake may take longer than the
+    # client's default 10 s, and a timed-out TLS handshake can leave the client's reader waiting
+    url = f"wss://127.0.0.1:{service.port}/api/v1/stream"
+    with connect(url, ssl=trust, open_timeout=60) as ws:
         ws.send(orjson.dumps({"token": token}).decode())
         wait_until(lambda: service.hub.client_count == 1, what="the stream client")
         publish(broker, make_alert("cam-001", *interior(grid_in_community(1, 2)), type="gas_leak"))
