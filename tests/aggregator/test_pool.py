@@ -3,6 +3,7 @@ the real decode + geo stages."""
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import closing
 from dataclasses import replace
@@ -12,6 +13,7 @@ import pytest
 
 from aggregator.ingest.assemble import Inbound, Pipeline
 from aggregator.ingest.decode import DecodeLimits
+from aggregator.pool.migrate import FOLDER, numbered
 from aggregator.pool.snapshots import SnapshotStore
 from aggregator.pool.sqlite import connect
 from contract import AlertV1, EventStatus, Outcome, Topics, default_catalogue
@@ -216,8 +218,13 @@ def test_a_pool_made_with_the_old_device_index_loses_it_and_keeps_its_alerts(
     h.pool.close()
     with closing(connect(tmp_path / "pool.db")) as db:  # as pools were made before
         db.execute("CREATE INDEX alerts_device ON alerts(device_id, seq)")
-        # ... which was before migrations were numbered
-        db.execute("DROP TABLE schema_migrations")
+        # ... which was before migrations were numbered: version 1's tables and nothing newer
+        version_1 = set(
+            re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", numbered(FOLDER / "sqlite")[0].sql)
+        )
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        for newer in sorted(tables - version_1 - {"sqlite_sequence"}):
+            db.execute(f"DROP TABLE {newer}")
         db.execute("INSERT INTO meta(key, value) VALUES ('schema_version', '1')")
     again = Harness(sqlite_backend(tmp_path))
     indexes = {r[0] for r in again.rows("SELECT name FROM sqlite_master WHERE type='index'")}
