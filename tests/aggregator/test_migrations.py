@@ -8,6 +8,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from contextlib import closing
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from aggregator.pool.migrate import FOLDER, migrate_sqlite, numbered
 from aggregator.pool.snapshots import SnapshotStore
 from aggregator.pool.sqlite import EventPool, connect
 from contract import Outcome, Topics, default_catalogue
+from tests.pgsupport import PgServer
 
 from .conftest import GRIDS, grid_in_community, interior, make_alert, offset
 
@@ -304,3 +306,56 @@ def test_a_pool_from_a_newer_release_is_refused(tmp_path: Path) -> None:
         db.execute("INSERT INTO schema_migrations VALUES (999, 'from_the_future', 0)")
     with pytest.raises(PoolError, match="newer than this aggregator knows"):
         EventPool(path, default_catalogue())
+
+
+def _first(k: int, backend: str, into: Path) -> Path:
+    """A folder holding the first ``k`` migrations of ``backend``: the pool as release k made it."""
+    into.mkdir()
+    for path in sorted((FOLDER / backend).glob("[0-9][0-9][0-9][0-9]_*.sql"))[:k]:
+        (into / path.name).write_text(path.read_text("utf-8"), "utf-8")
+    return into
+
+
+@pytest.mark.parametrize("k", range(1, len(numbered(FOLDER / "sqlite"))))
+def test_a_sqlite_pool_of_every_earlier_release_migrates(tmp_path: Path, k: int) -> None:
+    """Each release's pool (its migrations applied, nothing newer) opens under this one: every
+    later file applies on top of it, and the result is the schema a new pool has."""
+    old = tmp_path / "old.db"
+    with closing(connect(old)) as db:
+        assert migrate_sqlite(db, _first(k, "sqlite", tmp_path / "release")) == list(
+            range(1, k + 1)
+        )
+    EventPool(old, default_catalogue()).close()
+    new = tmp_path / "new" / "pool.db"
+    new.parent.mkdir()
+    EventPool(new, default_catalogue()).close()
+    assert _schema(old) == _schema(new)
+
+
+def test_a_postgresql_pool_of_every_earlier_release_migrates(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
+    import psycopg
+
+    from aggregator.pool.postgres import MIGRATIONS, migrate
+
+    def schema(url: str) -> set[tuple[str, ...]]:
+        with psycopg.connect(url) as conn:
+            columns = conn.execute(
+                "SELECT table_name, column_name, data_type, is_nullable FROM"
+                " information_schema.columns WHERE table_schema = 'public'"
+            ).fetchall()
+            indexes = conn.execute(
+                "SELECT tablename, indexname FROM pg_indexes WHERE schemaname = 'public'"
+            ).fetchall()
+        return {tuple(r) for r in columns} | {tuple(r) for r in indexes}
+
+    fresh = pg_server.create_database(f"fresh_{uuid.uuid4().hex[:8]}")
+    wanted = [m.version for m in numbered(MIGRATIONS)]
+    assert migrate(fresh) == wanted
+    for k in range(1, len(wanted)):
+        url = pg_server.create_database(f"release_{k}_{uuid.uuid4().hex[:8]}")
+        assert migrate(url, _first(k, "postgres", tmp_path / f"release-{k}")) == wanted[:k]
+        assert migrate(url) == wanted[k:]  # what this release adds, applied on open
+        assert migrate(url) == []
+        assert schema(url) == schema(fresh), k
