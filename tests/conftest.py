@@ -43,6 +43,9 @@ from contract import FeedbackV1, parse_feedback
 from contract.topics import Topics
 from tests.pgsupport import pg_server, pg_url  # noqa: F401  (fixtures: a real PostgreSQL)
 
+# Opt-in (CWG_TEST_FD_REPORT=1): which tests leave descriptors or threads behind.
+pytest_plugins = ("tests.fdreport",)
+
 DEFAULT_DEVICES: tuple[tuple[str, DeviceKind], ...] = (
     ("cam-001", DeviceKind.CAMERA),
     ("cam-002", DeviceKind.CAMERA),
