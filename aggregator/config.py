@@ -6,6 +6,7 @@ Unknown keys are refused; every field says what it is. Secrets come from the env
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -221,6 +222,29 @@ class HttpSettings(BaseModel):
         "long is dropped (a client that keeps reading never is)",
     )
 
+    trusted_proxies: list[str] = Field(
+        ["127.0.0.1", "::1"],
+        max_length=256,
+        description="addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For and "
+        "X-Forwarded-Proto are believed (JSON list); the login limiter counts failures per "
+        "client address, so only a proxy you run may name it. []: no proxy, every client is "
+        "its own connection's address",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                # "*" and host names included: trusting any client would let it pick the
+                # address the login limiter counts against
+                raise ValueError(
+                    f"http.trusted_proxies: {entry!r} is not an address or a network"
+                ) from None
+        return [entry.strip() for entry in value]
+
     @model_validator(mode="after")
     def _both_or_neither(self) -> HttpSettings:
         if (self.certfile is None) != (self.keyfile is None):
@@ -291,7 +315,6 @@ class WebhookSettings(BaseModel):
     @classmethod
     def _networks_or_hosts(cls, value: list[str]) -> list[str]:
         # the same rule as aggregator/fanout/destinations.parse_allow_entry, which uses them
-        import ipaddress
         import re
 
         host = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9-]{1,63})(\.[A-Za-z0-9-]{1,63})*\.?$")

@@ -188,6 +188,10 @@ def api_process_main(
             timeout_graceful_shutdown=5,
             ssl_certfile=str(http.certfile) if http.certfile else None,
             ssl_keyfile=str(http.keyfile) if http.keyfile else None,
+            # Only proxies named in the settings may say who the client is (never uvicorn's
+            # FORWARDED_ALLOW_IPS from the environment): the login limiter counts per address.
+            proxy_headers=bool(http.trusted_proxies),
+            forwarded_allow_ips=list(http.trusted_proxies),
         )
     )
 

@@ -34,7 +34,7 @@ from aggregator.access.auth import (
 )
 from aggregator.access.store import PgAccountStore
 from aggregator.api.app import SECURITY_HEADERS, RedactSecrets, redact
-from aggregator.config import AccessSettings
+from aggregator.config import AccessSettings, HttpSettings
 from aggregator.pool.postgres import PoolUnavailableError
 from aggregator.pool.snapshots import SnapshotStore
 from aggregator.pool.sqlite import EventPool
@@ -313,6 +313,50 @@ def service_with(
         )
     with service:
         yield service
+
+
+@pytest.mark.parametrize("trusted", [[], ["127.0.0.0/8"]], ids=["no-proxy", "loopback-proxy"])
+def test_only_a_trusted_proxy_names_the_client_the_login_limiter_counts(
+    broker: Any, tmp_path: Path, trusted: list[str]
+) -> None:
+    """A client that writes X-Forwarded-For itself must not spread its guesses over addresses
+    it makes up: without a trusted proxy the header is ignored and the connection's address is
+    locked out; behind a trusted one each forwarded address counts on its own."""
+    access = AccessSettings(
+        login_free_failures_addr=3, login_free_failures_user=100, login_refusal_delay_s=0.1
+    )
+    service = Service(
+        aggregator_settings(
+            broker, tmp_path / "agg", access=access, http=HttpSettings(trusted_proxies=trusted)
+        ),
+        port=0,
+        log_level="warning",
+        password_hasher=FAST_HASHER,
+    )
+    with service, httpx.Client(base_url=service.url, timeout=10) as http:
+        statuses = [
+            http.post(
+                "/api/v1/auth/token",
+                json={"username": f"nobody-{i}", "password": "wrong"},
+                headers={"X-Forwarded-For": f"203.0.113.{i + 1}"},
+            ).status_code
+            for i in range(6)
+        ]
+    if trusted:
+        assert statuses == [401] * 6  # six clients, one failure each
+    else:
+        # one client: three free failures, the fourth locks it out
+        assert statuses == [401] * 4 + [429] * 2
+
+
+def test_trusted_proxies_are_addresses_or_networks() -> None:
+    assert HttpSettings(trusted_proxies=[" 10.0.0.0/8", "::1"]).trusted_proxies == [
+        "10.0.0.0/8",
+        "::1",
+    ]
+    for bad in ("*", "proxy.example", "10.0.0.0/33"):
+        with pytest.raises(ValueError, match="not an address or a network"):
+            HttpSettings(trusted_proxies=[bad])
 
 
 def test_twenty_wrong_logins_lock_out_even_the_right_password(
