@@ -30,7 +30,7 @@ from aggregator.access.auth import (
     RefusalPause,
     verify_login,
 )
-from aggregator.api import case_metrics, events, live, resources, webhooks
+from aggregator.api import case_metrics, docs, events, live, resources, webhooks
 from aggregator.api import cases as case_routes
 from aggregator.api.cases import CaseOptions, open_case_store
 from aggregator.api.deps import (
@@ -234,6 +234,10 @@ def create_app(
             "Tokens are never accepted in a URL."
         ),
         lifespan=lifespan,
+        # Swagger UI is served from this process (api/docs.py): FastAPI's page needs a CDN and
+        # an inline script, which the Content-Security-Policy refuses. No ReDoc.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.ctx = ctx
     app.state.cases = case_store
@@ -279,6 +283,7 @@ def create_app(
     app.include_router(case_metrics.router)  # before /cases/{event_id}: "metrics" is no id
     app.include_router(case_routes.router)
     app.include_router(webhooks.router)
+    app.include_router(docs.router)
     if web_root is not None and web_root.is_dir():
         app.mount("/", StaticFiles(directory=web_root, html=True), name="dashboard")
     return app

@@ -308,3 +308,31 @@ def test_no_token_in_any_log_line_after_a_browser_session(
     assert "WebSocket /api/v1/stream" in logged
     assert token not in logged
     assert PASSWORD not in logged
+
+
+def test_the_api_documentation_runs_from_the_service_under_its_csp(
+    broker: Any, tmp_path: Path, page: Page
+) -> None:
+    """Swagger UI at /docs: every file from the service itself, no CSP violation (the page
+    fixture fails on either), the operations of the OpenAPI document listed, and a call tried
+    from the page with a token given to "Authorize"."""
+    with running_service(broker, tmp_path) as service:
+        page.goto(service.url + "/docs")
+        expect(page.locator(".swagger-ui .info .title")).to_contain_text("operator API")
+        expect(page.locator(".opblock-summary-path[data-path='/api/v1/events']")).to_have_count(1)
+        token = page.request.post(
+            service.url + "/api/v1/auth/token", data={"username": "admin", "password": PASSWORD}
+        ).json()["access_token"]
+        page.click("button.authorize")
+        page.fill(".auth-container input", token)
+        page.click(".auth-btn-wrapper button.authorize")
+        page.click("button.btn-done")
+        events = page.locator(".opblock-get", has=page.locator("[data-path='/api/v1/events']"))
+        events.locator(".opblock-summary").click()
+        events.locator("button.try-out__btn").click()
+        events.locator("button.execute").click()
+        answered = events.locator(".live-responses-table td.response-col_status:not(.col_header)")
+        expect(answered).to_have_text("200")  # the token from "Authorize" was sent
+        # the document is only the API's, and a page of the service (no ReDoc, no CDN copy)
+        assert page.request.get(service.url + "/redoc").status != 200
+        assert page.request.get(service.url + "/docs/assets/redoc.standalone.js").status == 404
