@@ -61,7 +61,7 @@ from aggregator.errors import AggregatorError
 from aggregator.fanout.metrics import WebhookMetrics
 from aggregator.fanout.timeseries import TimeSeriesSettings, TimeSeriesSink
 from aggregator.fanout.webhooks import WebhookWorker, WorkerOptions
-from aggregator.gctune import tune_gc
+from aggregator.gctune import release_gc, tune_gc
 from aggregator.grids import GridIndex, default_grid_file
 from aggregator.ingest.assemble import Pipeline
 from aggregator.ingest.decode import DecodeLimits
@@ -89,14 +89,19 @@ class Aggregator:
     metrics: Metrics
     ingest: MqttIngest
     sinks: list[BatchSink] = field(default_factory=list)
+    _gc_tuned: bool = field(default=False, init=False, repr=False)
 
     def start(self) -> None:
         tune_gc()
+        self._gc_tuned = True
         self.ingest.start()
 
     def stop(self) -> None:
         self.ingest.stop()
         self.pool.close()
+        if self._gc_tuned:
+            self._gc_tuned = False
+            release_gc()
 
     def __enter__(self) -> Aggregator:
         self.start()
@@ -236,6 +241,9 @@ class Service:
         self._port: int | None = None
         self._metrics_server: Any = None
         self.webhooks: WebhookWorker | None = None
+        # Made once (a registry takes each metric name once), kept by this service alone: a
+        # module-level map from registry to these metrics kept every stopped service alive.
+        self._webhook_metrics: WebhookMetrics | None = None
         self.supervision: SupervisionTimer | None = None
         self.retention: RetentionTimer | None = None
         self.metrics_port: int | None = None
@@ -270,6 +278,9 @@ class Service:
             # Delivery threads here rather than in the API process: they wait on sockets, and
             # they deliver whether or not the API process is up (aggregator/fanout/webhooks.py)
             hooks = self.settings.webhooks
+            if self._webhook_metrics is None:
+                # on ingest's registry, which the loopback metrics port serves to the API
+                self._webhook_metrics = WebhookMetrics(self.aggregator.metrics.registry)
             self.webhooks = WebhookWorker(
                 self.settings.pool_target,
                 WorkerOptions(
@@ -283,8 +294,7 @@ class Service:
                     allow_networks=tuple(hooks.allow_networks),
                     ca_file=hooks.ca_file,
                 ),
-                # on ingest's registry, which the loopback metrics port serves to the API
-                WebhookMetrics.on(self.aggregator.metrics.registry),
+                self._webhook_metrics,
             )
             self.webhooks.start()
         if self.settings.supervision.enabled:
@@ -345,12 +355,16 @@ class Service:
         self._process.start()
         child_end.close()
         deadline = time.monotonic() + timeout
-        while not parent_end.poll(0.1):
-            if not self._process.is_alive() or time.monotonic() > deadline:
+        with parent_end:
+            while not parent_end.poll(0.1):
+                if not self._process.is_alive() or time.monotonic() > deadline:
+                    self.stop()
+                    raise ServiceError(f"the API process did not start on port {self.port}")
+            try:
+                self._port = int(parent_end.recv())
+            except EOFError:  # it ended before it listened: stop what started here too
                 self.stop()
-                raise ServiceError(f"the API process did not start on port {self.port}")
-        self._port = int(parent_end.recv())
-        parent_end.close()
+                raise ServiceError(f"the API process did not start on port {self.port}") from None
 
     def start(self, timeout: float = 60.0) -> None:
         """Start ingest here and the API process; returns once the API listens."""
@@ -370,6 +384,9 @@ class Service:
             if process.is_alive():
                 process.kill()
                 process.join(5)
+            if not process.is_alive():
+                # releases its pipe ends now rather than whenever the object is collected
+                process.close()
         self._stop_backends()
 
     def _stop_backends(self) -> None:

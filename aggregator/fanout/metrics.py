@@ -8,9 +8,7 @@ port when it is asked (``ScrapedMetrics``)."""
 from __future__ import annotations
 
 import logging
-import threading
 import urllib.request
-import weakref
 from collections.abc import Iterable
 from typing import Final
 
@@ -57,9 +55,6 @@ class ScrapedMetrics(Metrics):
         self.registry.register(_Scrape(url))
 
 
-_WEBHOOK_LOCK = threading.Lock()
-
-
 class WebhookMetrics:
     """Webhook delivery's metrics, on the registry of the service that runs the worker (the
     ingest registry, which the operator API's ``/metrics`` shows). Names are public: keep them.
@@ -92,18 +87,3 @@ class WebhookMetrics:
             "webhook deliveries pending (due or waiting for a retry or an enabled subscription)",
             registry=r,
         )
-
-    @classmethod
-    def on(cls, registry: CollectorRegistry) -> WebhookMetrics:
-        """The webhook metrics of ``registry``, made at the first call: a service whose
-        workers are started again registers its metric names once."""
-        with _WEBHOOK_LOCK:
-            found = _WEBHOOK_METRICS.get(registry)
-            if found is None:
-                found = _WEBHOOK_METRICS[registry] = cls(registry)
-            return found
-
-
-_WEBHOOK_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, WebhookMetrics] = (
-    weakref.WeakKeyDictionary()
-)
