@@ -243,6 +243,11 @@ class ProcessTransport(_Relay):
         if process.is_alive():
             (process.terminate if timeout else process.kill)()
             process.join(5)
+        if not process.is_alive():
+            # Its two pipe ends (the sentinel and the spawn pipe) are otherwise closed only
+            # whenever the Process object is collected: a pair per restart of the loop or service
+            process.close()
+            self._process = None
 
 
 class ThreadTransport(_Relay):
