@@ -68,7 +68,7 @@ def _summary(targets: list[str]) -> str:
 class _Left:
     nodeid: str
     fds: list[str]
-    freed_by_gc: int
+    freed_by_gc: list[str]
     threads: list[str]
 
 
@@ -96,7 +96,7 @@ class FdReport:
             _Left(
                 item.nodeid,
                 _diff(before, after),
-                max(0, len(raw) - len(after)),
+                _diff(after, raw),
                 list((Counter(thread_names()) - threads_before).elements()),
             )
         )
@@ -109,17 +109,20 @@ class FdReport:
         tr.write_line(
             f"session: {self.start_fds} -> {end_fds} descriptors, "
             f"{self.start_threads} -> {end_threads} threads over {len(self.results)} tests; "
-            f"{sum(r.freed_by_gc for r in self.results)} descriptors were freed only by gc"
+            f"{sum(len(r.freed_by_gc) for r in self.results)} descriptors were freed only by gc"
         )
         worst = sorted(
             (r for r in self.results if r.fds or r.threads or r.freed_by_gc),
-            key=lambda r: (len(r.fds), len(r.threads), r.freed_by_gc),
+            key=lambda r: (len(r.fds), len(r.threads), len(r.freed_by_gc)),
             reverse=True,
         )[: self.top]
         for r in worst:
+            gc_freed = len(r.freed_by_gc)
             tr.write_line(
-                f"{len(r.fds):+4d} fd {len(r.threads):+3d} thr gc:{r.freed_by_gc:<3d} {r.nodeid}"
+                f"{len(r.fds):+4d} fd {len(r.threads):+3d} thr gc:{gc_freed:<3d} {r.nodeid}"
             )
+            if r.freed_by_gc:
+                tr.write_line(f"        freed by gc: {_summary(r.freed_by_gc)}")
             if r.fds:
                 tr.write_line(f"        fds: {_summary(r.fds)}")
             if r.threads:
