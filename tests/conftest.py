@@ -233,6 +233,9 @@ class MqttTestClient:
         if self.paho.is_connected():
             self.paho.disconnect()
         self.paho.loop_stop()
+        # paho closes its loop's wake-up socket pair only when the client is collected (this
+        # object and its callbacks form a cycle); connect() makes a new pair
+        self.paho._reset_sockets(sockpair_only=True)
 
     def _wait(
         self, table: dict[int, _T], mid: int, what: str, *, deadline: float | None = None
