@@ -118,6 +118,9 @@ _PG_ALERT_MARGIN = 1000
 # After the change listener failed, the table poll alone serves for this long before it is
 # tried again (each try may wait out a connect timeout).
 _LISTEN_RETRY_S = 5.0
+# How long an operator's step offered at once waits for the poll to read its commit (a few
+# looks, on a busy box): later it is taken as read already (Hub._step).
+OFFER_HORIZON_S = 2.0
 # what a listener raises when it cannot hear the pool (the server away, the link broken)
 _LISTEN_ERRORS: tuple[type[Exception], ...] = (PoolError, *read_errors())
 
@@ -529,8 +532,9 @@ class StreamHub:
         # per event: when its last update went out, and the update waiting for its turn
         self._sent_at: dict[int, float] = {}
         self._held: dict[int, None] = {}  # (ordered set) changed, waiting for their turn
-        # operators' steps already offered by publish_notice: the poll does not repeat them
-        self._offered: dict[int, str] = {}
+        # operators' steps already offered by publish_notice (the state, when): the poll does
+        # not repeat them
+        self._offered: dict[int, tuple[str, float]] = {}
         self.dropped_clients = 0
         self.poll_errors = 0
         self._last_tick = 0.0
@@ -609,6 +613,11 @@ class StreamHub:
         want_alerts = any("alert" in c.filter.kinds for c in self._clients)
         changed, alerts = await asyncio.to_thread(self._feed.look, want_alerts)
         now = time.monotonic()
+        # A step's commit reaches the poll within a look or two. An offer older than that was
+        # already read (the poll can see the commit before the route offers it): kept, it
+        # would hide the event's next change that happens to leave the same state.
+        for eid in [e for e, (_, at) in self._offered.items() if now - at > OFFER_HORIZON_S]:
+            del self._offered[eid]
         # A new event goes at once, a change once its interval has passed; the others wait,
         # unread, for their turn, and then go with their latest state. An operator's step
         # offered here already is read to tell whether anything else changed.
@@ -638,7 +647,7 @@ class StreamHub:
             offered = self._offered.pop(eid, None)
             if offered is not None:
                 # (rare: an operator's step) compared as the model, as it was offered
-                if offered == EventSummary.model_validate(summary).model_dump_json():
+                if offered[0] == EventSummary.model_validate(summary).model_dump_json():
                     continue  # an operator's step, already offered as it happened
                 if (
                     notice.change == "updated"
@@ -668,7 +677,7 @@ class StreamHub:
 
     def _offer_notice(self, notice: EventNoticeV1) -> None:
         eid = notice.event.event_id
-        self._offered[eid] = notice.event.model_dump_json()
+        self._offered[eid] = (notice.event.model_dump_json(), time.monotonic())
         self._sent_at[eid] = time.monotonic()
         self._held.pop(eid, None)
         self._fan_out([self._event_item(Notice.of(notice))])

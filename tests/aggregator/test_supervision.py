@@ -25,6 +25,7 @@ from aggregator.cases.audit import verify
 from aggregator.cases.supervise import Item, Kind, SupervisionPolicy, due_items
 from aggregator.clock import OffsetFileClock
 from aggregator.config import Settings, SupervisionSettings
+from aggregator.fanout.stream import OFFER_HORIZON_S
 from aggregator.ingest.assemble import Inbound, Pipeline
 from aggregator.ingest.decode import DecodeLimits
 from aggregator.pool import cases as store
@@ -551,7 +552,9 @@ def test_the_services_timer_reaches_the_events_topic_the_api_and_the_trail(
         clock = OffsetFileClock(clock_file)
         with stream(service, api.token("comm_a")) as live:
             wait_until(lambda: service.hub.client_count == 1, what="a stream client")
-            collect(live, 0.5)  # the steps' own updates, if still on their way
+            # the steps' own updates, if still on their way, and past the time the stream
+            # holds an offered step to recognise its commit (an item leaves the same state)
+            collect(live, OFFER_HORIZON_S + 0.5)
             clock.set(23 * 60)  # 23 min after the whistle: the acceptance reminder (7.5 min ahead)
             [reminder] = _supervision_notices(integrator, 1)
             # the item moved the event's change number: the live list refreshes the event
