@@ -108,13 +108,13 @@ class SimDevice:
         deadline = time.monotonic() + timeout_s
         while not self._subscribed.wait(0.05):
             if self._refused is not None:
-                self._client.loop_stop()
+                self._stop_loop()
                 raise DeviceError(
                     f"{self.device_id}: broker refused the connection ({self._refused}); "
                     "are its credentials provisioned?"
                 )
             if time.monotonic() > deadline:
-                self._client.loop_stop()
+                self._stop_loop()
                 raise DeviceError(
                     f"{self.device_id}: not connected to {self.creds.broker.host}:"
                     f"{self.creds.broker.port} within {timeout_s:.0f} s"
@@ -132,11 +132,17 @@ class SimDevice:
         )
         self.publish(self.topics.status(self.device_id), status.to_json(), retain=True, wait=wait)
 
+    def _stop_loop(self) -> None:
+        self._client.loop_stop()
+        # paho closes its loop's wake-up socket pair only when the client is collected (its
+        # callbacks and this device form a cycle); the next loop_start() makes a new pair
+        self._client._reset_sockets(sockpair_only=True)
+
     def close(self, *, graceful: bool = True) -> None:
         """``graceful``: publish a retained offline and disconnect. Otherwise drop the link the
         way a power cut would, so the broker publishes our Last Will."""
         if not self._connected.is_set():
-            self._client.loop_stop()
+            self._stop_loop()
             return
         if graceful:
             self.publish_status(DeviceState.OFFLINE)
@@ -145,7 +151,7 @@ class SimDevice:
             self._client.disconnect(
                 reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=_WITH_WILL)
             )
-        self._client.loop_stop()
+        self._stop_loop()
         self._connected.clear()
 
     # -- publishing ------------------------------------------------------------------------
