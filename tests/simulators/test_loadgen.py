@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import time
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,8 @@ def test_alert_ids_are_the_edge_agents_in_time_order_per_device_or_random(
         gateway_stack.pool_path,
     )
     assert report.zero_loss
-    with sqlite3.connect(f"file:{gateway_stack.pool_path}?mode=ro", uri=True) as db:
+    # closing(): the connection's own context manager commits, it does not close
+    with closing(sqlite3.connect(f"file:{gateway_stack.pool_path}?mode=ro", uri=True)) as db:
         rows = db.execute(
             "SELECT device_id, alert_id FROM alerts WHERE alert_id LIKE ? ORDER BY id",
             (f"{report.run_tag}-%",),
@@ -228,7 +230,7 @@ def test_a_fleet_with_a_connection_and_an_account_per_device(tmp_path: Path, n: 
         )
         log_text = stack.broker_settings.log_file.read_text(encoding="utf-8", errors="replace")
         pool_path = stack.pool_path
-        with sqlite3.connect(f"file:{pool_path}?mode=ro", uri=True) as db:
+        with closing(sqlite3.connect(f"file:{pool_path}?mode=ro", uri=True)) as db:
             per_device = dict(
                 db.execute(
                     "SELECT device_id, COUNT(*) FROM alerts WHERE alert_id LIKE ? "
